@@ -1,0 +1,104 @@
+"""One global entropy selection per optimizer step, over all micro-batches and learner ranks.
+
+The learner computes the entropy of every micro-batch first (no gradient), then calls
+`plan_step`: valid entropies are gathered from every rank, every rank computes the same exact
+threshold from them (`actors.grpo.entropy_threshold`), tie counts are exchanged so each rank knows
+how many tied tokens precede it, and the step-global token counts that normalise the loss are
+summed. The masks it returns are exactly those of the unsplit batch.
+
+Ranks must hold contiguous shards of the step's batch, in rank order, and micro-batches must be
+contiguous within a rank; that is what makes (rank, micro-batch, row, position) the step's
+canonical order for the tie rule. `LearnerGroup` shards that way.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from actors.grpo import EntropyThreshold, count_ties, entropy_stats, entropy_threshold, high_entropy_mask
+
+__all__ = ["StepPlan", "plan_step"]
+
+
+@dataclass
+class StepPlan:
+    threshold: EntropyThreshold
+    masks: list[torch.Tensor]  # one bool [B_i, T_i] mask of kept tokens per local micro-batch
+    num_valid: int  # step-global valid response tokens
+    num_kept: int  # step-global kept tokens (= threshold.k)
+    num_sequences: int  # step-global sequences
+    stats: dict = field(default_factory=dict)  # log_entropy metrics (identical on every rank)
+
+
+def _world(group) -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(group), dist.get_world_size(group)
+    return 0, 1
+
+
+def _all_gather_1d(x: torch.Tensor, group) -> list[torch.Tensor]:
+    """All-gather 1-D tensors of different lengths, in rank order."""
+    _, world = _world(group)
+    if world == 1:
+        return [x]
+    n = torch.tensor([x.numel()], dtype=torch.long, device=x.device)
+    sizes = [torch.zeros_like(n) for _ in range(world)]
+    dist.all_gather(sizes, n, group=group)
+    longest = int(max(int(s) for s in sizes))
+    padded = torch.zeros(longest, dtype=x.dtype, device=x.device)
+    padded[: x.numel()] = x
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded, group=group)
+    return [o[: int(s)] for o, s in zip(out, sizes, strict=True)]
+
+
+def plan_step(
+    entropies: list[torch.Tensor],
+    valid_masks: list[torch.Tensor],
+    top_entropy_quantile: float,
+    token_ids: list[torch.Tensor] | None = None,
+    log_entropy: bool = False,
+    group=None,
+) -> StepPlan:
+    """Global threshold, per-micro-batch masks and global counts for one optimizer step.
+
+    entropies, valid_masks (and token_ids): this rank's micro-batches in order, each [B_i, T_i].
+    """
+    rank, world = _world(group)
+    local = torch.cat([h[m.bool()].float().reshape(-1) for h, m in zip(entropies, valid_masks, strict=True)])  # [n_r]
+    gathered = _all_gather_1d(local, group)
+    everything = torch.cat(gathered)  # [N] in canonical order
+    threshold = entropy_threshold(everything, top_entropy_quantile)
+
+    # ties in earlier ranks come first in the canonical order
+    tie_counts = [int((g == threshold.tau).sum()) for g in gathered]
+    offset = sum(tie_counts[:rank])
+    masks = []
+    for h, m in zip(entropies, valid_masks, strict=True):
+        masks.append(high_entropy_mask(h, m, threshold=threshold, tie_offset=offset))
+        offset += count_ties(h, m, threshold.tau)
+
+    num_seqs = torch.tensor([sum(m.shape[0] for m in valid_masks)], dtype=torch.long)
+    if world > 1:
+        dist.all_reduce(num_seqs, group=group)
+
+    stats: dict = {}
+    if log_entropy:
+        # statistics over the whole step; kept flags rebuilt in canonical order from the threshold
+        kept_all = high_entropy_mask(everything, torch.ones_like(everything, dtype=torch.bool), threshold=threshold)
+        ids_all = None
+        if token_ids is not None:
+            ids_local = torch.cat([t[m.bool()].reshape(-1) for t, m in zip(token_ids, valid_masks, strict=True)])
+            ids_all = torch.cat(_all_gather_1d(ids_local.long(), group))
+        stats = entropy_stats(everything, torch.ones_like(kept_all), kept_all, threshold, ids_all)
+    return StepPlan(
+        threshold=threshold,
+        masks=masks,
+        num_valid=threshold.num_valid,
+        num_kept=threshold.k,
+        num_sequences=int(num_seqs),
+        stats=stats,
+    )

@@ -1,0 +1,379 @@
+"""The entropy-filtered GRPO core: pure torch, no Ray, no DeepSpeed, no process groups.
+
+Method (Wang et al., "Beyond the 80/20 Rule", arXiv 2506.01939, on the DAPO recipe): the policy
+gradient flows only through the `top_entropy_quantile` (rho) highest-entropy valid response tokens
+of an optimizer step. Everything here takes tensors and plain numbers; whatever must be global
+over an optimizer step (the entropy threshold, the token counts that normalise the loss) is
+computed by the caller over the whole step and passed in, so results never depend on how the
+step is split into micro-batches and ranks.
+
+Shapes: B = sequences in a micro-batch (prompts x group size), T = response positions, V = vocab,
+N = valid response tokens of the whole optimizer step.
+
+Tie rule (exact selection): exactly k = ceil(rho * N) tokens are kept. Every token with entropy
+strictly above the threshold tau is kept; tokens whose entropy equals tau are kept in the step's
+canonical order - sequence order of the step's batch, then position - until k are kept. The
+learner shards the batch contiguously over ranks and micro-batches, so a token's canonical rank
+among the ties is a prefix count that the caller passes in as `tie_offset`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Literal
+
+import torch
+
+from actors.logits import token_entropy, token_logprobs, token_logprobs_and_entropy
+
+__all__ = [
+    "EntropyThreshold",
+    "LossAgg",
+    "count_ties",
+    "entropy_stats",
+    "entropy_threshold",
+    "group_advantages",
+    "high_entropy_mask",
+    "loss_normalizer",
+    "num_kept",
+    "policy_loss",
+    "token_entropy",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+]
+
+LossAgg = Literal["token_mean", "token_mean_selected", "seq_mean_token_mean", "token_sum_norm"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact, global threshold
+# ---------------------------------------------------------------------------------------------
+
+
+def num_kept(num_valid: int, top_entropy_quantile: float) -> int:
+    """k = ceil(rho * N), computed in decimal so that rho = 0.7, N = 10 gives 7, not 8."""
+    if not 0.0 < top_entropy_quantile <= 1.0:
+        raise ValueError(
+            f"top_entropy_quantile={top_entropy_quantile!r} is out of range: accepted is 0 < rho <= 1"
+        )
+    if num_valid < 0:
+        raise ValueError(f"num_valid={num_valid!r} must be >= 0")
+    return min(num_valid, math.ceil(Decimal(repr(float(top_entropy_quantile))) * num_valid))
+
+
+@dataclass(frozen=True)
+class EntropyThreshold:
+    """The global selection of one optimizer step.
+
+    Keep a token iff entropy > tau, or entropy == tau and its canonical rank among the tied
+    tokens is < ties_to_keep. Then exactly k = num_above + ties_to_keep tokens are kept.
+    """
+
+    tau: float  # entropy of the k-th highest token; +inf when nothing is kept
+    k: int  # tokens kept over the whole step
+    num_valid: int  # N: valid response tokens over the whole step
+    num_above: int  # tokens with entropy strictly above tau
+    ties_to_keep: int  # tokens with entropy == tau that are kept (the first ones in order)
+
+
+def entropy_threshold(valid_entropies: torch.Tensor, top_entropy_quantile: float) -> EntropyThreshold:
+    """Exact threshold over all valid entropies of an optimizer step.
+
+    valid_entropies: [N] entropies of valid response tokens only (never padding or prompt).
+    Uses kthvalue (a selection, O(N)), so it works past the 2^24 elements where torch.quantile
+    raises. rho = 1 keeps everything; N = 0 keeps nothing (tau = +inf).
+    """
+    values = valid_entropies.detach().reshape(-1).float()  # [N]
+    n = values.numel()
+    k = num_kept(n, top_entropy_quantile)
+    if k == 0:
+        return EntropyThreshold(tau=math.inf, k=0, num_valid=n, num_above=0, ties_to_keep=0)
+    # the k-th largest is the (n - k + 1)-th smallest
+    tau = float(torch.kthvalue(values, n - k + 1).values)
+    num_above = int((values > tau).sum())
+    return EntropyThreshold(tau=tau, k=k, num_valid=n, num_above=num_above, ties_to_keep=k - num_above)
+
+
+def count_ties(entropy: torch.Tensor, valid_mask: torch.Tensor, tau: float) -> int:
+    """Number of valid tokens whose entropy equals tau (to advance `tie_offset`)."""
+    return int(((entropy == tau) & valid_mask.bool()).sum())
+
+
+def high_entropy_mask(
+    entropy: torch.Tensor,
+    valid_mask: torch.Tensor,
+    top_entropy_quantile: float | None = None,
+    *,
+    threshold: EntropyThreshold | None = None,
+    tie_offset: int = 0,
+) -> torch.Tensor:
+    """Bool mask of kept tokens.
+
+    entropy: [B, T] (any shape), valid_mask: same shape, True on valid response tokens.
+    Give either `top_entropy_quantile` (the threshold is then taken over this tensor alone) or a
+    global `threshold` with `tie_offset` = number of tied tokens that come earlier in the step's
+    canonical order (earlier ranks and micro-batches).
+    """
+    valid = valid_mask.bool()  # [B, T]
+    if (threshold is None) == (top_entropy_quantile is None):
+        raise ValueError("give exactly one of top_entropy_quantile and threshold")
+    if threshold is None:
+        assert top_entropy_quantile is not None
+        threshold = entropy_threshold(entropy[valid], top_entropy_quantile)
+    if threshold.k >= threshold.num_valid:
+        return valid.clone()  # rho = 1 (or everything selected): every valid token
+    above = (entropy > threshold.tau) & valid  # [B, T]
+    tied = (entropy == threshold.tau) & valid  # [B, T]
+    # canonical order = row-major over [B, T]; rank of each tie among all ties of the step
+    tie_rank = tie_offset + torch.cumsum(tied.reshape(-1).long(), 0).reshape(tied.shape) - 1
+    return above | (tied & (tie_rank < threshold.ties_to_keep))
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    estimator: Literal["grpo", "drgrpo"] = "grpo",
+    drop_zero_variance: bool = False,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group-relative advantages.
+
+    rewards: [P*G], laid out group-major (the G samples of prompt p are contiguous).
+    grpo: (r - mean_g) / (std_g + eps), std unbiased as in DeepSeekMath/verl.
+    drgrpo: r - mean_g (Dr.GRPO drops the std division, which favours easy/hard prompts).
+    Returns (advantages [P*G] fp32, keep [P*G] bool). keep is False for every member of a group
+    whose rewards are all equal when drop_zero_variance (DAPO dynamic sampling): such groups
+    carry no signal. Their advantage is exactly 0 either way.
+    """
+    if group_size < 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"group_size={group_size} must be >= 1 and divide the number of rewards ({rewards.numel()})"
+        )
+    r = rewards.float().reshape(-1, group_size)  # [P, G]
+    mean = r.mean(-1, keepdim=True)  # [P, 1]
+    centred = r - mean  # [P, G]
+    # exact zero for constant groups, even where float rounding of the mean is not exact
+    constant = (r == r[:, :1]).all(-1, keepdim=True)  # [P, 1]
+    centred = torch.where(constant, torch.zeros_like(centred), centred)
+    if estimator == "grpo":
+        std = r.std(-1, keepdim=True, unbiased=True) if group_size > 1 else torch.zeros_like(mean)
+        adv = torch.where(constant, torch.zeros_like(centred), centred / (std + eps))  # [P, G]
+    elif estimator == "drgrpo":
+        adv = centred
+    else:
+        raise ValueError(f"estimator={estimator!r} is not one of: 'grpo', 'drgrpo'")
+    keep = torch.ones_like(adv, dtype=torch.bool)
+    if drop_zero_variance:
+        keep = ~constant.expand_as(adv)
+    return adv.reshape(-1), keep.reshape(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_normalizer(
+    loss_agg: LossAgg,
+    *,
+    num_valid_tokens: int,
+    num_selected_tokens: int,
+    num_sequences: int,
+    max_response_len: int,
+) -> float:
+    """The step-global denominator of the loss, from step-global counts (summed over ranks)."""
+    if loss_agg == "token_mean":
+        return float(max(num_valid_tokens, 1))
+    if loss_agg == "token_mean_selected":
+        return float(max(num_selected_tokens, 1))
+    if loss_agg == "seq_mean_token_mean":
+        return float(max(num_sequences, 1))
+    if loss_agg == "token_sum_norm":
+        return float(max(num_sequences, 1) * max_response_len)
+    raise ValueError(
+        f"loss_agg={loss_agg!r} is not one of: token_mean, token_mean_selected, "
+        "seq_mean_token_mean, token_sum_norm"
+    )
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid_mask: torch.Tensor,
+    entropy_mask: torch.Tensor | None = None,
+    *,
+    normalizer: float | None = None,
+    num_kept_step: int | None = None,
+    loss_agg: LossAgg = "token_mean_selected",
+    max_response_len: int | None = None,
+    clip_eps_low: float = 0.2,
+    clip_eps_high: float = 0.28,
+    dual_clip_c: float | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    mask_kl_by_entropy: bool = False,
+    rollout_logprobs: torch.Tensor | None = None,
+    tis_cap: float | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Entropy-masked PPO-clip surrogate with clip-higher (DAPO).
+
+    logprobs: [B, T] learner log-probs with gradient; old_logprobs, ref_logprobs,
+    rollout_logprobs: [B, T] without gradient; advantages: [B] (or [B, T]);
+    valid_mask: [B, T] valid response tokens; entropy_mask: [B, T] kept tokens (None = all valid).
+
+    Per token: r = exp(logp - old), pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); for
+    A < 0 and dual_clip_c, pg = min(pg, -A c). With rollout_logprobs and tis_cap, pg is scaled by
+    the truncated importance weight min(exp(old - rollout), cap) that corrects the rollout engine /
+    learner mismatch. KL (k3 estimator, kl_coef > 0) is added per token over the valid tokens, or
+    over the kept tokens only when mask_kl_by_entropy.
+
+    Aggregation (`loss_agg`): the loss of a micro-batch is sum(per-token terms) / normalizer,
+    where the normalizer is step-global (see `loss_normalizer`), so micro-batch losses add up to
+    the step's loss exactly. With normalizer=None it is computed from this micro-batch alone.
+      token_mean_selected (default): mean over kept tokens, the paper's own code. Each kept token
+        gets the gradient it would get in plain GRPO, so learning rates tuned for GRPO carry over;
+        with rho = 1 it equals token_mean.
+      token_mean: mean over all valid tokens (TRL/ms-swift). The gradient shrinks by about rho,
+        i.e. an implicitly lower learning rate.
+      seq_mean_token_mean: per-sequence mean over its kept tokens, then mean over sequences.
+      token_sum_norm: sum over kept tokens / (num sequences x max_response_len) (Dr.GRPO).
+
+    Returns (loss, metrics). Metrics are contributions: with the step-global `normalizer` and
+    `num_kept_step` (kept tokens of the whole step), summing each metric over micro-batches and
+    ranks gives the step's value; clipfrac, ratio_mean, approx_kl_old and kl_ref are per kept
+    token.
+    """
+    valid = valid_mask.bool()  # [B, T]
+    keep = valid if entropy_mask is None else (entropy_mask.bool() & valid)  # [B, T]
+    keep_f = keep.to(logprobs.dtype)  # [B, T]
+    adv = advantages.to(logprobs.dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None]  # [B, 1]
+
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # [B, T]
+    ratio = torch.exp(log_ratio)  # [B, T]
+    pg1 = -adv * ratio  # [B, T]
+    pg2 = -adv * ratio.clamp(1.0 - clip_eps_low, 1.0 + clip_eps_high)  # [B, T]
+    pg = torch.maximum(pg1, pg2)  # [B, T]
+    clipped = (pg2 > pg1) & keep  # [B, T]
+    dual_clipped = torch.zeros_like(keep)
+    if dual_clip_c is not None:
+        if dual_clip_c <= 1.0:
+            raise ValueError(f"dual_clip_c={dual_clip_c} must be > 1")
+        pg3 = -adv * dual_clip_c  # [B, 1]
+        dual = torch.minimum(pg, pg3)
+        neg = (adv < 0).expand_as(pg)
+        dual_clipped = neg & (pg > pg3) & keep
+        pg = torch.where(neg, dual, pg)  # [B, T]
+    if rollout_logprobs is not None and tis_cap is not None:
+        tis = torch.exp((old_logprobs - rollout_logprobs).clamp(-20.0, 20.0)).clamp(max=tis_cap)
+        pg = pg * tis.detach()  # [B, T]
+
+    per_token = pg * keep_f  # [B, T]
+    kl_sum = torch.zeros((), device=logprobs.device)
+    if ref_logprobs is not None and kl_coef > 0:
+        kl_weight = keep_f if mask_kl_by_entropy else valid.float()  # [B, T]
+        d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)  # [B, T]
+        k3 = torch.exp(d) - d - 1.0  # [B, T]
+        per_token = per_token + kl_coef * k3 * kl_weight
+        kl_sum = (k3 * kl_weight).sum().detach()
+
+    if normalizer is None:
+        normalizer = loss_normalizer(
+            loss_agg,
+            num_valid_tokens=int(valid.sum()),
+            num_selected_tokens=int(keep.sum()),
+            num_sequences=valid.shape[0],
+            max_response_len=max_response_len or valid.shape[-1],
+        )
+    if loss_agg == "seq_mean_token_mean":
+        per_seq = per_token.sum(-1) / keep_f.sum(-1).clamp(min=1)  # [B]
+        loss = per_seq.sum() / normalizer
+    else:
+        loss = per_token.sum() / normalizer
+
+    with torch.no_grad():
+        # fractions over kept tokens; with a step-global num_kept_step they add up over the step
+        per_kept = 1.0 / max(float(keep.sum()) if num_kept_step is None else float(num_kept_step), 1.0)
+        metrics = {
+            "actor/loss": float(loss),
+            "actor/clipfrac": float(clipped.sum()) * per_kept,
+            "actor/dual_clipfrac": float(dual_clipped.sum()) * per_kept,
+            "actor/ratio_mean": float((ratio * keep_f).sum()) * per_kept,
+            "actor/approx_kl_old": float(((-log_ratio) * keep_f).sum()) * per_kept,
+            "actor/kl_ref": float(kl_sum) * per_kept,
+        }
+    return loss, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# log_entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def _quantile(sorted_values: torch.Tensor, q: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of an ascending-sorted 1-D tensor."""
+    n = sorted_values.numel()
+    pos = q * (n - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return float(sorted_values[lo]) * (1 - frac) + float(sorted_values[hi]) * frac
+
+
+def entropy_stats(
+    entropy: torch.Tensor,
+    valid_mask: torch.Tensor,
+    kept_mask: torch.Tensor,
+    threshold: EntropyThreshold | None = None,
+    token_ids: torch.Tensor | None = None,
+    top_tokens: int = 10,
+) -> dict[str, float | list[list[int]]]:
+    """The `log_entropy` metrics of one optimizer step.
+
+    entropy, valid_mask, kept_mask, token_ids: [B, T] (or the step's tokens concatenated).
+    Returns entropy/{mean,p50,p80,p90,p95,p99,threshold,kept_frac,kept_mean,dropped_mean,
+    frac_below_0.01,frac_below_threshold} and, with token_ids, entropy/top_forking_tokens: the
+    most frequent kept token ids as [[token_id, count], ...].
+    """
+    valid = valid_mask.bool()
+    kept = kept_mask.bool() & valid
+    h = entropy.detach().float()
+    hv = h[valid]  # [N]
+    n = hv.numel()
+    out: dict[str, float | list[list[int]]] = {"entropy/num_valid": float(n)}
+    if n == 0:
+        return out
+    hs = torch.sort(hv).values  # [N]
+    tau = threshold.tau if threshold is not None else (float(h[kept].min()) if kept.any() else math.inf)
+    hk = h[kept]
+    hd = h[valid & ~kept]
+    out.update(
+        {
+            "entropy/mean": float(hv.double().mean()),
+            "entropy/p50": _quantile(hs, 0.50),
+            "entropy/p80": _quantile(hs, 0.80),
+            "entropy/p90": _quantile(hs, 0.90),
+            "entropy/p95": _quantile(hs, 0.95),
+            "entropy/p99": _quantile(hs, 0.99),
+            "entropy/threshold": tau,
+            "entropy/kept_frac": float(kept.sum()) / n,
+            "entropy/kept_mean": float(hk.double().mean()) if hk.numel() else 0.0,
+            "entropy/dropped_mean": float(hd.double().mean()) if hd.numel() else 0.0,
+            "entropy/frac_below_0.01": float((hv < 0.01).sum()) / n,
+            "entropy/frac_below_threshold": float((hv < tau).sum()) / n,
+        }
+    )
+    if token_ids is not None:
+        counts = Counter(token_ids[kept].tolist())
+        out["entropy/top_forking_tokens"] = [[int(t), int(c)] for t, c in counts.most_common(top_tokens)]
+    return out

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton). Imported lazily: nothing here is needed on CPU."""

@@ -1,0 +1,54 @@
+"""Slow, obvious float64 references for the vectorised core (loops, no tricks)."""
+
+import math
+
+
+def entropy_row(z: list[float], temperature: float) -> float:
+    x = [v / temperature for v in z]
+    m = max(x)
+    e = [math.exp(v - m) for v in x]
+    s = sum(e)
+    return -sum((ei / s) * math.log(ei / s) for ei in e if ei > 0)
+
+
+def logprob_row(z: list[float], tok: int, temperature: float) -> float:
+    x = [v / temperature for v in z]
+    m = max(x)
+    lse = m + math.log(sum(math.exp(v - m) for v in x))
+    return x[tok] - lse
+
+
+def kept_set(entropies: list[list[float]], valid: list[list[bool]], rho: float) -> set[tuple[int, int]]:
+    """Top k = ceil(rho * N) by entropy; ties go to the earliest (row, position)."""
+    tokens = [(entropies[b][t], b, t) for b in range(len(entropies)) for t in range(len(entropies[b])) if valid[b][t]]
+    n = len(tokens)
+    k = min(n, math.ceil(round(rho * n, 9)))
+    order = sorted(tokens, key=lambda e: (-e[0], e[1], e[2]))
+    return {(b, t) for _, b, t in order[:k]}
+
+
+def clipped_loss(logp, old, adv, valid, kept, eps_low, eps_high, agg) -> float:
+    total, n_sel, n_valid = 0.0, 0, 0
+    seq_terms = []
+    for b in range(len(logp)):
+        s, c = 0.0, 0
+        for t in range(len(logp[b])):
+            if not valid[b][t]:
+                continue
+            n_valid += 1
+            if not kept[b][t]:
+                continue
+            r = math.exp(logp[b][t] - old[b][t])
+            term = max(-adv[b] * r, -adv[b] * min(max(r, 1 - eps_low), 1 + eps_high))
+            s += term
+            c += 1
+        total += s
+        n_sel += c
+        seq_terms.append(s / max(c, 1))
+    if agg == "token_mean_selected":
+        return total / max(n_sel, 1)
+    if agg == "token_mean":
+        return total / max(n_valid, 1)
+    if agg == "seq_mean_token_mean":
+        return sum(seq_terms) / len(seq_terms)
+    return total / (len(logp) * len(logp[0]))

@@ -1,0 +1,187 @@
+"""Worked arithmetic: every expected value is derived in the comment beside it."""
+
+import math
+
+import pytest
+import torch
+
+from actors.grpo import (
+    entropy_stats,
+    entropy_threshold,
+    group_advantages,
+    high_entropy_mask,
+    num_kept,
+    policy_loss,
+    token_entropy,
+    token_logprobs,
+)
+
+
+def test_entropy_of_uniform_and_one_hot():
+    # uniform over 4 -> H = log 4; a near one-hot (logit gap 100) -> H ~ 0
+    z = torch.tensor([[0.0, 0.0, 0.0, 0.0], [100.0, 0.0, 0.0, 0.0]])
+    h = token_entropy(z)
+    assert h[0].item() == pytest.approx(math.log(4), abs=1e-6)
+    assert h[1].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_entropy_uses_temperature():
+    # z = [log 1, log 3] -> at T = 1, p = [1/4, 3/4], H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.562335
+    # at T = 2, x = z/2 = [0, ln sqrt 3] -> p = [1/(1+sqrt3), sqrt3/(1+sqrt3)] = [0.366025, 0.633975]
+    # H = -(0.366025 ln 0.366025 + 0.633975 ln 0.633975) = 0.656807
+    z = torch.tensor([0.0, math.log(3.0)])
+    assert token_entropy(z).item() == pytest.approx(0.562335, abs=1e-6)
+    assert token_entropy(z, temperature=2.0).item() == pytest.approx(0.656807, abs=1e-6)
+
+
+def test_logprob_with_temperature():
+    # z = [0, ln 3], token 1, T = 1: log 3/4 = -0.287682
+    z = torch.tensor([[0.0, math.log(3.0)]])
+    assert token_logprobs(z, torch.tensor([1])).item() == pytest.approx(math.log(0.75), abs=1e-6)
+
+
+def test_k_is_ceil_in_decimal():
+    # ceil(0.2 * 10) = 2; ceil(0.7 * 10) = 7 (binary 0.7 * 10 = 7.000000000000001 would give 8)
+    assert num_kept(10, 0.2) == 2
+    assert num_kept(10, 0.7) == 7
+    assert num_kept(11, 0.2) == 3  # 2.2 -> 3
+    assert num_kept(1, 0.05) == 1  # 0.05 -> 1: one token always keeps itself
+    assert num_kept(0, 0.2) == 0
+    with pytest.raises(ValueError, match="top_entropy_quantile=0"):
+        num_kept(5, 0.0)
+    with pytest.raises(ValueError, match="1.5"):
+        num_kept(5, 1.5)
+
+
+def test_threshold_and_mask_with_padding_and_ties():
+    # valid entropies, row-major: [0.9, 0.5, 0.5 | 0.5, 0.1]; the 7.0 is padding and must not count
+    # N = 5, rho = 0.4 -> k = 2: 0.9 is above; tau = 0.5 with 3 ties, keep 1 -> the first in order
+    h = torch.tensor([[0.9, 0.5, 0.5], [0.5, 0.1, 7.0]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    th = entropy_threshold(h[valid], 0.4)
+    assert (th.tau, th.k, th.num_above, th.ties_to_keep) == (0.5, 2, 1, 1)
+    mask = high_entropy_mask(h, valid, 0.4)
+    assert mask.tolist() == [[True, True, False], [False, False, False]]
+    # a later micro-batch that sees one earlier tie keeps none of its ties
+    later = high_entropy_mask(h, valid, threshold=th, tie_offset=1)
+    assert later.tolist() == [[True, False, False], [False, False, False]]
+
+
+def test_rho_one_keeps_every_valid_token_and_nothing_valid_keeps_nothing():
+    h = torch.tensor([[0.3, 0.3, 0.0]])
+    valid = torch.tensor([[True, True, False]])
+    assert high_entropy_mask(h, valid, 1.0).tolist() == [[True, True, False]]
+    none = torch.zeros_like(valid)
+    assert not high_entropy_mask(h, none, 0.2).any()
+    assert entropy_threshold(torch.empty(0), 0.2).tau == math.inf
+
+
+def test_group_advantages_grpo_drgrpo_dynamic_sampling():
+    # group 1 rewards [1, 0, 0, 1]: mean 0.5, unbiased std = sqrt(4 * 0.25 / 3) = 0.57735
+    # -> A = +-0.5 / 0.57735 = +-0.866025; group 2 [1, 1, 1, 1]: constant -> 0 and dropped
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    adv, keep = group_advantages(r, 4, drop_zero_variance=True, eps=0.0)
+    assert adv[:4].tolist() == pytest.approx([0.866025, -0.866025, -0.866025, 0.866025], abs=1e-5)
+    assert adv[4:].tolist() == [0.0, 0.0, 0.0, 0.0]
+    assert keep.tolist() == [True] * 4 + [False] * 4
+    adv_dr, keep_dr = group_advantages(r, 4, estimator="drgrpo")
+    assert adv_dr[:4].tolist() == [0.5, -0.5, -0.5, 0.5]  # mean only
+    assert keep_dr.all()
+    with pytest.raises(ValueError, match="group_size=3"):
+        group_advantages(r, 3)
+
+
+def test_clip_higher_positive_advantage():
+    # A = +1, logp - old = 1 -> ratio = e = 2.718, clipped to 1 + 0.28 = 1.28
+    # pg = max(-e, -1.28) = -1.28, one kept token -> loss = -1.28, clipfrac = 1
+    lp = torch.tensor([[1.0]], requires_grad=True)
+    loss, m = policy_loss(lp, torch.zeros(1, 1), torch.tensor([1.0]), torch.ones(1, 1, dtype=torch.bool))
+    assert loss.item() == pytest.approx(-1.28)
+    assert m["actor/clipfrac"] == 1.0
+    loss.backward()
+    assert lp.grad.item() == 0.0  # clipped: no gradient
+
+
+def test_clip_low_negative_advantage_and_dual_clip():
+    # A = -1, ratio = e^-1 = 0.3679 < 1 - 0.2 -> pg = max(0.3679, 0.8) = 0.8 (clipped)
+    lp = torch.tensor([[-1.0]])
+    loss, _ = policy_loss(lp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool))
+    assert loss.item() == pytest.approx(0.8)
+    # A = -1, ratio = e^2 = 7.389 -> pg = max(7.389, 1.28) = 7.389; dual clip c = 3 caps it at 3
+    lp = torch.tensor([[2.0]])
+    loss, m = policy_loss(
+        lp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool), dual_clip_c=3.0
+    )
+    assert loss.item() == pytest.approx(3.0)
+    assert m["actor/dual_clipfrac"] == 1.0
+
+
+def test_entropy_mask_and_aggregation_modes():
+    # two sequences, T = 2, all valid, ratio = 1 everywhere (logp = old): pg = -A per token
+    # A = [2, -1]; kept = [[1, 0], [1, 1]] -> kept terms: -2, +1, +1 (sum 0); dropped term: -2
+    lp = torch.zeros(2, 2)
+    valid = torch.ones(2, 2, dtype=torch.bool)
+    kept = torch.tensor([[True, False], [True, True]])
+    adv = torch.tensor([2.0, -1.0])
+    def loss(mode):
+        return policy_loss(lp, lp, adv, valid, kept, loss_agg=mode)[0].item()
+
+    assert loss("token_mean_selected") == pytest.approx(0.0 / 3)  # sum 0 over 3 kept
+    assert loss("token_mean") == pytest.approx(0.0 / 4)
+    # seq mean: seq 1 -> -2 / 1 kept; seq 2 -> (1 + 1) / 2 = 1; mean over 2 sequences = -0.5
+    assert loss("seq_mean_token_mean") == pytest.approx(-0.5)
+    # Dr.GRPO: sum over kept (0) / (2 sequences * 2 max len)
+    assert loss("token_sum_norm") == pytest.approx(0.0)
+    # change A so the sums differ: A = [1, 1] -> kept sum = -3; token_mean_selected = -1, token_mean = -0.75
+    adv = torch.tensor([1.0, 1.0])
+    assert policy_loss(lp, lp, adv, valid, kept)[0].item() == pytest.approx(-1.0)
+    assert policy_loss(lp, lp, adv, valid, kept, loss_agg="token_mean")[0].item() == pytest.approx(-0.75)
+    assert policy_loss(lp, lp, adv, valid, kept, loss_agg="token_sum_norm")[0].item() == pytest.approx(-0.75)
+
+
+def test_kl_k3_masked_or_not():
+    # logp = 0, ref = ln 2 -> d = ln 2, k3 = e^d - d - 1 = 2 - 0.693147 - 1 = 0.306853
+    # one kept, one dropped token, A = 0 (no pg), kl_coef = 0.5, token_mean over valid (2 tokens)
+    lp = torch.zeros(1, 2)
+    ref = torch.full((1, 2), math.log(2.0))
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    kept = torch.tensor([[True, False]])
+    args = dict(ref_logprobs=ref, kl_coef=0.5, loss_agg="token_mean")
+    unmasked, _ = policy_loss(lp, lp, torch.zeros(1), valid, kept, **args)
+    masked, _ = policy_loss(lp, lp, torch.zeros(1), valid, kept, mask_kl_by_entropy=True, **args)
+    assert unmasked.item() == pytest.approx(0.5 * 2 * 0.306853 / 2, abs=1e-6)
+    assert masked.item() == pytest.approx(0.5 * 1 * 0.306853 / 2, abs=1e-6)
+
+
+def test_truncated_importance_weight():
+    # old - rollout = ln 4 -> weight 4, capped at 2; A = 1, ratio 1 -> pg = -1 * 2 = -2
+    lp = torch.zeros(1, 1)
+    loss, _ = policy_loss(
+        lp,
+        lp,
+        torch.tensor([1.0]),
+        torch.ones(1, 1, dtype=torch.bool),
+        rollout_logprobs=torch.full((1, 1), -math.log(4.0)),
+        tis_cap=2.0,
+    )
+    assert loss.item() == pytest.approx(-2.0)
+
+
+def test_entropy_stats_names_and_values():
+    # valid entropies 0.0, 0.005, 0.5, 1.0, 2.0 (one padded 9.0 ignored); rho = 0.4 -> k = 2, tau = 1.0
+    h = torch.tensor([[0.0, 0.005, 0.5, 1.0, 2.0, 9.0]])
+    valid = torch.tensor([[True] * 5 + [False]])
+    ids = torch.tensor([[5, 6, 7, 8, 8, 9]])
+    th = entropy_threshold(h[valid], 0.4)
+    kept = high_entropy_mask(h, valid, threshold=th)
+    s = entropy_stats(h, valid, kept, th, ids)
+    assert s["entropy/mean"] == pytest.approx(3.505 / 5)
+    assert s["entropy/p50"] == pytest.approx(0.5)
+    assert s["entropy/p80"] == pytest.approx(1.0 + 0.2 * (2.0 - 1.0))  # pos 3.2 between 1.0 and 2.0
+    assert s["entropy/threshold"] == 1.0
+    assert s["entropy/kept_frac"] == pytest.approx(0.4)
+    assert s["entropy/kept_mean"] == pytest.approx(1.5)
+    assert s["entropy/dropped_mean"] == pytest.approx(0.505 / 3)
+    assert s["entropy/frac_below_0.01"] == pytest.approx(0.4)
+    assert s["entropy/frac_below_threshold"] == pytest.approx(0.6)
+    assert s["entropy/top_forking_tokens"] == [[8, 2]]

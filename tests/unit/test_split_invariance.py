@@ -1,0 +1,108 @@
+"""One optimizer step gives the same threshold, masks, loss and gradients however it is split:
+1 or 4 micro-batches, 1 rank or 2 real ranks (torch.distributed gloo in separate processes)."""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from actors.entropy_filter import plan_step
+from actors.grpo import loss_normalizer, policy_loss, token_logprobs_and_entropy
+
+B, T, V, D = 8, 6, 13, 5
+RHO = 0.2
+
+
+def _problem():
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(B, T, D, generator=g)
+    w0 = torch.randn(V, D, generator=g)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    valid = torch.arange(T)[None, :] < torch.tensor([6, 3, 5, 0, 6, 2, 4, 1])[:, None]
+    adv = torch.randn(B, generator=g)
+    # duplicate hidden rows create exactly equal entropies: ties that straddle the split points
+    hidden[5] = hidden[1]
+    hidden[7, 0] = hidden[0, 0]
+    return hidden, w0, ids, valid, adv
+
+
+def _step(rows: list[range], group=None, world: int = 1, agg="token_mean_selected"):
+    """Run one step over this rank's micro-batches; returns (loss, grad, masks, plan)."""
+    hidden, w0, ids, valid, adv = _problem()
+    w = w0.clone().requires_grad_(True)
+    with torch.no_grad():
+        ents = [token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)[1] for r in rows]
+    plan = plan_step(ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True, group=group)
+    norm = loss_normalizer(
+        agg,
+        num_valid_tokens=plan.num_valid,
+        num_selected_tokens=plan.num_kept,
+        num_sequences=plan.num_sequences,
+        max_response_len=T,
+    )
+    total = 0.0
+    for r, mask in zip(rows, plan.masks, strict=True):
+        logp, _ = token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)
+        old = logp.detach() + 0.1
+        loss, _ = policy_loss(logp, old, adv[r], valid[r], mask, normalizer=norm, loss_agg=agg)
+        (loss * world).backward()  # data-parallel engines average gradients over ranks
+        total += loss.item()
+    return total, w.grad, plan
+
+
+def _split(start, stop, n):
+    size = (stop - start) // n
+    return [range(start + i * size, start + (i + 1) * size) for i in range(n)]
+
+
+@pytest.mark.parametrize("agg", ["token_mean_selected", "token_mean", "seq_mean_token_mean", "token_sum_norm"])
+def test_micro_batches_do_not_change_the_step(agg):
+    loss1, grad1, plan1 = _step([range(0, B)], agg=agg)
+    loss4, grad4, plan4 = _step(_split(0, B, 4), agg=agg)
+    assert plan1.threshold == plan4.threshold
+    assert torch.equal(plan1.masks[0], torch.cat(plan4.masks))
+    assert int(plan1.masks[0].sum()) == plan1.threshold.k == 6  # ceil(0.2 * 27 valid tokens)
+    assert loss4 == pytest.approx(loss1, abs=1e-6)
+    torch.testing.assert_close(grad4, grad1, atol=1e-6, rtol=1e-5)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        half = B // world
+        loss, grad, plan = _step(_split(rank * half, (rank + 1) * half, 2), world=world)
+        dist.all_reduce(grad)
+        grad /= world  # what DDP / DeepSpeed do
+        t_loss = torch.tensor([loss])
+        dist.all_reduce(t_loss)
+        torch.save(
+            {"loss": float(t_loss), "grad": grad, "masks": torch.cat(plan.masks), "plan": plan.threshold,
+             "stats": plan.stats},
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.dist
+def test_two_real_ranks_equal_one_process(tmp_path):
+    loss1, grad1, plan1 = _step([range(0, B)])
+    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
+    r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
+    assert r0["plan"] == r1["plan"] == plan1.threshold
+    assert torch.equal(torch.cat([r0["masks"], r1["masks"]]), plan1.masks[0])
+    assert r0["loss"] == pytest.approx(loss1, abs=1e-6)
+    torch.testing.assert_close(r0["grad"], grad1, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(r1["grad"], grad1, atol=1e-6, rtol=1e-5)
+    assert r0["stats"] == r1["stats"] == plan1.stats
