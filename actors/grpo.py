@@ -56,9 +56,7 @@ LossAgg = Literal["token_mean", "token_mean_selected", "seq_mean_token_mean", "t
 def num_kept(num_valid: int, top_entropy_quantile: float) -> int:
     """k = ceil(rho * N), computed in decimal so that rho = 0.7, N = 10 gives 7, not 8."""
     if not 0.0 < top_entropy_quantile <= 1.0:
-        raise ValueError(
-            f"top_entropy_quantile={top_entropy_quantile!r} is out of range: accepted is 0 < rho <= 1"
-        )
+        raise ValueError(f"top_entropy_quantile={top_entropy_quantile!r} is out of range: accepted is 0 < rho <= 1")
     if num_valid < 0:
         raise ValueError(f"num_valid={num_valid!r} must be >= 0")
     return min(num_valid, math.ceil(Decimal(repr(float(top_entropy_quantile))) * num_valid))
@@ -154,9 +152,7 @@ def group_advantages(
     carry no signal. Their advantage is exactly 0 either way.
     """
     if group_size < 1 or rewards.numel() % group_size:
-        raise ValueError(
-            f"group_size={group_size} must be >= 1 and divide the number of rewards ({rewards.numel()})"
-        )
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of rewards ({rewards.numel()})")
     r = rewards.float().reshape(-1, group_size)  # [P, G]
     mean = r.mean(-1, keepdim=True)  # [P, 1]
     centred = r - mean  # [P, G]
@@ -199,8 +195,7 @@ def loss_normalizer(
     if loss_agg == "token_sum_norm":
         return float(max(num_sequences, 1) * max_response_len)
     raise ValueError(
-        f"loss_agg={loss_agg!r} is not one of: token_mean, token_mean_selected, "
-        "seq_mean_token_mean, token_sum_norm"
+        f"loss_agg={loss_agg!r} is not one of: token_mean, token_mean_selected, seq_mean_token_mean, token_sum_norm"
     )
 
 

@@ -127,6 +127,7 @@ class _LogprobEntropy(torch.autograd.Function):
         ctx.save_for_backward(logits2d, ids, lse)
         ctx.temperature, ctx.chunk_size, ctx.triton = temperature, chunk_size, triton
         ctx.mark_non_differentiable(ent)
+        assert tgt is not None
         return tgt - lse, ent
 
     @staticmethod

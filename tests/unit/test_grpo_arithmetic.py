@@ -123,6 +123,7 @@ def test_entropy_mask_and_aggregation_modes():
     valid = torch.ones(2, 2, dtype=torch.bool)
     kept = torch.tensor([[True, False], [True, True]])
     adv = torch.tensor([2.0, -1.0])
+
     def loss(mode):
         return policy_loss(lp, lp, adv, valid, kept, loss_agg=mode)[0].item()
 

@@ -21,7 +21,9 @@ def _batch(seed, b, t, v, dtype, scale=3.0):
     return z, ids, valid
 
 
-@pytest.mark.parametrize("seed,dtype,temp", list(itertools.product(range(3), [torch.float32, torch.bfloat16], [1.0, 0.7])))
+@pytest.mark.parametrize(
+    "seed,dtype,temp", list(itertools.product(range(3), [torch.float32, torch.bfloat16], [1.0, 0.7]))
+)
 def test_logprobs_and_entropy_match_float64_loops(seed, dtype, temp):
     z, ids, _ = _batch(seed, 3, 5, 37, dtype)
     logp, h = token_logprobs_and_entropy(z, ids, temperature=temp, chunk_size=2)

