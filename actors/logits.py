@@ -54,15 +54,14 @@ def _chunk_stats(
     if inv_t != 1.0:
         x.mul_(inv_t)
     m = x.amax(-1, keepdim=True)  # [r, 1]
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf rows stay finite
     x.sub_(m)  # x - m <= 0
+    target = None if ids is None else x.gather(-1, ids[:, None]).squeeze(-1) + m.squeeze(-1)
     torch.exp(x, out=e)
     s = e.sum(-1)  # [r]
-    t = torch.linalg.vecdot(e, x)  # [r] sum_j e_j (x_j - m)
+    t = x.mul_(e).sum(-1)  # [r] sum_j e_j (x_j - m), in place: x is not needed after this
     log_s = torch.log(s)
     entropy = log_s - t / s  # [r]
     lse = m.squeeze(-1) + log_s  # [r]
-    target = None if ids is None else x.gather(-1, ids[:, None]).squeeze(-1) + m.squeeze(-1)
     return lse, entropy, target
 
 

@@ -41,9 +41,9 @@ def _fwd_kernel(
         x = tl.load(base + cols, mask=valid, other=-float("inf")).to(tl.float32) * inv_t
         m_new = tl.maximum(m, tl.max(x, 0))
         a = tl.exp(m - m_new)  # 0 on the first tile (m = -inf)
-        d = x - m_new
+        d = tl.where(valid, x - m_new, 0.0)  # masked lanes never see -inf
         e = tl.where(valid, tl.exp(d), 0.0)
-        ed = tl.where(valid, e * d, 0.0)
+        ed = e * d
         delta = tl.where(m == -float("inf"), 0.0, m - m_new)
         t = a * (t + delta * s) + tl.sum(ed, 0)
         s = a * s + tl.sum(e, 0)
