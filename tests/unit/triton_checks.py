@@ -3,8 +3,8 @@
 
 import torch
 
-from actors.logits import token_logprobs_and_entropy
 from actors.kernels.entropy_triton import logprob_entropy_fwd
+from actors.logits import token_logprobs_and_entropy
 
 
 def reference(z, ids, t):
