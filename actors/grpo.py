@@ -39,6 +39,7 @@ __all__ = [
     "high_entropy_mask",
     "loss_normalizer",
     "num_kept",
+    "overlong_penalty",
     "policy_loss",
     "token_entropy",
     "token_logprobs",
@@ -372,3 +373,14 @@ def entropy_stats(
         counts = Counter(token_ids[kept].tolist())
         out["entropy/top_forking_tokens"] = [[int(t), int(c)] for t, c in counts.most_common(top_tokens)]
     return out
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer: int, penalty: float = 1.0) -> torch.Tensor:
+    """DAPO soft overlong punishment: 0 up to max_len - buffer, then linear down to -penalty.
+
+    lengths: [B] response lengths. Example: max_len 64, buffer 16, length 56 -> -(56 - 48) / 16 = -0.5.
+    """
+    if buffer <= 0:
+        return torch.zeros_like(lengths, dtype=torch.float32)
+    over = (lengths.float() - (max_len - buffer)).clamp(min=0, max=buffer)  # [B]
+    return -penalty * over / buffer

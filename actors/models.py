@@ -119,11 +119,11 @@ def _build_tiny(out: Path, root: Path) -> None:
     torch.manual_seed(0)
     cfg = LlamaConfig(
         vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+        hidden_size=128,  # head_dim 64: vLLM's CPU attention does not support 16 or 32
+        intermediate_size=256,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tok.bos_token_id,

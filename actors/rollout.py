@@ -35,6 +35,9 @@ class WeightSyncExtension:
 class RolloutEngine:
     def __init__(self, model_path: str, rollout: dict[str, Any], dtype: str, seed: int) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout["cpu_kv_cache_gib"]))
+        # bind vLLM's CPU threads to every core: its default reserves one of them (2-core boxes
+        # then decode on one thread)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
         from vllm import LLM
 
         self.rollout = rollout
@@ -54,7 +57,7 @@ class RolloutEngine:
         self,
         prompts: list[list[int]],
         n: int,
-        seed: int,
+        seed: int | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
     ) -> list[list[dict[str, Any]]]:
@@ -107,17 +110,13 @@ class RolloutPool:
         self.engines = [cls.remote(model_path, rollout, dtype, seed + i) for i in range(rollout["num_engines"])]
         ray.get([e.ready.remote() for e in self.engines])
 
-    def generate(self, prompts: list[list[int]], n: int, seed: int, **kw: Any) -> list[list[dict[str, Any]]]:
+    def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[dict[str, Any]]]:
         import ray
 
         k = len(self.engines)
         size = -(-len(prompts) // k)
         shards = [prompts[i * size : (i + 1) * size] for i in range(k)]
-        refs = [
-            e.generate.remote(s, n, seed + i, **kw)
-            for i, (e, s) in enumerate(zip(self.engines, shards, strict=True))
-            if s
-        ]
+        refs = [e.generate.remote(s, n, **kw) for e, s in zip(self.engines, shards, strict=True) if s]
         return [group for part in ray.get(refs) for group in part]
 
     def load_weights(self, blob_ref: Any, timeout_s: float) -> list[dict[str, float]]:

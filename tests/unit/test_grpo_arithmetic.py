@@ -186,3 +186,12 @@ def test_entropy_stats_names_and_values():
     assert s["entropy/frac_below_0.01"] == pytest.approx(0.4)
     assert s["entropy/frac_below_threshold"] == pytest.approx(0.6)
     assert s["entropy/top_forking_tokens"] == [[8, 2]]
+
+
+def test_overlong_penalty():
+    # max 64, buffer 16: free up to 48; 56 -> -(8/16) = -0.5; 64 -> -1.0 (times penalty 1)
+    from actors.grpo import overlong_penalty
+
+    got = overlong_penalty(torch.tensor([10, 48, 56, 64]), 64, 16)
+    assert got.tolist() == [0.0, 0.0, -0.5, -1.0]
+    assert overlong_penalty(torch.tensor([64]), 64, 0).tolist() == [0.0]

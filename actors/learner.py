@@ -1,0 +1,340 @@
+"""Learners: DeepSpeed engines, one per Ray actor, joined in one torch.distributed group.
+
+One `train_step` is one optimizer step over this rank's contiguous shard of the batch:
+  1. no-grad pass over every micro-batch: learner log-probs (the PPO "old" policy) and the
+     entropy of every response position, in one read of the logits (actors.logits);
+  2. `plan_step`: one exact entropy threshold over all micro-batches of all ranks, the kept
+     masks, and the step-global token counts that normalise the loss;
+  3. per micro-batch: forward, masked clipped loss (actors.grpo.policy_loss), backward; DeepSpeed
+     reduces gradients once, at the last micro-batch, then steps.
+The loss of each rank is multiplied by the world size because data-parallel engines average
+gradients over ranks, while the loss is already normalised by step-global counts.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+__all__ = ["Learner", "LearnerGroup", "Sequence"]
+
+Sequence = dict[str, Any]  # prompt_ids, response_ids, rollout_logprobs, advantage
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return int(s.getsockname()[1])
+
+
+class Learner:
+    def __init__(self, model_path: str, job: dict[str, Any], dtype: str, cpus: int) -> None:
+        self.model_path, self.job, self.dtype = model_path, job, dtype
+        self.cpus = cpus
+
+    def address(self) -> tuple[str, int]:
+        import ray
+
+        return ray.util.get_node_ip_address(), _free_port()
+
+    def setup(self, rank: int, world: int, addr: str, port: int) -> int:
+        import torch
+
+        torch.set_num_threads(max(1, self.cpus))
+        self.cuda = torch.cuda.is_available()
+        if not self.cuda:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.update(
+            RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port)
+        )
+        import deepspeed
+        from transformers import AutoModelForCausalLM
+
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        self.rank, self.world = rank, world
+        torch.manual_seed(self.job["trainer"]["seed"] + rank)
+        learner = self.job["learner"]
+        model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
+        if learner["gradient_checkpointing"]:
+            model.gradient_checkpointing_enable()
+        warm = learner["warmup_steps"]
+        ds_config: dict[str, Any] = {
+            "train_micro_batch_size_per_gpu": learner["micro_batch_size"],
+            "gradient_accumulation_steps": 1,
+            "gradient_clipping": learner["grad_clip"],
+            "zero_optimization": {"stage": learner["zero_stage"]},
+            "bf16": {"enabled": self.dtype == "bfloat16"},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {"lr": learner["lr"], "weight_decay": learner["weight_decay"], "betas": [0.9, 0.999]},
+            },
+            "scheduler": {  # linear warm-up, then constant; no warm-up = constant from the first step
+                "type": "WarmupLR",
+                "params": {
+                    "warmup_min_lr": 0 if warm else learner["lr"],
+                    "warmup_max_lr": learner["lr"],
+                    "warmup_num_steps": max(warm, 1),
+                    "warmup_type": "linear",
+                },
+            },
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        return rank
+
+    # -- batching ---------------------------------------------------------------------------
+
+    def _micro_batches(self, seqs: list[Sequence]):
+        import torch
+
+        mbs = self.job["learner"]["micro_batch_size"]
+        dev = self.engine.device
+        for start in range(0, len(seqs), mbs):
+            chunk = seqs[start : start + mbs]
+            lengths = [len(s["prompt_ids"]) + len(s["response_ids"]) for s in chunk]
+            width = max(lengths)
+            t_resp = max(len(s["response_ids"]) for s in chunk)
+            b = len(chunk)
+            input_ids = torch.zeros(b, width, dtype=torch.long)
+            attn = torch.zeros(b, width, dtype=torch.long)
+            resp_ids = torch.zeros(b, t_resp, dtype=torch.long)
+            valid = torch.zeros(b, t_resp, dtype=torch.bool)
+            rollout_lp = torch.zeros(b, t_resp)
+            # position in the full sequence whose logits predict response token j
+            gather_pos = torch.zeros(b, t_resp, dtype=torch.long)
+            for i, s in enumerate(chunk):
+                p, r = s["prompt_ids"], s["response_ids"]
+                input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+                attn[i, : len(p) + len(r)] = 1
+                resp_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+                valid[i, : len(r)] = True
+                rollout_lp[i, : len(r)] = torch.tensor(s["rollout_logprobs"][: len(r)])
+                gather_pos[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+            yield {
+                "input_ids": input_ids.to(dev),
+                "attention_mask": attn.to(dev),
+                "resp_ids": resp_ids.to(dev),
+                "valid": valid.to(dev) & torch.tensor([s.get("weight", 1.0) > 0 for s in chunk], device=dev)[:, None],
+                "rollout_lp": rollout_lp.to(dev),
+                "gather_pos": gather_pos.to(dev),
+                "adv": torch.tensor([s["advantage"] for s in chunk], dtype=torch.float32, device=dev),
+            }
+
+    def _logprobs_entropy(self, mb: dict[str, Any]):
+        from actors.logits import token_logprobs_and_entropy
+
+        out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
+        hidden = out.logits  # [B, L, V]
+        idx = mb["gather_pos"][..., None].expand(-1, -1, hidden.shape[-1])
+        logits = hidden.gather(1, idx)  # [B, T, V] response positions only
+        return token_logprobs_and_entropy(logits, mb["resp_ids"], self.job["rollout"]["temperature"])
+
+    # -- the step ------------------------------------------------------------------------------
+
+    def train_step(self, seqs: list[Sequence]) -> dict[str, Any]:
+        import torch
+
+        from actors.entropy_filter import plan_step
+        from actors.grpo import loss_normalizer, policy_loss
+
+        algo = self.job["algorithm"]
+        mbs = list(self._micro_batches(seqs))
+        self.engine.eval()
+        with torch.no_grad():
+            olds, ents = zip(*(self._logprobs_entropy(mb) for mb in mbs), strict=True)
+        plan = plan_step(
+            list(ents),
+            [mb["valid"] for mb in mbs],
+            algo["top_entropy_quantile"],
+            token_ids=[mb["resp_ids"] for mb in mbs],
+            log_entropy=algo["log_entropy"],
+        )
+        norm = loss_normalizer(
+            algo["loss_agg"],
+            num_valid_tokens=plan.num_valid,
+            num_selected_tokens=plan.num_kept,
+            num_sequences=plan.num_sequences,
+            max_response_len=self.job["rollout"]["max_new_tokens"],
+        )
+        self.engine.train()
+        sums: dict[str, float] = {}
+        for i, (mb, old, mask) in enumerate(zip(mbs, olds, plan.masks, strict=True)):
+            self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            logp, _ = self._logprobs_entropy(mb)
+            loss, m = policy_loss(
+                logp,
+                old,
+                mb["adv"],
+                mb["valid"],
+                mask,
+                normalizer=norm,
+                num_kept_step=plan.num_kept,
+                loss_agg=algo["loss_agg"],
+                max_response_len=self.job["rollout"]["max_new_tokens"],
+                clip_eps_low=algo["clip_eps_low"],
+                clip_eps_high=algo["clip_eps_high"],
+                dual_clip_c=algo["dual_clip_c"],
+                rollout_logprobs=mb["rollout_lp"],
+                tis_cap=algo["tis_cap"],
+            )
+            self.engine.backward(loss * self.world, scale_wrt_gas=False)
+            for k, v in m.items():
+                sums[k] = sums.get(k, 0.0) + v
+            # rollout/learner mismatch on valid tokens: how far the engine's numbers are from ours
+            d = (old - mb["rollout_lp"]).abs()[mb["valid"]]
+            sums["rollout/logprob_abs_diff_sum"] = sums.get("rollout/logprob_abs_diff_sum", 0.0) + float(d.sum())
+        self.engine.step()
+        sums["actor/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        sums["actor/lr"] = float(self.engine.get_lr()[0])
+        sums["entropy/kept_tokens"] = float(plan.num_kept)
+        return {"metrics": sums, "stats": plan.stats, "num_valid": plan.num_valid}
+
+    # -- weights, checkpoints ----------------------------------------------------------------
+
+    def _full_state(self):
+        import deepspeed
+
+        module = self.engine.module
+        params = list(module.parameters())
+        with deepspeed.zero.GatheredParameters(params, enabled=self.job["learner"]["zero_stage"] == 3):
+            return {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
+
+    def export_weights(self, dtype: str) -> bytes | None:
+        """safetensors bytes of the full model in the rollout dtype (rank 0; None elsewhere)."""
+        import torch
+        from safetensors.torch import save
+
+        state = self._full_state()
+        if state is None:
+            return None
+        tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+        # tied embeddings share storage; safetensors wants each tensor once
+        seen: dict[int, str] = {}
+        out = {}
+        for k, v in state.items():
+            if v.data_ptr() in seen:
+                continue
+            seen[v.data_ptr()] = k
+            out[k] = v.to(tdtype).contiguous().cpu()
+        return save(out)
+
+    def score(self, seqs: list[Sequence]) -> list[list[float]]:
+        """Learner log-probs of each response (no gradient), for checks against the engine."""
+        import torch
+
+        self.engine.eval()
+        out = []
+        with torch.no_grad():
+            for mb in self._micro_batches(seqs):
+                logp, _ = self._logprobs_entropy(mb)
+                for i in range(logp.shape[0]):
+                    out.append(logp[i][mb["valid"][i]].tolist())
+        return out
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        import torch
+
+        state = dict(client_state, torch_rng=torch.get_rng_state())
+        self.engine.save_checkpoint(directory, tag=tag, client_state=state)
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
+        import torch
+
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        if client_state is None:
+            raise RuntimeError(f"checkpoint {directory}/{tag} could not be loaded")
+        torch.set_rng_state(client_state.pop("torch_rng"))
+        return client_state
+
+    def export_hf(self, directory: str) -> str | None:
+        state = self._full_state()
+        if state is None:
+            return None
+        from transformers import AutoTokenizer
+
+        self.engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
+        return directory
+
+    def weights_digest(self) -> float:
+        """Sum of |w| over all parameters: a cheap fingerprint for 'the weights changed'."""
+        state = self._full_state()
+        return float(sum(v.double().abs().sum() for v in state.values())) if state is not None else 0.0
+
+
+class LearnerGroup:
+    """K Learner actors in one process group; the batch is sharded contiguously by rank."""
+
+    def __init__(self, model_path: str, job: dict[str, Any], dtype: str) -> None:
+        import ray
+
+        lc = job["learner"]
+        k = lc["num_learners"]
+        cpus = max(1, (os.cpu_count() or 1) // k) if not lc["num_gpus_per_learner"] else int(lc["num_cpus_per_learner"])
+        cls = ray.remote(num_cpus=lc["num_cpus_per_learner"], num_gpus=lc["num_gpus_per_learner"])(Learner)
+        self.actors = [cls.remote(model_path, job, dtype, cpus) for _ in range(k)]
+        addr, port = ray.get(self.actors[0].address.remote())
+        ray.get([a.setup.remote(r, k, addr, port) for r, a in enumerate(self.actors)])
+
+    def _shards(self, seqs: list[Sequence]) -> list[list[Sequence]]:
+        k = len(self.actors)
+        if len(seqs) < k:  # every rank must take part in the collective step: pad with weight-0 copies
+            seqs = seqs + [dict(seqs[-1], weight=0.0) for _ in range(k - len(seqs))]
+        base, extra = divmod(len(seqs), k)
+        out, start = [], 0
+        for r in range(k):
+            n = base + (1 if r < extra else 0)
+            out.append(seqs[start : start + n])
+            start += n
+        return out
+
+    def train_step(self, seqs: list[Sequence]) -> dict[str, Any]:
+        import ray
+
+        results = ray.get([a.train_step.remote(s) for a, s in zip(self.actors, self._shards(seqs), strict=True)])
+        metrics: dict[str, Any] = {}
+        for r in results:  # contributions add up over ranks
+            for key, v in r["metrics"].items():
+                if key in ("actor/grad_norm", "actor/lr", "entropy/kept_tokens"):
+                    metrics[key] = v
+                else:
+                    metrics[key] = metrics.get(key, 0.0) + v
+        n_valid = results[0]["num_valid"]
+        metrics["rollout/logprob_abs_diff"] = metrics.pop("rollout/logprob_abs_diff_sum") / max(n_valid, 1)
+        metrics.update(results[0]["stats"])
+        return metrics
+
+    def export_weights(self, dtype: str) -> Any:
+        """ObjectRef of rank 0's safetensors blob (every rank takes part when ZeRO-3 gathers)."""
+        import ray
+
+        refs = [a.export_weights.remote(dtype) for a in self.actors]
+        ray.wait(refs, num_returns=len(refs))
+        return refs[0]
+
+    def score(self, seqs: list[Sequence]) -> list[list[float]]:
+        import ray
+
+        return ray.get(self.actors[0].score.remote(seqs))
+
+    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        import ray
+
+        ray.get([a.save_checkpoint.remote(directory, tag, client_state) for a in self.actors])
+
+    def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
+        import ray
+
+        return ray.get([a.load_checkpoint.remote(directory, tag) for a in self.actors])[0]
+
+    def export_hf(self, directory: str) -> str:
+        import ray
+
+        return ray.get([a.export_hf.remote(directory) for a in self.actors])[0]
+
+    def weights_digest(self) -> float:
+        import ray
+
+        return ray.get([a.weights_digest.remote() for a in self.actors])[0]

@@ -1,0 +1,81 @@
+"""Per-step metrics: JSONL in the run directory, TensorBoard, optional W&B / MLflow, and the
+control plane's ingestion endpoint when the job was submitted through the service."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("forkrl.tracking")
+
+__all__ = ["Tracker"]
+
+
+class Tracker:
+    def __init__(self, run_dir: Path, job: dict[str, Any]) -> None:
+        self.run_dir = run_dir
+        tr = job["tracking"]
+        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
+        self.tb = None
+        if tr["tensorboard"]:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.wandb = self.mlflow = None
+        if tr["wandb_project"]:
+            try:
+                import wandb
+
+                self.wandb = wandb.init(project=tr["wandb_project"], name=job["name"], config=job)
+            except ImportError:
+                log.warning("tracking.wandb_project is set but wandb is not installed: skipping W&B")
+        if tr["mlflow_tracking_uri"]:
+            try:
+                import mlflow
+
+                mlflow.set_tracking_uri(tr["mlflow_tracking_uri"])
+                mlflow.start_run(run_name=job["name"])
+                self.mlflow = mlflow
+            except ImportError:
+                log.warning("tracking.mlflow_tracking_uri is set but mlflow is not installed: skipping MLflow")
+        self.report_url, self.report_token = tr["report_url"], tr["report_token"]
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        record = {"step": step, **metrics}
+        self.jsonl.write(json.dumps(record) + "\n")
+        scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wandb is not None:
+            self.wandb.log(scalars, step=step)
+        if self.mlflow is not None:
+            self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
+        if self.report_url:
+            self._report(record)
+
+    def _report(self, record: dict[str, Any]) -> None:
+        import httpx
+
+        try:
+            httpx.post(
+                self.report_url,  # type: ignore[arg-type]
+                json={"metrics": [record]},
+                headers={"Authorization": f"Bearer {self.report_token}"},
+                timeout=5,
+            ).raise_for_status()
+        except httpx.HTTPError as e:  # the run goes on; the service also reads metrics.jsonl
+            log.warning("could not report step %s to the control plane: %s", record["step"], e)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+        if self.mlflow is not None:
+            self.mlflow.end_run()
