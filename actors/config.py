@@ -157,6 +157,12 @@ class LearnerConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward on one learner.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    entropy_pass: Literal["fused", "separate"] = Field(
+        "fused",
+        description="fused: one forward per micro-batch, graphs kept until the global threshold is known "
+        "(fastest; memory holds the whole step's activations); separate: a no-grad entropy pass first, "
+        "then forward+backward per micro-batch (bounded memory, one extra forward).",
+    )
     num_cpus_per_learner: float = Field(1, gt=0, description="Ray CPUs per learner actor.")
     num_gpus_per_learner: float = Field(0, ge=0, description="Ray GPUs per learner actor (0 on CPU).")
     weight_sync_timeout_s: float = Field(120, gt=0, description="A weight sync slower than this fails the step.")

@@ -123,12 +123,17 @@ class Learner:
             }
 
     def _logprobs_entropy(self, mb: dict[str, Any]):
+        """Log-probs [B, T] and entropy [B, T] of the response tokens.
+
+        The LM head runs on the response positions only: the prompt's logits are never built.
+        """
         from actors.logits import token_logprobs_and_entropy
 
-        out = self.engine(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)
-        hidden = out.logits  # [B, L, V]
+        model = self.engine.module
+        base = getattr(model, model.base_model_prefix)
+        hidden = base(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)[0]  # [B, L, H]
         idx = mb["gather_pos"][..., None].expand(-1, -1, hidden.shape[-1])
-        logits = hidden.gather(1, idx)  # [B, T, V] response positions only
+        logits = model.get_output_embeddings()(hidden.gather(1, idx))  # [B, T, V]
         return token_logprobs_and_entropy(logits, mb["resp_ids"], self.job["rollout"]["temperature"])
 
     # -- the step ------------------------------------------------------------------------------
@@ -141,9 +146,12 @@ class Learner:
 
         algo = self.job["algorithm"]
         mbs = list(self._micro_batches(seqs))
-        self.engine.eval()
-        with torch.no_grad():
-            olds, ents = zip(*(self._logprobs_entropy(mb) for mb in mbs), strict=True)
+        fused = self.job["learner"]["entropy_pass"] == "fused"
+        # entropies of the whole step come first: the threshold is global
+        self.engine.train() if fused else self.engine.eval()
+        with torch.set_grad_enabled(fused):
+            lps, ents = zip(*(self._logprobs_entropy(mb) for mb in mbs), strict=True)
+        olds = [lp.detach() for lp in lps]  # on-policy: the learner's own log-probs are the old policy
         plan = plan_step(
             list(ents),
             [mb["valid"] for mb in mbs],
@@ -162,7 +170,7 @@ class Learner:
         sums: dict[str, float] = {}
         for i, (mb, old, mask) in enumerate(zip(mbs, olds, plan.masks, strict=True)):
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
-            logp, _ = self._logprobs_entropy(mb)
+            logp = lps[i] if fused else self._logprobs_entropy(mb)[0]
             loss, m = policy_loss(
                 logp,
                 old,

@@ -42,8 +42,10 @@ def _numeric(tolerance: float) -> Callable[[str, str, Any], float]:
 def _math(completion: str, answer: str, prompt: Any) -> float:
     from math_verify import parse, verify
 
-    gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$")
-    return float(verify(gold, parse(completion)))
+    # math-verify's own timeouts use SIGALRM, which only works on the main thread; the worker's
+    # thread-level timeout (reward.timeout_s) bounds it instead
+    gold = parse(answer if "$" in answer or "\\" in answer else f"${answer}$", parsing_timeout=None)
+    return float(verify(gold, parse(completion, parsing_timeout=None), timeout_seconds=None))
 
 
 def _regex(pattern: str) -> Callable[[str, str, Any], float]:

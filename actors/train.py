@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         with timed(m, "sample"):  # sample prompts
             examples = sampler.next()
             prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in examples]
+            m["data/batch_crc"] = batch_fingerprint(examples)
         with timed(m, "generate"):  # generate G completions per prompt on the rollout pool
             groups = rollout.generate(prompts, G)
         with timed(m, "verify"):  # verify on the reward pool
@@ -137,6 +139,11 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     shutil.rmtree(run_dir / ".tmp", ignore_errors=True)
     return summary
+
+
+def batch_fingerprint(examples: list[Any]) -> int:
+    """CRC32 of a batch's prompts and answers: equal fingerprints = the same data, same order."""
+    return zlib.crc32(json.dumps([[ex.prompt, ex.answer] for ex in examples]).encode())
 
 
 def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) -> dict[str, Any]:

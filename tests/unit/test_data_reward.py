@@ -1,0 +1,89 @@
+"""Data sources and verifiers, without Ray (the classes are plain; Ray wraps them at the edge)."""
+
+import json
+import time
+
+import pytest
+
+from actors.config import DataConfig
+from actors.data import PromptSampler, load_examples
+from actors.reward import RewardWorker, last_number
+
+
+def test_builtin_arithmetic_is_seeded_and_correct():
+    cfg = DataConfig.model_validate({"source": {"type": "builtin", "num_samples": 50, "seed": 3}})
+    a, b = load_examples(cfg), load_examples(cfg)
+    assert a == b and len(a) == 50
+    for ex in a:
+        x, op, y = ex.prompt.removeprefix("What is ").removesuffix("?").split()
+        assert int(ex.answer) == (int(x) + int(y) if op == "+" else int(x) - int(y))
+
+
+def test_jsonl_and_verl_style_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n" + json.dumps({"prompt": "1+1?", "answer": 2}))
+    ex = load_examples(DataConfig.model_validate({"source": {"type": "jsonl", "path": str(jl)}}))
+    assert [(e.prompt, e.answer) for e in ex] == [("2+2?", "4"), ("1+1?", "2")]
+    table = pa.table(
+        {
+            "prompt": [[{"role": "user", "content": "3+4?"}]],
+            "reward_model": [{"ground_truth": "7", "style": "rule"}],
+        }
+    )
+    pq.write_table(table, tmp_path / "d.parquet")
+    ex = load_examples(DataConfig.model_validate({"source": {"type": "parquet", "path": str(tmp_path / "d.parquet")}}))
+    assert ex[0].prompt == [{"role": "user", "content": "3+4?"}] and ex[0].answer == "7"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "x"}\n')
+    with pytest.raises(ValueError, match="field 'prompt' is missing"):
+        load_examples(DataConfig.model_validate({"source": {"type": "jsonl", "path": str(bad)}}))
+
+
+def test_sampler_resumes_in_the_same_order():
+    cfg = DataConfig.model_validate({"source": {"type": "builtin", "num_samples": 10}})
+    ex = load_examples(cfg)
+    full = PromptSampler(ex, 4, seed=1)
+    batches = [full.next() for _ in range(5)]  # crosses two epoch boundaries
+    half = PromptSampler(ex, 4, seed=1)
+    half.next(), half.next()
+    resumed = PromptSampler(ex, 4, seed=1)
+    resumed.load_state(half.state())
+    assert [resumed.next() for _ in range(3)] == batches[2:]
+
+
+def slow_verifier(completion, answer, prompt):
+    time.sleep(2)
+    return 1.0
+
+
+def broken_verifier(completion, answer, prompt):
+    raise RuntimeError("boom")
+
+
+def test_verifiers_and_failures_score_zero_and_are_counted():
+    assert last_number("so 12 + 7 = 19.") == 19.0
+    assert last_number("1,234 apples") == 1234.0
+    w = RewardWorker([{"type": "numeric", "weight": 1.0, "tolerance": 1e-6}], 1.0)
+    rewards, m = w.score([("12 + 7 = 19", "19", ""), ("it is 9", "19", ""), ("no idea", "19", "")])
+    assert rewards == [1.0, 0.0, 0.0] and m == {"reward/errors": 0.0, "reward/timeouts": 0.0}
+    w = RewardWorker(
+        [
+            {"type": "plugin", "weight": 1.0, "function": "tests.unit.test_data_reward:slow_verifier"},
+            {"type": "plugin", "weight": 1.0, "function": "tests.unit.test_data_reward:broken_verifier"},
+            {"type": "regex", "weight": 0.5, "pattern": r"\d+$"},
+        ],
+        timeout_s=0.2,
+    )
+    rewards, m = w.score([("answer 5", "5", "")])
+    assert rewards == [0.5] and m == {"reward/errors": 1.0, "reward/timeouts": 1.0}
+    with pytest.raises(ValueError, match="cannot be imported"):
+        RewardWorker([{"type": "plugin", "weight": 1.0, "function": "no_such_mod:f"}], 1.0)
+
+
+def test_math_verifier():
+    w = RewardWorker([{"type": "math", "weight": 1.0}], 5.0)
+    rewards, _ = w.score([("The answer is $\\frac{1}{2}$", "0.5", ""), ("The answer is 3", "0.5", "")])
+    assert rewards == [1.0, 0.0]
