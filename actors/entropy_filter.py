@@ -81,7 +81,8 @@ def plan_step(
         masks.append(high_entropy_mask(h, m, threshold=threshold, tie_offset=offset))
         offset += count_ties(h, m, threshold.tau)
 
-    num_seqs = torch.tensor([sum(m.shape[0] for m in valid_masks)], dtype=torch.long)
+    # sequences with at least one valid token (padding rows of an uneven shard do not count)
+    num_seqs = torch.tensor([sum(int(m.bool().any(-1).sum()) for m in valid_masks)], dtype=torch.long)
     if world > 1:
         dist.all_reduce(num_seqs, group=group)
 

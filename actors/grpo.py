@@ -288,7 +288,7 @@ def policy_loss(
             loss_agg,
             num_valid_tokens=int(valid.sum()),
             num_selected_tokens=int(keep.sum()),
-            num_sequences=valid.shape[0],
+            num_sequences=int(valid.any(-1).sum()),
             max_response_len=max_response_len or valid.shape[-1],
         )
     if loss_agg == "seq_mean_token_mean":

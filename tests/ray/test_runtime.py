@@ -137,8 +137,9 @@ def test_ray_job_submit(tmp_path):
     venv_bin = Path(sys.executable).parent
     ray_cli = str(venv_bin / "ray")
     port, dash = _free_port(), _free_port()
-    env = dict(os.environ, RAY_ADDRESS="")
-    env.pop("RAY_ADDRESS")
+    # the job's `python` must be the venv's, as on a node built from the project's image
+    env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}")
+    env.pop("RAY_ADDRESS", None)
     subprocess.run(
         [ray_cli, "start", "--head", "--num-cpus=4", f"--port={port}", f"--dashboard-port={dash}",
          "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--disable-usage-stats"],

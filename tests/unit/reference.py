@@ -44,11 +44,12 @@ def clipped_loss(logp, old, adv, valid, kept, eps_low, eps_high, agg) -> float:
             c += 1
         total += s
         n_sel += c
-        seq_terms.append(s / max(c, 1))
+        if any(valid[b]):  # a sequence with no valid token is not a sequence of the batch
+            seq_terms.append(s / max(c, 1))
     if agg == "token_mean_selected":
         return total / max(n_sel, 1)
     if agg == "token_mean":
         return total / max(n_valid, 1)
     if agg == "seq_mean_token_mean":
-        return sum(seq_terms) / len(seq_terms)
+        return sum(seq_terms) / max(len(seq_terms), 1)
     return total / (len(logp) * len(logp[0]))
