@@ -82,6 +82,10 @@ class Learner:
             "wall_clock_breakdown": False,
         }
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        self.ref = None
+        if self.job["algorithm"]["kl_coef"] > 0:  # frozen initial policy for the k3 KL term
+            self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.engine.device)
+            self.ref.eval().requires_grad_(False)
         return rank
 
     # -- batching ---------------------------------------------------------------------------
@@ -122,14 +126,14 @@ class Learner:
                 "adv": torch.tensor([s["advantage"] for s in chunk], dtype=torch.float32, device=dev),
             }
 
-    def _logprobs_entropy(self, mb: dict[str, Any]):
+    def _logprobs_entropy(self, mb: dict[str, Any], model: Any = None):
         """Log-probs [B, T] and entropy [B, T] of the response tokens.
 
         The LM head runs on the response positions only: the prompt's logits are never built.
         """
         from actors.logits import token_logprobs_and_entropy
 
-        model = self.engine.module
+        model = self.engine.module if model is None else model
         base = getattr(model, model.base_model_prefix)
         hidden = base(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)[0]  # [B, L, H]
         idx = mb["gather_pos"][..., None].expand(-1, -1, hidden.shape[-1])
@@ -152,6 +156,10 @@ class Learner:
         with torch.set_grad_enabled(fused):
             lps, ents = zip(*(self._logprobs_entropy(mb) for mb in mbs), strict=True)
         olds = [lp.detach() for lp in lps]  # on-policy: the learner's own log-probs are the old policy
+        refs: list[Any] = [None] * len(mbs)
+        if self.ref is not None:
+            with torch.no_grad():
+                refs = [self._logprobs_entropy(mb, self.ref)[0] for mb in mbs]
         plan = plan_step(
             list(ents),
             [mb["valid"] for mb in mbs],
@@ -186,6 +194,9 @@ class Learner:
                 dual_clip_c=algo["dual_clip_c"],
                 rollout_logprobs=mb["rollout_lp"],
                 tis_cap=algo["tis_cap"],
+                ref_logprobs=refs[i],
+                kl_coef=algo["kl_coef"],
+                mask_kl_by_entropy=algo["mask_kl_by_entropy"],
             )
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
             for k, v in m.items():

@@ -40,7 +40,7 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
     from actors.learner import LearnerGroup
     from actors.rollout import RolloutPool
 
-    cfg = tiny_config(tmp_path, "rollout.max_new_tokens=12")
+    cfg = tiny_config(tmp_path, "rollout.max_new_tokens=12", "algorithm.kl_coef=0.05")
     job = cfg.model_dump()
     rollout = RolloutPool(tiny_path, job["rollout"], "float32", 0)
     learners = LearnerGroup(tiny_path, job, "float32")
@@ -55,6 +55,8 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
     before = learners.weights_digest()
     metrics = learners.train_step(batch)
     assert learners.weights_digest() != before  # the step changed the weights
+    assert metrics["actor/kl_ref"] == 0.0  # the reference is the initial policy: no divergence yet
+    assert learners.train_step(batch)["actor/kl_ref"] > 0.0  # after one update there is
     assert metrics["entropy/kept_frac"] == pytest.approx(
         math.ceil(0.2 * metrics["entropy/num_valid"]) / metrics["entropy/num_valid"]
     )
@@ -93,7 +95,14 @@ def test_three_steps_two_learners_and_the_reward_rises(ray_local, tmp_path):
     for r in rows:  # the filter keeps exactly ceil(0.2 N) tokens and logs its statistics
         assert r["entropy/kept_tokens"] == math.ceil(0.2 * r["entropy/num_valid"])
         assert "timing/generate" in r and "timing/learn" in r and "timing/weight_sync" in r
-    assert Path(summary["export"], "model.safetensors").is_file()
+    # the final export loads in transformers and in vLLM
+    from transformers import AutoModelForCausalLM
+
+    from actors.rollout import RolloutPool
+
+    assert AutoModelForCausalLM.from_pretrained(summary["export"]).num_parameters() > 0
+    pool = RolloutPool(summary["export"], cfg.model_dump()["rollout"], "float32", 0)
+    assert len(pool.generate([[1, 2, 3]], 2)[0]) == 2
 
 
 def test_kill_after_a_checkpoint_and_resume_with_the_same_data_order(tmp_path):
