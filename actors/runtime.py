@@ -23,7 +23,8 @@ def init_ray(cfg: JobConfig) -> None:
         return
     env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env=env, log_to_driver=True)
+        # a Ray job brings its own runtime env (deploy/runtime_env.yaml); adding to it would conflict
+        ray.init(log_to_driver=True)
         log.info("connected to Ray at %s", os.environ["RAY_ADDRESS"])
         return
     need = (
