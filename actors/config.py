@@ -69,6 +69,11 @@ class DataConfig(_Strict):
     )
     use_chat_template: bool = Field(True, description="Render prompts with the tokenizer's chat template.")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded; resumable).")
+    eval_source: DataSource | None = Field(
+        None,
+        description="Held-out evaluation data; None = a built-in task regenerated with seed + 1, or the "
+        "first trainer.eval_prompts training records for file sources.",
+    )
 
 
 class RolloutConfig(_Strict):
@@ -173,6 +178,8 @@ class TrainerConfig(_Strict):
     seed: int = Field(0, description="Seed of sampling order, rollout and learner RNG.")
     save_every: int = Field(10, ge=0, description="Checkpoint every K steps; 0 = only at the end.")
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    eval_every: int = Field(0, ge=0, description="Greedy evaluation every K steps (and at the end); 0 = off.")
+    eval_prompts: int = Field(32, ge=1, le=100_000, description="Prompts in the evaluation set.")
     output_dir: str = Field("runs/forkrl", min_length=1, description="Run directory: metrics, checkpoints, export.")
     resume: Literal["auto", "never"] | str = Field(
         "auto", description="auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path."

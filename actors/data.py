@@ -14,7 +14,7 @@ from typing import Any
 
 from actors.config import BuiltinData, DataConfig, JsonlData, ParquetData
 
-__all__ = ["Example", "load_examples", "PromptSampler", "render_prompt"]
+__all__ = ["Example", "load_examples", "load_eval_examples", "PromptSampler", "render_prompt"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,16 @@ def load_examples(cfg: DataConfig) -> list[Example]:
     import pyarrow.parquet as pq
 
     return _records_to_examples(pq.read_table(path).to_pylist(), src.prompt_key, src.answer_key, src.path)
+
+
+def load_eval_examples(cfg: DataConfig, n: int) -> list[Example]:
+    """The held-out evaluation set (see DataConfig.eval_source)."""
+    if cfg.eval_source is not None:
+        return load_examples(cfg.model_copy(update={"source": cfg.eval_source}))[:n]
+    if isinstance(cfg.source, BuiltinData):
+        held_out = cfg.source.model_copy(update={"seed": cfg.source.seed + 1, "num_samples": n})
+        return load_examples(cfg.model_copy(update={"source": held_out}))
+    return load_examples(cfg)[:n]
 
 
 def render_prompt(tokenizer: Any, example: Example, cfg: DataConfig) -> list[int]:

@@ -43,7 +43,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
     from actors.checkpoint import latest_checkpoint, save_checkpoint
-    from actors.data import PromptSampler, load_examples, render_prompt
+    from actors.data import PromptSampler, load_eval_examples, load_examples, render_prompt
     from actors.grpo import group_advantages, overlong_penalty
     from actors.learner import LearnerGroup
     from actors.models import resolve_dtype, resolve_model_path
@@ -64,6 +64,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     rewards = RewardPool(job["reward"]["verifiers"], cfg.reward.num_workers, cfg.reward.timeout_s)
     learners = LearnerGroup(model_path, job, dtype)
     tracker = Tracker(run_dir, job)
+    eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
+    eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
 
     start = 0
     ckpt = latest_checkpoint(run_dir, cfg.trainer.resume)
@@ -119,6 +121,13 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                 "timing/step": time.perf_counter() - t_step,
             }
         )
+        if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
+            with timed(m, "eval"):  # greedy answers on the held-out set
+                outs = rollout.generate(eval_prompts, 1, temperature=0.0)
+                got, _ = rewards.score(
+                    [(o[0]["text"], ex.answer, ex.prompt) for o, ex in zip(outs, eval_set, strict=True)]
+                )
+                m["eval/reward_mean"] = sum(got) / len(got)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
             with timed(m, "checkpoint"):
                 save_checkpoint(learners, run_dir, step, sampler.state(), cfg.trainer.keep_checkpoints)
@@ -163,6 +172,8 @@ def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) 
         "reward_last": mean("reward/mean", last),
         "entropy_first": {key: first[0].get(key) for key in keys} if history else {},
         "entropy_last": {key: last[-1].get(key) for key in keys} if history else {},
+        "eval_first": next((r["eval/reward_mean"] for r in history if "eval/reward_mean" in r), None),
+        "eval_last": next((r["eval/reward_mean"] for r in reversed(history) if "eval/reward_mean" in r), None),
         "seconds_per_step": mean("timing/step", history),
         "phase_seconds": {
             key[7:]: mean(key, history) for key in sorted({k for r in history for k in r if k.startswith("timing/")})
@@ -180,6 +191,8 @@ def _print_summary(s: dict[str, Any]) -> None:
     out.write(f"steps run: {s['steps_run']}   seconds/step: {fmt(s['seconds_per_step'])}\n")
     w = s["window"]
     out.write(f"mean reward: first {w} step(s) {fmt(s['reward_first'])} -> last {w} {fmt(s['reward_last'])}\n")
+    if s["eval_first"] is not None:
+        out.write(f"greedy eval reward: first {fmt(s['eval_first'])} -> last {fmt(s['eval_last'])}\n")
     for label, ent in (("first step", s["entropy_first"]), ("last step", s["entropy_last"])):
         out.write(f"entropy, {label}: " + "  ".join(f"{k[8:]}={fmt(v)}" for k, v in ent.items()) + "\n")
     out.write("phase seconds: " + "  ".join(f"{k}={fmt(v)}" for k, v in s["phase_seconds"].items()) + "\n")

@@ -6,7 +6,7 @@ import time
 import pytest
 
 from actors.config import DataConfig
-from actors.data import PromptSampler, load_examples
+from actors.data import PromptSampler, load_eval_examples, load_examples
 from actors.reward import RewardWorker, last_number
 
 
@@ -87,3 +87,14 @@ def test_math_verifier():
     w = RewardWorker([{"type": "math", "weight": 1.0}], 5.0)
     rewards, _ = w.score([("The answer is $\\frac{1}{2}$", "0.5", ""), ("The answer is 3", "0.5", "")])
     assert rewards == [1.0, 0.0]
+
+
+def test_eval_set_is_held_out_and_fixed(tmp_path):
+    cfg = DataConfig.model_validate({"source": {"type": "builtin", "num_samples": 200, "seed": 5}})
+    ev = load_eval_examples(cfg, 16)
+    assert len(ev) == 16 and ev == load_eval_examples(cfg, 16)
+    assert ev != load_examples(cfg)[:16]  # regenerated with seed + 1, not the training prefix
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(5)))
+    files = DataConfig.model_validate({"source": {"type": "jsonl", "path": str(jl)}})
+    assert [e.answer for e in load_eval_examples(files, 3)] == ["0", "1", "2"]
