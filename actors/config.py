@@ -87,6 +87,11 @@ class RolloutConfig(_Strict):
     cpu_kv_cache_gib: int = Field(2, ge=1, le=1024, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     num_cpus_per_engine: float = Field(1, gt=0, description="Ray CPUs reserved per engine actor.")
     num_gpus_per_engine: float = Field(0, ge=0, description="Ray GPUs per engine actor (0 on CPU).")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Extra Ray resources each engine actor requests, e.g. {"forkrl_rollout": 1} to place it on the '
+        "chart's rollout worker group. Empty: anywhere.",
+    )
 
 
 class MathVerifier(_Strict):
@@ -131,6 +136,11 @@ class RewardConfig(_Strict):
     )
     num_workers: int = Field(2, ge=1, le=4096, description="Verifier actors in the reward pool.")
     timeout_s: float = Field(5.0, gt=0, le=3600, description="Per-completion limit; a timeout scores 0.")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Extra Ray resources each verifier actor requests, e.g. {"forkrl_reward": 1} to place it on the '
+        "chart's reward worker group. Empty: anywhere.",
+    )
 
 
 class AlgorithmConfig(_Strict):
@@ -170,6 +180,11 @@ class LearnerConfig(_Strict):
     )
     num_cpus_per_learner: float = Field(1, gt=0, description="Ray CPUs per learner actor.")
     num_gpus_per_learner: float = Field(0, ge=0, description="Ray GPUs per learner actor (0 on CPU).")
+    ray_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description='Extra Ray resources each learner actor requests, e.g. {"forkrl_learner": 1} to place it on the '
+        "chart's learner worker group. Empty: anywhere.",
+    )
     weight_sync_timeout_s: float = Field(120, gt=0, description="A weight sync slower than this fails the step.")
 
 

@@ -292,7 +292,11 @@ class LearnerGroup:
         lc = job["learner"]
         k = lc["num_learners"]
         cpus = max(1, (os.cpu_count() or 1) // k) if not lc["num_gpus_per_learner"] else int(lc["num_cpus_per_learner"])
-        cls = ray.remote(num_cpus=lc["num_cpus_per_learner"], num_gpus=lc["num_gpus_per_learner"])(Learner)
+        cls = ray.remote(
+            num_cpus=lc["num_cpus_per_learner"],
+            num_gpus=lc["num_gpus_per_learner"],
+            resources=lc.get("ray_resources") or None,
+        )(Learner)
         self.actors = [cls.remote(model_path, job, dtype, cpus) for _ in range(k)]
         addr, port = ray.get(self.actors[0].address.remote())
         ray.get([a.setup.remote(r, k, addr, port) for r, a in enumerate(self.actors)])

@@ -111,10 +111,18 @@ class RewardWorker:
 class RewardPool:
     """M RewardWorker actors; items are split into contiguous shards."""
 
-    def __init__(self, verifiers: list[dict[str, Any]], num_workers: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        verifiers: list[dict[str, Any]],
+        num_workers: int,
+        timeout_s: float,
+        resources: dict[str, float] | None = None,
+    ) -> None:
         import ray
 
-        cls = ray.remote(num_cpus=0)(RewardWorker)  # verifiers are light; don't starve rollout/learners
+        cls = ray.remote(num_cpus=0, resources=resources or None)(
+            RewardWorker
+        )  # verifiers are light; don't starve rollout/learners
         self.workers = [cls.remote(verifiers, timeout_s) for _ in range(num_workers)]
         ray.get([w.ready.remote() for w in self.workers])
 

@@ -104,9 +104,11 @@ class RolloutPool:
     def __init__(self, model_path: str, rollout: dict[str, Any], dtype: str, seed: int) -> None:
         import ray
 
-        cls = ray.remote(num_cpus=rollout["num_cpus_per_engine"], num_gpus=rollout["num_gpus_per_engine"])(
-            RolloutEngine
-        )
+        cls = ray.remote(
+            num_cpus=rollout["num_cpus_per_engine"],
+            num_gpus=rollout["num_gpus_per_engine"],
+            resources=rollout.get("ray_resources") or None,
+        )(RolloutEngine)
         self.engines = [cls.remote(model_path, rollout, dtype, seed + i) for i in range(rollout["num_engines"])]
         ray.get([e.ready.remote() for e in self.engines])
 

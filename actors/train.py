@@ -61,7 +61,9 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     rollout = RolloutPool(model_path, job["rollout"], dtype, cfg.trainer.seed)
-    rewards = RewardPool(job["reward"]["verifiers"], cfg.reward.num_workers, cfg.reward.timeout_s)
+    rewards = RewardPool(
+        job["reward"]["verifiers"], cfg.reward.num_workers, cfg.reward.timeout_s, cfg.reward.ray_resources
+    )
     learners = LearnerGroup(model_path, job, dtype)
     tracker = Tracker(run_dir, job)
     eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []

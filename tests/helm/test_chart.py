@@ -1,0 +1,211 @@
+"""The Helm chart, rendered offline by Helm's own Go SDK (helm-python-sdk) and validated against
+Kubernetes' schemas (kubernetes-validate) and KubeRay's CRDs. No cluster runs here."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk is a dev dependency (make setup installs it)")
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "helm" / "forkrl"
+CRDS = ROOT.parent / "shared" / "schemas" / "kuberay"
+KUBE_VERSION = "1.30.0"
+OVERLAYS = sorted((CHART / "examples").glob("*.yaml"))
+
+
+def _crd_schema(file: str) -> dict[str, Any]:
+    crd = yaml.safe_load((CRDS / file).read_text())
+    (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+    return v1["schema"]["openAPIV3Schema"]
+
+
+CRD_SCHEMAS = {"RayCluster": _crd_schema("ray.io_rayclusters.yaml"), "RayJob": _crd_schema("ray.io_rayjobs.yaml")}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    c = helm.Chart.load(str(CHART))
+    yield c
+    c.close()
+
+
+def render(chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    out = chart.render(values or {}, name="demo", namespace="ml")
+    docs = []
+    for path, text in sorted(out.items()):
+        if path.endswith(".txt"):
+            continue
+        docs += [d for d in yaml.safe_load_all(text) if d]
+    return docs
+
+
+def validate(obj: dict[str, Any]) -> None:
+    kind = obj["kind"]
+    if kind in CRD_SCHEMAS:
+        jsonschema.validate(obj, CRD_SCHEMAS[kind])
+    else:
+        kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_lint_reports_no_errors():
+    report = helm.lint(str(CHART), strict=False)
+    errors = [m for m in report["messages"] if m["severity"] >= 3] + report["errors"]
+    assert errors == [], errors
+
+
+@pytest.mark.parametrize("overlay", [None, *OVERLAYS], ids=lambda p: p.stem if p else "defaults")
+def test_every_object_validates(chart, overlay):
+    values = yaml.safe_load(overlay.read_text()) if overlay else {}
+    docs = render(chart, values)
+    kinds = {d["kind"] for d in docs}
+    assert {"Deployment", "Service", "ServiceAccount", "RayCluster", "Pod"} <= kinds, kinds
+    for obj in docs:
+        validate(obj)
+
+
+def test_a_broken_manifest_fails_validation(chart):
+    # the validators must be able to say no: a Deployment with a string replica count, a RayCluster
+    # worker group without its required template
+    (dep,) = by_kind(render(chart), "Deployment")
+    bad = copy.deepcopy(dep)
+    bad["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate(bad)
+    (rc,) = by_kind(render(chart), "RayCluster")
+    del rc["spec"]["workerGroupSpecs"][0]["template"]
+    with pytest.raises(jsonschema.ValidationError):
+        validate(rc)
+
+
+@pytest.mark.parametrize(
+    "values, where",
+    [
+        ({"controlPlane": {"replicas": "2"}}, "replicas"),  # wrong type
+        ({"learners": {"replicas": 1, "resources": {}, "gpus": 8}}, "gpus"),  # unknown key
+        ({"controlPlane": {"replicas": 1, "resources": {}, "colour": "red"}}, "colour"),
+        ({"bogus": True}, "bogus"),
+        ({"controlPlane": {"replicas": 2, "resources": {}}}, "replicas"),  # SQLite allows one replica
+        ({"database": {"type": "mysql"}}, "type"),
+        ({"rayHead": {"replicas": 2}}, "replicas"),
+        ({"rolloutWorkers": {"replicas": 1, "resources": {"limits": {"nvidia.com/gpu": "many"}}}}, "nvidia.com~1gpu"),
+        ({"ray": {"gcsFaultTolerance": {"enabled": True}}}, "redisAddress"),
+    ],
+)
+def test_schema_rejects_bad_values(chart, values, where):
+    with pytest.raises(helm.HelmError) as err:
+        chart.render(values, name="demo", namespace="ml")
+    assert where in str(err.value), str(err.value)
+
+
+def test_postgresql_allows_several_replicas_and_reads_the_url_from_a_secret(chart):
+    docs = render(
+        chart,
+        {"controlPlane": {"replicas": 3, "resources": {}}, "database": {"type": "postgresql"}},
+    )
+    (dep,) = by_kind(docs, "Deployment")
+    assert dep["spec"]["replicas"] == 3
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FORKRL_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "forkrl-db", "key": "url"}
+    assert not by_kind(docs, "PersistentVolumeClaim")  # no SQLite volume
+
+
+def test_key_values_reach_the_manifests(chart):
+    values = {
+        "image": {"repository": "registry.local/forkrl", "tag": "9.9.9-gpu"},
+        "controlPlane": {"replicas": 1, "resources": {}, "env": [{"name": "FORKRL_LOG_LEVEL", "value": "debug"}]},
+        "rolloutWorkers": {
+            "replicas": 3,
+            "maxReplicas": 5,
+            "resources": {"limits": {"nvidia.com/gpu": 4, "cpu": "16"}},
+            "env": [{"name": "VLLM_LOGGING_LEVEL", "value": "WARN"}],
+            "nodeSelector": {"pool": "rollout"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+        "learners": {"replicas": 2, "resources": {"limits": {"nvidia.com/gpu": 8}}},
+    }
+    docs = render(chart, values)
+    (dep,) = by_kind(docs, "Deployment")
+    (rc,) = by_kind(docs, "RayCluster")
+    cp = dep["spec"]["template"]["spec"]["containers"][0]
+    assert cp["image"] == "registry.local/forkrl:9.9.9-gpu"
+    assert {"name": "FORKRL_LOG_LEVEL", "value": "debug"} in cp["env"]
+    env = {e["name"]: e.get("value") for e in cp["env"]}
+    assert env["FORKRL_RAY_ADDRESS"] == "http://demo-forkrl-ray-head-svc.ml.svc:8265"  # the chart's own head
+    assert cp["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert cp["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert (
+        rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"] == "registry.local/forkrl:9.9.9-gpu"
+    )
+    groups = {g["groupName"]: g for g in rc["spec"]["workerGroupSpecs"]}
+    assert set(groups) == {"rollout", "reward", "learner"}
+    rollout = groups["rollout"]
+    assert (rollout["replicas"], rollout["maxReplicas"]) == (3, 5)
+    pod = rollout["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 4
+    assert {"name": "VLLM_LOGGING_LEVEL", "value": "WARN"} in pod["containers"][0]["env"]
+    assert pod["nodeSelector"] == {"pool": "rollout"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert groups["learner"]["replicas"] == 2
+    assert groups["learner"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    # each pool advertises the Ray resource its actors can ask for
+    assert json.loads(rollout["rayStartParams"]["resources"].strip("'")) == {"forkrl_rollout": 1000}
+    assert "forkrl_learner" in groups["learner"]["rayStartParams"]["resources"]
+
+
+def test_external_ray_cluster_and_gcs_fault_tolerance(chart):
+    docs = render(
+        chart,
+        {
+            "controlPlane": {"replicas": 1, "resources": {}, "rayAddress": "http://ray.elsewhere:8265"},
+            "ray": {"gcsFaultTolerance": {"enabled": True, "redisAddress": "redis:6379",
+                                          "redisPasswordSecret": {"name": "redis", "key": "pw"}}},
+        },
+    )  # fmt: skip
+    (dep,) = by_kind(docs, "Deployment")
+    env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FORKRL_RAY_ADDRESS"] == "http://ray.elsewhere:8265"
+    (rc,) = by_kind(docs, "RayCluster")
+    ft = rc["spec"]["gcsFaultToleranceOptions"]
+    assert ft["redisAddress"] == "redis:6379"
+    assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == {"name": "redis", "key": "pw"}
+
+
+def test_secrets_are_referenced_never_embedded(chart):
+    for overlay in [None, *OVERLAYS]:
+        docs = render(chart, yaml.safe_load(overlay.read_text()) if overlay else {})
+        assert not by_kind(docs, "Secret")
+        (dep,) = by_kind(docs, "Deployment")
+        env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert "valueFrom" in env["FORKRL_ADMIN_TOKEN"] and "value" not in env["FORKRL_ADMIN_TOKEN"]
+
+
+def test_helm_test_hook_calls_healthz(chart):
+    (pod,) = [d for d in render(chart) if d["kind"] == "Pod"]
+    assert pod["metadata"]["annotations"]["helm.sh/hook"] == "test"
+    assert "/healthz" in pod["spec"]["containers"][0]["command"][-1]
+
+
+def test_example_rayjob_validates_and_its_config_loads():
+    from actors.config import load_config
+
+    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    jsonschema.validate(job, CRD_SCHEMAS["RayJob"])
+    argv = job["spec"]["entrypoint"].split()
+    assert argv[:3] == ["python", "-m", "actors.train"]
+    config = argv[argv.index("--config") + 1]
+    overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    cfg = load_config(ROOT / config, overrides)
+    assert str(cfg.trainer.output_dir).startswith("/var/lib/forkrl/runs")
