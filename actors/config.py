@@ -306,6 +306,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
         data = loaded or {}
+    return validate_config(data, overrides)
+
+
+def validate_config(data: dict[str, Any], overrides: list[str] | None = None) -> JobConfig:
+    """Validate a mapping (a parsed YAML/JSON config) after applying overrides. Raises ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
     data = apply_overrides(data, overrides or [])
     try:
         return JobConfig.model_validate(data)

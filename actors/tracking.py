@@ -56,20 +56,25 @@ class Tracker:
         if self.mlflow is not None:
             self.mlflow.log_metrics({k.replace("/", "_"): v for k, v in scalars.items()}, step=step)
         if self.report_url:
-            self._report(record)
+            self._report({"metrics": [record]}, f"step {step}")
 
-    def _report(self, record: dict[str, Any]) -> None:
+    def checkpoint(self, step: int, path: Path) -> None:
+        """Tell the control plane (if any) about a complete checkpoint."""
+        if self.report_url:
+            self._report({"checkpoints": [{"step": step, "path": str(path)}]}, f"checkpoint {step}")
+
+    def _report(self, payload: dict[str, Any], what: str) -> None:
         import httpx
 
         try:
             httpx.post(
                 self.report_url,  # type: ignore[arg-type]
-                json={"metrics": [record]},
-                headers={"Authorization": f"Bearer {self.report_token}"},
+                content=json.dumps(_finite(payload)),
+                headers={"Authorization": f"Bearer {self.report_token}", "Content-Type": "application/json"},
                 timeout=5,
             ).raise_for_status()
         except httpx.HTTPError as e:  # the run goes on; the service also reads metrics.jsonl
-            log.warning("could not report step %s to the control plane: %s", record["step"], e)
+            log.warning("could not report %s to the control plane: %s", what, e)
 
     def close(self) -> None:
         self.jsonl.close()
@@ -79,3 +84,14 @@ class Tracker:
             self.wandb.finish()
         if self.mlflow is not None:
             self.mlflow.end_run()
+
+
+def _finite(x: Any) -> Any:
+    """JSON has no NaN/Infinity: send null instead."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_finite(v) for v in x]
+    return x

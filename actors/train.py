@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from actors.config import ConfigError, JobConfig, load_config
+from actors.config import ConfigError, JobConfig, load_config, validate_config
 
 log = logging.getLogger("forkrl.train")
 
@@ -132,7 +132,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                 m["eval/reward_mean"] = sum(got) / len(got)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
             with timed(m, "checkpoint"):
-                save_checkpoint(learners, run_dir, step, sampler.state(), cfg.trainer.keep_checkpoints)
+                saved = save_checkpoint(learners, run_dir, step, sampler.state(), cfg.trainer.keep_checkpoints)
+            tracker.checkpoint(step, saved)
         tracker.log(step, m)
         history.append(m)
         bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=f"{m.get('entropy/mean', float('nan')):.3f}")
@@ -209,12 +210,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. trainer.steps=3"
     )
+    parser.add_argument(
+        "--config-env",
+        metavar="NAME",
+        help="read the config as JSON from environment variable NAME (how the control plane passes it)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint (resume=auto)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=os.environ.get("FORKRL_LOG_LEVEL", "INFO"), format="%(asctime)s %(name)s %(message)s")
     overrides = list(args.set) + (["trainer.resume=auto"] if args.resume else [])
     try:
-        cfg = load_config(args.config, overrides)
+        if args.config_env:
+            raw = os.environ.get(args.config_env)
+            if raw is None:
+                raise ConfigError(f"--config-env {args.config_env}: no such environment variable")
+            try:
+                data = json.loads(raw)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"--config-env {args.config_env}: not valid JSON: {e}") from None
+            cfg = validate_config(data, overrides)
+        else:
+            cfg = load_config(args.config, overrides)
     except ConfigError as e:
         sys.stderr.write(f"forkrl: invalid config:\n{e}\n")
         return 2

@@ -1,0 +1,256 @@
+"""`forkrl`: the command line of the control plane, mirroring `ray job`.
+
+    forkrl serve                                   # the API (python -m service)
+    forkrl submit examples/demo.yaml [--set trainer.steps=5] [--follow]
+    forkrl list [--state RUNNING]   forkrl status ID   forkrl logs ID [--follow]
+    forkrl cancel ID   forkrl delete ID   forkrl token create OWNER
+
+The API address and token come from --url/--token or FORKRL_URL/FORKRL_TOKEN; with no token, a
+local development server's admin token file (<data dir>/admin_token) is used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+
+app = typer.Typer(help="Submit and watch forkrl training jobs.", no_args_is_help=True, add_completion=False)
+token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+UrlOpt = Annotated[str, typer.Option("--url", envvar="FORKRL_URL", help="control-plane URL")]
+TokenOpt = Annotated[str, typer.Option("--token", envvar="FORKRL_TOKEN", help="bearer token", show_default=False)]
+DEFAULT_URL = "http://127.0.0.1:8000"
+TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def _token(token: str) -> str:
+    if token:
+        return token
+    from service.settings import Settings
+
+    path = Settings().data_dir / "admin_token"
+    if path.is_file():
+        return path.read_text().strip()
+    _die("no token: pass --token or set FORKRL_TOKEN (a local development server writes <data dir>/admin_token)")
+    return ""
+
+
+def _die(msg: str, code: int = 2) -> None:
+    typer.secho(f"forkrl: {msg}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _client(url: str, token: str, timeout: float | None = 30) -> httpx.Client:
+    return httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {_token(token)}"}, timeout=timeout)
+
+
+def _check(r: httpx.Response) -> Any:
+    if r.status_code >= 400:
+        try:
+            body = r.json()
+            msg = body.get("message") or body.get("detail")
+        except ValueError:
+            msg = r.text
+        _die(f"{r.request.method} {r.request.url.path} -> {r.status_code}: {msg}", 1)
+    return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
+
+
+def _request(url: str, token: str, method: str, path: str, **kw: Any) -> Any:
+    try:
+        with _client(url, token) as c:
+            return _check(c.request(method, path, **kw))
+    except httpx.TransportError as e:
+        _die(f"cannot reach the control plane at {url}: {e}", 1)
+
+
+def _row(j: dict[str, Any]) -> str:
+    return f"{j['id']}  {j['state']:<9}  step {j['last_step']}/{j['total_steps']}  {j['owner']:<10}  {j['name']}"
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="bind address (FORKRL_HOST)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (FORKRL_PORT)")] = None,
+) -> None:
+    """Run the control plane (uvicorn). Without FORKRL_RAY_ADDRESS it starts and owns a local Ray head."""
+    import logging
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.settings import Settings
+
+    overrides: dict[str, Any] = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(
+        level=os.environ.get("FORKRL_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(name)s %(message)s"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+@app.command()
+def submit(
+    config: Annotated[Path, typer.Argument(help="job config YAML (JobConfig)")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE, repeatable")] = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="show live progress until the job ends")] = False,
+    idempotency_key: Annotated[str | None, typer.Option(help="same key + same config returns the same job")] = None,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Submit a training job."""
+    from actors.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config, set_ or [])
+    except ConfigError as e:
+        _die(f"invalid config {config}:\n{e}")
+    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+    job = _request(url, token, "POST", "/v1/jobs", json=cfg.model_dump(mode="json"), headers=headers)
+    typer.echo(f"submitted {job['id']} ({job['state']})")
+    if follow:
+        raise typer.Exit(_follow(url, token, job["id"], job["total_steps"]))
+
+
+@app.command("list")
+def list_(
+    state: Annotated[str | None, typer.Option(help="PENDING, RUNNING, SUCCEEDED, FAILED or CANCELLED")] = None,
+    limit: int = 50,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """List jobs, newest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if state:
+        params["state"] = state.upper()
+    page = _request(url, token, "GET", "/v1/jobs", params=params)
+    for j in page["jobs"]:
+        typer.echo(_row(j))
+    if not page["jobs"]:
+        typer.echo("no jobs")
+
+
+@app.command()
+def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """A job's state, progress and latest metrics."""
+    j = _request(url, token, "GET", f"/v1/jobs/{job_id}")
+    typer.echo(_row(j))
+    if j["message"]:
+        typer.echo(f"message: {j['message']}")
+    typer.echo(f"run dir: {j['run_dir']}")
+    m = _request(url, token, "GET", f"/v1/jobs/{job_id}/metrics", params={"after_step": max(0, j["last_step"] - 1)})
+    if m["metrics"]:
+        last = m["metrics"][-1]
+        typer.echo(
+            f"step {last['step']}: reward {last.get('reward/mean')}, entropy {last.get('entropy/mean')}, "
+            f"tau {last.get('entropy/threshold')}, kept {last.get('entropy/kept_frac')}"
+        )
+
+
+@app.command()
+def logs(
+    job_id: str,
+    follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Print a job's driver log (--follow: stream it live)."""
+    if not follow:
+        with _client(url, token) as c:
+            r = c.get(f"/v1/jobs/{job_id}/logs")
+            if r.status_code >= 400:
+                _check(r)
+            sys.stdout.write(r.text)
+        return
+    with (
+        _client(url, token, timeout=None) as c,
+        c.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": True}) as r,
+    ):
+        if r.status_code >= 400:
+            r.read()
+            _check(r)
+        for chunk in r.iter_text():
+            sys.stdout.write(chunk)
+            sys.stdout.flush()
+
+
+@app.command()
+def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Cancel a job (idempotent)."""
+    j = _request(url, token, "POST", f"/v1/jobs/{job_id}/cancel")
+    typer.echo(f"{j['id']}: {j['state']}{' (cancel requested)' if j['state'] not in TERMINAL else ''}")
+
+
+@app.command()
+def delete(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Delete a finished job's record (its run directory stays on disk)."""
+    _request(url, token, "DELETE", f"/v1/jobs/{job_id}")
+    typer.echo(f"deleted {job_id}")
+
+
+@token_app.command("create")
+def token_create(
+    owner: str,
+    admin: Annotated[bool, typer.Option(help="the token may create tokens and see every job")] = False,
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Create a token for OWNER; it is printed once."""
+    out = _request(url, token, "POST", "/v1/tokens", json={"owner": owner, "admin": admin})
+    typer.echo(out["token"])
+
+
+def _follow(url: str, token: str, job_id: str, total: int) -> int:
+    """Live progress from the job's server-sent events; returns 0 when it succeeded."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, desc=job_id, unit="step", dynamic_ncols=True)
+    state, event = "PENDING", ""
+    try:
+        with _client(url, token, timeout=None) as c, c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
+            if r.status_code >= 400:
+                r.read()
+                _check(r)
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line[6:].strip()
+                elif line.startswith("data:"):
+                    data = json.loads(line[5:])
+                    if event == "state":
+                        state = data["state"]
+                        bar.set_description(f"{job_id} {state}")
+                        if data.get("message"):
+                            bar.write(f"{state}: {data['message']}")
+                    elif event == "metrics":
+                        bar.update(max(0, data["step"] - bar.n))
+                        bar.set_postfix(reward=_fmt(data.get("reward/mean")), H=_fmt(data.get("entropy/mean")))
+                    elif event == "end":
+                        state = data.get("state", state)
+                        break
+    except httpx.TransportError as e:
+        bar.close()
+        _die(f"lost the control plane at {url}: {e}; `forkrl status {job_id}` shows where the job is", 1)
+    bar.close()
+    j = _request(url, token, "GET", f"/v1/jobs/{job_id}")
+    typer.echo(f"{job_id}: {j['state']} after {j['last_step']} steps; run directory {j['run_dir']}")
+    if j["message"] and j["state"] != "SUCCEEDED":
+        typer.echo(f"message: {j['message']}")
+    return 0 if j["state"] == "SUCCEEDED" else 1
+
+
+def _fmt(x: Any) -> str:
+    return f"{x:.3f}" if isinstance(x, int | float) else "-"
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

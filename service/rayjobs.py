@@ -1,0 +1,202 @@
+"""The control plane's side of Ray: the Jobs API client, and the embedded local Ray head it starts
+and owns when no Ray address is configured."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("forkrl.service.ray")
+
+# Ray job status -> forkrl job state
+RAY_TO_STATE = {
+    "PENDING": "PENDING",
+    "RUNNING": "RUNNING",
+    "SUCCEEDED": "SUCCEEDED",
+    "FAILED": "FAILED",
+    "STOPPED": "CANCELLED",
+}
+
+
+class RayUnavailable(RuntimeError):
+    """The Ray cluster could not be reached; the job stays as stored and is retried."""
+
+
+class JobNotFound(LookupError):
+    pass
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalRayHead:
+    """`ray start --head` on loopback, owned by the service: started on startup, stopped on shutdown.
+
+    Every port is picked free (the dashboard agent's default 52365 is often held by another Ray on
+    the same machine, which makes job submission fail with 'No available agent'), and the head gets
+    its own dashboard token.
+    """
+
+    def __init__(self, num_cpus: int, temp_dir: Path) -> None:
+        self.num_cpus = num_cpus or max(4, os.cpu_count() or 1)
+        self.temp_dir = temp_dir
+        self.token = secrets.token_hex(32)
+        self.gcs_port, self.dashboard_port, self.agent_port = _free_port(), _free_port(), _free_port()
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = self._env()
+
+    def _env(self) -> dict[str, str]:
+        bin_dir = str(Path(sys.executable).parent)  # jobs run `python -m actors.train` with this venv
+        env = dict(os.environ, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+        env.pop("RAY_ADDRESS", None)
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token, RAY_USAGE_STATS_ENABLED="0")
+        return env
+
+    def _ray(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        ray_cli = shutil.which("ray", path=self.env["PATH"]) or "ray"
+        return subprocess.run(
+            [ray_cli, *args], env=self.env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+
+    def start(self) -> None:
+        self.temp_dir.mkdir(parents=True, exist_ok=True)
+        out = self._ray(
+            "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.gcs_port}",
+            f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
+            f"--dashboard-agent-listen-port={self.agent_port}", "--disable-usage-stats",
+        )  # fmt: skip
+        if out.returncode != 0:
+            raise RuntimeError(f"could not start the embedded Ray head: {out.stderr[-2000:]}")
+        log.info("embedded Ray head up: GCS 127.0.0.1:%d, dashboard %s", self.gcs_port, self.address)
+
+    def stop(self) -> None:
+        # `ray stop` stops every Ray on the machine; stop only our head, by its GCS address
+        self._ray("stop", "--force", timeout=120) if os.environ.get("FORKRL_RAY_STOP_ALL") else self._stop_own()
+
+    def _stop_own(self) -> None:
+        try:
+            import psutil
+        except ImportError:  # psutil comes with ray[default]
+            self._ray("stop", "--force", timeout=120)
+            return
+        marker = f"--gcs-address=127.0.0.1:{self.gcs_port}"
+        mine = [
+            p
+            for p in psutil.process_iter(["cmdline"])
+            if any(marker in a or f"--gcs_server_port={self.gcs_port}" in a for a in (p.info["cmdline"] or []))
+        ]
+        for p in mine:
+            for child in p.children(recursive=True):
+                child.kill()
+            p.kill()
+        psutil.wait_procs(mine, timeout=30)
+        log.info("embedded Ray head stopped (%d processes)", len(mine))
+
+
+class RayJobs:
+    """A thin wrapper over ray.job_submission.JobSubmissionClient (blocking calls: run them in a thread)."""
+
+    def __init__(self, address: str, token: str = "") -> None:
+        self.address = address
+        self.headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._client: Any = None
+
+    def client(self) -> Any:
+        if self._client is None:
+            from ray.job_submission import JobSubmissionClient
+
+            try:
+                self._client = JobSubmissionClient(self.address, headers=self.headers)
+            except Exception as e:  # connection refused, DNS, auth: all mean "not now"
+                raise RayUnavailable(f"Ray at {self.address} is not reachable: {e}") from e
+        return self._client
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        """Until the head's job agent accepts work (it registers a few seconds after the head)."""
+        deadline = time.time() + timeout_s
+        last: Exception | None = None
+        while time.time() < deadline:
+            try:
+                self.client().list_jobs()
+                return
+            except Exception as e:
+                last, self._client = e, None
+                time.sleep(1)
+        raise RayUnavailable(f"Ray at {self.address} not ready after {timeout_s:.0f}s: {last}")
+
+    def ping(self) -> bool:
+        try:
+            self.client().list_jobs()
+            return True
+        except Exception:
+            self._client = None
+            return False
+
+    def submit(self, job_id: str, entrypoint: str, runtime_env: dict[str, Any]) -> None:
+        """Submit with submission_id = job_id: a second submission of the same job is refused by Ray,
+        so a crash between submitting and recording it cannot start the job twice."""
+        try:
+            self.client().submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env)
+        except RuntimeError as e:
+            if "already exists" in str(e):
+                log.info("job %s was already submitted to Ray", job_id)
+                return
+            if "No available agent" in str(e):
+                raise RayUnavailable(str(e)) from e
+            raise
+        except Exception as e:
+            self._client = None
+            raise RayUnavailable(f"Ray at {self.address}: {e}") from e
+
+    def status(self, job_id: str) -> tuple[str, str]:
+        try:
+            info = self.client().get_job_info(job_id)
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                raise JobNotFound(job_id) from e
+            self._client = None
+            raise RayUnavailable(str(e)) from e
+        except Exception as e:
+            self._client = None
+            raise RayUnavailable(f"Ray at {self.address}: {e}") from e
+        return RAY_TO_STATE.get(str(info.status.value if hasattr(info.status, "value") else info.status), "PENDING"), (
+            info.message or ""
+        )
+
+    def stop(self, job_id: str) -> None:
+        try:
+            self.client().stop_job(job_id)
+        except RuntimeError as e:
+            if "does not exist" in str(e):
+                raise JobNotFound(job_id) from e
+            raise RayUnavailable(str(e)) from e
+
+    def delete(self, job_id: str) -> None:
+        try:
+            self.client().delete_job(job_id)
+        except Exception as e:  # the record is ours; Ray's copy may already be gone
+            log.info("Ray kept no record of %s to delete: %s", job_id, e)
+
+    def logs(self, job_id: str) -> str:
+        try:
+            return str(self.client().get_job_logs(job_id))
+        except RuntimeError as e:
+            if "does not exist" in str(e):
+                raise JobNotFound(job_id) from e
+            raise RayUnavailable(str(e)) from e
+
+    async def tail(self, job_id: str) -> AsyncIterator[str]:
+        async for chunk in self.client().tail_job_logs(job_id):
+            yield chunk
