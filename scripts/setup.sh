@@ -34,6 +34,18 @@ else
   echo "setup: installed in $((SECONDS - start)) s"
 fi
 
+# The service tests start a throwaway PostgreSQL server of their own; they need its binaries.
+if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing PostgreSQL server binaries (Debian postgresql) for the service tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
+      || echo "setup: could not install PostgreSQL; the PostgreSQL service tests will fail"
+  else
+    echo "setup: PostgreSQL server binaries not found; install Debian's postgresql for the service tests"
+  fi
+fi
+
 if [ "${SKIP_MODEL:-0}" != "1" ]; then
   "$VENV/bin/python" -m actors.models ensure smollm2-135m-instruct
 fi

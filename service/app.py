@@ -230,7 +230,7 @@ class Service:
         if s.ray_address:
             self.ray = RayJobs(s.ray_address, s.ray_auth_token)
         else:
-            self.head = LocalRayHead(s.ray_num_cpus, s.data_dir / "ray")
+            self.head = LocalRayHead(s.ray_num_cpus)
             self.head.start()
             self.ray = RayJobs(self.head.address, self.head.token)
 

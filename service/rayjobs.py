@@ -3,6 +3,7 @@ and owns when no Ray address is configured."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -49,11 +50,13 @@ class LocalRayHead:
     its own dashboard token.
     """
 
-    def __init__(self, num_cpus: int, temp_dir: Path) -> None:
+    def __init__(self, num_cpus: int) -> None:
         self.num_cpus = num_cpus or max(4, os.cpu_count() or 1)
-        self.temp_dir = temp_dir
         self.token = secrets.token_hex(32)
         self.gcs_port, self.dashboard_port, self.agent_port = _free_port(), _free_port(), _free_port()
+        # a short private temp dir: Ray's socket paths must stay under 108 bytes, and every process of
+        # this head carries the path in its command line, which is how stop() finds them
+        self.temp_dir = Path(f"/tmp/forkrl-ray-{self.gcs_port}")
         self.address = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = self._env()
 
@@ -76,32 +79,29 @@ class LocalRayHead:
             "start", "--head", f"--num-cpus={self.num_cpus}", f"--port={self.gcs_port}",
             f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1", "--include-dashboard=true",
             f"--dashboard-agent-listen-port={self.agent_port}", "--disable-usage-stats",
+            f"--temp-dir={self.temp_dir}",
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"could not start the embedded Ray head: {out.stderr[-2000:]}")
         log.info("embedded Ray head up: GCS 127.0.0.1:%d, dashboard %s", self.gcs_port, self.address)
 
     def stop(self) -> None:
-        # `ray stop` stops every Ray on the machine; stop only our head, by its GCS address
-        self._ray("stop", "--force", timeout=120) if os.environ.get("FORKRL_RAY_STOP_ALL") else self._stop_own()
+        """Stop this head's processes only (`ray stop` would stop every Ray on the machine)."""
+        import psutil  # comes with ray[default]
 
-    def _stop_own(self) -> None:
-        try:
-            import psutil
-        except ImportError:  # psutil comes with ray[default]
-            self._ray("stop", "--force", timeout=120)
-            return
-        marker = f"--gcs-address=127.0.0.1:{self.gcs_port}"
-        mine = [
-            p
-            for p in psutil.process_iter(["cmdline"])
-            if any(marker in a or f"--gcs_server_port={self.gcs_port}" in a for a in (p.info["cmdline"] or []))
-        ]
+        mine = []
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if any(str(self.temp_dir) in a for a in (p.info["cmdline"] or [])):
+                    mine += [p, *p.children(recursive=True)]
         for p in mine:
-            for child in p.children(recursive=True):
-                child.kill()
-            p.kill()
-        psutil.wait_procs(mine, timeout=30)
+            with contextlib.suppress(psutil.Error):
+                p.terminate()
+        _, alive = psutil.wait_procs(mine, timeout=15)
+        for p in alive:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
         log.info("embedded Ray head stopped (%d processes)", len(mine))
 
 

@@ -1,0 +1,227 @@
+"""The REST API through a real uvicorn server, on SQLite and on a real PostgreSQL. Ray is not
+reachable here on purpose: jobs stay queued, which is what these tests need (the job lifecycle on
+a real Ray is tests/service/test_jobs.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import pytest
+import yaml
+
+from .conftest import ROOT, Server
+
+TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+
+
+def submit(c: httpx.Client, body: dict | None = None, **headers: str) -> httpx.Response:
+    return c.post("/v1/jobs", json=body if body is not None else TINY, headers=headers)
+
+
+def make_token(server: Server, owner: str) -> str:
+    with server.client() as admin:
+        r = admin.post("/v1/tokens", json={"owner": owner})
+        assert r.status_code == 201, r.text
+        return r.json()["token"]
+
+
+def test_health_readiness_and_prometheus(api_server):
+    assert httpx.get(f"{api_server.url}/healthz").json()["status"] == "ok"
+    r = httpx.get(f"{api_server.url}/readyz")
+    assert r.status_code == 503  # the database is fine, Ray is not reachable
+    assert r.json()["checks"] == {"database": "ok", "ray": "not reachable yet"}
+    text = httpx.get(f"{api_server.url}/metrics").text
+    assert 'forkrl_http_requests_total{method="GET",route="/readyz",status="503"} 1.0' in text
+    assert "forkrl_jobs_submitted_total 0.0" in text
+    paths = set(httpx.get(f"{api_server.url}/openapi.json").json()["paths"])
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/metrics",
+            "/v1/jobs/{job_id}/logs", "/v1/jobs/{job_id}/events", "/v1/jobs/{job_id}/checkpoints",
+            "/healthz", "/readyz", "/metrics"} <= paths  # fmt: skip
+
+
+def test_auth_401_and_403(api_server):
+    assert httpx.get(f"{api_server.url}/v1/jobs").status_code == 401
+    bad = httpx.get(f"{api_server.url}/v1/jobs", headers={"Authorization": "Bearer nope"})
+    assert bad.status_code == 401 and bad.headers["www-authenticate"] == "Bearer"
+    alice, bob = make_token(api_server, "alice"), make_token(api_server, "bob")
+    with api_server.client(alice) as a, api_server.client(bob) as b, api_server.client() as admin:
+        job = submit(a).json()
+        assert job["owner"] == "alice" and job["state"] == "PENDING"
+        for method, path in [("GET", ""), ("POST", "/cancel"), ("GET", "/metrics"), ("DELETE", "")]:
+            assert b.request(method, f"/v1/jobs/{job['id']}{path}").status_code == 403
+        assert b.get("/v1/jobs").json()["jobs"] == []  # bob sees only his own
+        assert [j["id"] for j in admin.get("/v1/jobs").json()["jobs"]] == [job["id"]]
+        assert b.post("/v1/tokens", json={"owner": "mallory"}).status_code == 403  # only admins create tokens
+
+
+def test_tokens_are_stored_hashed(api_server, database_url):
+    token = make_token(api_server, "carol")
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(database_url)
+    with engine.connect() as c:
+        stored = [r[0] for r in c.execute(text("SELECT token_hash FROM tokens"))]
+    engine.dispose()
+    assert token not in stored and api_server.admin_token not in stored
+    import hashlib
+
+    assert hashlib.sha256(token.encode()).hexdigest() in stored
+
+
+def test_idempotent_submit(api_server):
+    with api_server.client() as c:
+        first = submit(c, **{"Idempotency-Key": "run-42"})
+        assert first.status_code == 201
+        again = submit(c, **{"Idempotency-Key": "run-42"})
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+        other = dict(TINY, trainer=dict(TINY["trainer"], steps=7))
+        clash = submit(c, other, **{"Idempotency-Key": "run-42"})
+        assert clash.status_code == 409 and "run-42" in clash.json()["detail"]
+        assert len(c.get("/v1/jobs").json()["jobs"]) == 1
+        assert submit(c).json()["id"] != first.json()["id"]  # no key: a new job each time
+
+
+BAD_BODIES = [
+    ({"algorithm": {"top_entropy_quantile": 0}}, "algorithm.top_entropy_quantile = 0"),
+    ({"algorithm": {"top_entropy_quantile": 1.5}}, "algorithm.top_entropy_quantile = 1.5"),
+    ({"trainer": {"steps": "many"}}, "trainer.steps = 'many'"),
+    ({"rollout": {"group_size": -3}}, "rollout.group_size = -3"),
+    ({"learner": {"zero_stage": 5}}, "learner.zero_stage = 5"),
+    ({"algorithm": {"top_entropy_quantlie": 0.2}}, "algorithm.top_entropy_quantlie = 0.2: unknown field"),
+    ({"bogus": 1}, "bogus = 1: unknown field"),
+]
+
+
+def test_bad_bodies_are_422_naming_the_field_and_value(api_server):
+    with api_server.client() as c:
+        for body, expected in BAD_BODIES:
+            r = c.post("/v1/jobs", json=body)
+            assert r.status_code == 422, (body, r.text)
+            assert expected in r.json()["message"], (body, r.json()["message"])
+        assert c.get("/v1/jobs").json()["jobs"] == []  # nothing stored
+
+
+def test_malformed_huge_and_bad_ids(api_server):
+    with api_server.client() as c:
+        r = c.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422
+        r = c.post("/v1/jobs", content=b"[1, 2]", headers={"Content-Type": "application/json"})
+        assert r.status_code == 422
+        r = c.post("/v1/jobs", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
+        assert r.status_code == 413
+        assert c.get("/v1/jobs/not-a-job").status_code == 422
+        assert c.get("/v1/jobs/forkrl-0000000000000000").status_code == 404
+        assert c.get("/v1/jobs", params={"cursor": "abc"}).status_code == 422
+        assert c.get("/v1/jobs", params={"state": "EXPLODED"}).status_code == 422
+        assert c.get("/v1/jobs", params={"limit": 0}).status_code == 422
+
+
+def test_list_filter_and_cursor_pagination(api_server):
+    with api_server.client() as c:
+        ids = [submit(c).json()["id"] for _ in range(5)]
+        c.post(f"/v1/jobs/{ids[1]}/cancel")
+        seen, cursor = [], None
+        while True:
+            page = c.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
+            seen += [j["id"] for j in page["jobs"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                break
+        assert seen == ids[::-1]  # newest first, each once
+        assert [j["id"] for j in c.get("/v1/jobs", params={"state": "CANCELLED"}).json()["jobs"]] == [ids[1]]
+        assert len(c.get("/v1/jobs", params={"state": "PENDING"}).json()["jobs"]) == 4
+
+
+def test_cancel_is_idempotent_and_delete_needs_a_finished_job(api_server):
+    with api_server.client() as c:
+        job = submit(c).json()
+        r = c.delete(f"/v1/jobs/{job['id']}")
+        assert r.status_code == 409 and "PENDING" in r.json()["detail"]
+        one = c.post(f"/v1/jobs/{job['id']}/cancel").json()
+        two = c.post(f"/v1/jobs/{job['id']}/cancel").json()
+        assert one["state"] == two["state"] == "CANCELLED"
+        assert c.delete(f"/v1/jobs/{job['id']}").status_code == 204
+        assert c.get(f"/v1/jobs/{job['id']}").status_code == 404
+
+
+def test_ingest_metrics_checkpoints_and_events(api_server):
+    with api_server.client() as c:
+        job = submit(c).json()
+        ingest_token = job["config"]["tracking"]["report_token"]
+        url = f"/v1/jobs/{job['id']}/ingest"
+        assert c.post(url, json={"metrics": []}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+        auth = {"Authorization": f"Bearer {ingest_token}"}
+        rows = [{"step": 1, "reward/mean": 0.1, "entropy/mean": float("nan")}, {"step": 2, "reward/mean": 0.3}]
+        r = c.post(url, content=json.dumps({"metrics": rows}), headers={**auth, "Content-Type": "application/json"})
+        assert r.status_code == 202 and r.json() == {"metrics_stored": 2}
+        again = c.post(url, json={"metrics": [{"step": 1}]}, headers=auth)
+        assert again.json() == {"metrics_stored": 0}  # each step is stored once
+        c.post(url, json={"checkpoints": [{"step": 2, "path": "/runs/x/checkpoints/step_00000002"}]}, headers=auth)
+        m = c.get(f"/v1/jobs/{job['id']}/metrics").json()
+        assert [x["step"] for x in m["metrics"]] == [1, 2] and m["last_step"] == 2
+        assert m["metrics"][0]["entropy/mean"] is None  # NaN is stored as null
+        assert [
+            x["step"] for x in c.get(f"/v1/jobs/{job['id']}/metrics", params={"after_step": 1}).json()["metrics"]
+        ] == [2]
+        assert [x["step"] for x in c.get(f"/v1/jobs/{job['id']}/checkpoints").json()["checkpoints"]] == [2]
+        c.post(f"/v1/jobs/{job['id']}/cancel")
+        events = []
+        with c.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=30) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            kind = None
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:"):
+                    events.append((kind, json.loads(line[5:])))
+        assert [e[1]["state"] for e in events if e[0] == "state"] == ["PENDING", "CANCELLED"]
+        assert [e[1]["step"] for e in events if e[0] == "metrics"] == [1, 2]
+        assert events[-1] == ("end", {"state": "CANCELLED", "last_step": 2})
+
+
+def test_jobs_survive_a_restart(api_server):
+    with api_server.client() as c:
+        job = submit(c).json()
+    api_server.stop()
+    api_server.start()
+    with api_server.client() as c:
+        again = c.get(f"/v1/jobs/{job['id']}").json()
+    assert again["id"] == job["id"] and again["config"] == job["config"]
+
+
+def test_production_needs_an_admin_token(tmp_path):
+    server = Server(tmp_path, f"sqlite:///{tmp_path / 'db.sqlite'}", "http://127.0.0.1:9")
+    server.env["FORKRL_ADMIN_TOKEN"] = ""
+    with pytest.raises(RuntimeError, match="FORKRL_ADMIN_TOKEN must be set"):
+        server.start(timeout=60)
+
+
+def cli(server: Server, *args: str, token: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=token or server.admin_token)
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_cli_mirrors_ray_job(api_server):
+    out = cli(api_server, "submit", "examples/tiny.yaml", "--set", "trainer.steps=2")
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.split()[1]
+    listed = cli(api_server, "list")
+    assert job_id in listed.stdout and "PENDING" in listed.stdout
+    status = cli(api_server, "status", job_id)
+    assert "step 0/2" in status.stdout
+    assert cli(api_server, "logs", job_id).returncode == 0  # not started: empty log
+    assert "CANCELLED" in cli(api_server, "cancel", job_id).stdout
+    assert cli(api_server, "delete", job_id).returncode == 0
+    assert cli(api_server, "list").stdout.strip() == "no jobs"
+    bad = cli(api_server, "submit", "examples/tiny.yaml", "--set", "algorithm.top_entropy_quantile=1.5")
+    assert bad.returncode == 2 and "algorithm.top_entropy_quantile = 1.5" in bad.stderr
+    missing = cli(api_server, "status", "forkrl-0000000000000000")
+    assert missing.returncode == 1 and "404" in missing.stderr
+    denied = cli(api_server, "list", token="wrong")
+    assert denied.returncode == 1 and "401" in denied.stderr
