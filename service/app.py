@@ -37,6 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -464,7 +465,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             parts.append(f"{loc or 'body'} = {shown}: {msg}")
         return JSONResponse({"detail": jsonable_encoder(exc.errors()), "message": "; ".join(parts)}, 422)
 
-
     def owned(db: Any, job_id: str, who: Token) -> Job:
         job = db.scalar(select(Job).where(Job.id == job_id))
         if job is None:
@@ -522,15 +522,27 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ) -> Any:
         body_hash = sha256(canonical(cfg.model_dump(mode="json")))
 
+        def earlier(db: Any) -> Job | None:
+            old = db.scalar(select(Job).where(Job.owner == who.owner, Job.idempotency_key == idempotency_key))
+            if old is not None and old.config_hash != body_hash:
+                raise HTTPException(409, f"Idempotency-Key {idempotency_key!r} was used for a different job ({old.id})")
+            return old
+
         def create() -> tuple[Job, bool]:
+            try:
+                return insert()
+            except IntegrityError:  # the same key in a concurrent request won the race: answer as a replay
+                with svc.db() as db:
+                    old = earlier(db)
+                if old is None:
+                    raise
+                return old, False
+
+        def insert() -> tuple[Job, bool]:
             with svc.db() as db:
                 if idempotency_key:
-                    old = db.scalar(select(Job).where(Job.owner == who.owner, Job.idempotency_key == idempotency_key))
+                    old = earlier(db)
                     if old is not None:
-                        if old.config_hash != body_hash:
-                            raise HTTPException(
-                                409, f"Idempotency-Key {idempotency_key!r} was used for a different job ({old.id})"
-                            )
                         return old, False
                 job_id = f"forkrl-{secrets.token_hex(8)}"
                 ingest = secrets.token_urlsafe(32)
