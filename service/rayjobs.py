@@ -83,7 +83,12 @@ class LocalRayHead:
         )  # fmt: skip
         if out.returncode != 0:
             raise RuntimeError(f"could not start the embedded Ray head: {out.stderr[-2000:]}")
-        log.info("embedded Ray head up: GCS 127.0.0.1:%d, dashboard %s", self.gcs_port, self.address)
+        log.info(
+            "embedded Ray head up: GCS 127.0.0.1:%d, dashboard %s, temp dir %s",
+            self.gcs_port,
+            self.address,
+            self.temp_dir,
+        )
 
     def stop(self) -> None:
         """Stop this head's processes only (`ray stop` would stop every Ray on the machine)."""

