@@ -32,7 +32,9 @@ def init_ray(cfg: JobConfig) -> None:
         + cfg.learner.num_learners * cfg.learner.num_cpus_per_learner
     )
     cpus = int(max(os.cpu_count() or 1, need + 1))
-    ray.init(num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
+    # address="local": always a new Ray of our own, never a cluster some earlier `ray start` left in
+    # /tmp/ray/ray_current_cluster (a stale entry there would make ray.init() try to join it)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, runtime_env=env, log_to_driver=True)
     log.info("started a local Ray with %d logical CPUs", cpus)
 
 

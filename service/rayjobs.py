@@ -107,6 +107,11 @@ class LocalRayHead:
             with contextlib.suppress(psutil.Error):
                 p.kill()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+        # `ray start` recorded this head as the machine's current cluster; don't leave a dead entry
+        current = Path("/tmp/ray/ray_current_cluster")
+        with contextlib.suppress(OSError):
+            if current.read_text().strip().endswith(f":{self.gcs_port}"):
+                current.unlink()
         log.info("embedded Ray head stopped (%d processes)", len(mine))
 
 

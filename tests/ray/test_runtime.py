@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     yield
     ray.shutdown()
 
