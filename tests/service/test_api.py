@@ -29,6 +29,7 @@ def make_token(server: Server, owner: str) -> str:
         return r.json()["token"]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_health_readiness_and_prometheus(api_server):
     assert httpx.get(f"{api_server.url}/healthz").json()["status"] == "ok"
     r = httpx.get(f"{api_server.url}/readyz")
@@ -96,6 +97,7 @@ BAD_BODIES = [
 ]
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_bad_bodies_are_422_naming_the_field_and_value(api_server):
     with api_server.client() as c:
         for body, expected in BAD_BODIES:
@@ -105,6 +107,7 @@ def test_bad_bodies_are_422_naming_the_field_and_value(api_server):
         assert c.get("/v1/jobs").json()["jobs"] == []  # nothing stored
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_malformed_huge_and_bad_ids(api_server):
     with api_server.client() as c:
         r = c.post("/v1/jobs", content=b"{not json", headers={"Content-Type": "application/json"})
@@ -207,6 +210,7 @@ def cli(server: Server, *args: str, token: str | None = None) -> subprocess.Comp
     )
 
 
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_cli_mirrors_ray_job(api_server):
     out = cli(api_server, "submit", "examples/tiny.yaml", "--set", "trainer.steps=2")
     assert out.returncode == 0, out.stderr

@@ -62,7 +62,7 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
     server.start()
     try:
         with server.client() as c:
-            a = c.post("/v1/jobs", json=tiny(8)).json()
+            a = c.post("/v1/jobs", json=tiny(6)).json()
             b = c.post("/v1/jobs", json=tiny(50)).json()
             # cancel a running job: B's driver runs (its actors may still wait for CPUs)
             wait_for(c, b["id"], {"RUNNING"}, 180)
@@ -81,10 +81,10 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
             assert done["state"] == "SUCCEEDED", done
             metrics = c.get(f"/v1/jobs/{a['id']}/metrics").json()["metrics"]
             # every step recorded, including those logged while the service was down
-            assert [m["step"] for m in metrics] == list(range(1, 9))
+            assert [m["step"] for m in metrics] == list(range(1, 7))
             ckpts = [x["step"] for x in c.get(f"/v1/jobs/{a['id']}/checkpoints").json()["checkpoints"]]
-            assert 8 in ckpts
-            assert done["started_at"] and done["ended_at"] and done["last_step"] == 8
+            assert 6 in ckpts
+            assert done["started_at"] and done["ended_at"] and done["last_step"] == 6
             logs = c.get(f"/v1/jobs/{a['id']}/logs").text
             assert "forkrl run summary" in logs
             assert (tmp_path / "data" / "runs" / a["id"] / "hf" / "config.json").is_file()
