@@ -21,8 +21,9 @@ import torch
 
 __all__ = ["token_entropy", "token_logprobs", "token_logprobs_and_entropy", "DEFAULT_CHUNK_ELEMS"]
 
-# fp32 elements per CPU chunk: 2^18 * 4 B = 1 MiB, which stays in a core's L2 cache.
-DEFAULT_CHUNK_ELEMS = 1 << 18
+# fp32 elements per CPU chunk: 2^19 * 4 B = 2 MiB (measured at V = 32768, N = 2048 on 2 AVX2 cores:
+# 1 MiB chunks 139 ms, 2 MiB 114 ms, 4 MiB 106 ms; larger chunks pay less per-op overhead).
+DEFAULT_CHUNK_ELEMS = 1 << 19
 
 
 def _rows_per_chunk(vocab: int, chunk_size: int | None) -> int:
@@ -156,7 +157,7 @@ def token_logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(o_t) [...] fp32 with gradient, entropy [...] fp32 without) in one read.
 
-    logits: [..., V]; token_ids: [...] int. chunk_size: rows per CPU chunk (default: 1 MiB of
+    logits: [..., V]; token_ids: [...] int. chunk_size: rows per CPU chunk (default: 2 MiB of
     fp32 per chunk).
     """
     _check(logits, temperature)
