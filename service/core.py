@@ -67,6 +67,7 @@ class Service:
             "forkrl_reconcile_last_seconds", "duration of the last reconcile pass", registry=self.registry
         )
         self._task: asyncio.Task[None] | None = None
+        self._read_upto: dict[str, int] = {}  # job id -> bytes of metrics.jsonl already read
 
     # -- lifecycle
     def start(self) -> None:
@@ -210,13 +211,19 @@ class Service:
         run = Path(job.run_dir)
         metrics = run / "metrics.jsonl"
         if metrics.is_file():
+            # only what was appended since the last pass, complete lines only (the driver may be mid-write)
+            with metrics.open("rb") as f:
+                f.seek(self._read_upto.get(job.id, 0))
+                chunk = f.read()
+            complete = chunk[: chunk.rfind(b"\n") + 1]
+            self._read_upto[job.id] = self._read_upto.get(job.id, 0) + len(complete)
             rows = []
-            for line in metrics.read_text().splitlines():
+            for line in complete.decode(errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
-                except json.JSONDecodeError:  # a line being written
+                except json.JSONDecodeError:
                     continue
-                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] > job.last_step:
+                if isinstance(rec, dict):  # store_metrics keeps each step once
                     rows.append(rec)
             self.store_metrics(db, job, rows, "file")
         ckpts = run / "checkpoints"
