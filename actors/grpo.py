@@ -37,6 +37,7 @@ __all__ = [
     "entropy_threshold",
     "group_advantages",
     "high_entropy_mask",
+    "kth_largest",
     "loss_normalizer",
     "num_kept",
     "overlong_penalty",
@@ -82,18 +83,34 @@ def entropy_threshold(valid_entropies: torch.Tensor, top_entropy_quantile: float
     """Exact threshold over all valid entropies of an optimizer step.
 
     valid_entropies: [N] entropies of valid response tokens only (never padding or prompt).
-    Uses kthvalue (a selection, O(N)), so it works past the 2^24 elements where torch.quantile
-    raises. rho = 1 keeps everything; N = 0 keeps nothing (tau = +inf).
+    A selection, not a sort, so it works past the 2^24 elements where torch.quantile raises.
+    rho = 1 keeps everything; N = 0 keeps nothing (tau = +inf).
     """
     values = valid_entropies.detach().reshape(-1).float()  # [N]
     n = values.numel()
     k = num_kept(n, top_entropy_quantile)
     if k == 0:
         return EntropyThreshold(tau=math.inf, k=0, num_valid=n, num_above=0, ties_to_keep=0)
-    # the k-th largest is the (n - k + 1)-th smallest
-    tau = float(torch.kthvalue(values, n - k + 1).values)
+    tau = kth_largest(values, k)
     num_above = int((values > tau).sum())
     return EntropyThreshold(tau=tau, k=k, num_valid=n, num_above=num_above, ties_to_keep=k - num_above)
+
+
+def kth_largest(values: torch.Tensor, k: int, method: str | None = None) -> float:
+    """The exact k-th largest of a 1-D tensor (1 <= k <= numel).
+
+    CUDA: topk(k, unsorted) then its minimum (1.45 ms over 67M values on an H200, where kthvalue
+    takes 493 ms); elsewhere kthvalue of the (n - k + 1)-th smallest, a linear-time selection.
+    """
+    n = values.numel()
+    if not 1 <= k <= n:
+        raise ValueError(f"k={k} must be in [1, {n}]")
+    method = method or ("topk" if values.is_cuda else "kthvalue")
+    if method == "topk":
+        return float(torch.topk(values, k, sorted=False).values.min())
+    if method == "kthvalue":
+        return float(torch.kthvalue(values, n - k + 1).values)
+    raise ValueError(f"method={method!r}: accepted are 'topk', 'kthvalue'")
 
 
 def count_ties(entropy: torch.Tensor, valid_mask: torch.Tensor, tau: float) -> int:

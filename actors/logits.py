@@ -191,7 +191,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     if _use_triton(z):
         from actors.kernels.entropy_triton import logprob_entropy_fwd
 
-        _, ent, _ = logprob_entropy_fwd(z.contiguous(), None, float(temperature))
+        _, ent, _ = logprob_entropy_fwd(z if z.stride(-1) == 1 else z.contiguous(), None, float(temperature))
     else:
         _, ent, _ = _forward_chunked(z, None, float(temperature), chunk_size)
     return ent.reshape(lead)

@@ -10,6 +10,7 @@ from actors.grpo import (
     entropy_threshold,
     group_advantages,
     high_entropy_mask,
+    kth_largest,
     num_kept,
     policy_loss,
     token_entropy,
@@ -65,6 +66,20 @@ def test_threshold_and_mask_with_padding_and_ties():
     # a later micro-batch that sees one earlier tie keeps none of its ties
     later = high_entropy_mask(h, valid, threshold=th, tie_offset=1)
     assert later.tolist() == [[True, False, False], [False, False, False]]
+
+
+def test_kth_largest_topk_and_kthvalue_agree_with_ties():
+    # values 5, 1, 3, 3, 3, 2: sorted descending 5 3 3 3 2 1 -> 1st 5, 2nd..4th 3, 5th 2, 6th 1
+    v = torch.tensor([5.0, 1.0, 3.0, 3.0, 3.0, 2.0])
+    for method in ("topk", "kthvalue"):
+        assert [kth_largest(v, k, method) for k in range(1, 7)] == [5.0, 3.0, 3.0, 3.0, 2.0, 1.0]
+    r = torch.rand(100_003, generator=torch.Generator().manual_seed(1))
+    k = 20_001
+    assert kth_largest(r, k, "topk") == kth_largest(r, k, "kthvalue") == float(r.sort(descending=True).values[k - 1])
+    with pytest.raises(ValueError, match="k=0"):
+        kth_largest(v, 0)
+    with pytest.raises(ValueError, match="method='median'"):
+        kth_largest(v, 1, "median")
 
 
 def test_rho_one_keeps_every_valid_token_and_nothing_valid_keeps_nothing():
