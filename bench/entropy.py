@@ -110,6 +110,31 @@ def main() -> None:
                     ),
                     flush=True,
                 )
+            # the learner's use: log-probs + entropy forward, d logits backward (reads z twice, writes dz)
+            zg = z.detach().requires_grad_(True)
+            g = torch.randn(n, device=dev)
+
+            def fwd_bwd(zg=zg, ids=ids, g=g):
+                lp, _ = token_logprobs_and_entropy(zg, ids, temp)
+                lp.backward(g)
+                zg.grad = None
+
+            ms = triton.testing.do_bench(fwd_bwd, warmup=25, rep=200)
+            print(
+                json.dumps(
+                    {
+                        "device": torch.cuda.get_device_name(),
+                        "N": n,
+                        "V": v,
+                        "method": "forkrl_logprob_fwd_bwd",
+                        "timer": "cuda_events",
+                        "ms": round(ms, 3),
+                        "GBps_moved": round(3 * gb / ms * 1e3, 1),
+                    }
+                ),
+                flush=True,
+            )
+            del zg
         del z, ids
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -8,7 +8,8 @@ threshold and masks of `actors.entropy_filter.plan_step`, loss, backward. Rows:
     forkrl_step_no_filter   log-probs only, every token in the loss
     forkrl_step_filter      log-probs + entropy, top-rho mask from the global threshold
     forkrl_threshold        actors.grpo.entropy_threshold over the paper-scale token count
-`overhead_vs_no_filter` is relative to forkrl_step_no_filter. Goal: the filter adds <= 3%.
+`overhead_vs_no_filter` is relative to forkrl_step_no_filter (medians of interleaved rounds).
+Goal: the filter adds <= 3%.
 
     python bench/step.py           # GPU: N 8192, d 4096, V 151936 bf16 (the anchor's shapes)
     ANCHOR_STEP=path/to/step_anchor.py python bench/step.py
@@ -73,8 +74,13 @@ def main() -> None:
         w.grad = None
 
     name = torch.cuda.get_device_name() if dev == "cuda" else "cpu"
-    base = anchor.timeit(lambda: step(False), reps=9)
-    filt = anchor.timeit(lambda: step(True), reps=9)
+    # interleaved rounds, so clock and thermal drift fall on both alike; medians over rounds
+    rounds = 3 if dev == "cpu" else 7
+    pairs = [
+        (anchor.timeit(lambda: step(False), reps=3), anchor.timeit(lambda: step(True), reps=3)) for _ in range(rounds)
+    ]
+    base = sorted(p[0] for p in pairs)[rounds // 2]
+    filt = sorted(p[1] for p in pairs)[rounds // 2]
     for method, ms in (("forkrl_step_no_filter", base), ("forkrl_step_filter", filt)):
         row = {
             "device": name,

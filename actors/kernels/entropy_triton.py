@@ -148,7 +148,7 @@ def _prune(configs, named_args, **kwargs):
 
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_V": b, "ACC_VEC": acc, "PREFETCH": pre}, num_warps=w)
-    for b, w in [(2048, 4), (4096, 8), (8192, 8), (8192, 16)]
+    for b, w in [(1024, 4), (2048, 2), (2048, 4), (4096, 8), (8192, 8), (8192, 16)]
     for acc in (True, False)
     for pre in (True, False)
 ]  # num_stages is left out: Triton's pipeliner does not touch these loads (same SASS for 1 to 3)

@@ -76,8 +76,10 @@ def test_strided_rows_and_leading_dims_give_the_same_result():
     lp, h = token_logprobs_and_entropy(z, ids, 0.7)
     lp2, h2 = token_logprobs_and_entropy(z.contiguous(), ids, 0.7)
     assert lp.shape == h.shape == (6, 50)
-    assert torch.equal(lp, lp2) and torch.equal(h, h2)
-    assert torch.equal(token_entropy(z, 0.7), h2)
+    # rows 4100 apart are not 16-byte aligned, so Triton compiles other (unvectorised) loads and
+    # the lanes sum in another order: equal up to fp32 rounding
+    assert torch.allclose(lp, lp2, atol=1e-5, rtol=0) and torch.allclose(h, h2, atol=1e-5, rtol=0)
+    assert torch.equal(token_entropy(z, 0.7), h)
 
 
 def test_agrees_with_the_cpu_path():
