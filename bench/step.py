@@ -94,6 +94,22 @@ def main() -> None:
         if method == "forkrl_step_filter":
             row["kept_tokens"] = kept["k"]
         print(json.dumps(row), flush=True)
+    # the filter's own work on this step's tokens (entropy comes free with the log-probs): threshold,
+    # tie counts and masks of plan_step, timed alone
+    ent = torch.rand(1, n, device=dev) * 3
+    ms = anchor.timeit(lambda: plan_step([ent], [valid], rho).masks[0], reps=9)
+    print(
+        json.dumps(
+            {
+                "device": name,
+                "N": n,
+                "method": "forkrl_plan_step_only",
+                "ms": round(ms, 3),
+                "share_of_no_filter_step": round(ms / base, 4),
+            }
+        ),
+        flush=True,
+    )
     m = 2**16 if small or dev == "cpu" else 67_108_864
     e = torch.rand(m, device=dev)
     ms = anchor.timeit(lambda: entropy_threshold(e, rho), reps=5)

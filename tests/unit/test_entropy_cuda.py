@@ -79,7 +79,8 @@ def test_strided_rows_and_leading_dims_give_the_same_result():
     # rows 4100 apart are not 16-byte aligned, so Triton compiles other (unvectorised) loads and
     # the lanes sum in another order: equal up to fp32 rounding
     assert torch.allclose(lp, lp2, atol=1e-5, rtol=0) and torch.allclose(h, h2, atol=1e-5, rtol=0)
-    assert torch.equal(token_entropy(z, 0.7), h)
+    # entropy alone is tuned separately (no ids): it may pick another tile, so again up to rounding
+    assert torch.allclose(token_entropy(z, 0.7), h, atol=1e-5, rtol=0)
 
 
 def test_agrees_with_the_cpu_path():
