@@ -6,7 +6,7 @@ For logits z [..., V] at temperature T, with x = z / T:
 
 Two back ends, one contract:
 - CUDA: a Triton kernel (`actors.kernels.entropy_triton`) that streams each row once with an
-  online max, computing logsumexp, entropy and the target logit together; its backward writes
+  online max, computing logsumexp, entropy and the token's log-prob together; its backward writes
   d logits in one more pass.
 - CPU (and any other device): row chunks small enough to stay in cache, reusing one fp32 buffer,
   so the extra memory is bounded by the chunk (not by N x V), with the same custom backward.
@@ -47,7 +47,7 @@ def _use_triton(logits: torch.Tensor) -> bool:
 def _chunk_stats(
     chunk: torch.Tensor, ids: torch.Tensor | None, inv_t: float, buf: torch.Tensor, ebuf: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """logsumexp [r], entropy [r] and target logit x[o] [r] of one chunk [r, V]."""
+    """logsumexp [r], entropy [r] and log p(o) [r] of one chunk [r, V]."""
     r = chunk.shape[0]
     x = buf[:r]
     e = ebuf[:r]
@@ -56,14 +56,15 @@ def _chunk_stats(
         x.mul_(inv_t)
     m = x.amax(-1, keepdim=True)  # [r, 1]
     x.sub_(m)  # x - m <= 0
-    target = None if ids is None else x.gather(-1, ids[:, None]).squeeze(-1) + m.squeeze(-1)
+    rel = None if ids is None else x.gather(-1, ids[:, None]).squeeze(-1)  # x[o] - m
     torch.exp(x, out=e)
     s = e.sum(-1)  # [r]
     t = x.mul_(e).sum(-1)  # [r] sum_j e_j (x_j - m), in place: x is not needed after this
     log_s = torch.log(s)
     entropy = log_s - t / s  # [r]
     lse = m.squeeze(-1) + log_s  # [r]
-    return lse, entropy, target
+    logp = None if rel is None else rel - log_s  # x[o] - lse, without adding m back first
+    return lse, entropy, logp
 
 
 def _forward_chunked(
@@ -74,17 +75,17 @@ def _forward_chunked(
     dev = logits2d.device
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     ent = torch.empty(n, dtype=torch.float32, device=dev)
-    tgt = None if ids is None else torch.empty(n, dtype=torch.float32, device=dev)
+    logp = None if ids is None else torch.empty(n, dtype=torch.float32, device=dev)
     buf = torch.empty(min(rows, n), v, dtype=torch.float32, device=dev)
     ebuf = torch.empty_like(buf)
     inv_t = 1.0 / temperature
     for start in range(0, n, rows):
         sl = slice(start, min(start + rows, n))
         c_ids = None if ids is None else ids[sl]
-        lse[sl], ent[sl], t = _chunk_stats(logits2d[sl], c_ids, inv_t, buf, ebuf)
-        if tgt is not None and t is not None:
-            tgt[sl] = t
-    return lse, ent, tgt
+        lse[sl], ent[sl], lp = _chunk_stats(logits2d[sl], c_ids, inv_t, buf, ebuf)
+        if logp is not None and lp is not None:
+            logp[sl] = lp
+    return lse, ent, logp
 
 
 @torch.no_grad()
@@ -121,14 +122,14 @@ class _LogprobEntropy(torch.autograd.Function):
         if triton:
             from actors.kernels.entropy_triton import logprob_entropy_fwd
 
-            lse, ent, tgt = logprob_entropy_fwd(logits2d, ids, temperature)
+            lse, ent, logp = logprob_entropy_fwd(logits2d, ids, temperature)
         else:
-            lse, ent, tgt = _forward_chunked(logits2d, ids, temperature, chunk_size)
+            lse, ent, logp = _forward_chunked(logits2d, ids, temperature, chunk_size)
         ctx.save_for_backward(logits2d, ids, lse)
         ctx.temperature, ctx.chunk_size, ctx.triton = temperature, chunk_size, triton
         ctx.mark_non_differentiable(ent)
-        assert tgt is not None
-        return tgt - lse, ent
+        assert logp is not None
+        return logp, ent
 
     @staticmethod
     def backward(ctx, grad_logp, grad_ent):  # type: ignore[override]

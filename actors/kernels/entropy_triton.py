@@ -4,6 +4,7 @@ Forward, one program per row, streaming the vocabulary in BLOCK_V tiles. Work is
 y = z * log2(e) / T, relative to a running row maximum m (updated once per tile):
     d = y - m,  e = 2^d,  s = sum e,  u = sum e d
     natural units: lse = ln2 (m + log2 s),  H = ln2 (log2 s - u / s),  logp = z[o] / T - lse
+(all three written by the kernel)
 With ACC_VEC the sums are kept per lane ([BLOCK_V] accumulators, reduced once at the end of the
 row), so a tile costs one cross-thread reduction (its max) instead of three; without it they are
 scalars. When a tile raises the maximum, the sums are rescaled: s' = a s, u' = a (u + delta s),
@@ -59,7 +60,7 @@ def _fwd_kernel(
     ids_ptr,
     lse_ptr,
     ent_ptr,
-    tgt_ptr,
+    lp_ptr,
     stride_row,
     V,
     scale,
@@ -103,11 +104,12 @@ def _fwd_kernel(
         s_tot = s
         u_tot = u
     log2_s = tl.log2(s_tot)
-    tl.store(lse_ptr + row, (m + log2_s) * LN2)
+    lse = (m + log2_s) * LN2
+    tl.store(lse_ptr + row, lse)
     tl.store(ent_ptr + row, (log2_s - u_tot / s_tot) * LN2)
     if HAS_IDS:
         tok = tl.load(ids_ptr + row)
-        tl.store(tgt_ptr + row, tl.load(base + tok).to(tl.float32) * inv_t)
+        tl.store(lp_ptr + row, tl.load(base + tok).to(tl.float32) * inv_t - lse)
 
 
 @triton.jit
@@ -185,7 +187,7 @@ def best_configs() -> dict[str, str]:
 def logprob_entropy_fwd(
     z: torch.Tensor, ids: torch.Tensor | None, temperature: float, config: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """z [N, V] (unit stride on V) -> (lse [N], entropy [N], target logit z[o] / T [N] or None), fp32.
+    """z [N, V] (unit stride on V) -> (lse [N], entropy [N], log p(o) [N] or None), fp32.
 
     config: a fixed {"BLOCK_V", "ACC_VEC", "PREFETCH"} (and optionally "num_warps") instead of the
     autotuner's.
@@ -195,15 +197,15 @@ def logprob_entropy_fwd(
         raise ValueError(f"logits must be contiguous along the vocabulary, got strides {tuple(z.stride())}")
     lse = torch.empty(n, dtype=torch.float32, device=z.device)
     ent = torch.empty(n, dtype=torch.float32, device=z.device)
-    tgt = torch.empty(n, dtype=torch.float32, device=z.device) if ids is not None else None
+    lp = torch.empty(n, dtype=torch.float32, device=z.device) if ids is not None else None
     if n == 0:
-        return lse, ent, tgt
+        return lse, ent, lp
     args = (
         z,
         ids if ids is not None else lse,
         lse,
         ent,
-        tgt if tgt is not None else ent,
+        lp if lp is not None else ent,
         z.stride(0),
         v,
         float(LOG2E.value) / temperature,
@@ -214,7 +216,7 @@ def logprob_entropy_fwd(
     else:
         cfg = dict(INTERPRET_FWD if config is None else config)
         _fwd_kernel[(n,)](*args, HAS_IDS=ids is not None, **cfg)
-    return lse, ent, tgt
+    return lse, ent, lp
 
 
 def logprob_bwd(
