@@ -42,7 +42,7 @@ pytest: $(STAMP)
 unit: $(STAMP)        ## the fast unit tests only (seconds)
 	$(PY) -m pytest tests/unit -q
 
-bench: $(STAMP)
+bench: $(STAMP)        ## entropy path vs the anchors (CPU: small shapes); on a GPU machine: bash bench/gpu_checks.sh
 	$(PY) bench/entropy.py
 
 clean:
