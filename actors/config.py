@@ -172,6 +172,12 @@ class LearnerConfig(_Strict):
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
     micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward on one learner.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
+    share_prompt: bool = Field(
+        True,
+        description="Run each prompt once for all its completions (its keys/values are repeated per completion; "
+        "same numbers as running every sequence whole, fewer tokens). Not used with gradient_checkpointing, "
+        "which turns the key/value cache off.",
+    )
     entropy_pass: Literal["fused", "separate"] = Field(
         "fused",
         description="fused: one forward per micro-batch, graphs kept until the global threshold is known "

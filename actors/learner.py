@@ -100,6 +100,8 @@ class Learner:
     def _micro_batches(self, seqs: list[Sequence]):
         import torch
 
+        from actors.forward import prompt_runs
+
         mbs = self.job["learner"]["micro_batch_size"]
         dev = self.engine.device
         for start in range(0, len(seqs), mbs):
@@ -123,7 +125,10 @@ class Learner:
                 valid[i, : len(r)] = True
                 rollout_lp[i, : len(r)] = torch.tensor(s["rollout_logprobs"][: len(r)])
                 gather_pos[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+            runs = prompt_runs([s["prompt_ids"] for s in chunk])
             yield {
+                "runs": [(a, z, torch.tensor(chunk[a]["prompt_ids"], dtype=torch.long, device=dev)) for a, z in runs],
+                "resp_len": torch.tensor([len(s["response_ids"]) for s in chunk], device=dev),
                 "input_ids": input_ids.to(dev),
                 "attention_mask": attn.to(dev),
                 "resp_ids": resp_ids.to(dev),
@@ -136,15 +141,20 @@ class Learner:
     def _logprobs_entropy(self, mb: dict[str, Any], model: Any = None):
         """Log-probs [B, T] and entropy [B, T] of the response tokens.
 
-        The LM head runs on the response positions only: the prompt's logits are never built.
+        The LM head runs on the response positions only: the prompt's logits are never built. With
+        learner.share_prompt each prompt runs once for all its completions (actors.forward).
         """
+        from actors.forward import response_hidden_full, response_hidden_shared
         from actors.logits import token_logprobs_and_entropy
 
         model = self.engine.module if model is None else model
         base = getattr(model, model.base_model_prefix)
-        hidden = base(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)[0]  # [B, L, H]
-        idx = mb["gather_pos"][..., None].expand(-1, -1, hidden.shape[-1])
-        logits = model.get_output_embeddings()(hidden.gather(1, idx))  # [B, T, V]
+        learner = self.job["learner"]
+        if learner["share_prompt"] and not learner["gradient_checkpointing"]:
+            hidden = response_hidden_shared(base, mb)  # [B, T, H], one forward per prompt
+        else:
+            hidden = response_hidden_full(base, mb)
+        logits = model.get_output_embeddings()(hidden)  # [B, T, V]
         return token_logprobs_and_entropy(logits, mb["resp_ids"], self.job["rollout"]["temperature"])
 
     # -- the step ------------------------------------------------------------------------------

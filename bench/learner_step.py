@@ -1,0 +1,89 @@
+"""One learner update (forward, global entropy threshold, loss, backward, optimizer step) on a fixed
+batch, with each prompt run once for its completions (learner.share_prompt) and with every sequence
+run whole, interleaved in one process. The batch has the demo's shape: 8 prompts of the demo's data
+x 8 completions of 8 to 32 random tokens. Prints one JSON row per mode.
+
+    python bench/learner_step.py                      # examples/demo.yaml's model and learner
+    python bench/learner_step.py --rounds 5 --config examples/demo.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    import torch
+
+    from actors.config import load_config
+    from actors.data import PromptSampler, load_examples, render_prompt
+    from actors.learner import Learner
+    from actors.models import resolve_dtype, resolve_model_path
+    from actors.runtime import load_tokenizer
+
+    cfg = load_config(args.config)
+    job = cfg.model_dump()
+    model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
+    tok = load_tokenizer(model_path)
+    examples = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, 0, cfg.data.shuffle).next()
+    prompts = [render_prompt(tok, ex, cfg.data) for ex in examples]
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for p in prompts:
+        adv = torch.randn(cfg.rollout.group_size, generator=g)
+        for a in adv.tolist():
+            n = int(torch.randint(8, cfg.rollout.max_new_tokens + 1, (1,), generator=g))
+            ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
+            batch.append({"prompt_ids": p, "response_ids": ids, "rollout_logprobs": [-1.0] * n, "advantage": a})
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    learner = Learner(model_path, job, dtype, os.cpu_count() or 1)
+    learner.setup(0, 1, "127.0.0.1", port)
+    times: dict[bool, list[float]] = {True: [], False: []}
+    learner.train_step(batch)  # warm-up (allocator, first-call costs)
+    for _ in range(args.rounds):
+        for share in (True, False):
+            learner.job["learner"]["share_prompt"] = share
+            t0 = time.perf_counter()
+            learner.train_step(batch)
+            times[share].append(time.perf_counter() - t0)
+    tokens_full = sum(len(b["prompt_ids"]) + len(b["response_ids"]) for b in batch)
+    tokens_shared = sum(len(p) for p in prompts) + sum(len(b["response_ids"]) - 1 for b in batch)
+    for share in (True, False):
+        print(
+            json.dumps(
+                {
+                    "device": "cuda" if torch.cuda.is_available() else "cpu",
+                    "model": cfg.model.path,
+                    "sequences": len(batch),
+                    "mean_prompt_tokens": round(statistics.mean(len(p) for p in prompts), 1),
+                    "mean_response_tokens": round(statistics.mean(len(b["response_ids"]) for b in batch), 1),
+                    "method": "share_prompt" if share else "full_sequences",
+                    "token_positions": tokens_shared if share else tokens_full,
+                    "s_per_step_median": round(statistics.median(times[share]), 2),
+                    "s_per_step_all": [round(t, 2) for t in times[share]],
+                }
+            ),
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The shared-prompt forward gives the full forward's hidden states and gradients (a tiny random
+Llama, fp32): groups of different prompt lengths, responses of different lengths incl. 1 token,
+a group split across micro-batches."""
+
+import pytest
+import torch
+
+from actors.forward import prompt_runs, response_hidden_full, response_hidden_shared
+
+transformers = pytest.importorskip("transformers")
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+    )
+    return transformers.LlamaForCausalLM(cfg).float()
+
+
+def _batch(seqs):
+    """The learner's micro-batch fields for both paths from [(prompt, response)]."""
+    width = max(len(p) + len(r) for p, r in seqs)
+    t = max(len(r) for _, r in seqs)
+    b = len(seqs)
+    mb = {
+        "input_ids": torch.zeros(b, width, dtype=torch.long),
+        "attention_mask": torch.zeros(b, width, dtype=torch.long),
+        "resp_ids": torch.zeros(b, t, dtype=torch.long),
+        "gather_pos": torch.zeros(b, t, dtype=torch.long),
+        "resp_len": torch.tensor([len(r) for _, r in seqs]),
+    }
+    for i, (p, r) in enumerate(seqs):
+        mb["input_ids"][i, : len(p) + len(r)] = torch.tensor(p + r)
+        mb["attention_mask"][i, : len(p) + len(r)] = 1
+        mb["resp_ids"][i, : len(r)] = torch.tensor(r)
+        mb["gather_pos"][i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+    mb["runs"] = [(a, z, torch.tensor(seqs[a][0])) for a, z in prompt_runs([p for p, _ in seqs])]
+    mb["valid"] = torch.arange(t)[None, :] < mb["resp_len"][:, None]
+    return mb
+
+
+SEQS = [
+    ([1, 2, 3, 4, 5], [7, 8, 9]),
+    ([1, 2, 3, 4, 5], [7]),  # one token: only the prompt's last position
+    ([1, 2, 3, 4, 5], [10, 11, 12, 13, 14]),
+    ([6, 5, 4], [20, 21]),
+    ([6, 5, 4], [22, 23, 24, 25]),
+    ([9], [30, 31, 32]),  # a one-token prompt
+]
+
+
+def test_prompt_runs():
+    assert prompt_runs([[1], [1], [2], [1], [1], [1]]) == [(0, 2), (2, 3), (3, 6)]
+    assert prompt_runs([]) == []
+
+
+@pytest.mark.parametrize("split", [[range(0, 6)], [range(0, 2), range(2, 6)]])
+def test_shared_prompt_forward_equals_full_forward(split):
+    model = _model()
+    base = model.model
+    w = torch.randn(4, 32, generator=torch.Generator().manual_seed(1))
+    grads = {}
+    hiddens = {}
+    for name, fn in (("full", response_hidden_full), ("shared", response_hidden_shared)):
+        model.zero_grad()
+        hs = []
+        for rows in split:
+            mb = _batch([SEQS[i] for i in rows])
+            h = fn(base, mb)  # [B, T, H]
+            assert h.shape == (len(rows), mb["resp_ids"].shape[1], 32)
+            h = h[mb["valid"]]  # valid positions only
+            (h @ w.T).tanh().sum().backward()
+            hs.append(h.detach())
+        hiddens[name] = torch.cat(hs)
+        grads[name] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(hiddens["shared"], hiddens["full"], atol=1e-5, rtol=1e-5)
+    assert grads["shared"].keys() == grads["full"].keys() and len(grads["full"]) > 10
+    for k in grads["full"]:
+        torch.testing.assert_close(grads["shared"][k], grads["full"][k], atol=1e-5, rtol=1e-4, msg=k)
