@@ -4,7 +4,7 @@ Two ways to the same numbers (up to float rounding), chosen by `learner.share_pr
 - full: every sequence runs whole (prompt + response, right-padded to the micro-batch's width).
 - shared: the completions of one prompt share a single forward of that prompt. Its keys and values
   are repeated once per completion and the responses run on top of them; gradients flow back
-  through the repeat into the one prompt forward, so the update equals the full path's. With 8
+  through the copy into the one prompt forward, so the update equals the full path's. With 8
   completions of a 50-token prompt and 32-token responses a group costs 50 + 8 x 31 = 298 token
   positions instead of 8 x 82 = 656.
 Response token j of a sequence with prompt length P is predicted by the hidden state at position
@@ -40,25 +40,38 @@ def response_hidden_full(base: Any, mb: dict[str, Any]) -> torch.Tensor:
 
 
 def response_hidden_shared(base: Any, mb: dict[str, Any]) -> torch.Tensor:
-    """[B, T, H] with one prompt forward per run: runs [(start, stop, prompt_ids [P])], resp_ids
-    [B, T] right-padded, resp_len [B]. Positions past a response's length hold values that the
-    valid mask drops."""
-    t_resp = mb["resp_ids"].shape[1]
-    out: list[torch.Tensor] = []
-    for start, stop, prompt in mb["runs"]:
-        g = stop - start
-        first = base(input_ids=prompt[None], use_cache=True)
-        h_last = first.last_hidden_state[:, -1:]  # [1, 1, H]: predicts response token 0
-        pieces = [h_last.expand(g, 1, h_last.shape[-1])]
-        lens = mb["resp_len"][start:stop]
-        r = int(lens.max())
-        if r > 1:
-            cache = first.past_key_values
-            cache.batch_repeat_interleave(g)  # a differentiable copy per completion
-            r_in = mb["resp_ids"][start:stop, : r - 1]  # [G, R-1]: tokens 0..R-2 predict 1..R-1
-            own = (torch.arange(r - 1, device=r_in.device)[None, :] < lens[:, None]).long()
-            attn = torch.cat([torch.ones(g, prompt.numel(), dtype=torch.long, device=r_in.device), own], 1)
-            pieces.append(base(input_ids=r_in, attention_mask=attn, past_key_values=cache, use_cache=True)[0])
-        h = torch.cat(pieces, 1)  # [G, R, H]
-        out.append(F.pad(h, (0, 0, 0, t_resp - h.shape[1])))
-    return torch.cat(out, 0)
+    """[B, T, H] with each prompt run once: runs [(start, stop, prompt_ids [P])], resp_ids [B, T]
+    right-padded, resp_len [B]. Two forward calls per micro-batch: the distinct prompts, left-padded
+    to one width, then every response on top of its prompt's keys/values (gathered per sequence, a
+    differentiable copy). Positions past a response's length hold values that the valid mask drops."""
+    resp_ids, resp_len = mb["resp_ids"], mb["resp_len"]
+    dev = resp_ids.device
+    b, t_resp = resp_ids.shape
+    runs = mb["runs"]
+    p_len = torch.tensor([p.numel() for _, _, p in runs], device=dev)  # [n]
+    width = int(p_len.max())
+    prompt_ids = torch.zeros(len(runs), width, dtype=torch.long, device=dev)
+    p_mask = torch.zeros(len(runs), width, dtype=torch.long, device=dev)
+    for i, (_, _, p) in enumerate(runs):  # left padding: every prompt ends in the last column
+        prompt_ids[i, width - p.numel() :] = p
+        p_mask[i, width - p.numel() :] = 1
+    p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)  # real positions 0..P-1 after the padding
+    first = base(input_ids=prompt_ids, attention_mask=p_mask, position_ids=p_pos, use_cache=True)
+    owner = torch.repeat_interleave(
+        torch.arange(len(runs), device=dev), torch.tensor([z - a for a, z, _ in runs], device=dev)
+    )  # [B]: the run of each sequence
+    pieces = [first.last_hidden_state[owner, -1:]]  # [B, 1, H]: predicts response token 0
+    r = int(resp_len.max())
+    if r > 1:
+        cache = first.past_key_values
+        cache.batch_select_indices(owner)  # each sequence's copy of its prompt's keys/values
+        r_in = resp_ids[:, : r - 1]  # tokens 0..R-2 predict 1..R-1
+        steps = torch.arange(r - 1, device=dev)
+        own = (steps[None, :] < resp_len[:, None]).long()
+        attn = torch.cat([p_mask[owner], own], 1)  # [B, width + R - 1]
+        pos = p_len[owner][:, None] + steps[None, :]
+        pieces.append(
+            base(input_ids=r_in, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)[0]
+        )
+    h = torch.cat(pieces, 1)  # [B, R, H]
+    return F.pad(h, (0, 0, 0, t_resp - h.shape[1]))

@@ -4,7 +4,7 @@ run whole, interleaved in one process. The batch has the demo's shape: 8 prompts
 x 8 completions of 8 to 32 random tokens. Prints one JSON row per mode.
 
     python bench/learner_step.py                      # examples/demo.yaml's model and learner
-    python bench/learner_step.py --rounds 5 --config examples/demo.yaml
+    python bench/learner_step.py --rounds 5 --config examples/demo.yaml --set learner.zero_stage=0
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], help="config override, e.g. learner.zero_stage=0")
     args = ap.parse_args()
 
     import torch
@@ -36,7 +37,7 @@ def main() -> None:
     from actors.models import resolve_dtype, resolve_model_path
     from actors.runtime import load_tokenizer
 
-    cfg = load_config(args.config)
+    cfg = load_config(args.config, args.set)
     job = cfg.model_dump()
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tok = load_tokenizer(model_path)
