@@ -12,9 +12,7 @@ Goals: GPU >= 75% of read_once bandwidth and <= 1% extra memory; CPU >= 2x chunk
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -23,22 +21,13 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from anchors import load_anchor  # noqa: E402  (bench/ is on the path when run as a script)
+
 from actors.logits import token_entropy, token_logprobs_and_entropy  # noqa: E402
 
 
-def _load_anchor():
-    path = Path(os.environ.get("ANCHOR", ROOT.parent / "shared" / "bench" / "entropy_anchor.py"))
-    if not path.is_file():
-        raise SystemExit(f"anchor script not found at {path}; set ANCHOR=/path/to/entropy_anchor.py")
-    spec = importlib.util.spec_from_file_location("entropy_anchor", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main() -> None:
-    anchor = _load_anchor()
+    anchor = load_anchor("ANCHOR", "entropy_anchor.py")
     dev, temp = anchor.dev, anchor.T
     if dev == "cuda":
         cases = [(8192, 151936), (16384, 151936)]

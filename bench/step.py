@@ -17,9 +17,7 @@ Goal: the filter adds <= 3%.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -28,24 +26,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from anchors import load_anchor  # noqa: E402  (bench/ is on the path when run as a script)
+
 from actors.entropy_filter import plan_step  # noqa: E402
 from actors.grpo import entropy_threshold  # noqa: E402
 from actors.logits import token_logprobs, token_logprobs_and_entropy  # noqa: E402
 
 
-def _load(env: str, name: str):
-    path = Path(os.environ.get(env, ROOT.parent / "shared" / "bench" / name))
-    if not path.is_file():
-        raise SystemExit(f"{name} not found at {path}; set {env}=/path/to/{name}")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def main() -> None:
-    anchor = _load("ANCHOR_STEP", "step_anchor.py")
+    anchor = load_anchor("ANCHOR_STEP", "step_anchor.py")
     anchor.main()  # the peers' rows, same process, same device
     dev, temp, small = anchor.dev, anchor.T, anchor.SMALL
     n, d, v = (256, 64, 4096) if small or dev == "cpu" else (8192, 4096, 151936)
