@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.forkrl-installed
 GPU    ?= 0
 CONFIG ?= examples/demo.yaml
 ARGS   ?=
-TYPED  := service actors/config.py actors/grpo.py actors/logits.py actors/entropy_filter.py
+TYPED  := actors service
 
 .PHONY: setup model demo train serve test lint typecheck pytest unit bench clean
 

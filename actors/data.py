@@ -132,7 +132,7 @@ class PromptSampler:
         return order
 
     def next(self) -> list[Example]:
-        out = []
+        out: list[Example] = []
         while len(out) < self.batch:
             if self.pos >= len(self._order):
                 self.epoch, self.pos = self.epoch + 1, 0

@@ -18,36 +18,27 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["prompt_runs", "response_hidden_full", "response_hidden_shared"]
+from actors.batch import MicroBatch
+
+__all__ = ["response_hidden_full", "response_hidden_shared"]
 
 
-def prompt_runs(prompts: list[list[int]]) -> list[tuple[int, int]]:
-    """[start, stop) of each run of identical consecutive prompts (a group, or part of one)."""
-    runs: list[tuple[int, int]] = []
-    for i, p in enumerate(prompts):
-        if runs and prompts[runs[-1][0]] == p:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
-
-
-def response_hidden_full(base: Any, mb: dict[str, Any]) -> torch.Tensor:
+def response_hidden_full(base: Any, mb: MicroBatch) -> torch.Tensor:
     """[B, T, H] from whole sequences: input_ids / attention_mask [B, L], gather_pos [B, T]."""
-    hidden = base(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False)[0]  # [B, L, H]
-    idx = mb["gather_pos"][..., None].expand(-1, -1, hidden.shape[-1])
+    hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)[0]  # [B, L, H]
+    idx = mb.gather_pos[..., None].expand(-1, -1, hidden.shape[-1])
     return hidden.gather(1, idx)
 
 
-def response_hidden_shared(base: Any, mb: dict[str, Any]) -> torch.Tensor:
+def response_hidden_shared(base: Any, mb: MicroBatch) -> torch.Tensor:
     """[B, T, H] with each prompt run once: runs [(start, stop, prompt_ids [P])], resp_ids [B, T]
     right-padded, resp_len [B]. Two forward calls per micro-batch: the distinct prompts, left-padded
     to one width, then every response on top of its prompt's keys/values (gathered per sequence, a
     differentiable copy). Positions past a response's length hold values that the valid mask drops."""
-    resp_ids, resp_len = mb["resp_ids"], mb["resp_len"]
+    resp_ids, resp_len = mb.resp_ids, mb.resp_len
     dev = resp_ids.device
     b, t_resp = resp_ids.shape
-    runs = mb["runs"]
+    runs = mb.runs
     p_len = torch.tensor([p.numel() for _, _, p in runs], device=dev)  # [n]
     width = int(p_len.max())
     prompt_ids = torch.zeros(len(runs), width, dtype=torch.long, device=dev)

@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from actors.config import AlgorithmConfig
 from actors.logits import token_entropy, token_logprobs, token_logprobs_and_entropy
 
 __all__ = [
@@ -223,25 +224,22 @@ def policy_loss(
     advantages: torch.Tensor,
     valid_mask: torch.Tensor,
     entropy_mask: torch.Tensor | None = None,
+    algo: AlgorithmConfig | None = None,
     *,
     normalizer: float | None = None,
     num_kept_step: int | None = None,
-    loss_agg: LossAgg = "token_mean_selected",
     max_response_len: int | None = None,
-    clip_eps_low: float = 0.2,
-    clip_eps_high: float = 0.28,
-    dual_clip_c: float | None = None,
     ref_logprobs: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    mask_kl_by_entropy: bool = False,
     rollout_logprobs: torch.Tensor | None = None,
-    tis_cap: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Entropy-masked PPO-clip surrogate with clip-higher (DAPO).
 
     logprobs: [B, T] learner log-probs with gradient; old_logprobs, ref_logprobs,
     rollout_logprobs: [B, T] without gradient; advantages: [B] (or [B, T]);
     valid_mask: [B, T] valid response tokens; entropy_mask: [B, T] kept tokens (None = all valid).
+
+    algo: the algorithm settings (clip_eps_low/high, dual_clip_c, tis_cap, kl_coef,
+    mask_kl_by_entropy, loss_agg); None = the defaults of AlgorithmConfig.
 
     Per token: r = exp(logp - old), pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); for
     A < 0 and dual_clip_c, pg = min(pg, -A c). With rollout_logprobs and tis_cap, pg is scaled by
@@ -265,6 +263,9 @@ def policy_loss(
     ranks gives the step's value; clipfrac, ratio_mean, approx_kl_old and kl_ref are per kept
     token.
     """
+    algo = algo or AlgorithmConfig()
+    loss_agg, clip_eps_low, clip_eps_high = algo.loss_agg, algo.clip_eps_low, algo.clip_eps_high
+    dual_clip_c, tis_cap, kl_coef = algo.dual_clip_c, algo.tis_cap, algo.kl_coef
     valid = valid_mask.bool()  # [B, T]
     keep = valid if entropy_mask is None else (entropy_mask.bool() & valid)  # [B, T]
     keep_f = keep.to(logprobs.dtype)  # [B, T]
@@ -294,7 +295,7 @@ def policy_loss(
     per_token = pg * keep_f  # [B, T]
     kl_sum = torch.zeros((), device=logprobs.device)
     if ref_logprobs is not None and kl_coef > 0:
-        kl_weight = keep_f if mask_kl_by_entropy else valid.float()  # [B, T]
+        kl_weight = keep_f if algo.mask_kl_by_entropy else valid.float()  # [B, T]
         d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)  # [B, T]
         k3 = torch.exp(d) - d - 1.0  # [B, T]
         per_token = per_token + kl_coef * k3 * kl_weight

@@ -16,7 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-__all__ = ["RewardWorker", "RewardPool", "build_verifiers", "last_number"]
+from actors.config import MathVerifier, NumericVerifier, PluginVerifier, RegexVerifier, RewardConfig, Verifier
+from actors.pool import ActorPool
+
+__all__ = ["RewardWorker", "RewardPool", "build_verifier", "last_number"]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -31,7 +34,7 @@ def last_number(text: str) -> float | None:
         return None
 
 
-def _numeric(tolerance: float) -> Callable[[str, str, Any], float]:
+def _numeric(tolerance: float) -> Score:
     def score(completion: str, answer: str, prompt: Any) -> float:
         got, want = last_number(completion), last_number(answer)
         return float(got is not None and want is not None and abs(got - want) <= tolerance)
@@ -48,12 +51,12 @@ def _math(completion: str, answer: str, prompt: Any) -> float:
     return float(verify(gold, parse(completion, parsing_timeout=None), timeout_seconds=None))
 
 
-def _regex(pattern: str) -> Callable[[str, str, Any], float]:
+def _regex(pattern: str) -> Score:
     rx = re.compile(pattern)
     return lambda completion, answer, prompt: float(rx.search(completion) is not None)
 
 
-def _plugin(path: str) -> Callable[[str, str, Any], float]:
+def _plugin(path: str) -> Score:
     module, _, name = path.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
@@ -64,29 +67,29 @@ def _plugin(path: str) -> Callable[[str, str, Any], float]:
     return fn
 
 
-def build_verifiers(specs: list[dict[str, Any]]) -> list[tuple[str, float, Callable[[str, str, Any], float]]]:
-    out: list[tuple[str, float, Callable[[str, str, Any], float]]] = []
-    for s in specs:
-        kind = s["type"]
-        if kind == "numeric":
-            out.append((kind, s["weight"], _numeric(s["tolerance"])))
-        elif kind == "math":
-            out.append((kind, s["weight"], _math))
-        elif kind == "regex":
-            out.append((kind, s["weight"], _regex(s["pattern"])))
-        elif kind == "plugin":
-            out.append((s["function"], s["weight"], _plugin(s["function"])))
-        else:
-            raise ValueError(f"reward verifier type {kind!r} is not one of: numeric, math, regex, plugin")
-    return out
+Score = Callable[[str, str, Any], float]
+
+
+def build_verifier(spec: Verifier) -> tuple[str, float, Score]:
+    """(name, weight, score function) of one configured verifier."""
+    match spec:
+        case NumericVerifier():
+            return spec.type, spec.weight, _numeric(spec.tolerance)
+        case MathVerifier():
+            return spec.type, spec.weight, _math
+        case RegexVerifier():
+            return spec.type, spec.weight, _regex(spec.pattern)
+        case PluginVerifier():
+            return spec.function, spec.weight, _plugin(spec.function)
+    raise TypeError(f"reward verifier {spec!r} is not one of the types of actors.config.Verifier")
 
 
 class RewardWorker:
     """Scores (completion, answer, prompt) triples with every configured verifier."""
 
-    def __init__(self, verifiers: list[dict[str, Any]], timeout_s: float) -> None:
-        self.verifiers = build_verifiers(verifiers)
-        self.timeout_s = timeout_s
+    def __init__(self, cfg: RewardConfig) -> None:
+        self.verifiers = [build_verifier(v) for v in cfg.verifiers]
+        self.timeout_s = cfg.timeout_s
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verifier")
 
     def score(self, items: list[tuple[str, str, Any]]) -> tuple[list[float], dict[str, float]]:
@@ -111,32 +114,14 @@ class RewardWorker:
 class RewardPool:
     """M RewardWorker actors; items are split into contiguous shards."""
 
-    def __init__(
-        self,
-        verifiers: list[dict[str, Any]],
-        num_workers: int,
-        timeout_s: float,
-        resources: dict[str, float] | None = None,
-    ) -> None:
-        import ray
-
-        cls = ray.remote(num_cpus=0, resources=resources or None)(
-            RewardWorker
-        )  # verifiers are light; don't starve rollout/learners
-        self.workers = [cls.remote(verifiers, timeout_s) for _ in range(num_workers)]
-        ray.get([w.ready.remote() for w in self.workers])
+    def __init__(self, cfg: RewardConfig) -> None:
+        # verifiers are light: no CPU reserved, so they never starve the rollout engines or learners
+        self.pool = ActorPool(RewardWorker, cfg.num_workers, lambda i: (cfg,), num_cpus=0, resources=cfg.ray_resources)
 
     def score(self, items: list[tuple[str, str, Any]]) -> tuple[list[float], dict[str, float]]:
-        import ray
-
-        k = len(self.workers)
-        size = -(-len(items) // k)
-        refs = [
-            w.score.remote(items[i * size : (i + 1) * size]) for i, w in enumerate(self.workers) if items[i * size :]
-        ]
         rewards: list[float] = []
         metrics = {"reward/errors": 0.0, "reward/timeouts": 0.0}
-        for part, m in ray.get(refs):
+        for part, m in self.pool.sharded(items, lambda w, part: w.score.remote(part)):
             rewards.extend(part)
             for key, v in m.items():
                 metrics[key] += v

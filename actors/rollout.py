@@ -18,6 +18,10 @@ import tempfile
 import time
 from typing import Any
 
+from actors.batch import Completion
+from actors.config import RolloutConfig
+from actors.pool import ActorPool
+
 __all__ = ["RolloutEngine", "RolloutPool", "WeightSyncExtension"]
 
 
@@ -33,8 +37,8 @@ class WeightSyncExtension:
 
 
 class RolloutEngine:
-    def __init__(self, model_path: str, rollout: dict[str, Any], dtype: str, seed: int) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout["cpu_kv_cache_gib"]))
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
         # bind vLLM's CPU threads to every core: its default reserves one of them (2-core boxes
         # then decode on one thread)
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
@@ -43,9 +47,9 @@ class RolloutEngine:
         self.rollout = rollout
         self.llm = LLM(
             model=model_path,
-            dtype=dtype,
-            max_model_len=rollout["max_model_len"],
-            gpu_memory_utilization=rollout["gpu_memory_utilization"],
+            dtype=dtype,  # type: ignore[arg-type]
+            max_model_len=rollout.max_model_len,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
             enforce_eager=True,
             seed=seed,
             logprobs_mode="processed_logprobs",
@@ -60,26 +64,29 @@ class RolloutEngine:
         seed: int | None = None,
         temperature: float | None = None,
         max_tokens: int | None = None,
-    ) -> list[list[dict[str, Any]]]:
-        """For each prompt, n samples: {token_ids, logprobs, text, finish_reason}."""
+    ) -> list[list[Completion]]:
+        """For each prompt, n samples."""
         from vllm import SamplingParams
 
         params = SamplingParams(
             n=n,
-            temperature=self.rollout["temperature"] if temperature is None else temperature,
-            top_p=self.rollout["top_p"],
-            max_tokens=max_tokens or self.rollout["max_new_tokens"],
+            temperature=self.rollout.temperature if temperature is None else temperature,
+            top_p=self.rollout.top_p,
+            max_tokens=max_tokens or self.rollout.max_new_tokens,
             logprobs=0,
             seed=seed,
         )
-        outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
         result = []
         for out in outs:
             samples = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=True)]
-                samples.append({"token_ids": ids, "logprobs": lps, "text": c.text, "finish_reason": c.finish_reason})
+                # logprobs=0 asks for the sampled token's log-prob only: one entry per step
+                lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=True) if step]
+                samples.append(Completion(ids, lps, c.text, c.finish_reason))
             result.append(samples)
         return result
 
@@ -101,35 +108,29 @@ class RolloutEngine:
 class RolloutPool:
     """N RolloutEngine actors; prompts are split into contiguous shards, one per engine."""
 
-    def __init__(self, model_path: str, rollout: dict[str, Any], dtype: str, seed: int) -> None:
-        import ray
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+        self.pool = ActorPool(
+            RolloutEngine,
+            rollout.num_engines,
+            lambda i: (model_path, rollout, dtype, seed + i),
+            num_cpus=rollout.num_cpus_per_engine,
+            num_gpus=rollout.num_gpus_per_engine,
+            resources=rollout.ray_resources,
+        )
 
-        cls = ray.remote(
-            num_cpus=rollout["num_cpus_per_engine"],
-            num_gpus=rollout["num_gpus_per_engine"],
-            resources=rollout.get("ray_resources") or None,
-        )(RolloutEngine)
-        self.engines = [cls.remote(model_path, rollout, dtype, seed + i) for i in range(rollout["num_engines"])]
-        ray.get([e.ready.remote() for e in self.engines])
-
-    def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[dict[str, Any]]]:
-        import ray
-
-        k = len(self.engines)
-        size = -(-len(prompts) // k)
-        shards = [prompts[i * size : (i + 1) * size] for i in range(k)]
-        refs = [e.generate.remote(s, n, **kw) for e, s in zip(self.engines, shards, strict=True) if s]
-        return [group for part in ray.get(refs) for group in part]
+    def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[Completion]]:
+        parts = self.pool.sharded(prompts, lambda e, part: e.generate.remote(part, n, **kw))
+        return [group for part in parts for group in part]
 
     def load_weights(self, blob_ref: Any, timeout_s: float) -> list[dict[str, float]]:
         """Push one weights blob (an ObjectRef) to every engine; raise if not done in timeout_s."""
         import ray
 
-        refs = [e.load_weights.remote(blob_ref) for e in self.engines]
+        refs = [e.load_weights.remote(blob_ref) for e in self.pool.actors]
         done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if pending:
             raise TimeoutError(
                 f"weight sync to {len(pending)} of {len(refs)} rollout engines did not finish within "
                 f"{timeout_s} s (learner.weight_sync_timeout_s)"
             )
-        return ray.get(done)
+        return list(ray.get(done))

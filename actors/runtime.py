@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from actors.config import JobConfig
+from actors.contract import JOB_ENV_VARS
 
 log = logging.getLogger("forkrl.runtime")
 
@@ -21,7 +22,7 @@ def init_ray(cfg: JobConfig) -> None:
 
     if ray.is_initialized():
         return
-    env = {"env_vars": {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}}
+    env = {"env_vars": dict(JOB_ENV_VARS)}
     if os.environ.get("RAY_ADDRESS"):
         # a Ray job brings its own runtime env (deploy/runtime_env.yaml); adding to it would conflict
         ray.init(log_to_driver=True)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-from pathlib import Path
 from typing import Any
+
+from actors.config import JobConfig
+from actors.contract import RunDir, finite, metric_record
 
 log = logging.getLogger("forkrl.tracking")
 
@@ -15,36 +17,36 @@ __all__ = ["Tracker"]
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, job: dict[str, Any]) -> None:
-        self.run_dir = run_dir
-        tr = job["tracking"]
-        self.jsonl = (run_dir / "metrics.jsonl").open("a", buffering=1)
-        self.tb = None
-        if tr["tensorboard"]:
+    def __init__(self, run: RunDir, cfg: JobConfig) -> None:
+        tr = cfg.tracking
+        self.jsonl = run.metrics.open("a", buffering=1)
+        self.tb: Any = None
+        if tr.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-        self.wandb = self.mlflow = None
-        if tr["wandb_project"]:
+            self.tb = SummaryWriter(str(run.tensorboard))
+        self.wandb: Any = None
+        self.mlflow: Any = None
+        if tr.wandb_project:
             try:
                 import wandb
 
-                self.wandb = wandb.init(project=tr["wandb_project"], name=job["name"], config=job)
+                self.wandb = wandb.init(project=tr.wandb_project, name=cfg.name, config=cfg.model_dump(mode="json"))
             except ImportError:
                 log.warning("tracking.wandb_project is set but wandb is not installed: skipping W&B")
-        if tr["mlflow_tracking_uri"]:
+        if tr.mlflow_tracking_uri:
             try:
                 import mlflow
 
-                mlflow.set_tracking_uri(tr["mlflow_tracking_uri"])
-                mlflow.start_run(run_name=job["name"])
+                mlflow.set_tracking_uri(tr.mlflow_tracking_uri)
+                mlflow.start_run(run_name=cfg.name)
                 self.mlflow = mlflow
             except ImportError:
                 log.warning("tracking.mlflow_tracking_uri is set but mlflow is not installed: skipping MLflow")
-        self.report_url, self.report_token = tr["report_url"], tr["report_token"]
+        self.report_url, self.report_token = tr.report_url, tr.report_token
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
-        record = {"step": step, **metrics}
+        record = metric_record(step, metrics)
         self.jsonl.write(json.dumps(record) + "\n")
         scalars = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(v)}
         if self.tb is not None:
@@ -58,7 +60,7 @@ class Tracker:
         if self.report_url:
             self._report({"metrics": [record]}, f"step {step}")
 
-    def checkpoint(self, step: int, path: Path) -> None:
+    def checkpoint(self, step: int, path: Any) -> None:
         """Tell the control plane (if any) about a complete checkpoint."""
         if self.report_url:
             self._report({"checkpoints": [{"step": step, "path": str(path)}]}, f"checkpoint {step}")
@@ -69,7 +71,7 @@ class Tracker:
         try:
             httpx.post(
                 self.report_url,  # type: ignore[arg-type]
-                content=json.dumps(_finite(payload)),
+                content=json.dumps(finite(payload)),
                 headers={"Authorization": f"Bearer {self.report_token}", "Content-Type": "application/json"},
                 timeout=5,
             ).raise_for_status()
@@ -84,14 +86,3 @@ class Tracker:
             self.wandb.finish()
         if self.mlflow is not None:
             self.mlflow.end_run()
-
-
-def _finite(x: Any) -> Any:
-    """JSON has no NaN/Infinity: send null instead."""
-    if isinstance(x, float) and not math.isfinite(x):
-        return None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list | tuple):
-        return [_finite(v) for v in x]
-    return x

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.config import ConfigError, JobConfig, load_config, validate_config
+from actors.contract import RunDir
 
 log = logging.getLogger("forkrl.train")
 
@@ -42,6 +43,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     import torch
     from tqdm import tqdm
 
+    from actors.batch import TrainSequence
     from actors.checkpoint import latest_checkpoint, save_checkpoint
     from actors.data import PromptSampler, load_eval_examples, load_examples, render_prompt
     from actors.grpo import group_advantages, overlong_penalty
@@ -52,25 +54,23 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     from actors.runtime import init_ray, load_tokenizer
     from actors.tracking import Tracker
 
-    run_dir = Path(cfg.trainer.output_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(cfg.model_dump_json(indent=1))
-    job, algo, G = cfg.model_dump(), cfg.algorithm, cfg.rollout.group_size
+    run = RunDir(Path(cfg.trainer.output_dir).resolve())
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(cfg.model_dump_json(indent=1))
+    algo, G = cfg.algorithm, cfg.rollout.group_size
     init_ray(cfg)
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(model_path)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
-    rollout = RolloutPool(model_path, job["rollout"], dtype, cfg.trainer.seed)
-    rewards = RewardPool(
-        job["reward"]["verifiers"], cfg.reward.num_workers, cfg.reward.timeout_s, cfg.reward.ray_resources
-    )
-    learners = LearnerGroup(model_path, job, dtype)
-    tracker = Tracker(run_dir, job)
+    rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed)
+    rewards = RewardPool(cfg.reward)
+    learners = LearnerGroup(model_path, cfg.learner, algo, cfg.rollout, cfg.trainer.seed, dtype)
+    tracker = Tracker(run, cfg)
     eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
     eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
 
     start = 0
-    ckpt = latest_checkpoint(run_dir, cfg.trainer.resume)
+    ckpt = latest_checkpoint(run, cfg.trainer.resume)
     if ckpt is not None:  # resume: weights, optimizer, scheduler, RNG, data position
         state = learners.load_checkpoint(str(ckpt.parent), ckpt.name)
         start = int(state["step"])
@@ -93,18 +93,18 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             groups = rollout.generate(prompts, G)
         with timed(m, "verify"):  # verify on the reward pool
             flat = [(ex, p, s) for ex, p, g in zip(examples, prompts, groups, strict=True) for s in g]
-            scores, reward_metrics = rewards.score([(s["text"], ex.answer, ex.prompt) for ex, _, s in flat])
+            scores, reward_metrics = rewards.score([(s.text, ex.answer, ex.prompt) for ex, _, s in flat])
         with timed(m, "advantages"):  # advantages + dynamic sampling
             raw = torch.tensor(scores)  # [P*G]
-            lengths = torch.tensor([len(s["token_ids"]) for _, _, s in flat])  # [P*G]
+            lengths = torch.tensor([len(s.token_ids) for _, _, s in flat])  # [P*G]
             shaped = raw + overlong_penalty(
                 lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
             )
             adv, keep = group_advantages(shaped, G, algo.estimator, drop_zero_variance=algo.dynamic_sampling)
             batch = [
-                {"prompt_ids": p, "response_ids": s["token_ids"], "rollout_logprobs": s["logprobs"], "advantage": a}
+                TrainSequence(p, s.token_ids, s.logprobs, a)
                 for (_, p, s), a, k in zip(flat, adv.tolist(), keep.tolist(), strict=True)
-                if k and s["token_ids"]
+                if k and s.token_ids
             ]
         with timed(m, "learn"):  # learn: entropy-filtered update on the learner group
             if batch:
@@ -127,12 +127,12 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             with timed(m, "eval"):  # greedy answers on the held-out set
                 outs = rollout.generate(eval_prompts, 1, temperature=0.0)
                 got, _ = rewards.score(
-                    [(o[0]["text"], ex.answer, ex.prompt) for o, ex in zip(outs, eval_set, strict=True)]
+                    [(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, eval_set, strict=True)]
                 )
                 m["eval/reward_mean"] = sum(got) / len(got)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
             with timed(m, "checkpoint"):
-                saved = save_checkpoint(learners, run_dir, step, sampler.state(), cfg.trainer.keep_checkpoints)
+                saved = save_checkpoint(learners, run, step, sampler.state(), cfg.trainer.keep_checkpoints)
             tracker.checkpoint(step, saved)
         tracker.log(step, m)
         history.append(m)
@@ -146,10 +146,10 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     tracker.close()
     export = None
     if cfg.trainer.export_hf:
-        export = learners.export_hf(str(run_dir / "hf"))
-    summary = summarize(history, run_dir, export)
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(run_dir / ".tmp", ignore_errors=True)
+        export = learners.export_hf(str(run.hf_export))
+    summary = summarize(history, run.path, export)
+    run.summary.write_text(json.dumps(summary, indent=1))
+    shutil.rmtree(run.scratch, ignore_errors=True)
     return summary
 
 

@@ -31,6 +31,7 @@ def main() -> None:
 
     import torch
 
+    from actors.batch import TrainSequence
     from actors.config import load_config
     from actors.data import PromptSampler, load_examples, render_prompt
     from actors.learner import Learner
@@ -38,7 +39,6 @@ def main() -> None:
     from actors.runtime import load_tokenizer
 
     cfg = load_config(args.config, args.set)
-    job = cfg.model_dump()
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tok = load_tokenizer(model_path)
     examples = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, 0, cfg.data.shuffle).next()
@@ -50,23 +50,23 @@ def main() -> None:
         for a in adv.tolist():
             n = int(torch.randint(8, cfg.rollout.max_new_tokens + 1, (1,), generator=g))
             ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
-            batch.append({"prompt_ids": p, "response_ids": ids, "rollout_logprobs": [-1.0] * n, "advantage": a})
+            batch.append(TrainSequence(p, ids, [-1.0] * n, a))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    learner = Learner(model_path, job, dtype, os.cpu_count() or 1)
+    learner = Learner(model_path, cfg.learner, cfg.algorithm, cfg.rollout, 0, dtype, os.cpu_count() or 1)
     learner.setup(0, 1, "127.0.0.1", port)
     times: dict[bool, list[float]] = {True: [], False: []}
     learner.train_step(batch)  # warm-up (allocator, first-call costs)
     for _ in range(args.rounds):
         for share in (True, False):
-            learner.job["learner"]["share_prompt"] = share
+            learner.cfg = cfg.learner.model_copy(update={"share_prompt": share})
             t0 = time.perf_counter()
             learner.train_step(batch)
             times[share].append(time.perf_counter() - t0)
-    tokens_full = sum(len(b["prompt_ids"]) + len(b["response_ids"]) for b in batch)
-    tokens_shared = sum(len(p) for p in prompts) + sum(len(b["response_ids"]) - 1 for b in batch)
+    tokens_full = sum(len(b.prompt_ids) + len(b.response_ids) for b in batch)
+    tokens_shared = sum(len(p) for p in prompts) + sum(len(b.response_ids) - 1 for b in batch)
     for share in (True, False):
         print(
             json.dumps(
@@ -75,7 +75,7 @@ def main() -> None:
                     "model": cfg.model.path,
                     "sequences": len(batch),
                     "mean_prompt_tokens": round(statistics.mean(len(p) for p in prompts), 1),
-                    "mean_response_tokens": round(statistics.mean(len(b["response_ids"]) for b in batch), 1),
+                    "mean_response_tokens": round(statistics.mean(len(b.response_ids) for b in batch), 1),
                     "method": "share_prompt" if share else "full_sequences",
                     "token_positions": tokens_shared if share else tokens_full,
                     "s_per_step_median": round(statistics.median(times[share]), 2),

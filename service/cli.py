@@ -20,6 +20,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from actors.contract import TERMINAL_STATES, JobState
+
 app = typer.Typer(help="Submit and watch forkrl training jobs.", no_args_is_help=True, add_completion=False)
 token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
@@ -27,7 +29,6 @@ app.add_typer(token_app, name="token")
 UrlOpt = Annotated[str, typer.Option("--url", envvar="FORKRL_URL", help="control-plane URL")]
 TokenOpt = Annotated[str, typer.Option("--token", envvar="FORKRL_TOKEN", help="bearer token", show_default=False)]
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = {"SUCCEEDED", "FAILED", "CANCELLED"}
 
 
 def _token(token: str) -> str:
@@ -120,7 +121,7 @@ def submit(
 
 @app.command("list")
 def list_(
-    state: Annotated[str | None, typer.Option(help="PENDING, RUNNING, SUCCEEDED, FAILED or CANCELLED")] = None,
+    state: Annotated[str | None, typer.Option(help=", ".join(s.value for s in JobState))] = None,
     limit: int = 50,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
@@ -184,7 +185,7 @@ def logs(
 def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """Cancel a job (idempotent)."""
     j = _request(url, token, "POST", f"/v1/jobs/{job_id}/cancel")
-    typer.echo(f"{j['id']}: {j['state']}{' (cancel requested)' if j['state'] not in TERMINAL else ''}")
+    typer.echo(f"{j['id']}: {j['state']}{' (cancel requested)' if j['state'] not in TERMINAL_STATES else ''}")
 
 
 @app.command()
@@ -211,7 +212,7 @@ def _follow(url: str, token: str, job_id: str, total: int) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=job_id, unit="step", dynamic_ncols=True)
-    state, event = "PENDING", ""
+    state, event = JobState.PENDING.value, ""
     try:
         with _client(url, token, timeout=None) as c, c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
             if r.status_code >= 400:
@@ -239,9 +240,9 @@ def _follow(url: str, token: str, job_id: str, total: int) -> int:
     bar.close()
     j = _request(url, token, "GET", f"/v1/jobs/{job_id}")
     typer.echo(f"{job_id}: {j['state']} after {j['last_step']} steps; run directory {j['run_dir']}")
-    if j["message"] and j["state"] != "SUCCEEDED":
+    if j["message"] and j["state"] != JobState.SUCCEEDED.value:
         typer.echo(f"message: {j['message']}")
-    return 0 if j["state"] == "SUCCEEDED" else 1
+    return 0 if j["state"] == JobState.SUCCEEDED.value else 1
 
 
 def _fmt(x: Any) -> str:

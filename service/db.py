@@ -24,8 +24,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-TERMINAL = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
-STATES = ("PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+from actors.contract import JobState
 
 
 def now() -> dt.datetime:
@@ -52,7 +51,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(40), unique=True, index=True)
     owner: Mapped[str] = mapped_column(String(128), index=True)
     name: Mapped[str] = mapped_column(String(200), default="")
-    state: Mapped[str] = mapped_column(String(16), index=True, default="PENDING")
+    state: Mapped[str] = mapped_column(String(16), index=True, default=JobState.PENDING.value)
     message: Mapped[str] = mapped_column(Text, default="")
     config: Mapped[dict[str, Any]] = mapped_column(JSON)
     config_hash: Mapped[str] = mapped_column(String(64))

@@ -1,10 +1,11 @@
 """The REST API's request and response models."""
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from actors.contract import JobState
 from service.db import Job
 
 
@@ -12,7 +13,7 @@ class JobOut(BaseModel):
     id: str
     name: str
     owner: str
-    state: Literal["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"]
+    state: JobState
     message: str
     created_at: dt.datetime
     updated_at: dt.datetime
@@ -79,7 +80,7 @@ class Health(BaseModel):
 
 def job_out(job: Job, with_config: bool = False) -> JobOut:
     return JobOut(
-        id=job.id, name=job.name, owner=job.owner, state=job.state, message=job.message,  # type: ignore[arg-type]
+        id=job.id, name=job.name, owner=job.owner, state=JobState(job.state), message=job.message,
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, ended_at=job.ended_at,
         total_steps=job.total_steps, last_step=job.last_step, run_dir=job.run_dir,
         cancel_requested=job.cancel_requested, config=job.config if with_config else None,

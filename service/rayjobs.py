@@ -16,15 +16,17 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from actors.contract import JobState
+
 log = logging.getLogger("forkrl.service.ray")
 
 # Ray job status -> forkrl job state
 RAY_TO_STATE = {
-    "PENDING": "PENDING",
-    "RUNNING": "RUNNING",
-    "SUCCEEDED": "SUCCEEDED",
-    "FAILED": "FAILED",
-    "STOPPED": "CANCELLED",
+    "PENDING": JobState.PENDING.value,
+    "RUNNING": JobState.RUNNING.value,
+    "SUCCEEDED": JobState.SUCCEEDED.value,
+    "FAILED": JobState.FAILED.value,
+    "STOPPED": JobState.CANCELLED.value,
 }
 
 
@@ -181,7 +183,7 @@ class RayJobs:
         except Exception as e:
             self._client = None
             raise RayUnavailable(f"Ray at {self.address}: {e}") from e
-        return RAY_TO_STATE.get(str(info.status.value if hasattr(info.status, "value") else info.status), "PENDING"), (
+        return RAY_TO_STATE.get(str(getattr(info.status, "value", info.status)), JobState.PENDING.value), (
             info.message or ""
         )
 

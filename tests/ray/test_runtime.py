@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from actors.batch import TrainSequence
 from actors.data import PromptSampler, load_examples
 from actors.train import batch_fingerprint, train
 
@@ -41,14 +42,13 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
     from actors.rollout import RolloutPool
 
     cfg = tiny_config(tmp_path, "rollout.max_new_tokens=12", "algorithm.kl_coef=0.05")
-    job = cfg.model_dump()
-    rollout = RolloutPool(tiny_path, job["rollout"], "float32", 0)
-    learners = LearnerGroup(tiny_path, job, "float32")
+    rollout = RolloutPool(tiny_path, cfg.rollout, "float32", 0)
+    learners = LearnerGroup(tiny_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, "float32")
     prompt = AutoTokenizer.from_pretrained(tiny_path)("What is 2 + 3?")["input_ids"]
 
     groups = rollout.generate([prompt] * 4, 4)
     batch = [
-        {"prompt_ids": prompt, "response_ids": s["token_ids"], "rollout_logprobs": s["logprobs"], "advantage": a}
+        TrainSequence(prompt, s.token_ids, s.logprobs, a)
         for g in groups
         for s, a in zip(g, [1.0, -1.0, 0.5, -0.5], strict=True)
     ]
@@ -64,14 +64,11 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
     timing = rollout.load_weights(learners.export_weights("float32"), 60)
     assert timing[0]["tensors"] > 0
     (sample,) = rollout.generate([prompt], 2)[:1]
-    seqs = [
-        {"prompt_ids": prompt, "response_ids": s["token_ids"], "rollout_logprobs": s["logprobs"], "advantage": 0.0}
-        for s in sample
-    ]
+    seqs = [TrainSequence(prompt, s.token_ids, s.logprobs, 0.0) for s in sample]
     learner_lp = learners.score(seqs)
     for s, lp in zip(sample, learner_lp, strict=True):
-        assert len(lp) == len(s["logprobs"])
-        diff = max(abs(a - b) for a, b in zip(lp, s["logprobs"], strict=True))
+        assert len(lp) == len(s.logprobs)
+        diff = max(abs(a - b) for a, b in zip(lp, s.logprobs, strict=True))
         assert diff < 2e-2, diff  # bf16-level agreement between vLLM and the learner
 
 
@@ -105,7 +102,7 @@ def test_three_steps_two_learners_and_the_reward_rises(ray_local, tmp_path):
     from actors.rollout import RolloutPool
 
     assert AutoModelForCausalLM.from_pretrained(summary["export"]).num_parameters() > 0
-    pool = RolloutPool(summary["export"], cfg.model_dump()["rollout"], "float32", 0)
+    pool = RolloutPool(summary["export"], cfg.rollout, "float32", 0)
     assert len(pool.generate([[1, 2, 3]], 2)[0]) == 2
 
 

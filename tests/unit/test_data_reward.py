@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from actors.config import DataConfig
+from actors.config import DataConfig, RewardConfig
 from actors.data import PromptSampler, load_eval_examples, load_examples
 from actors.reward import RewardWorker, last_number
 
@@ -59,6 +59,10 @@ def slow_verifier(completion, answer, prompt):
     return 1.0
 
 
+def _worker(verifiers, timeout_s):
+    return RewardWorker(RewardConfig.model_validate({"verifiers": verifiers, "timeout_s": timeout_s}))
+
+
 def broken_verifier(completion, answer, prompt):
     raise RuntimeError("boom")
 
@@ -66,10 +70,10 @@ def broken_verifier(completion, answer, prompt):
 def test_verifiers_and_failures_score_zero_and_are_counted():
     assert last_number("so 12 + 7 = 19.") == 19.0
     assert last_number("1,234 apples") == 1234.0
-    w = RewardWorker([{"type": "numeric", "weight": 1.0, "tolerance": 1e-6}], 1.0)
+    w = _worker([{"type": "numeric", "weight": 1.0, "tolerance": 1e-6}], 1.0)
     rewards, m = w.score([("12 + 7 = 19", "19", ""), ("it is 9", "19", ""), ("no idea", "19", "")])
     assert rewards == [1.0, 0.0, 0.0] and m == {"reward/errors": 0.0, "reward/timeouts": 0.0}
-    w = RewardWorker(
+    w = _worker(
         [
             {"type": "plugin", "weight": 1.0, "function": "tests.unit.test_data_reward:slow_verifier"},
             {"type": "plugin", "weight": 1.0, "function": "tests.unit.test_data_reward:broken_verifier"},
@@ -80,11 +84,11 @@ def test_verifiers_and_failures_score_zero_and_are_counted():
     rewards, m = w.score([("answer 5", "5", "")])
     assert rewards == [0.5] and m == {"reward/errors": 1.0, "reward/timeouts": 1.0}
     with pytest.raises(ValueError, match="cannot be imported"):
-        RewardWorker([{"type": "plugin", "weight": 1.0, "function": "no_such_mod:f"}], 1.0)
+        _worker([{"type": "plugin", "weight": 1.0, "function": "no_such_mod:f"}], 1.0)
 
 
 def test_math_verifier():
-    w = RewardWorker([{"type": "math", "weight": 1.0}], 5.0)
+    w = _worker([{"type": "math", "weight": 1.0}], 5.0)
     rewards, _ = w.score([("The answer is $\\frac{1}{2}$", "0.5", ""), ("The answer is 3", "0.5", "")])
     assert rewards == [1.0, 0.0]
 

@@ -5,7 +5,8 @@ a group split across micro-batches."""
 import pytest
 import torch
 
-from actors.forward import prompt_runs, response_hidden_full, response_hidden_shared
+from actors.batch import TrainSequence, collate, prompt_runs
+from actors.forward import response_hidden_full, response_hidden_shared
 
 transformers = pytest.importorskip("transformers")
 
@@ -25,24 +26,9 @@ def _model():
 
 
 def _batch(seqs):
-    """The learner's micro-batch fields for both paths from [(prompt, response)]."""
-    width = max(len(p) + len(r) for p, r in seqs)
-    t = max(len(r) for _, r in seqs)
-    b = len(seqs)
-    mb = {
-        "input_ids": torch.zeros(b, width, dtype=torch.long),
-        "attention_mask": torch.zeros(b, width, dtype=torch.long),
-        "resp_ids": torch.zeros(b, t, dtype=torch.long),
-        "gather_pos": torch.zeros(b, t, dtype=torch.long),
-        "resp_len": torch.tensor([len(r) for _, r in seqs]),
-    }
-    for i, (p, r) in enumerate(seqs):
-        mb["input_ids"][i, : len(p) + len(r)] = torch.tensor(p + r)
-        mb["attention_mask"][i, : len(p) + len(r)] = 1
-        mb["resp_ids"][i, : len(r)] = torch.tensor(r)
-        mb["gather_pos"][i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
-    mb["runs"] = [(a, z, torch.tensor(seqs[a][0])) for a, z in prompt_runs([p for p, _ in seqs])]
-    mb["valid"] = torch.arange(t)[None, :] < mb["resp_len"][:, None]
+    """The learner's micro-batch for both paths from [(prompt, response)]."""
+    batch = [TrainSequence(p, r, [0.0] * len(r), 0.0) for p, r in seqs]
+    (mb,) = collate(batch, len(batch), "cpu")
     return mb
 
 
@@ -74,8 +60,8 @@ def test_shared_prompt_forward_equals_full_forward(split):
         for rows in split:
             mb = _batch([SEQS[i] for i in rows])
             h = fn(base, mb)  # [B, T, H]
-            assert h.shape == (len(rows), mb["resp_ids"].shape[1], 32)
-            h = h[mb["valid"]]  # valid positions only
+            assert h.shape == (len(rows), mb.resp_ids.shape[1], 32)
+            h = h[mb.valid]  # valid positions only
             (h @ w.T).tanh().sum().backward()
             hs.append(h.detach())
         hiddens[name] = torch.cat(hs)

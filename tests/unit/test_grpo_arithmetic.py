@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from actors.config import AlgorithmConfig as A
 from actors.grpo import (
     entropy_stats,
     entropy_threshold,
@@ -125,7 +126,7 @@ def test_clip_low_negative_advantage_and_dual_clip():
     # A = -1, ratio = e^2 = 7.389 -> pg = max(7.389, 1.28) = 7.389; dual clip c = 3 caps it at 3
     lp = torch.tensor([[2.0]])
     loss, m = policy_loss(
-        lp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool), dual_clip_c=3.0
+        lp, torch.zeros(1, 1), torch.tensor([-1.0]), torch.ones(1, 1, dtype=torch.bool), algo=A(dual_clip_c=3.0)
     )
     assert loss.item() == pytest.approx(3.0)
     assert m["actor/dual_clipfrac"] == 1.0
@@ -140,7 +141,7 @@ def test_entropy_mask_and_aggregation_modes():
     adv = torch.tensor([2.0, -1.0])
 
     def loss(mode):
-        return policy_loss(lp, lp, adv, valid, kept, loss_agg=mode)[0].item()
+        return policy_loss(lp, lp, adv, valid, kept, A(loss_agg=mode))[0].item()
 
     assert loss("token_mean_selected") == pytest.approx(0.0 / 3)  # sum 0 over 3 kept
     assert loss("token_mean") == pytest.approx(0.0 / 4)
@@ -151,8 +152,8 @@ def test_entropy_mask_and_aggregation_modes():
     # change A so the sums differ: A = [1, 1] -> kept sum = -3; token_mean_selected = -1, token_mean = -0.75
     adv = torch.tensor([1.0, 1.0])
     assert policy_loss(lp, lp, adv, valid, kept)[0].item() == pytest.approx(-1.0)
-    assert policy_loss(lp, lp, adv, valid, kept, loss_agg="token_mean")[0].item() == pytest.approx(-0.75)
-    assert policy_loss(lp, lp, adv, valid, kept, loss_agg="token_sum_norm")[0].item() == pytest.approx(-0.75)
+    assert policy_loss(lp, lp, adv, valid, kept, A(loss_agg="token_mean"))[0].item() == pytest.approx(-0.75)
+    assert policy_loss(lp, lp, adv, valid, kept, A(loss_agg="token_sum_norm"))[0].item() == pytest.approx(-0.75)
 
 
 def test_kl_k3_masked_or_not():
@@ -162,9 +163,18 @@ def test_kl_k3_masked_or_not():
     ref = torch.full((1, 2), math.log(2.0))
     valid = torch.ones(1, 2, dtype=torch.bool)
     kept = torch.tensor([[True, False]])
-    args = dict(ref_logprobs=ref, kl_coef=0.5, loss_agg="token_mean")
-    unmasked, _ = policy_loss(lp, lp, torch.zeros(1), valid, kept, **args)
-    masked, _ = policy_loss(lp, lp, torch.zeros(1), valid, kept, mask_kl_by_entropy=True, **args)
+    unmasked, _ = policy_loss(
+        lp, lp, torch.zeros(1), valid, kept, A(kl_coef=0.5, loss_agg="token_mean"), ref_logprobs=ref
+    )
+    masked, _ = policy_loss(
+        lp,
+        lp,
+        torch.zeros(1),
+        valid,
+        kept,
+        A(kl_coef=0.5, loss_agg="token_mean", mask_kl_by_entropy=True),
+        ref_logprobs=ref,
+    )
     assert unmasked.item() == pytest.approx(0.5 * 2 * 0.306853 / 2, abs=1e-6)
     assert masked.item() == pytest.approx(0.5 * 1 * 0.306853 / 2, abs=1e-6)
 
@@ -177,8 +187,8 @@ def test_truncated_importance_weight():
         lp,
         torch.tensor([1.0]),
         torch.ones(1, 1, dtype=torch.bool),
+        algo=A(tis_cap=2.0),
         rollout_logprobs=torch.full((1, 1), -math.log(4.0)),
-        tis_cap=2.0,
     )
     assert loss.item() == pytest.approx(-2.0)
 

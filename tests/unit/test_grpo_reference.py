@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from actors.config import AlgorithmConfig as A
 from actors.grpo import high_entropy_mask, policy_loss, token_entropy, token_logprobs_and_entropy
 
 from . import reference as ref
@@ -72,7 +73,7 @@ def test_loss_matches_reference(seed, rho, agg):
     valid = torch.rand(b, t, generator=g) < 0.8
     h = torch.rand(b, t, generator=g)
     kept = high_entropy_mask(h, valid, rho)
-    loss, _ = policy_loss(logp, old, adv, valid, kept, loss_agg=agg)
+    loss, _ = policy_loss(logp, old, adv, valid, kept, A(loss_agg=agg))
     expected = ref.clipped_loss(
         logp.tolist(), old.tolist(), adv.tolist(), valid.tolist(), kept.tolist(), 0.2, 0.28, agg
     )
@@ -90,7 +91,7 @@ def test_gradient_zero_on_dropped_and_equal_to_unmasked_on_kept():
     kept = high_entropy_mask(h, valid, 0.5)
     old = logp.detach() - 0.05  # ratio = e^0.05, inside the clip range
     # token_mean over valid keeps the same normaliser for masked and unmasked losses
-    loss, _ = policy_loss(logp, old, adv, valid, kept, loss_agg="token_mean")
+    loss, _ = policy_loss(logp, old, adv, valid, kept, A(loss_agg="token_mean"))
     (gz,) = torch.autograd.grad(loss, z)
     # reference: autograd through torch's own log_softmax, unmasked, then per token
     z2 = z.detach().clone().requires_grad_(True)

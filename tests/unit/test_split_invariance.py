@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from actors.config import AlgorithmConfig as A
 from actors.entropy_filter import plan_step
 from actors.grpo import loss_normalizer, policy_loss, token_logprobs_and_entropy
 
@@ -47,7 +48,7 @@ def _step(rows: list[range], group=None, world: int = 1, agg="token_mean_selecte
     for r, mask in zip(rows, plan.masks, strict=True):
         logp, _ = token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)
         old = logp.detach() + 0.1
-        loss, _ = policy_loss(logp, old, adv[r], valid[r], mask, normalizer=norm, loss_agg=agg)
+        loss, _ = policy_loss(logp, old, adv[r], valid[r], mask, A(loss_agg=agg), normalizer=norm)
         (loss * world).backward()  # data-parallel engines average gradients over ranks
         total += loss.item()
     return total, w.grad, plan

@@ -1,0 +1,123 @@
+"""The batches that cross roles, and the collation that builds the learner's micro-batches.
+
+    RolloutEngine.generate -> Completion          one sampled response of one prompt
+    driver                 -> TrainSequence       a completion with its prompt and advantage
+    Learner                -> MicroBatch          padded tensors of up to micro_batch_size sequences
+
+Shapes: B = sequences in a micro-batch, L = longest prompt + response, T = longest response,
+P = prompt length of one run of identical prompts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, replace
+
+import torch
+
+__all__ = ["Completion", "TrainSequence", "MicroBatch", "collate", "prompt_runs"]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """One sample from the rollout engine.
+
+    token_ids: [R] response token ids; logprobs: [R] the engine's log-probs of those tokens under
+    the sampling distribution (after temperature/top-p); finish_reason: "stop" or "length".
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    text: str
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class TrainSequence:
+    """One sequence of an optimizer step, as the learner receives it.
+
+    prompt_ids: [P]; response_ids: [R] (R >= 1); rollout_logprobs: [R] from the engine; advantage:
+    the sequence's scalar advantage; weight: 0.0 marks a padding copy (an uneven shard over ranks)
+    whose tokens count nowhere.
+    """
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+    rollout_logprobs: list[float]
+    advantage: float
+    weight: float = 1.0
+
+    def padding_copy(self) -> TrainSequence:
+        return replace(self, weight=0.0)
+
+
+@dataclass
+class MicroBatch:
+    """Tensors of one forward/backward, on the learner's device.
+
+    runs:           [(start, stop, prompt_ids [P])] runs of identical consecutive prompts (shared forward)
+    resp_len:       [B] response lengths
+    input_ids:      [B, L] prompt + response, right-padded (whole-sequence forward)
+    attention_mask: [B, L]
+    gather_pos:     [B, T] position in input_ids whose hidden state predicts response token j
+    resp_ids:       [B, T] response tokens, right-padded
+    valid:          [B, T] True on real response tokens of non-padding sequences
+    rollout_lp:     [B, T] the engine's log-probs
+    adv:            [B] advantages (fp32)
+    """
+
+    runs: list[tuple[int, int, torch.Tensor]]
+    resp_len: torch.Tensor
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    gather_pos: torch.Tensor
+    resp_ids: torch.Tensor
+    valid: torch.Tensor
+    rollout_lp: torch.Tensor
+    adv: torch.Tensor
+
+
+def prompt_runs(prompts: list[list[int]]) -> list[tuple[int, int]]:
+    """[start, stop) of each run of identical consecutive prompts (a group, or part of one)."""
+    runs: list[tuple[int, int]] = []
+    for i, p in enumerate(prompts):
+        if runs and prompts[runs[-1][0]] == p:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.device | str) -> Iterator[MicroBatch]:
+    """Contiguous micro-batches of at most micro_batch_size sequences, in order."""
+    for start in range(0, len(seqs), micro_batch_size):
+        chunk = seqs[start : start + micro_batch_size]
+        width = max(len(s.prompt_ids) + len(s.response_ids) for s in chunk)
+        t_resp = max(len(s.response_ids) for s in chunk)
+        b = len(chunk)
+        input_ids = torch.zeros(b, width, dtype=torch.long)
+        attn = torch.zeros(b, width, dtype=torch.long)
+        resp_ids = torch.zeros(b, t_resp, dtype=torch.long)
+        valid = torch.zeros(b, t_resp, dtype=torch.bool)
+        rollout_lp = torch.zeros(b, t_resp)
+        gather_pos = torch.zeros(b, t_resp, dtype=torch.long)
+        for i, s in enumerate(chunk):
+            p, r = s.prompt_ids, s.response_ids
+            input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
+            attn[i, : len(p) + len(r)] = 1
+            resp_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+            valid[i, : len(r)] = s.weight > 0
+            rollout_lp[i, : len(r)] = torch.tensor(s.rollout_logprobs[: len(r)])
+            gather_pos[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+        runs = prompt_runs([s.prompt_ids for s in chunk])
+        yield MicroBatch(
+            runs=[(a, z, torch.tensor(chunk[a].prompt_ids, dtype=torch.long, device=device)) for a, z in runs],
+            resp_len=torch.tensor([len(s.response_ids) for s in chunk], device=device),
+            input_ids=input_ids.to(device),
+            attention_mask=attn.to(device),
+            gather_pos=gather_pos.to(device),
+            resp_ids=resp_ids.to(device),
+            valid=valid.to(device),
+            rollout_lp=rollout_lp.to(device),
+            adv=torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=device),
+        )

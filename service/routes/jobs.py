@@ -1,0 +1,145 @@
+"""Jobs: submit, list, get, cancel, delete; their metrics, checkpoints, logs and live events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from actors.config import JobConfig
+from actors.contract import TERMINAL_STATES, JobState
+from service.deps import JobId, Principal, ServiceDep
+from service.models import CheckpointList, CheckpointOut, JobList, JobOut, MetricsOut, job_out
+from service.rayjobs import RayUnavailable
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.post(
+    "",
+    response_model=JobOut,
+    status_code=201,
+    responses={200: {"model": JobOut, "description": "an earlier submission with the same Idempotency-Key"}},
+)
+async def submit_job(
+    cfg: JobConfig,
+    who: Principal,
+    svc: ServiceDep,
+    idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+) -> Any:
+    job, created = await svc.submit_job(cfg, who, idempotency_key)
+    if not created:
+        return JSONResponse(jsonable_encoder(job_out(job, True)), 200)
+    return job_out(job, True)
+
+
+@router.get("", response_model=JobList)
+def list_jobs(
+    who: Principal,
+    svc: ServiceDep,
+    state: Annotated[JobState | None, Query()] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$", description="next_cursor of the last page")] = None,
+) -> JobList:
+    rows, more = svc.list_jobs(who, state.value if state else None, limit, int(cursor) if cursor else None)
+    return JobList(jobs=[job_out(j) for j in rows], next_cursor=str(more) if more is not None else None)
+
+
+@router.get("/{job_id}", response_model=JobOut)
+def get_job(job_id: JobId, who: Principal, svc: ServiceDep) -> JobOut:
+    return job_out(svc.get_job(job_id, who), True)
+
+
+@router.post("/{job_id}/cancel", response_model=JobOut)
+async def cancel_job(job_id: JobId, who: Principal, svc: ServiceDep) -> JobOut:
+    return job_out(await svc.cancel_job(job_id, who), True)
+
+
+@router.delete("/{job_id}", status_code=204, responses={409: {"description": "not terminal"}})
+async def delete_job(job_id: JobId, who: Principal, svc: ServiceDep) -> Response:
+    await svc.delete_job(job_id, who)
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricsOut)
+def get_metrics(
+    job_id: JobId,
+    who: Principal,
+    svc: ServiceDep,
+    after_step: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> MetricsOut:
+    with svc.store.session() as db:
+        job = svc.store.owned(db, job_id, who)
+        rows = svc.store.metrics(db, job_id, after_step, limit)
+        return MetricsOut(job_id=job_id, state=job.state, last_step=job.last_step, metrics=[m.data for m in rows])
+
+
+@router.get("/{job_id}/checkpoints", response_model=CheckpointList)
+def get_checkpoints(job_id: JobId, who: Principal, svc: ServiceDep) -> CheckpointList:
+    with svc.store.session() as db:
+        svc.store.owned(db, job_id, who)
+        rows = svc.store.checkpoints(db, job_id)
+        return CheckpointList(
+            job_id=job_id, checkpoints=[CheckpointOut(step=c.step, path=c.path, created_at=c.created_at) for c in rows]
+        )
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
+async def get_logs(job_id: JobId, who: Principal, svc: ServiceDep, follow: bool = False) -> Response:
+    if not follow:
+        try:
+            return PlainTextResponse(await svc.logs(job_id, who))
+        except RayUnavailable as e:
+            raise HTTPException(503, f"Ray is not reachable: {e}") from None
+    await run_in_threadpool(svc.get_job, job_id, who)  # 404/403 before the stream starts
+    return StreamingResponse(svc.follow_logs(job_id), media_type="text/plain")
+
+
+@router.get(
+    "/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}}
+)
+async def events(
+    job_id: JobId, who: Principal, svc: ServiceDep, after_step: Annotated[int, Query(ge=0, le=2**31)] = 0
+) -> StreamingResponse:
+    """Server-sent events: `state` (each state change, the current one first), `metrics` (each new
+    step's record) and `end` once the job is finished and every step was sent."""
+    await run_in_threadpool(svc.get_job, job_id, who)
+    store = svc.store
+
+    def poll(last_event: int, last_step: int) -> tuple[list[Any], list[Any], Any]:
+        with store.session() as db:
+            return store.events(db, job_id, last_event), store.metrics(db, job_id, last_step), store.get(db, job_id)
+
+    async def stream() -> AsyncIterator[str]:
+        last_event, last_step, idle = 0, after_step, 0.0
+        while True:
+            evs, ms, job = await run_in_threadpool(poll, last_event, last_step)
+            if job is None:
+                yield 'event: end\ndata: {"reason": "deleted"}\n\n'
+                return
+            for e in evs:
+                last_event = e.id
+                data = {"state": e.state, "message": e.message, "at": e.created_at.isoformat()}
+                yield f"id: e{e.id}\nevent: state\ndata: {json.dumps(data)}\n\n"
+            for m in ms:
+                last_step = m.step
+                yield f"id: s{m.step}\nevent: metrics\ndata: {json.dumps(m.data)}\n\n"
+            if job.state in TERMINAL_STATES and not evs and not ms:
+                yield f"event: end\ndata: {json.dumps({'state': job.state, 'last_step': job.last_step})}\n\n"
+                return
+            idle = 0.0 if (evs or ms) else idle + 0.5
+            if idle >= 15:
+                yield ": keep-alive\n\n"
+                idle = 0.0
+            await asyncio.sleep(0.5)
+
+    return StreamingResponse(
+        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    )

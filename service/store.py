@@ -1,0 +1,178 @@
+"""The job store's queries: every read and write of jobs, events, metrics, checkpoints and tokens.
+
+Routes and the reconciler call these methods with a session from `JobStore.session()`; nothing
+else builds a query. Access rules live here too: `owned` raises `NotFound` / `Forbidden`, which the
+app maps to 404 / 403.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.orm import Session
+
+from actors.contract import TERMINAL_STATES, JobState, MetricRecord, finite
+from service.db import Checkpoint, Event, Job, Metric, Store, Token, now
+
+__all__ = ["JobStore", "NotFound", "Forbidden", "Conflict"]
+
+
+class NotFound(LookupError):
+    """No such job (404)."""
+
+
+class Forbidden(PermissionError):
+    """The job belongs to another owner (403)."""
+
+
+class Conflict(RuntimeError):
+    """The request contradicts what is stored (409)."""
+
+
+class JobStore:
+    def __init__(self, url: str) -> None:
+        self._store = Store(url)
+        self.engine = self._store.engine
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        with self._store.session() as db:
+            yield db
+
+    def close(self) -> None:
+        self._store.close()
+
+    # -- tokens
+    def token_by_hash(self, db: Session, digest: str) -> Token | None:
+        return db.scalar(select(Token).where(Token.token_hash == digest))
+
+    def add_token(self, db: Session, owner: str, digest: str, is_admin: bool) -> None:
+        db.add(Token(owner=owner, token_hash=digest, is_admin=is_admin))
+
+    # -- jobs
+    def get(self, db: Session, job_id: str) -> Job | None:
+        return db.scalar(select(Job).where(Job.id == job_id))
+
+    def owned(self, db: Session, job_id: str, who: Token) -> Job:
+        job = self.get(db, job_id)
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        if job.owner != who.owner and not who.is_admin:
+            raise Forbidden(f"job {job_id} belongs to another owner")
+        return job
+
+    def by_idempotency_key(self, db: Session, owner: str, key: str, config_hash: str) -> Job | None:
+        """The owner's earlier job with this key; Conflict if that one had another body."""
+        old = db.scalar(select(Job).where(Job.owner == owner, Job.idempotency_key == key))
+        if old is not None and old.config_hash != config_hash:
+            raise Conflict(f"Idempotency-Key {key!r} was used for a different job ({old.id})")
+        return old
+
+    def create(
+        self,
+        db: Session,
+        *,
+        job_id: str,
+        owner: str,
+        name: str,
+        config: dict[str, Any],
+        config_hash: str,
+        idempotency_key: str | None,
+        ingest_token_hash: str,
+        total_steps: int,
+    ) -> Job:
+        job = Job(
+            id=job_id, owner=owner, name=name, state=JobState.PENDING.value, message="queued", config=config,
+            config_hash=config_hash, idempotency_key=idempotency_key, ingest_token_hash=ingest_token_hash,
+            total_steps=total_steps, run_dir=config["trainer"]["output_dir"],
+        )  # fmt: skip
+        db.add(job)
+        db.flush()  # the job row first: events reference it
+        db.add(Event(job_id=job_id, state=JobState.PENDING.value, message="queued"))
+        return job
+
+    def page(
+        self, db: Session, owner: str | None, state: str | None, limit: int, cursor: int | None
+    ) -> tuple[list[Job], int | None]:
+        """Newest first; owner None = every owner. Returns (jobs, next cursor or None)."""
+        q = select(Job).order_by(Job.seq.desc()).limit(limit + 1)
+        if owner is not None:
+            q = q.where(Job.owner == owner)
+        if state:
+            q = q.where(Job.state == state)
+        if cursor is not None:
+            q = q.where(Job.seq < cursor)
+        rows = list(db.scalars(q))
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1].seq if more else None)
+
+    def active_ids(self, db: Session) -> list[str]:
+        return list(db.scalars(select(Job.id).where(Job.state.not_in(TERMINAL_STATES))))
+
+    def count_by_state(self, db: Session) -> dict[str, int]:
+        return {str(s): int(n) for s, n in db.execute(select(Job.state, func.count()).group_by(Job.state)).all()}
+
+    def set_state(self, db: Session, job: Job, state: str, message: str = "") -> None:
+        """Record a state (and an event when it changed); stamps started/ended times."""
+        if job.state == state and (not message or job.message == message):
+            return
+        changed = job.state != state
+        job.state, job.message = state, message or job.message
+        if state == JobState.RUNNING.value and job.started_at is None:
+            job.started_at = now()
+        if state in TERMINAL_STATES and job.ended_at is None:
+            job.ended_at = now()
+        if changed:
+            db.add(Event(job_id=job.id, state=state, message=job.message))
+
+    def delete(self, db: Session, job: Job) -> None:
+        if job.state not in TERMINAL_STATES:
+            raise Conflict(f"job {job.id} is {job.state}; cancel it first (only finished jobs are deleted)")
+        for model in (Metric, Checkpoint, Event):
+            db.execute(delete(model).where(model.job_id == job.id))  # type: ignore[attr-defined]
+        db.delete(job)
+
+    # -- metrics, checkpoints, events
+    def add_metrics(self, db: Session, job: Job, records: list[MetricRecord]) -> int:
+        """Store each step once (later copies of a step are ignored); returns how many were new."""
+        have = set(db.scalars(select(Metric.step).where(Metric.job_id == job.id)))
+        added = 0
+        for rec in records:
+            step = rec.get("step")
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0 or step in have:
+                continue
+            db.add(Metric(job_id=job.id, step=step, data=finite(rec)))
+            have.add(step)
+            job.last_step = max(job.last_step, step)
+            added += 1
+        return added
+
+    def metrics(self, db: Session, job_id: str, after_step: int, limit: int | None = None) -> list[Metric]:
+        q = select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
+        return list(db.scalars(q if limit is None else q.limit(limit)))
+
+    def add_checkpoints(self, db: Session, job_id: str, found: list[tuple[int, str]]) -> None:
+        known = set(db.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)))
+        for step, path in found:
+            if step not in known:
+                db.add(Checkpoint(job_id=job_id, step=step, path=path))
+                known.add(step)
+
+    def checkpoints(self, db: Session, job_id: str) -> list[Checkpoint]:
+        return list(db.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
+
+    def events(self, db: Session, job_id: str, after_id: int) -> list[Event]:
+        return list(db.scalars(select(Event).where(Event.job_id == job_id, Event.id > after_id).order_by(Event.id)))
+
+    def ping(self) -> None:
+        with self.session() as db:
+            db.execute(select(1))
+
+    def run(self, fn: Callable[[Session], Any]) -> Any:
+        """fn(session) in one transaction (for the thread pool)."""
+        with self.session() as db:
+            return fn(db)
