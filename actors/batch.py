@@ -38,7 +38,8 @@ class TrainSequence:
 
     prompt_ids: [P]; response_ids: [R] (R >= 1); rollout_logprobs: [R] from the engine; advantage:
     the sequence's scalar advantage; weight: 0.0 marks a padding copy (an uneven shard over ranks)
-    whose tokens count nowhere.
+    whose tokens count nowhere; old_logprobs: [R] the learner's log-probs before the rollout's first
+    update (PPO mini-batches), None = this update's own (detached) log-probs are the old policy.
     """
 
     prompt_ids: list[int]
@@ -46,6 +47,7 @@ class TrainSequence:
     rollout_logprobs: list[float]
     advantage: float
     weight: float = 1.0
+    old_logprobs: list[float] | None = None
 
     def padding_copy(self) -> TrainSequence:
         return replace(self, weight=0.0)
@@ -64,6 +66,7 @@ class MicroBatch:
     valid:          [B, T] True on real response tokens of non-padding sequences
     rollout_lp:     [B, T] the engine's log-probs
     adv:            [B] advantages (fp32)
+    old_lp:         [B, T] old-policy log-probs, or None (the update's own log-probs, detached)
     """
 
     runs: list[tuple[int, int, torch.Tensor]]
@@ -75,6 +78,7 @@ class MicroBatch:
     valid: torch.Tensor
     rollout_lp: torch.Tensor
     adv: torch.Tensor
+    old_lp: torch.Tensor | None = None
 
 
 def prompt_runs(prompts: list[list[int]]) -> list[tuple[int, int]]:
@@ -100,6 +104,8 @@ def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.devi
         resp_ids = torch.zeros(b, t_resp, dtype=torch.long)
         valid = torch.zeros(b, t_resp, dtype=torch.bool)
         rollout_lp = torch.zeros(b, t_resp)
+        has_old = all(s.old_logprobs is not None for s in chunk)
+        old_lp = torch.zeros(b, t_resp)
         gather_pos = torch.zeros(b, t_resp, dtype=torch.long)
         for i, s in enumerate(chunk):
             p, r = s.prompt_ids, s.response_ids
@@ -108,6 +114,8 @@ def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.devi
             resp_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             valid[i, : len(r)] = s.weight > 0
             rollout_lp[i, : len(r)] = torch.tensor(s.rollout_logprobs[: len(r)])
+            if s.old_logprobs is not None:
+                old_lp[i, : len(r)] = torch.tensor(s.old_logprobs[: len(r)])
             gather_pos[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
         runs = prompt_runs([s.prompt_ids for s in chunk])
         yield MicroBatch(
@@ -120,4 +128,5 @@ def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.devi
             valid=valid.to(device),
             rollout_lp=rollout_lp.to(device),
             adv=torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=device),
+            old_lp=old_lp.to(device) if has_old else None,
         )

@@ -80,7 +80,13 @@ class RolloutConfig(_Strict):
     num_engines: int = Field(1, ge=1, le=1024, description="vLLM engine actors in the rollout pool.")
     group_size: int = Field(8, ge=2, le=1024, description="Completions sampled per prompt (the GRPO group).")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature; also used by the learner.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Nucleus sampling mass. Only 1.0 is accepted: the learner's log-probs do not model the "
+        "truncation, so the importance weight of a truncated sampler would be biased.",
+    )
     max_new_tokens: int = Field(64, ge=1, le=131072, description="Longest completion.")
     max_model_len: int = Field(512, ge=16, le=1_048_576, description="Prompt + completion context of the engine.")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM memory fraction (CPU: of RAM).")
@@ -158,9 +164,28 @@ class AlgorithmConfig(_Strict):
     kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = no reference model (DAPO).")
     mask_kl_by_entropy: bool = Field(False, description="Apply the entropy mask to the KL term too.")
     tis_cap: float | None = Field(2.0, gt=0, description="Truncated importance weight cap for rollout mismatch.")
-    dynamic_sampling: bool = Field(True, description="Drop groups whose rewards are all equal (DAPO).")
+    dynamic_sampling: bool = Field(
+        True,
+        description="DAPO dynamic sampling: drop groups whose verifier scores are all equal and generate more "
+        "prompts until the step holds data.prompts_per_step groups with signal (at most "
+        "dynamic_sampling_max_rounds rounds).",
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        3, ge=1, le=1000, description="Generation rounds per step at most; the step trains on what it has then."
+    )
     overlong_buffer: int = Field(16, ge=0, description="Soft overlong penalty window in tokens (DAPO); 0 = off.")
     overlong_penalty: float = Field(1.0, ge=0, description="Penalty at the hard limit, linear over the buffer.")
+    overlong_mask: bool = Field(
+        False, description="Leave truncated responses (hit rollout.max_new_tokens) out of the loss (DAPO)."
+    )
+    ppo_mini_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Prompts (groups) per optimizer step; a rollout batch of data.prompts_per_step prompts then "
+        "takes several steps, with old log-probs taken once before the first (the paper: 512 / 32). "
+        "None = one optimizer step per rollout.",
+    )
+    ppo_epochs: int = Field(1, ge=1, le=100, description="Passes over the rollout batch's mini-batches.")
 
 
 class LearnerConfig(_Strict):
@@ -233,6 +258,17 @@ class JobConfig(_Strict):
             raise ValueError(
                 f"rollout.max_new_tokens={self.rollout.max_new_tokens} must be < rollout.max_model_len="
                 f"{self.rollout.max_model_len} (the prompt needs room)"
+            )
+        if self.rollout.top_p != 1.0:
+            raise ValueError(
+                f"rollout.top_p = {self.rollout.top_p}: the learner's log-probs ignore nucleus truncation, so the "
+                "truncated importance weight would be biased below 1; accepted: 1.0"
+            )
+        mini = self.algorithm.ppo_mini_batch
+        if mini is not None and mini > self.data.prompts_per_step:
+            raise ValueError(
+                f"algorithm.ppo_mini_batch={mini} must be <= data.prompts_per_step={self.data.prompts_per_step} "
+                "(a mini-batch is a part of the rollout batch)"
             )
         if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
             raise ValueError(

@@ -18,7 +18,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from actors.grpo import EntropyThreshold, count_ties, entropy_stats, entropy_threshold, high_entropy_mask
+from actors.grpo import (
+    EntropyThreshold,
+    count_ties,
+    entropy_stats,
+    entropy_threshold,
+    high_entropy_mask,
+    selection_values,
+)
 
 __all__ = ["StepPlan", "plan_step"]
 
@@ -68,7 +75,10 @@ def plan_step(
     entropies, valid_masks (and token_ids): this rank's micro-batches in order, each [B_i, T_i].
     """
     rank, world = _world(group)
-    local = torch.cat([h[m.bool()].float().reshape(-1) for h, m in zip(entropies, valid_masks, strict=True)])  # [n_r]
+    device = entropies[0].device  # every tensor of a collective lives here (NCCL takes no CPU tensor)
+    local = torch.cat(
+        [selection_values(h[m.bool()]).reshape(-1) for h, m in zip(entropies, valid_masks, strict=True)]
+    )  # [n_r]
     gathered = _all_gather_1d(local, group)
     everything = torch.cat(gathered)  # [N] in canonical order
     threshold = entropy_threshold(everything, top_entropy_quantile)
@@ -82,7 +92,7 @@ def plan_step(
         offset += count_ties(h, m, threshold.tau)
 
     # sequences with at least one valid token (padding rows of an uneven shard do not count)
-    num_seqs = torch.tensor([sum(int(m.bool().any(-1).sum()) for m in valid_masks)], dtype=torch.long)
+    num_seqs = torch.tensor([sum(int(m.bool().any(-1).sum()) for m in valid_masks)], dtype=torch.long, device=device)
     if world > 1:
         dist.all_reduce(num_seqs, group=group)
 

@@ -23,7 +23,7 @@ import math
 from collections import Counter
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -37,6 +37,10 @@ __all__ = [
     "entropy_stats",
     "entropy_threshold",
     "group_advantages",
+    "groups_with_signal",
+    "merge_step_metrics",
+    "mini_batches",
+    "selection_values",
     "high_entropy_mask",
     "kth_largest",
     "loss_normalizer",
@@ -48,6 +52,7 @@ __all__ = [
     "token_logprobs_and_entropy",
 ]
 
+T = TypeVar("T")
 LossAgg = Literal["token_mean", "token_mean_selected", "seq_mean_token_mean", "token_sum_norm"]
 
 
@@ -87,7 +92,7 @@ def entropy_threshold(valid_entropies: torch.Tensor, top_entropy_quantile: float
     A selection, not a sort, so it works past the 2^24 elements where torch.quantile raises.
     rho = 1 keeps everything; N = 0 keeps nothing (tau = +inf).
     """
-    values = valid_entropies.detach().reshape(-1).float()  # [N]
+    values = selection_values(valid_entropies.detach().reshape(-1))  # [N]
     n = values.numel()
     k = num_kept(n, top_entropy_quantile)
     if k == 0:
@@ -114,9 +119,16 @@ def kth_largest(values: torch.Tensor, k: int, method: str | None = None) -> floa
     raise ValueError(f"method={method!r}: accepted are 'topk', 'kthvalue'")
 
 
+def selection_values(entropy: torch.Tensor) -> torch.Tensor:
+    """The dtype every comparison with tau is made in: float64 stays float64, the rest become float32
+    (exact for float16/bfloat16). Threshold, masks and tie counts all use it, so the number kept is
+    exactly k whatever the input dtype."""
+    return entropy if entropy.dtype == torch.float64 else entropy.float()
+
+
 def count_ties(entropy: torch.Tensor, valid_mask: torch.Tensor, tau: float) -> int:
     """Number of valid tokens whose entropy equals tau (to advance `tie_offset`)."""
-    return int(((entropy == tau) & valid_mask.bool()).sum())
+    return int(((selection_values(entropy) == tau) & valid_mask.bool()).sum())
 
 
 def high_entropy_mask(
@@ -142,8 +154,9 @@ def high_entropy_mask(
         threshold = entropy_threshold(entropy[valid], top_entropy_quantile)
     if threshold.k >= threshold.num_valid:
         return valid.clone()  # rho = 1 (or everything selected): every valid token
-    above = (entropy > threshold.tau) & valid  # [B, T]
-    tied = (entropy == threshold.tau) & valid  # [B, T]
+    h = selection_values(entropy)  # [B, T]
+    above = (h > threshold.tau) & valid  # [B, T]
+    tied = (h == threshold.tau) & valid  # [B, T]
     # canonical order = row-major over [B, T]; rank of each tie among all ties of the step
     tie_rank = tie_offset + torch.cumsum(tied.reshape(-1).long(), 0).reshape(tied.shape) - 1
     return above | (tied & (tie_rank < threshold.ties_to_keep))
@@ -191,6 +204,52 @@ def group_advantages(
     return adv.reshape(-1), keep.reshape(-1)
 
 
+def groups_with_signal(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """DAPO dynamic sampling: [P] bool, True for groups whose verifier scores are not all equal.
+
+    scores: [P*G] verifier scores (not the shaped reward), group-major. A group whose completions
+    all score the same has zero advantage everywhere and teaches nothing.
+    """
+    if group_size < 1 or scores.numel() % group_size:
+        raise ValueError(f"group_size={group_size} must be >= 1 and divide the number of scores ({scores.numel()})")
+    s = scores.reshape(-1, group_size)  # [P, G]
+    return ~(s == s[:, :1]).all(-1)
+
+
+def mini_batches(groups: list[list[T]], prompts_per_step: int | None) -> list[list[T]]:
+    """Split a rollout batch (a list of groups) into PPO mini-batches of whole groups, in order;
+    each is one optimizer step. None = one mini-batch holding everything."""
+    if not groups:
+        return []
+    size = len(groups) if prompts_per_step is None else prompts_per_step
+    return [[x for g in groups[i : i + size] for x in g] for i in range(0, len(groups), size)]
+
+
+# counts that add up over the optimizer steps of a rollout; every other number is averaged
+_SUMMED = ("entropy/num_valid", "entropy/kept_tokens")
+
+
+def merge_step_metrics(steps: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record for several optimizer steps of a rollout: means of the values, sums of the token
+    counts, the forking-token counts merged, and `actor/optimizer_steps`."""
+    out: dict[str, Any] = {}
+    keys = list(dict.fromkeys(k for m in steps for k in m))
+    for key in keys:
+        vals = [m[key] for m in steps if key in m]
+        if key == "entropy/top_forking_tokens":
+            counts: Counter[int] = Counter()
+            for pairs in vals:
+                for tok, c in pairs:
+                    counts[int(tok)] += int(c)
+            out[key] = [[t, c] for t, c in counts.most_common(max(len(v) for v in vals))]
+        elif key in _SUMMED:
+            out[key] = float(sum(vals))
+        else:
+            out[key] = float(sum(vals)) / len(vals)
+    out["actor/optimizer_steps"] = float(len(steps))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------
 # Loss
 # ---------------------------------------------------------------------------------------------
@@ -229,6 +288,7 @@ def policy_loss(
     normalizer: float | None = None,
     num_kept_step: int | None = None,
     max_response_len: int | None = None,
+    num_valid_step: int | None = None,
     ref_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
@@ -244,8 +304,10 @@ def policy_loss(
     Per token: r = exp(logp - old), pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); for
     A < 0 and dual_clip_c, pg = min(pg, -A c). With rollout_logprobs and tis_cap, pg is scaled by
     the truncated importance weight min(exp(old - rollout), cap) that corrects the rollout engine /
-    learner mismatch. KL (k3 estimator, kl_coef > 0) is added per token over the valid tokens, or
-    over the kept tokens only when mask_kl_by_entropy.
+    learner mismatch. KL (k3 estimator, kl_coef > 0) is a separate term, kl_coef x the mean k3 over
+    the step's valid tokens (`num_valid_step`; this micro-batch's when None), or over its kept tokens
+    (`num_kept_step`) when mask_kl_by_entropy: it does not grow when the filter keeps fewer tokens,
+    whatever `loss_agg` is.
 
     Aggregation (`loss_agg`): the loss of a micro-batch is sum(per-token terms) / normalizer,
     where the normalizer is step-global (see `loss_normalizer`), so micro-batch losses add up to
@@ -260,8 +322,8 @@ def policy_loss(
 
     Returns (loss, metrics). Metrics are contributions: with the step-global `normalizer` and
     `num_kept_step` (kept tokens of the whole step), summing each metric over micro-batches and
-    ranks gives the step's value; clipfrac, ratio_mean, approx_kl_old and kl_ref are per kept
-    token.
+    ranks gives the step's value; clipfrac, ratio_mean and approx_kl_old are per kept token,
+    kl_ref per token the KL term applies to.
     """
     algo = algo or AlgorithmConfig()
     loss_agg, clip_eps_low, clip_eps_high = algo.loss_agg, algo.clip_eps_low, algo.clip_eps_high
@@ -293,13 +355,16 @@ def policy_loss(
         pg = pg * tis.detach()  # [B, T]
 
     per_token = pg * keep_f  # [B, T]
-    kl_sum = torch.zeros((), device=logprobs.device)
+    kl_loss = torch.zeros((), device=logprobs.device, dtype=logprobs.dtype)
     if ref_logprobs is not None and kl_coef > 0:
-        kl_weight = keep_f if algo.mask_kl_by_entropy else valid.float()  # [B, T]
+        kl_weight = keep_f if algo.mask_kl_by_entropy else valid.to(logprobs.dtype)  # [B, T]
+        if algo.mask_kl_by_entropy:
+            kl_count = float(keep.sum()) if num_kept_step is None else float(num_kept_step)
+        else:
+            kl_count = float(valid.sum()) if num_valid_step is None else float(num_valid_step)
         d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)  # [B, T]
         k3 = torch.exp(d) - d - 1.0  # [B, T]
-        per_token = per_token + kl_coef * k3 * kl_weight
-        kl_sum = (k3 * kl_weight).sum().detach()
+        kl_loss = (k3 * kl_weight).sum() / max(kl_count, 1.0)  # this micro-batch's share of the step mean
 
     if normalizer is None:
         normalizer = loss_normalizer(
@@ -314,6 +379,7 @@ def policy_loss(
         loss = per_seq.sum() / normalizer
     else:
         loss = per_token.sum() / normalizer
+    loss = loss + kl_coef * kl_loss
 
     with torch.no_grad():
         # fractions over kept tokens; with a step-global num_kept_step they add up over the step
@@ -324,7 +390,7 @@ def policy_loss(
             "actor/dual_clipfrac": float(dual_clipped.sum()) * per_kept,
             "actor/ratio_mean": float((ratio * keep_f).sum()) * per_kept,
             "actor/approx_kl_old": float(((-log_ratio) * keep_f).sum()) * per_kept,
-            "actor/kl_ref": float(kl_sum) * per_kept,
+            "actor/kl_ref": float(kl_loss),
         }
     return loss, metrics
 

@@ -28,8 +28,8 @@ __all__ = ["Learner", "LearnerGroup", "RankStep"]
 @dataclass
 class RankStep:
     """One rank's part of an optimizer step: metric contributions (they add up over ranks, except
-    the step-global grad_norm, lr and kept_tokens), the log_entropy statistics (the same on every
-    rank) and the step-global number of valid tokens."""
+    the step-global grad_norm and lr), the log_entropy statistics (the same on every rank) and the
+    step-global number of valid tokens."""
 
     metrics: dict[str, float]
     stats: dict[str, Any]
@@ -161,7 +161,9 @@ class Learner:
         self.engine.train() if fused else self.engine.eval()
         with torch.set_grad_enabled(fused):
             lps, ents = zip(*(self._logprobs_entropy(mb) for mb in mbs), strict=True)
-        olds = [lp.detach() for lp in lps]  # on-policy: the learner's own log-probs are the old policy
+        # PPO mini-batches bring the old policy's log-probs (taken before the rollout's first update);
+        # otherwise this update is the first: its own log-probs, detached, are the old policy
+        olds = [lp.detach() if mb.old_lp is None else mb.old_lp for mb, lp in zip(mbs, lps, strict=True)]
         refs: list[Any] = [None] * len(mbs)
         if self.ref is not None:
             with torch.no_grad():
@@ -194,21 +196,38 @@ class Learner:
                 algo,
                 normalizer=norm,
                 num_kept_step=plan.num_kept,
+                num_valid_step=plan.num_valid,
                 max_response_len=self.sampling.max_new_tokens,
                 ref_logprobs=refs[i],
                 rollout_logprobs=mb.rollout_lp,
             )
+            # the forwards ran on the engine's modules, not through engine.forward(), which is where
+            # ZeRO starts a new micro-step; without this, ZeRO-3 overwrites (does not add) the gradient
+            # of each earlier micro-batch, and the step learns from the last one only
+            if i and hasattr(self.engine.optimizer, "clear_backward_seen_flag"):
+                self.engine.optimizer.clear_backward_seen_flag()
             self.engine.backward(loss * self.world, scale_wrt_gas=False)
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + v
             # rollout/learner mismatch on valid tokens: how far the engine's numbers are from ours
             d = (old - mb.rollout_lp).abs()[mb.valid]
             sums["rollout/logprob_abs_diff_sum"] = sums.get("rollout/logprob_abs_diff_sum", 0.0) + float(d.sum())
+        own_norm = None if hasattr(self.engine.optimizer, "_global_grad_norm") else self._grad_norm()
         self.engine.step()
-        sums["actor/grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        ds_norm = self.engine.get_global_grad_norm()
+        sums["actor/grad_norm"] = float(ds_norm if own_norm is None else own_norm)
         sums["actor/lr"] = float(self.engine.get_lr()[0])
-        sums["entropy/kept_tokens"] = float(plan.num_kept)
+        sums["entropy/kept_tokens"] = float(sum(int(mask.sum()) for mask in plan.masks))  # counted: adds over ranks
         return RankStep(metrics=sums, stats=plan.stats, num_valid=plan.num_valid)
+
+    def _grad_norm(self) -> float:
+        """Global 2-norm of the gradients before clipping, where DeepSpeed keeps none (no ZeRO
+        optimizer: stage 0). The gradients are already averaged over ranks at the boundary, so
+        every rank holds the global ones."""
+        import torch
+
+        sq = [p.grad.detach().float().pow(2).sum() for p in self.engine.module.parameters() if p.grad is not None]
+        return float(torch.stack(sq).sum().sqrt()) if sq else 0.0
 
     # -- weights, checkpoints ----------------------------------------------------------------
 
@@ -314,7 +333,7 @@ class LearnerGroup:
         metrics: dict[str, Any] = {}
         for r in results:  # contributions add up over ranks
             for key, v in r.metrics.items():
-                if key in ("actor/grad_norm", "actor/lr", "entropy/kept_tokens"):
+                if key in ("actor/grad_norm", "actor/lr"):
                     metrics[key] = v
                 else:
                     metrics[key] = metrics.get(key, 0.0) + v
@@ -322,6 +341,22 @@ class LearnerGroup:
         metrics["rollout/logprob_abs_diff"] = metrics.pop("rollout/logprob_abs_diff_sum") / max(n_valid, 1)
         metrics.update(results[0].stats)
         return metrics
+
+    def train_rollout(self, groups: list[list[TrainSequence]], mini_batch: int | None, epochs: int) -> dict[str, Any]:
+        """PPO over one rollout batch: `epochs` passes over its mini-batches of `mini_batch` groups, one
+        optimizer step each, in order. With more than one step the old policy's log-probs are taken
+        once, before the first update (as verl does), so the ratio and clipping act from the second
+        step on. Returns the steps' metrics merged (`actors.grpo.merge_step_metrics`)."""
+        from dataclasses import replace
+
+        from actors.grpo import merge_step_metrics, mini_batches
+
+        parts = mini_batches(groups, mini_batch)
+        if len(parts) * epochs > 1:
+            flat = [s for part in parts for s in part]
+            olds = iter(self.score(flat))
+            parts = [[replace(s, old_logprobs=next(olds)) for s in part] for part in parts]
+        return merge_step_metrics([self.train_step(part) for _ in range(epochs) for part in parts])
 
     def export_weights(self, dtype: str) -> Any:
         """ObjectRef of rank 0's safetensors blob (every rank takes part when ZeRO-3 gathers)."""
@@ -332,9 +367,11 @@ class LearnerGroup:
         return refs[0]
 
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
-        import ray
-
-        return list(ray.get(self.pool.actors[0].score.remote(seqs)))
+        """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""
+        k = len(self.pool)
+        padded = seqs + [seqs[-1].padding_copy() for _ in range(max(0, k - len(seqs)))]
+        parts = self.pool.sharded(padded, lambda a, part: a.score.remote(part))
+        return [lp for part in parts for lp in part][: len(seqs)]
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
         self.pool.all(lambda a: a.save_checkpoint.remote(directory, tag, client_state))

@@ -200,8 +200,9 @@ if __name__ == "__main__":
     raise SystemExit(main())
 
 
-def resolve_dtype(dtype: str) -> str:
-    """`auto` -> bfloat16 where the hardware computes it natively, else float32."""
+def resolve_dtype(dtype: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """`auto` -> bfloat16 where the hardware computes it natively (a GPU, or a CPU with AMX-bf16 or
+    AVX512-bf16 in `cpuinfo`), else float32."""
     if dtype != "auto":
         return dtype
     try:
@@ -212,7 +213,7 @@ def resolve_dtype(dtype: str) -> str:
     except ImportError:
         pass
     try:
-        flags = Path("/proc/cpuinfo").read_text()
+        flags = cpuinfo.read_text()
     except OSError:
         return "float32"
     return "bfloat16" if ("amx_bf16" in flags or "avx512_bf16" in flags) else "float32"

@@ -7,9 +7,12 @@
 Departures from plain GRPO, on purpose: the policy gradient flows only through the
 top `algorithm.top_entropy_quantile` highest-entropy response tokens of each optimizer step
 (arXiv 2506.01939), chosen globally over all micro-batches and learner ranks; the DAPO recipe
-(clip-higher 0.2/0.28, token-level loss, dynamic sampling, soft overlong penalty, no KL); the
-learner's own log-probs as the old policy, with a truncated importance weight for the rollout
-engine / learner mismatch. Without a Ray address it starts a local Ray itself.
+(clip-higher 0.2/0.28, token-level loss, dynamic sampling that generates more prompts until the
+step has groups with signal, soft overlong penalty or masking, no KL); a rollout batch may take
+several optimizer steps (algorithm.ppo_mini_batch / ppo_epochs) against old log-probs taken once
+before the first; the learner's log-probs, not the engine's, are the old policy, with a truncated
+importance weight for the rollout engine / learner mismatch. Without a Ray address it starts a
+local Ray itself.
 """
 
 from __future__ import annotations
@@ -21,7 +24,6 @@ import os
 import shutil
 import sys
 import time
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,24 +42,22 @@ def timed(metrics: dict[str, float], phase: str):
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:
-    import torch
     from tqdm import tqdm
 
-    from actors.batch import TrainSequence
     from actors.checkpoint import latest_checkpoint, save_checkpoint
     from actors.data import PromptSampler, load_eval_examples, load_examples, render_prompt
-    from actors.grpo import group_advantages, overlong_penalty
     from actors.learner import LearnerGroup
     from actors.models import resolve_dtype, resolve_model_path
     from actors.reward import RewardPool
     from actors.rollout import RolloutPool
     from actors.runtime import init_ray, load_tokenizer
+    from actors.sampling import collect, training_groups
     from actors.tracking import Tracker
 
     run = RunDir(Path(cfg.trainer.output_dir).resolve())
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(cfg.model_dump_json(indent=1))
-    algo, G = cfg.algorithm, cfg.rollout.group_size
+    algo = cfg.algorithm
     init_ray(cfg)
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(model_path)
@@ -85,58 +85,37 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     for step in bar:
         m: dict[str, Any] = {}
         t_step = time.perf_counter()
-        with timed(m, "sample"):  # sample prompts
-            examples = sampler.next()
-            prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in examples]
-            m["data/batch_crc"] = batch_fingerprint(examples)
-        with timed(m, "generate"):  # generate G completions per prompt on the rollout pool
-            groups = rollout.generate(prompts, G)
-        with timed(m, "verify"):  # verify on the reward pool
-            flat = [(ex, p, s) for ex, p, g in zip(examples, prompts, groups, strict=True) for s in g]
-            scores, reward_metrics = rewards.score([(s.text, ex.answer, ex.prompt) for ex, _, s in flat])
-        with timed(m, "advantages"):  # advantages + dynamic sampling
-            raw = torch.tensor(scores)  # [P*G]
-            lengths = torch.tensor([len(s.token_ids) for _, _, s in flat])  # [P*G]
-            shaped = raw + overlong_penalty(
-                lengths, cfg.rollout.max_new_tokens, algo.overlong_buffer, algo.overlong_penalty
-            )
-            adv, keep = group_advantages(shaped, G, algo.estimator, drop_zero_variance=algo.dynamic_sampling)
-            batch = [
-                TrainSequence(p, s.token_ids, s.logprobs, a)
-                for (_, p, s), a, k in zip(flat, adv.tolist(), keep.tolist(), strict=True)
-                if k and s.token_ids
-            ]
-        with timed(m, "learn"):  # learn: entropy-filtered update on the learner group
-            if batch:
-                m.update(learners.train_step(batch))
+        # sample, generate, verify: in rounds until the step holds groups with signal (DAPO)
+        got = collect(cfg, sampler, tokenizer, rollout, rewards)
+        m.update(got.metrics)
+        with timed(m, "advantages"):  # advantages from the shaped reward; overlong masking
+            groups, batch_metrics = training_groups(cfg, got.groups)
+            m.update(batch_metrics)
+        with timed(m, "learn"):  # learn: entropy-filtered PPO steps on the learner group
+            if groups:
+                m.update(learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs))
+            else:
+                log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
+        m["batch/empty_step"] = float(not groups)
         with timed(m, "weight_sync"):  # sync weights learner -> every rollout engine
-            if batch:
+            if groups:
                 rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
-        m.update(reward_metrics)  # log
-        m.update(
-            {
-                "reward/mean": float(raw.mean()),
-                "reward/shaped_mean": float(shaped.mean()),
-                "response/length_mean": float(lengths.float().mean()),
-                "batch/groups_kept": float(keep.view(-1, G)[:, 0].sum()),
-                "batch/sequences": float(len(batch)),
-                "timing/step": time.perf_counter() - t_step,
-            }
-        )
+        m["timing/step"] = time.perf_counter() - t_step  # log
         if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
             with timed(m, "eval"):  # greedy answers on the held-out set
                 outs = rollout.generate(eval_prompts, 1, temperature=0.0)
-                got, _ = rewards.score(
+                right, _ = rewards.score(
                     [(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, eval_set, strict=True)]
                 )
-                m["eval/reward_mean"] = sum(got) / len(got)
+                m["eval/reward_mean"] = sum(right) / len(right)
         if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
             with timed(m, "checkpoint"):
                 saved = save_checkpoint(learners, run, step, sampler.state(), cfg.trainer.keep_checkpoints)
             tracker.checkpoint(step, saved)
         tracker.log(step, m)
         history.append(m)
-        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=f"{m.get('entropy/mean', float('nan')):.3f}")
+        entropy = f"{m['entropy/mean']:.3f}" if "entropy/mean" in m else "- (no update)"
+        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=entropy)
         log.info(
             "step %d | reward %.3f | %s",
             step,
@@ -151,11 +130,6 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     run.summary.write_text(json.dumps(summary, indent=1))
     shutil.rmtree(run.scratch, ignore_errors=True)
     return summary
-
-
-def batch_fingerprint(examples: list[Any]) -> int:
-    """CRC32 of a batch's prompts and answers: equal fingerprints = the same data, same order."""
-    return zlib.crc32(json.dumps([[ex.prompt, ex.answer] for ex in examples]).encode())
 
 
 def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) -> dict[str, Any]:

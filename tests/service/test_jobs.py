@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import signal
 import time
+from pathlib import Path
 
 import httpx
 import psutil
 import pytest
 import yaml
 
+from actors.contract import RunDir
 from service.rayjobs import LocalRayHead, RayJobs
 
 from .conftest import ROOT, Server
@@ -44,6 +46,17 @@ def wait_for(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> 
     raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
 
 
+def wait_for_step_in_file(run_dir: Path, step: int, timeout: float) -> None:
+    """Until the run's metrics.jsonl holds `step` (the driver writes it whether or not the service is up)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        rows = RunDir(run_dir).metrics.read_text().splitlines() if RunDir(run_dir).metrics.is_file() else []
+        if any(json.loads(r)["step"] >= step for r in rows if r.strip()):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no step {step} in {run_dir} after {timeout}s")
+
+
 def first_metrics_event(server: Server, job_id: str, timeout: float) -> dict:
     with server.client() as c, c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as r:
         kind = None
@@ -73,8 +86,11 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
         first = first_metrics_event(server, a["id"], 400)  # metrics arrive while it runs
         assert first["step"] >= 1 and "reward/mean" in first and "timing/generate" in first
 
+        with server.client() as c:
+            known = c.get(f"/v1/jobs/{a['id']}").json()["last_step"]
         server.stop(signal.SIGKILL)  # the service dies mid-job; the job goes on in Ray
-        time.sleep(8)
+        # a step logged while the service is down (the last one, if the job got there first)
+        wait_for_step_in_file(tmp_path / "data" / "runs" / a["id"], min(known + 1, 6), 300)
         server.start()
         with server.client() as c:
             done = wait_for(c, a["id"], {"SUCCEEDED", "FAILED", "CANCELLED"}, 400)

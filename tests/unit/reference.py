@@ -52,4 +52,5 @@ def clipped_loss(logp, old, adv, valid, kept, eps_low, eps_high, agg) -> float:
         return total / max(n_valid, 1)
     if agg == "seq_mean_token_mean":
         return sum(seq_terms) / max(len(seq_terms), 1)
-    return total / (len(logp) * len(logp[0]))
+    # Dr.GRPO: sum / (sequences x longest response); a row with no valid token is padding, not a sequence
+    return total / (sum(1 for row in valid if any(row)) * len(logp[0]))

@@ -4,11 +4,10 @@ a group split across micro-batches."""
 
 import pytest
 import torch
+import transformers
 
 from actors.batch import TrainSequence, collate, prompt_runs
 from actors.forward import response_hidden_full, response_hidden_shared
-
-transformers = pytest.importorskip("transformers")
 
 
 def _model():

@@ -47,6 +47,7 @@ def test_k_is_ceil_in_decimal():
     assert num_kept(10, 0.2) == 2
     assert num_kept(10, 0.7) == 7
     assert num_kept(11, 0.2) == 3  # 2.2 -> 3
+    assert num_kept(100, 0.07) == 7  # binary 0.07 * 100 = 7.000000000000001 would give 8
     assert num_kept(1, 0.05) == 1  # 0.05 -> 1: one token always keeps itself
     assert num_kept(0, 0.2) == 0
     with pytest.raises(ValueError, match="top_entropy_quantile=0"):
@@ -118,6 +119,26 @@ def test_clip_higher_positive_advantage():
     assert lp.grad.item() == 0.0  # clipped: no gradient
 
 
+def test_ratio_inside_the_range_is_not_clipped():
+    # A = +1, logp - old = 0.1 -> ratio = e^0.1 = 1.105171 inside [0.8, 1.28]: both terms equal -1.105171,
+    # the loss is -1.105171 and nothing counts as clipped; ratio exactly 1 likewise
+    lp = torch.tensor([[0.1, 0.0]], requires_grad=True)
+    loss, m = policy_loss(lp, torch.zeros(1, 2), torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool))
+    assert loss.item() == pytest.approx(-(math.exp(0.1) + 1.0) / 2, abs=1e-6)
+    assert m["actor/clipfrac"] == 0.0 and m["actor/dual_clipfrac"] == 0.0
+    assert m["actor/ratio_mean"] == pytest.approx((math.exp(0.1) + 1.0) / 2, abs=1e-6)
+
+
+def test_token_sum_norm_counts_only_sequences_with_tokens():
+    # Dr.GRPO: sum over kept / (sequences x max_response_len); rows: one real sequence of 2 tokens (A = 1,
+    # ratio 1 -> terms -1, -1) and one all-padding row -> -2 / (1 x 4) = -0.5, not -2 / (2 x 4)
+    lp = torch.zeros(2, 2)
+    valid = torch.tensor([[True, True], [False, False]])
+    loss, _ = policy_loss(lp, lp, torch.tensor([1.0, 1.0]), valid, None, A(loss_agg="token_sum_norm"),
+                          max_response_len=4)  # fmt: skip
+    assert loss.item() == pytest.approx(-0.5)
+
+
 def test_clip_low_negative_advantage_and_dual_clip():
     # A = -1, ratio = e^-1 = 0.3679 < 1 - 0.2 -> pg = max(0.3679, 0.8) = 0.8 (clipped)
     lp = torch.tensor([[-1.0]])
@@ -158,7 +179,8 @@ def test_entropy_mask_and_aggregation_modes():
 
 def test_kl_k3_masked_or_not():
     # logp = 0, ref = ln 2 -> d = ln 2, k3 = e^d - d - 1 = 2 - 0.693147 - 1 = 0.306853
-    # one kept, one dropped token, A = 0 (no pg), kl_coef = 0.5, token_mean over valid (2 tokens)
+    # one kept, one dropped token, A = 0 (no pg), kl_coef = 0.5; the KL is a mean over the tokens it
+    # applies to: all 2 valid ones, or with mask_kl_by_entropy the 1 kept one
     lp = torch.zeros(1, 2)
     ref = torch.full((1, 2), math.log(2.0))
     valid = torch.ones(1, 2, dtype=torch.bool)
@@ -176,7 +198,7 @@ def test_kl_k3_masked_or_not():
         ref_logprobs=ref,
     )
     assert unmasked.item() == pytest.approx(0.5 * 2 * 0.306853 / 2, abs=1e-6)
-    assert masked.item() == pytest.approx(0.5 * 1 * 0.306853 / 2, abs=1e-6)
+    assert masked.item() == pytest.approx(0.5 * 1 * 0.306853 / 1, abs=1e-6)
 
 
 def test_truncated_importance_weight():

@@ -71,6 +71,7 @@ def test_loss_matches_reference(seed, rho, agg):
     old = logp + torch.randn(b, t, generator=g, dtype=torch.float64) * 0.3
     adv = torch.randn(b, generator=g, dtype=torch.float64)
     valid = torch.rand(b, t, generator=g) < 0.8
+    valid[seed % b] = False  # an all-padding row (an uneven shard's copy): not a sequence of the step
     h = torch.rand(b, t, generator=g)
     kept = high_entropy_mask(h, valid, rho)
     loss, _ = policy_loss(logp, old, adv, valid, kept, A(loss_agg=agg))
@@ -80,14 +81,15 @@ def test_loss_matches_reference(seed, rho, agg):
     assert loss.item() == pytest.approx(expected, abs=1e-9)
 
 
-def test_gradient_zero_on_dropped_and_equal_to_unmasked_on_kept():
+@pytest.mark.parametrize("temp", [1.0, 0.7])
+def test_gradient_zero_on_dropped_and_equal_to_unmasked_on_kept(temp):
     g = torch.Generator().manual_seed(7)
     b, t, v = 3, 4, 11
     z = torch.randn(b, t, v, generator=g, requires_grad=True)
     ids = torch.randint(0, v, (b, t), generator=g)
     valid = torch.ones(b, t, dtype=torch.bool)
     adv = torch.tensor([1.0, -0.5, 0.25])
-    logp, h = token_logprobs_and_entropy(z, ids)
+    logp, h = token_logprobs_and_entropy(z, ids, temperature=temp)
     kept = high_entropy_mask(h, valid, 0.5)
     old = logp.detach() - 0.05  # ratio = e^0.05, inside the clip range
     # token_mean over valid keeps the same normaliser for masked and unmasked losses
@@ -95,7 +97,7 @@ def test_gradient_zero_on_dropped_and_equal_to_unmasked_on_kept():
     (gz,) = torch.autograd.grad(loss, z)
     # reference: autograd through torch's own log_softmax, unmasked, then per token
     z2 = z.detach().clone().requires_grad_(True)
-    lp2 = torch.log_softmax(z2.double(), -1).gather(-1, ids[..., None]).squeeze(-1)
+    lp2 = torch.log_softmax(z2.double() / temp, -1).gather(-1, ids[..., None]).squeeze(-1)
     per_tok = -adv[:, None].double() * torch.exp(lp2 - old.double())
     (g_full,) = torch.autograd.grad(per_tok.sum() / (b * t), z2)
     for i, j in itertools.product(range(b), range(t)):

@@ -39,7 +39,16 @@ def test_unknown_names_are_rejected_clearly():
     with pytest.raises(ValueError, match="neither a built-in model"):
         resolve_model_path("no-such-model")
     assert resolve_dtype("float32") == "float32"
-    assert resolve_dtype("auto") in ("float32", "bfloat16")
+
+
+def test_auto_dtype_follows_the_cpu_flags(tmp_path):
+    # bf16 only where the CPU computes it natively; AVX2-only boxes run bf16 several times slower
+    avx2, amx, missing = tmp_path / "avx2", tmp_path / "amx", tmp_path / "none"
+    avx2.write_text("flags\t: fpu sse2 avx avx2 fma\n")
+    amx.write_text("flags\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n")
+    assert resolve_dtype("auto", cpuinfo=avx2) == "float32"
+    assert resolve_dtype("auto", cpuinfo=amx) == "bfloat16"
+    assert resolve_dtype("auto", cpuinfo=missing) == "float32"
 
 
 @pytest.mark.slow

@@ -24,10 +24,27 @@ def _problem():
     ids = torch.randint(0, V, (B, T), generator=g)
     valid = torch.arange(T)[None, :] < torch.tensor([6, 3, 5, 0, 6, 2, 4, 1])[:, None]
     adv = torch.randn(B, generator=g)
-    # duplicate hidden rows create exactly equal entropies: ties that straddle the split points
-    hidden[5] = hidden[1]
-    hidden[7, 0] = hidden[0, 0]
+    # equal hidden states give exactly equal entropies: 8 tokens share one near-uniform state, spread
+    # over every micro-batch of the 4-way split and both ranks; one all-zero state (uniform, the largest
+    # entropy there is) sits above them. k = ceil(0.2 * 27) = 6: 1 above + the first 5 of the 8 ties.
+    tied = 0.3 * torch.randn(D, generator=g)
+    for row, pos in TIES:
+        hidden[row, pos] = tied
+    hidden[4, 5] = 0.0
     return hidden, w0, ids, valid, adv
+
+
+TIES = [(0, 1), (1, 0), (2, 2), (4, 3), (5, 0), (6, 1), (6, 3), (7, 0)]  # (row, position), all valid
+
+
+def test_the_fixture_really_has_ties_across_the_splits():
+    loss, grad, plan = _step([range(0, B)])
+    th = plan.threshold
+    assert (th.k, th.num_above, th.ties_to_keep) == (6, 1, 5)  # more tied tokens (8) than are kept (5)
+    kept = plan.masks[0]
+    assert [bool(kept[r, p]) for r, p in TIES] == [True] * 5 + [False] * 3  # the first 5 in step order
+    # kept ties fall in 3 of the 4 micro-batches (rows 0-1, 2-3, 4-5) and on both ranks (rows 0-3, 4-7)
+    assert {r // 2 for r, p in TIES[:5]} == {0, 1, 2} and {r // 4 for r, p in TIES} == {0, 1}
 
 
 def _step(rows: list[range], group=None, world: int = 1, agg="token_mean_selected"):
@@ -36,7 +53,10 @@ def _step(rows: list[range], group=None, world: int = 1, agg="token_mean_selecte
     w = w0.clone().requires_grad_(True)
     with torch.no_grad():
         ents = [token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)[1] for r in rows]
-    plan = plan_step(ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True, group=group)
+    # the default device is "meta" inside plan_step: a tensor it creates without naming the data's device
+    # (as a CPU tensor would be under NCCL) lands there and fails, in the collective or when read
+    with torch.device("meta"):
+        plan = plan_step(ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True, group=group)
     norm = loss_normalizer(
         agg,
         num_valid_tokens=plan.num_valid,

@@ -1,0 +1,141 @@
+"""One step's rollout: sample prompts, generate, verify - in rounds until the step holds enough groups
+with signal (DAPO dynamic sampling) - then the advantages and the training sequences.
+
+A group is kept when its verifier scores are not all equal (`actors.grpo.groups_with_signal`); the
+shaped reward (overlong penalty) only enters the advantages. Each round draws the next
+`data.prompts_per_step` prompts from the sampler, so the data order stays a function of the
+sampler's position (checkpointed) and of the scores; the step keeps the first
+`data.prompts_per_step` groups with signal, in order. When `dynamic_sampling_max_rounds` rounds do
+not fill the step, it trains on what it has and says so (`batch/sampling_bound_hit`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from actors.batch import Completion, TrainSequence
+from actors.config import JobConfig
+from actors.data import Example, PromptSampler, render_prompt
+from actors.grpo import group_advantages, groups_with_signal, overlong_penalty
+
+log = logging.getLogger("forkrl.sampling")
+
+__all__ = ["Group", "StepRollout", "batch_fingerprint", "collect", "training_groups"]
+
+
+@dataclass(frozen=True)
+class Group:
+    """One prompt's G completions and their verifier scores."""
+
+    example: Example
+    prompt_ids: list[int]
+    completions: list[Completion]
+    scores: list[float]
+
+
+@dataclass
+class StepRollout:
+    groups: list[Group]  # the groups the step trains on, in order
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def batch_fingerprint(examples: list[Any]) -> int:
+    """CRC32 of a batch's prompts and answers: equal fingerprints = the same data, same order."""
+    import json
+
+    return zlib.crc32(json.dumps([[ex.prompt, ex.answer] for ex in examples]).encode())
+
+
+def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any, rewards: Any) -> StepRollout:
+    """Rounds of sample -> generate -> verify until the step has data.prompts_per_step groups to train on."""
+    algo, need, g = cfg.algorithm, cfg.data.prompts_per_step, cfg.rollout.group_size
+    rounds_max = algo.dynamic_sampling_max_rounds if algo.dynamic_sampling else 1
+    kept: list[Group] = []
+    seen: list[Example] = []
+    scores_all: list[float] = []
+    lengths_all: list[int] = []
+    m: dict[str, Any] = {"timing/sample": 0.0, "timing/generate": 0.0, "timing/verify": 0.0}
+    m.update({"reward/errors": 0.0, "reward/timeouts": 0.0})
+    rounds = discarded = 0
+    while rounds < rounds_max and len(kept) < need:
+        rounds += 1
+        t0 = time.perf_counter()
+        examples = sampler.next()
+        prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in examples]
+        t1 = time.perf_counter()
+        outs = rollout.generate(prompts, g)
+        t2 = time.perf_counter()
+        items = [(c.text, ex.answer, ex.prompt) for ex, group in zip(examples, outs, strict=True) for c in group]
+        scores, reward_metrics = rewards.score(items)
+        t3 = time.perf_counter()
+        m["timing/sample"] += t1 - t0
+        m["timing/generate"] += t2 - t1
+        m["timing/verify"] += t3 - t2
+        for key, v in reward_metrics.items():
+            m[key] = m.get(key, 0.0) + v
+        seen += examples
+        scores_all += scores
+        lengths_all += [len(c.token_ids) for group in outs for c in group]
+        signal = groups_with_signal(torch.tensor(scores), g).tolist() if algo.dynamic_sampling else [True] * len(outs)
+        for i, (ex, p, group, ok) in enumerate(zip(examples, prompts, outs, signal, strict=True)):
+            if ok:
+                kept.append(Group(ex, p, group, scores[i * g : (i + 1) * g]))
+            else:
+                discarded += 1
+    bound_hit = len(kept) < need
+    if bound_hit and algo.dynamic_sampling:
+        log.warning(
+            "dynamic sampling: %d of %d groups with signal after %d rounds (algorithm.dynamic_sampling_max_rounds)",
+            len(kept), need, rounds,
+        )  # fmt: skip
+    kept = kept[:need]
+    lengths = torch.tensor(lengths_all, dtype=torch.float32)
+    m.update(
+        {
+            "data/batch_crc": batch_fingerprint(seen),
+            "reward/mean": float(torch.tensor(scores_all).mean()),  # every completion generated this step
+            "reward/trained_mean": float(torch.tensor([s for gr in kept for s in gr.scores]).mean()) if kept else 0.0,
+            "response/length_mean": float(lengths.mean()),
+            "batch/rounds": float(rounds),
+            "batch/groups_kept": float(len(kept)),
+            "batch/groups_discarded": float(discarded),
+            "batch/sampling_bound_hit": float(bound_hit and algo.dynamic_sampling),
+        }
+    )
+    return StepRollout(kept, m)
+
+
+def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[TrainSequence]], dict[str, float]]:
+    """Advantages (from the shaped reward) and the sequences of each group that enter the loss."""
+    algo, g, max_new = cfg.algorithm, cfg.rollout.group_size, cfg.rollout.max_new_tokens
+    if not groups:
+        return [], {"reward/shaped_mean": 0.0, "batch/sequences": 0.0, "batch/truncated_masked": 0.0}
+    raw = torch.tensor([s for gr in groups for s in gr.scores])  # [P*G]
+    lengths = torch.tensor([len(c.token_ids) for gr in groups for c in gr.completions])  # [P*G]
+    shaped = raw + overlong_penalty(lengths, max_new, algo.overlong_buffer, algo.overlong_penalty)  # [P*G]
+    adv, _ = group_advantages(shaped, g, algo.estimator)  # [P*G]
+    out: list[list[TrainSequence]] = []
+    masked = 0
+    for i, gr in enumerate(groups):
+        seqs = []
+        for j, c in enumerate(gr.completions):
+            if not c.token_ids:
+                continue
+            if algo.overlong_mask and c.finish_reason == "length":
+                masked += 1  # truncated: its reward still shapes the group's baseline, its tokens get no loss
+                continue
+            seqs.append(TrainSequence(gr.prompt_ids, c.token_ids, c.logprobs, float(adv[i * g + j])))
+        if seqs:
+            out.append(seqs)
+    n = sum(len(s) for s in out)
+    return out, {
+        "reward/shaped_mean": float(shaped.mean()),
+        "batch/sequences": float(n),
+        "batch/truncated_masked": float(masked),
+    }
