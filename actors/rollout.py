@@ -104,6 +104,10 @@ class RolloutEngine:
     def ready(self) -> bool:
         return True
 
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core processes: they outlive an actor that is killed rather than shut down."""
+        self.llm.llm_engine.engine_core.shutdown()
+
 
 class RolloutPool:
     """N RolloutEngine actors; prompts are split into contiguous shards, one per engine."""
@@ -121,6 +125,15 @@ class RolloutPool:
     def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[Completion]]:
         parts = self.pool.sharded(prompts, lambda e, part: e.generate.remote(part, n, **kw))
         return [group for part in parts for group in part]
+
+    def shutdown(self) -> None:
+        """Shut every engine down, then end its actor (idempotent)."""
+        import ray
+
+        engines, self.pool.actors = self.pool.actors, []
+        ray.wait([e.shutdown.remote() for e in engines], num_returns=len(engines), timeout=60)
+        for e in engines:
+            ray.kill(e)
 
     def load_weights(self, blob_ref: Any, timeout_s: float) -> list[dict[str, float]]:
         """Push one weights blob (an ObjectRef) to every engine; raise if not done in timeout_s."""

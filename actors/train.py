@@ -63,73 +63,76 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed)
-    rewards = RewardPool(cfg.reward)
-    learners = LearnerGroup(model_path, cfg.learner, algo, cfg.rollout, cfg.trainer.seed, dtype)
-    tracker = Tracker(run, cfg)
-    eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
-    eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
+    try:  # the engines' vLLM processes end with the run, whatever ends it
+        rewards = RewardPool(cfg.reward)
+        learners = LearnerGroup(model_path, cfg.learner, algo, cfg.rollout, cfg.trainer.seed, dtype)
+        tracker = Tracker(run, cfg)
+        eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
+        eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
 
-    start = 0
-    ckpt = latest_checkpoint(run, cfg.trainer.resume)
-    if ckpt is not None:  # resume: weights, optimizer, scheduler, RNG, data position
-        state = learners.load_checkpoint(str(ckpt.parent), ckpt.name)
-        start = int(state["step"])
-        sampler.load_state(state["sampler"])
-        rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
-        log.info("resumed from %s at step %d", ckpt, start)
+        start = 0
+        ckpt = latest_checkpoint(run, cfg.trainer.resume)
+        if ckpt is not None:  # resume: weights, optimizer, scheduler, RNG, data position
+            state = learners.load_checkpoint(str(ckpt.parent), ckpt.name)
+            start = int(state["step"])
+            sampler.load_state(state["sampler"])
+            rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
+            log.info("resumed from %s at step %d", ckpt, start)
 
-    history: list[dict[str, Any]] = []
-    bar = tqdm(
-        range(start + 1, cfg.trainer.steps + 1), desc="GRPO", unit="step", initial=start, total=cfg.trainer.steps
-    )
-    for step in bar:
-        m: dict[str, Any] = {}
-        t_step = time.perf_counter()
-        # sample, generate, verify: in rounds until the step holds groups with signal (DAPO)
-        got = collect(cfg, sampler, tokenizer, rollout, rewards)
-        m.update(got.metrics)
-        with timed(m, "advantages"):  # advantages from the shaped reward; overlong masking
-            groups, batch_metrics = training_groups(cfg, got.groups)
-            m.update(batch_metrics)
-        with timed(m, "learn"):  # learn: entropy-filtered PPO steps on the learner group
-            if groups:
-                m.update(learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs))
-            else:
-                log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
-        m["batch/empty_step"] = float(not groups)
-        with timed(m, "weight_sync"):  # sync weights learner -> every rollout engine
-            if groups:
-                rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
-        m["timing/step"] = time.perf_counter() - t_step  # log
-        if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
-            with timed(m, "eval"):  # greedy answers on the held-out set
-                outs = rollout.generate(eval_prompts, 1, temperature=0.0)
-                right, _ = rewards.score(
-                    [(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, eval_set, strict=True)]
-                )
-                m["eval/reward_mean"] = sum(right) / len(right)
-        if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
-            with timed(m, "checkpoint"):
-                saved = save_checkpoint(learners, run, step, sampler.state(), cfg.trainer.keep_checkpoints)
-            tracker.checkpoint(step, saved)
-        tracker.log(step, m)
-        history.append(m)
-        entropy = f"{m['entropy/mean']:.3f}" if "entropy/mean" in m else "- (no update)"
-        bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=entropy)
-        log.info(
-            "step %d | reward %.3f | %s",
-            step,
-            m["reward/mean"],
-            " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/")),
+        history: list[dict[str, Any]] = []
+        bar = tqdm(
+            range(start + 1, cfg.trainer.steps + 1), desc="GRPO", unit="step", initial=start, total=cfg.trainer.steps
         )
-    tracker.close()
-    export = None
-    if cfg.trainer.export_hf:
-        export = learners.export_hf(str(run.hf_export))
-    summary = summarize(history, run.path, export)
-    run.summary.write_text(json.dumps(summary, indent=1))
-    shutil.rmtree(run.scratch, ignore_errors=True)
-    return summary
+        for step in bar:
+            m: dict[str, Any] = {}
+            t_step = time.perf_counter()
+            # sample, generate, verify: in rounds until the step holds groups with signal (DAPO)
+            got = collect(cfg, sampler, tokenizer, rollout, rewards)
+            m.update(got.metrics)
+            with timed(m, "advantages"):  # advantages from the shaped reward; overlong masking
+                groups, batch_metrics = training_groups(cfg, got.groups)
+                m.update(batch_metrics)
+            with timed(m, "learn"):  # learn: entropy-filtered PPO steps on the learner group
+                if groups:
+                    m.update(learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs))
+                else:
+                    log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
+            m["batch/empty_step"] = float(not groups)
+            with timed(m, "weight_sync"):  # sync weights learner -> every rollout engine
+                if groups:
+                    rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
+            m["timing/step"] = time.perf_counter() - t_step  # log
+            if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
+                with timed(m, "eval"):  # greedy answers on the held-out set
+                    outs = rollout.generate(eval_prompts, 1, temperature=0.0)
+                    right, _ = rewards.score(
+                        [(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, eval_set, strict=True)]
+                    )
+                    m["eval/reward_mean"] = sum(right) / len(right)
+            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
+                with timed(m, "checkpoint"):
+                    saved = save_checkpoint(learners, run, step, sampler.state(), cfg.trainer.keep_checkpoints)
+                tracker.checkpoint(step, saved)
+            tracker.log(step, m)
+            history.append(m)
+            entropy = f"{m['entropy/mean']:.3f}" if "entropy/mean" in m else "- (no update)"
+            bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=entropy)
+            log.info(
+                "step %d | reward %.3f | %s",
+                step,
+                m["reward/mean"],
+                " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/")),
+            )
+        tracker.close()
+        export = None
+        if cfg.trainer.export_hf:
+            export = learners.export_hf(str(run.hf_export))
+        summary = summarize(history, run.path, export)
+        run.summary.write_text(json.dumps(summary, indent=1))
+        shutil.rmtree(run.scratch, ignore_errors=True)
+        return summary
+    finally:
+        rollout.shutdown()
 
 
 def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) -> dict[str, Any]:

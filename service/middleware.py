@@ -1,5 +1,7 @@
 """ASGI middleware of the control plane."""
 
+import contextlib
+
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,20 +23,27 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await too_big(scope, receive, send)
             return
-        seen = 0
+        seen, over = 0, False
 
         async def limited() -> Message:
-            nonlocal seen
+            nonlocal seen, over
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
+                    over = True
                     raise _BodyTooLarge
             return msg
 
-        try:
-            await self.app(scope, limited, send)
-        except _BodyTooLarge:
+        async def unless_over(msg: Message) -> None:
+            # the app may turn the failed read into a response of its own (FastAPI answers 400 for a body
+            # it could not read); past the limit the answer is 413 instead
+            if not over:
+                await send(msg)
+
+        with contextlib.suppress(_BodyTooLarge):
+            await self.app(scope, limited, unless_over)
+        if over:
             await too_big(scope, receive, send)
 
 

@@ -49,28 +49,31 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
     cfg = tiny_config(tmp_path, "rollout.max_new_tokens=12", "algorithm.kl_coef=0.05", "learner.lr=1e-2")
     rollout = RolloutPool(tiny_path, cfg.rollout, "float32", 0)
     learners = LearnerGroup(tiny_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, "float32")
-    prompt = AutoTokenizer.from_pretrained(tiny_path)("What is 2 + 3?")["input_ids"]
+    try:
+        prompt = AutoTokenizer.from_pretrained(tiny_path)("What is 2 + 3?")["input_ids"]
 
-    groups = rollout.generate([prompt] * 4, 4)
-    batch = [
-        TrainSequence(prompt, s.token_ids, s.logprobs, a)
-        for g in groups
-        for s, a in zip(g, [1.0, -1.0, 0.5, -0.5], strict=True)
-    ]
-    before = learners.weights_digest()
-    metrics = learners.train_step(batch)
-    assert learners.weights_digest() != before  # the step changed the weights
-    assert metrics["actor/kl_ref"] == 0.0  # the reference is the initial policy: no divergence yet
-    assert learners.train_step(batch)["actor/kl_ref"] > 0.0  # after one update there is
-    assert metrics["entropy/kept_frac"] == pytest.approx(
-        math.ceil(0.2 * metrics["entropy/num_valid"]) / metrics["entropy/num_valid"]
-    )
-    # before sync the engine still samples from the old weights: its log-probs are far from the learner's
-    assert _max_logprob_gap(rollout, learners, prompt) > 0.1
-    timing = rollout.load_weights(learners.export_weights("float32"), 60)
-    assert timing[0]["tensors"] > 0
-    # after it, from the learner's: the same numbers up to float rounding
-    assert _max_logprob_gap(rollout, learners, prompt) < 2e-2
+        groups = rollout.generate([prompt] * 4, 4)
+        batch = [
+            TrainSequence(prompt, s.token_ids, s.logprobs, a)
+            for g in groups
+            for s, a in zip(g, [1.0, -1.0, 0.5, -0.5], strict=True)
+        ]
+        before = learners.weights_digest()
+        metrics = learners.train_step(batch)
+        assert learners.weights_digest() != before  # the step changed the weights
+        assert metrics["actor/kl_ref"] == 0.0  # the reference is the initial policy: no divergence yet
+        assert learners.train_step(batch)["actor/kl_ref"] > 0.0  # after one update there is
+        assert metrics["entropy/kept_frac"] == pytest.approx(
+            math.ceil(0.2 * metrics["entropy/num_valid"]) / metrics["entropy/num_valid"]
+        )
+        # before sync the engine still samples from the old weights: its log-probs are far from the learner's
+        assert _max_logprob_gap(rollout, learners, prompt) > 0.1
+        timing = rollout.load_weights(learners.export_weights("float32"), 60)
+        assert timing[0]["tensors"] > 0
+        # after it, from the learner's: the same numbers up to float rounding
+        assert _max_logprob_gap(rollout, learners, prompt) < 2e-2
+    finally:  # vLLM's engine processes would outlive a killed actor
+        rollout.shutdown()
 
 
 def _max_logprob_gap(rollout, learners, prompt) -> float:
@@ -115,7 +118,10 @@ def test_three_steps_two_learners_and_the_reward_rises(ray_local, tmp_path):
 
     assert AutoModelForCausalLM.from_pretrained(summary["export"]).num_parameters() > 0
     pool = RolloutPool(summary["export"], cfg.rollout, "float32", 0)
-    assert len(pool.generate([[1, 2, 3]], 2)[0]) == 2
+    try:
+        assert len(pool.generate([[1, 2, 3]], 2)[0]) == 2
+    finally:
+        pool.shutdown()
 
 
 def test_kill_after_a_checkpoint_and_resume_with_the_same_data_order(tmp_path):

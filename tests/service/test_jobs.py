@@ -5,7 +5,10 @@ and in the embedded default starts and stops a Ray head itself. Minutes: marked 
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -77,6 +80,8 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
         with server.client() as c:
             a = c.post("/v1/jobs", json=tiny(6)).json()
             b = c.post("/v1/jobs", json=tiny(50)).json()
+            broken = {**tiny(2), "model": {**TINY["model"], "path": str(tmp_path / "no-such-model")}}
+            f = c.post("/v1/jobs", json=broken).json()  # valid config, but the driver cannot start
             # cancel a running job: B's driver runs (its actors may still wait for CPUs)
             wait_for(c, b["id"], {"RUNNING"}, 180)
             assert c.post(f"/v1/jobs/{b['id']}/cancel").json()["cancel_requested"]
@@ -103,8 +108,18 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
             assert done["started_at"] and done["ended_at"] and done["last_step"] == 6
             logs = c.get(f"/v1/jobs/{a['id']}/logs").text
             assert "forkrl run summary" in logs
-            assert (tmp_path / "data" / "runs" / a["id"] / "hf" / "config.json").is_file()
+            # the CLI's --follow streams the same log and ends with the job
+            env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
+            followed = subprocess.run([sys.executable, "-m", "service.cli", "logs", a["id"], "--follow"], cwd=ROOT,
+                                      env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+            assert followed.returncode == 0 and "forkrl run summary" in followed.stdout
+            run_dir = tmp_path / "data" / "runs" / a["id"]
+            assert (run_dir / "hf" / "config.json").is_file()
             assert c.delete(f"/v1/jobs/{a['id']}").status_code == 204
+            assert (run_dir / "metrics.jsonl").is_file()  # DELETE removes the record, not the run directory
+            failed = wait_for(c, f["id"], {"SUCCEEDED", "FAILED", "CANCELLED"}, 300)
+            assert failed["state"] == "FAILED" and failed["message"], failed
+            assert "no-such-model" in c.get(f"/v1/jobs/{f['id']}/logs").text
     finally:
         server.stop()
 
@@ -129,3 +144,60 @@ def test_embedded_ray_head_is_started_and_stopped(tmp_path):
         if any(temp_dir in a for a in (p.info["cmdline"] or []))
     ]
     assert leftovers == []
+
+
+def test_queued_while_ray_is_down_then_resubmitted_on_a_new_head(tmp_path):
+    """The reconciler submits a job that arrived while Ray was unreachable once Ray is up, and after
+    the Ray cluster is replaced (a new head has no record of the job) submits it again there."""
+    first = LocalRayHead(num_cpus=4)  # ports chosen, not started yet: Ray is down
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", first.address, first.token)
+    server.start()
+    second: LocalRayHead | None = None
+    try:
+        with server.client() as c:
+            job = c.post("/v1/jobs", json=tiny(50)).json()
+            time.sleep(2)  # two reconcile passes against the unreachable Ray
+            queued = c.get(f"/v1/jobs/{job['id']}").json()
+            assert (queued["state"], queued["message"]) == ("PENDING", "queued")
+        first.start()
+        with server.client() as c:
+            assert wait_for(c, job["id"], {"RUNNING"}, 240)["state"] == "RUNNING"
+        server.stop(signal.SIGKILL)
+        first.stop()  # the cluster is gone, and the job with it
+        second = LocalRayHead(num_cpus=4)
+        second.start()
+        server.env.update(FORKRL_RAY_ADDRESS=second.address, FORKRL_RAY_AUTH_TOKEN=second.token)
+        server.start()
+        with server.client() as c:
+            events = []
+            deadline = time.time() + 240
+            while not any("resubmitted" in e for e in events) and time.time() < deadline:
+                events = [e["message"] for e in _events(c, job["id"])]
+                time.sleep(1)
+            assert any("resubmitted: the Ray cluster had no record of it" in e for e in events), events
+            assert wait_for(c, job["id"], {"RUNNING"}, 240)["state"] == "RUNNING"
+            c.post(f"/v1/jobs/{job['id']}/cancel")
+            assert wait_for(c, job["id"], {"CANCELLED", "FAILED"}, 120)["state"] == "CANCELLED"
+    finally:
+        server.stop()
+        first.stop()
+        if second is not None:
+            second.stop()
+
+
+def _events(c: httpx.Client, job_id: str) -> list[dict]:
+    """The job's state events so far (the stream is read until its first keep-alive or end)."""
+    out = []
+    with c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=5) as r:
+        kind = None
+        try:
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    kind = line[6:].strip()
+                elif line.startswith("data:") and kind == "state":
+                    out.append(json.loads(line[5:]))
+                elif line.startswith("id: s") or kind == "end":
+                    break
+        except httpx.ReadTimeout:
+            pass
+    return out

@@ -1,6 +1,7 @@
 """One optimizer step gives the same threshold, masks, loss and gradients however it is split:
 1 or 4 micro-batches, 1 rank or 2 real ranks (torch.distributed gloo in separate processes)."""
 
+import datetime
 import os
 import socket
 
@@ -98,7 +99,8 @@ def _free_port() -> int:
 
 def _rank_main(rank, world, port, out_dir):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a rank that fails leaves the other in a collective: a short timeout turns that into a failure
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         half = B // world
         loss, grad, plan = _step(_split(rank * half, (rank + 1) * half, 2), world=world)
