@@ -7,7 +7,7 @@ CONFIG ?= examples/demo.yaml
 ARGS   ?=
 TYPED  := actors service
 
-.PHONY: setup model demo train serve test lint typecheck pytest unit bench clean
+.PHONY: setup model demo train serve test lint typecheck pytest unit bench mutation clean
 
 setup:                ## create .venv, install everything, build the model cache (GPU=1 for CUDA vLLM)
 	GPU=$(GPU) bash scripts/setup.sh
@@ -45,5 +45,10 @@ unit: $(STAMP)        ## the fast unit tests only (seconds)
 bench: $(STAMP)        ## entropy path vs the anchors (CPU: small shapes); on a GPU machine: bash bench/gpu_checks.sh
 	$(PY) bench/entropy.py
 
+mutation: $(STAMP)     ## plant bugs in the algorithm core; the unit tests must catch >= 90% (tens of minutes; not in make test)
+	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
+	$(VENV)/bin/mutmut run || true
+	$(PY) bench/mutation_summary.py | tee bench/results/mutation.txt
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

@@ -155,6 +155,8 @@ def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) 
         "eval_first": next((r["eval/reward_mean"] for r in history if "eval/reward_mean" in r), None),
         "eval_last": next((r["eval/reward_mean"] for r in reversed(history) if "eval/reward_mean" in r), None),
         "seconds_per_step": mean("timing/step", history),
+        "rounds_per_step": mean("batch/rounds", history),
+        "sequences_per_step": mean("batch/sequences", history),
         "phase_seconds": {
             key[7:]: mean(key, history) for key in sorted({k for r in history for k in r if k.startswith("timing/")})
         },
@@ -169,6 +171,10 @@ def _print_summary(s: dict[str, Any]) -> None:
 
     out.write("\n== forkrl run summary ==\n")
     out.write(f"steps run: {s['steps_run']}   seconds/step: {fmt(s['seconds_per_step'])}\n")
+    out.write(
+        f"generation rounds/step: {fmt(s['rounds_per_step'])}   sequences trained/step: "
+        f"{fmt(s['sequences_per_step'])}\n"
+    )
     w = s["window"]
     out.write(f"mean reward: first {w} step(s) {fmt(s['reward_first'])} -> last {w} {fmt(s['reward_last'])}\n")
     if s["eval_first"] is not None:

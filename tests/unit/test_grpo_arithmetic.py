@@ -242,3 +242,48 @@ def test_overlong_penalty():
     got = overlong_penalty(torch.tensor([10, 48, 56, 64]), 64, 16)
     assert got.tolist() == [0.0, 0.0, -0.5, -1.0]
     assert overlong_penalty(torch.tensor([64]), 64, 0).tolist() == [0.0]
+
+
+def test_group_advantages_edge_cases():
+    # G = 1: every group is constant -> advantage 0, nothing kept under dynamic sampling
+    adv, keep = group_advantages(torch.tensor([1.0, 0.0]), 1, drop_zero_variance=True)
+    assert adv.tolist() == [0.0, 0.0] and keep.tolist() == [False, False] and keep.dtype == torch.bool
+    _, keep_all = group_advantages(torch.tensor([1.0, 0.0]), 2)
+    assert keep_all.dtype == torch.bool and keep_all.tolist() == [True, True]
+    # eps matters at tiny spreads: r = [0, 2e-6]: centred +-1e-6, std (unbiased) = 1.414214e-6
+    # adv = +-1e-6 / (1.414214e-6 + 1e-6) = +-0.414214 (minus eps would give +-2.414214)
+    adv, _ = group_advantages(torch.tensor([0.0, 2e-6], dtype=torch.float64), 2)
+    assert adv.tolist() == pytest.approx([-0.414214, 0.414214], abs=1e-4)
+    with pytest.raises(ValueError, match="estimator='ppo' is not one of"):
+        group_advantages(torch.tensor([1.0, 0.0]), 2, estimator="ppo")  # type: ignore[arg-type]
+
+
+def test_groups_with_signal_of_one():
+    from actors.grpo import groups_with_signal
+
+    assert groups_with_signal(torch.tensor([1.0, 0.0]), 1).tolist() == [False, False]  # one answer: no spread
+
+
+def test_merge_keeps_as_many_forking_tokens_as_the_longest_list():
+    from actors.grpo import merge_step_metrics
+
+    # counts 5:2, 7:1+3 = 4, 9:1 -> the 2 most common, as each step logged 2
+    m = merge_step_metrics(
+        [{"entropy/top_forking_tokens": [[5, 2], [7, 1]]}, {"entropy/top_forking_tokens": [[7, 3], [9, 1]]}]
+    )
+    assert m["entropy/top_forking_tokens"] == [[7, 4], [5, 2]]
+
+
+def test_overlong_penalty_edges():
+    from actors.grpo import overlong_penalty
+
+    # buffer 1, max 4: free up to 3, length 4 -> -1.0; beyond the hard limit the penalty stays at -1
+    assert overlong_penalty(torch.tensor([3, 4, 9]), 4, 1).tolist() == [0.0, -1.0, -1.0]
+    assert overlong_penalty(torch.tensor([3, 4]), 4, 0).dtype == torch.float32
+
+
+def test_token_logprobs_passes_the_chunk_size_on():
+    from actors.logits import token_logprobs
+
+    with pytest.raises(ValueError, match="chunk_size=0"):
+        token_logprobs(torch.zeros(2, 3), torch.tensor([0, 1]), chunk_size=0)

@@ -1,0 +1,57 @@
+"""Summary of a `mutmut run` over the algorithm core (make mutation): counts, score, and every
+surviving mutant with its diff and why it survives (bench/mutation_equivalents.yaml).
+
+    python bench/mutation_summary.py > bench/results/mutation.txt
+
+Exit status 1 when fewer than 90% of the mutants are killed or a survivor is not explained.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MUTMUT = str(Path(sys.executable).parent / "mutmut")
+GOAL = 0.90
+
+
+def _results() -> dict[str, str]:
+    out = subprocess.run([MUTMUT, "results", "--all", "true"], cwd=ROOT, capture_output=True, text=True, check=True)
+    status = {}
+    for line in out.stdout.splitlines():
+        name, sep, state = line.strip().partition(": ")
+        if sep:
+            status[name] = state
+    return status
+
+
+def _diff(name: str) -> str:
+    out = subprocess.run([MUTMUT, "show", name], cwd=ROOT, capture_output=True, text=True, check=False)
+    return "\n".join(ln for ln in out.stdout.splitlines() if ln.startswith(("-", "+")) and not ln.startswith(("---", "+++")))
+
+
+def main() -> int:
+    status = _results()
+    counts = Counter(status.values())
+    caught = counts["killed"] + counts["timeout"]
+    tested = caught + counts["survived"]
+    explained = yaml.safe_load((ROOT / "bench" / "mutation_equivalents.yaml").read_text()) or {}
+    print("mutmut over actors/grpo.py, actors/entropy_filter.py, actors/logits.py against tests/unit/")
+    print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+    score = caught / tested if tested else 0.0
+    print(f"killed (incl. timeouts): {caught} of {tested} tested = {score:.1%} (goal {GOAL:.0%})")
+    survivors = sorted(n for n, s in status.items() if s == "survived")
+    unexplained = [n for n in survivors if n not in explained]
+    print(f"survivors: {len(survivors)}, explained as equivalent: {len(survivors) - len(unexplained)}")
+    for name in survivors:
+        print(f"\n{name}\n{_diff(name)}\n  why: {explained.get(name, 'UNEXPLAINED')}")
+    return 0 if score >= GOAL and not unexplained and not counts["not checked"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
