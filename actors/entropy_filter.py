@@ -8,7 +8,8 @@ summed. The masks it returns are exactly those of the unsplit batch.
 
 Ranks must hold contiguous shards of the step's batch, in rank order, and micro-batches must be
 contiguous within a rank; that is what makes (rank, micro-batch, row, position) the step's
-canonical order for the tie rule. `LearnerGroup` shards that way.
+canonical order for the tie rule. `LearnerGroup` shards that way. Collectives run over the
+default process group: the learners form exactly one.
 """
 
 from __future__ import annotations
@@ -40,25 +41,25 @@ class StepPlan:
     stats: dict = field(default_factory=dict)  # log_entropy metrics (identical on every rank)
 
 
-def _world(group) -> tuple[int, int]:
+def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(group), dist.get_world_size(group)
+        return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _all_gather_1d(x: torch.Tensor, group) -> list[torch.Tensor]:
+def _all_gather_1d(x: torch.Tensor) -> list[torch.Tensor]:
     """All-gather 1-D tensors of different lengths, in rank order."""
-    _, world = _world(group)
+    _, world = _world()
     if world == 1:
         return [x]
     n = torch.tensor([x.numel()], dtype=torch.long, device=x.device)
     sizes = [torch.zeros_like(n) for _ in range(world)]
-    dist.all_gather(sizes, n, group=group)
+    dist.all_gather(sizes, n)
     longest = int(max(int(s) for s in sizes))
     padded = torch.zeros(longest, dtype=x.dtype, device=x.device)
     padded[: x.numel()] = x
     out = [torch.empty_like(padded) for _ in range(world)]
-    dist.all_gather(out, padded, group=group)
+    dist.all_gather(out, padded)
     return [o[: int(s)] for o, s in zip(out, sizes, strict=True)]
 
 
@@ -68,18 +69,17 @@ def plan_step(
     top_entropy_quantile: float,
     token_ids: list[torch.Tensor] | None = None,
     log_entropy: bool = False,
-    group=None,
 ) -> StepPlan:
     """Global threshold, per-micro-batch masks and global counts for one optimizer step.
 
     entropies, valid_masks (and token_ids): this rank's micro-batches in order, each [B_i, T_i].
     """
-    rank, world = _world(group)
+    rank, world = _world()
     device = entropies[0].device  # every tensor of a collective lives here (NCCL takes no CPU tensor)
     local = torch.cat(
         [selection_values(h[m.bool()]).reshape(-1) for h, m in zip(entropies, valid_masks, strict=True)]
     )  # [n_r]
-    gathered = _all_gather_1d(local, group)
+    gathered = _all_gather_1d(local)
     everything = torch.cat(gathered)  # [N] in canonical order
     threshold = entropy_threshold(everything, top_entropy_quantile)
 
@@ -94,7 +94,7 @@ def plan_step(
     # sequences with at least one valid token (padding rows of an uneven shard do not count)
     num_seqs = torch.tensor([sum(int(m.bool().any(-1).sum()) for m in valid_masks)], dtype=torch.long, device=device)
     if world > 1:
-        dist.all_reduce(num_seqs, group=group)
+        dist.all_reduce(num_seqs)
 
     stats: dict = {}
     if log_entropy:
@@ -103,7 +103,7 @@ def plan_step(
         ids_all = None
         if token_ids is not None:
             ids_local = torch.cat([t[m.bool()].reshape(-1) for t, m in zip(token_ids, valid_masks, strict=True)])
-            ids_all = torch.cat(_all_gather_1d(ids_local.long(), group))
+            ids_all = torch.cat(_all_gather_1d(ids_local.long()))
         stats = entropy_stats(everything, torch.ones_like(kept_all), kept_all, threshold, ids_all)
     return StepPlan(
         threshold=threshold,

@@ -214,8 +214,9 @@ class Learner:
             sums["rollout/logprob_abs_diff_sum"] = sums.get("rollout/logprob_abs_diff_sum", 0.0) + float(d.sum())
         own_norm = None if hasattr(self.engine.optimizer, "_global_grad_norm") else self._grad_norm()
         self.engine.step()
-        ds_norm = self.engine.get_global_grad_norm()
-        sums["actor/grad_norm"] = float(ds_norm if own_norm is None else own_norm)
+        ds_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed skipped the norm: logged as NaN
+        norm = own_norm if own_norm is not None else ds_norm
+        sums["actor/grad_norm"] = float("nan") if norm is None else float(norm)
         sums["actor/lr"] = float(self.engine.get_lr()[0])
         sums["entropy/kept_tokens"] = float(sum(int(mask.sum()) for mask in plan.masks))  # counted: adds over ranks
         return RankStep(metrics=sums, stats=plan.stats, num_valid=plan.num_valid)

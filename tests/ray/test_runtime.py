@@ -17,6 +17,7 @@ import torch
 
 from actors.batch import TrainSequence
 from actors.config import load_config
+from actors.contract import RunDir
 from actors.data import PromptSampler, load_examples
 from actors.sampling import batch_fingerprint
 from actors.train import train
@@ -134,13 +135,16 @@ def test_kill_after_a_checkpoint_and_resume_with_the_same_data_order(tmp_path):
     proc = subprocess.Popen(
         args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    marker = run / "checkpoints" / "step_00000002" / "driver.json"
-    deadline = time.time() + 300
-    while not marker.exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)
-    assert marker.exists(), "no checkpoint at step 2"
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
-    proc.wait()
+    marker = RunDir(run).checkpoint(2) / RunDir.MARKER
+    try:
+        deadline = time.time() + 300
+        while not marker.exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+        assert marker.exists(), "no checkpoint at step 2"
+    finally:  # the driver and the Ray it started, also when the wait failed
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
     done = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = _rows(run)
@@ -149,6 +153,7 @@ def test_kill_after_a_checkpoint_and_resume_with_the_same_data_order(tmp_path):
     cfg = tiny_config(run)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed)
     expected = [batch_fingerprint(sampler.next()) for _ in range(4)]
+    assert all(r["batch/rounds"] == 1 for r in rows)  # the dense toy reward: one draw of prompts per step
     assert [r["data/batch_crc"] for r in resumed[-2:]] == expected[2:]
     assert "step 4" in done.stderr and "resumed from" in done.stderr
 

@@ -155,8 +155,7 @@ def test_queued_while_ray_is_down_then_resubmitted_on_a_new_head(tmp_path):
     second: LocalRayHead | None = None
     try:
         with server.client() as c:
-            job = c.post("/v1/jobs", json=tiny(50)).json()
-            time.sleep(2)  # two reconcile passes against the unreachable Ray
+            job = c.post("/v1/jobs", json=tiny(50)).json()  # the POST itself tried Ray, and failed
             queued = c.get(f"/v1/jobs/{job['id']}").json()
             assert (queued["state"], queued["message"]) == ("PENDING", "queued")
         first.start()
@@ -201,3 +200,19 @@ def _events(c: httpx.Client, job_id: str) -> list[dict]:
         except httpx.ReadTimeout:
             pass
     return out
+
+
+def test_cli_submit_follow_runs_a_job_to_its_end(ray_head, tmp_path):
+    """`forkrl submit --follow` (what make demo runs): a live progress bar, then the final state;
+    exit 0 only for SUCCEEDED."""
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", ray_head.address, ray_head.token)
+    server.start()
+    try:
+        env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
+        args = ["submit", "examples/tiny.yaml", "--set", "trainer.steps=1", "--set", "trainer.export_hf=false"]
+        out = subprocess.run([sys.executable, "-m", "service.cli", *args, "--follow"], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
+        assert "SUCCEEDED after 1 steps" in out.stdout and "1/1" in out.stderr  # the bar reached the end
+    finally:
+        server.stop()

@@ -287,3 +287,17 @@ def test_token_logprobs_passes_the_chunk_size_on():
 
     with pytest.raises(ValueError, match="chunk_size=0"):
         token_logprobs(torch.zeros(2, 3), torch.tensor([0, 1]), chunk_size=0)
+
+
+def test_entropy_stats_quantiles_one_token_and_the_forking_list():
+    # ten values 0..9: p50 at position 4.5 -> 4.5; p80 at 7.2 -> 7.2; p99 at 8.91 -> 8.91 (numpy's linear rule)
+    h = torch.arange(10.0)[None, :]
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    s = entropy_stats(h, valid, valid, token_ids=torch.arange(10)[None, :] + 100)
+    assert (s["entropy/p50"], s["entropy/p80"], s["entropy/p99"]) == pytest.approx((4.5, 7.2, 8.91))
+    assert len(s["entropy/top_forking_tokens"]) == 10  # at most 10 forking tokens, here 10 distinct kept
+    wide = entropy_stats(torch.arange(12.0)[None, :], torch.ones(1, 12, dtype=torch.bool),
+                         torch.ones(1, 12, dtype=torch.bool), token_ids=torch.arange(12)[None, :])  # fmt: skip
+    assert len(wide["entropy/top_forking_tokens"]) == 10
+    one = entropy_stats(torch.tensor([[0.7]]), torch.tensor([[True]]), torch.tensor([[True]]))
+    assert one["entropy/p50"] == one["entropy/p99"] == pytest.approx(0.7)  # a single token is every quantile

@@ -48,16 +48,18 @@ def test_the_fixture_really_has_ties_across_the_splits():
     assert {r // 2 for r, p in TIES[:5]} == {0, 1, 2} and {r // 4 for r, p in TIES} == {0, 1}
 
 
-def _step(rows: list[range], group=None, world: int = 1, agg="token_mean_selected"):
+def _step(rows: list[range], world: int = 1, agg="token_mean_selected", dtype=torch.float32):
     """Run one step over this rank's micro-batches; returns (loss, grad, masks, plan)."""
     hidden, w0, ids, valid, adv = _problem()
     w = w0.clone().requires_grad_(True)
     with torch.no_grad():
-        ents = [token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)[1] for r in rows]
+        # x (1 + 1e-9) moves float64 values off the float32 grid (a float32 input is unchanged): gathering
+        # them as float32 would round them and move the threshold
+        ents = [token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)[1].to(dtype) * (1 + 1e-9) for r in rows]
     # the default device is "meta" inside plan_step: a tensor it creates without naming the data's device
     # (as a CPU tensor would be under NCCL) lands there and fails, in the collective or when read
     with torch.device("meta"):
-        plan = plan_step(ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True, group=group)
+        plan = plan_step(ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True)
     norm = loss_normalizer(
         agg,
         num_valid_tokens=plan.num_valid,
@@ -97,13 +99,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, out_dir):
+def _rank_main(rank, world, port, out_dir, dtype):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a rank that fails leaves the other in a collective: a short timeout turns that into a failure
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         half = B // world
-        loss, grad, plan = _step(_split(rank * half, (rank + 1) * half, 2), world=world)
+        loss, grad, plan = _step(_split(rank * half, (rank + 1) * half, 2), world=world, dtype=dtype)
         dist.all_reduce(grad)
         grad /= world  # what DDP / DeepSpeed do
         t_loss = torch.tensor([loss])
@@ -114,6 +116,7 @@ def _rank_main(rank, world, port, out_dir):
                 "grad": grad,
                 "masks": torch.cat(plan.masks),
                 "plan": plan.threshold,
+                "num_sequences": plan.num_sequences,
                 "stats": plan.stats,
             },
             os.path.join(out_dir, f"rank{rank}.pt"),
@@ -123,14 +126,43 @@ def _rank_main(rank, world, port, out_dir):
 
 
 @pytest.mark.dist
-def test_two_real_ranks_equal_one_process(tmp_path):
-    loss1, grad1, plan1 = _step([range(0, B)])
-    mp.start_processes(_rank_main, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 entropies travel as float64
+def test_two_real_ranks_equal_one_process(tmp_path, dtype):
+    loss1, grad1, plan1 = _step([range(0, B)], dtype=dtype)
+    args = (2, _free_port(), str(tmp_path), dtype)
+    mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["plan"] == r1["plan"] == plan1.threshold
+    assert r0["num_sequences"] == r1["num_sequences"] == plan1.num_sequences == 7  # summed over the ranks
     assert torch.equal(torch.cat([r0["masks"], r1["masks"]]), plan1.masks[0])
     assert r0["loss"] == pytest.approx(loss1, abs=1e-6)
     torch.testing.assert_close(r0["grad"], grad1, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(r1["grad"], grad1, atol=1e-6, rtol=1e-5)
     assert r0["stats"] == r1["stats"] == plan1.stats
+
+
+def test_plan_statistics_are_those_of_the_unsplit_step():
+    # the log_entropy record of a split step equals entropy_stats over the whole step's tokens, forking
+    # tokens included; without log_entropy there is none
+    from actors.grpo import entropy_stats
+
+    hidden, w0, ids, valid, _ = _problem()
+    ents = token_logprobs_and_entropy(hidden @ w0.T, ids, 0.7)[1]
+    rows = _split(0, B, 4)
+    plan = plan_step([ents[r] for r in rows], [valid[r] for r in rows], RHO, [ids[r] for r in rows], True)
+    whole = plan_step([ents], [valid], RHO)
+    assert whole.stats == {} and plan.num_sequences == whole.num_sequences == 7  # row 3 has no valid token
+    direct = entropy_stats(ents, valid, whole.masks[0], whole.threshold, ids)
+    assert plan.stats == direct and len(direct["entropy/top_forking_tokens"]) > 0
+    no_ids = plan_step([ents[r] for r in rows], [valid[r] for r in rows], RHO, log_entropy=True).stats
+    assert "entropy/top_forking_tokens" not in no_ids and no_ids["entropy/mean"] == direct["entropy/mean"]
+
+
+def test_plan_refuses_parts_that_do_not_line_up():
+    hidden, w0, ids, valid, _ = _problem()
+    ents = token_logprobs_and_entropy(hidden @ w0.T, ids, 0.7)[1]
+    with pytest.raises(ValueError):
+        plan_step([ents, ents], [valid], RHO)  # two entropy tensors, one mask
+    with pytest.raises(ValueError):
+        plan_step([ents], [valid], RHO, [ids, ids], log_entropy=True)  # token ids of two micro-batches
