@@ -32,7 +32,9 @@ def _results() -> dict[str, str]:
 
 def _diff(name: str) -> str:
     out = subprocess.run([MUTMUT, "show", name], cwd=ROOT, capture_output=True, text=True, check=False)
-    return "\n".join(ln for ln in out.stdout.splitlines() if ln.startswith(("-", "+")) and not ln.startswith(("---", "+++")))
+    return "\n".join(
+        ln for ln in out.stdout.splitlines() if ln.startswith(("-", "+")) and not ln.startswith(("---", "+++"))
+    )
 
 
 def main() -> int:
