@@ -301,3 +301,19 @@ def test_entropy_stats_quantiles_one_token_and_the_forking_list():
     assert len(wide["entropy/top_forking_tokens"]) == 10
     one = entropy_stats(torch.tensor([[0.7]]), torch.tensor([[True]]), torch.tensor([[True]]))
     assert one["entropy/p50"] == one["entropy/p99"] == pytest.approx(0.7)  # a single token is every quantile
+
+
+def test_entropy_stats_without_a_threshold_and_empty_sides():
+    # every key is there; tau defaults to the smallest kept entropy (here 0.5: kept 0.5 and 2.0)
+    h = torch.tensor([[0.01, 0.5, 2.0, 0.2]])
+    valid = torch.ones(1, 4, dtype=torch.bool)
+    s = entropy_stats(h, valid, torch.tensor([[False, True, True, False]]))
+    assert set(s) == {f"entropy/{k}" for k in ("num_valid", "mean", "p50", "p80", "p90", "p95", "p99", "threshold",
+                      "kept_frac", "kept_mean", "dropped_mean", "frac_below_0.01", "frac_below_threshold")}  # fmt: skip
+    assert s["entropy/threshold"] == 0.5 and s["entropy/num_valid"] == 4.0
+    assert s["entropy/frac_below_0.01"] == 0.0  # 0.01 itself is not below 0.01
+    everything = entropy_stats(h, valid, valid)
+    assert everything["entropy/dropped_mean"] == 0.0 and everything["entropy/threshold"] == pytest.approx(0.01)
+    nothing = entropy_stats(h, valid, torch.zeros(1, 4, dtype=torch.bool))
+    assert nothing["entropy/kept_mean"] == 0.0 and nothing["entropy/threshold"] == math.inf
+    assert nothing["entropy/frac_below_threshold"] == 1.0
