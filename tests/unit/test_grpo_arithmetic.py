@@ -317,3 +317,28 @@ def test_entropy_stats_without_a_threshold_and_empty_sides():
     nothing = entropy_stats(h, valid, torch.zeros(1, 4, dtype=torch.bool))
     assert nothing["entropy/kept_mean"] == 0.0 and nothing["entropy/threshold"] == math.inf
     assert nothing["entropy/frac_below_threshold"] == 1.0
+
+
+def test_logits_path_defaults_checks_and_layouts():
+    from actors.logits import _rows_per_chunk, token_logprobs_and_entropy
+
+    # default temperature is 1: z = [0, ln 3], token 1 -> log 3/4
+    z = torch.tensor([[0.0, math.log(3.0)]])
+    lp, _ = token_logprobs_and_entropy(z, torch.tensor([1]))
+    assert lp.item() == pytest.approx(math.log(0.75), abs=1e-6)
+    with pytest.raises(ValueError, match=r"token_ids shape \(3,\) must equal logits.shape\[:-1\] = \(1,\)"):
+        token_logprobs_and_entropy(z, torch.tensor([0, 1, 1]))
+    # chunks of one row are allowed; the default chunk is 2^19 fp32 elements, at least one row
+    one_row, _ = token_logprobs_and_entropy(z, torch.tensor([1]), chunk_size=1)
+    assert torch.equal(one_row, lp)
+    assert _rows_per_chunk(1, None) == 1 << 19 and _rows_per_chunk(1 << 20, None) == 1
+    # a strided (non-contiguous) view gives the numbers of its contiguous copy
+    g = torch.Generator().manual_seed(0)
+    wide = torch.randn(5, 2 * 7, generator=g)[:, ::2]  # [5, 7], stride 2 along the vocabulary
+    ids = torch.randint(0, 7, (5,), generator=g)
+    assert wide.stride(-1) == 2
+    a, b = token_logprobs_and_entropy(wide, ids), token_logprobs_and_entropy(wide.contiguous(), ids)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    # every buffer follows the logits' device: on "meta" nothing may land on the CPU
+    lp_meta, h_meta = token_logprobs_and_entropy(torch.empty(4, 8, device="meta"), torch.zeros(4, dtype=torch.long))
+    assert lp_meta.device.type == h_meta.device.type == "meta"
