@@ -343,8 +343,6 @@ def policy_loss(
     clipped = (pg2 > pg1) & keep  # [B, T]
     dual_clipped = torch.zeros_like(keep)
     if dual_clip_c is not None:
-        if dual_clip_c <= 1.0:
-            raise ValueError(f"dual_clip_c={dual_clip_c} must be > 1")
         pg3 = -adv * dual_clip_c  # [B, 1]
         dual = torch.minimum(pg, pg3)
         neg = (adv < 0).expand_as(pg)

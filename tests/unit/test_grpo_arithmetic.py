@@ -342,3 +342,60 @@ def test_logits_path_defaults_checks_and_layouts():
     # every buffer follows the logits' device: on "meta" nothing may land on the CPU
     lp_meta, h_meta = token_logprobs_and_entropy(torch.empty(4, 8, device="meta"), torch.zeros(4, dtype=torch.long))
     assert lp_meta.device.type == h_meta.device.type == "meta"
+
+
+def test_kl_with_a_moving_policy_and_the_step_kept_count():
+    # logp = ln 0.5, ref = 0 -> d = ref - logp = ln 2, k3 = 2 - ln 2 - 1 = 0.306853 (d = ref + logp would give
+    # k3 = 0.5 + ln 2 - 1 = 0.193147); A = 0, kl_coef 0.5, two valid tokens -> loss 0.5 x 0.306853
+    lp = torch.full((1, 2), math.log(0.5))
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    loss, m = policy_loss(lp, lp, torch.zeros(1), valid, None, A(kl_coef=0.5), ref_logprobs=torch.zeros(1, 2))
+    assert loss.item() == pytest.approx(0.5 * 0.306853, abs=1e-6) and m["actor/kl_ref"] == pytest.approx(0.306853)
+    # mask_kl_by_entropy with the step's kept count: this micro-batch keeps 1 of the step's 4 kept tokens
+    kept = torch.tensor([[True, False]])
+    loss, _ = policy_loss(lp, lp, torch.zeros(1), valid, kept, A(kl_coef=0.5, mask_kl_by_entropy=True),
+                          num_kept_step=4, ref_logprobs=torch.zeros(1, 2))  # fmt: skip
+    assert loss.item() == pytest.approx(0.5 * 0.306853 / 4, abs=1e-6)
+
+
+def test_log_ratio_is_clamped_at_plus_minus_20():
+    # A = -1, logp - old = 30: ratio = e^20 (clamped), pg = max(e^20, 1.28) = e^20 = 4.85165e8
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    loss, _ = policy_loss(torch.tensor([[30.0]]), torch.zeros(1, 1), torch.tensor([-1.0]), valid)
+    assert loss.item() == pytest.approx(math.exp(20), rel=1e-6)
+    # A = +1, logp - old = -30: ratio = e^-20 below 0.8 -> pg = max(-e^-20, -0.8) = -e^-20 = -2.06115e-9
+    loss, _ = policy_loss(torch.tensor([[-30.0]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64),
+                          torch.tensor([1.0]), valid)  # fmt: skip
+    assert loss.item() == pytest.approx(-math.exp(-20), rel=1e-6)
+
+
+def test_dual_clip_only_for_negative_advantages_and_strictly_above_c():
+    valid = torch.ones(1, 1, dtype=torch.bool)
+    # A = +0.5, ratio = e^2: clipped at 1.28 -> pg = -0.64; dual clip does not apply to A > 0
+    loss, m = policy_loss(
+        torch.tensor([[2.0]]), torch.zeros(1, 1), torch.tensor([0.5]), valid, None, A(dual_clip_c=3.0)
+    )
+    assert loss.item() == pytest.approx(-0.64) and m["actor/dual_clipfrac"] == 0.0
+    # A = -1, ratio exactly 2 = c (exp(ln 2) is exactly 2.0 in float64): pg = max(2, 1.28) = 2, not above
+    # -A c = 2 -> not dual-clipped
+    loss, m = policy_loss(torch.tensor([[math.log(2.0)]], dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64),
+                          torch.tensor([-1.0]), valid, None, A(dual_clip_c=2.0))  # fmt: skip
+    assert loss.item() == 2.0 and m["actor/dual_clipfrac"] == 0.0
+    # a dropped token is never counted as dual-clipped: A = -1, ratio e^2 on a kept and a dropped token
+    two = torch.ones(1, 2, dtype=torch.bool)
+    _, m = policy_loss(torch.full((1, 2), 2.0), torch.zeros(1, 2), torch.tensor([-1.0]), two,
+                       torch.tensor([[True, False]]), A(dual_clip_c=3.0))  # fmt: skip
+    assert m["actor/dual_clipfrac"] == 1.0  # 1 of the 1 kept token
+
+
+def test_truncated_importance_weight_below_one_and_its_clamp():
+    # old - rollout = ln 0.5 -> weight 0.5 (under the cap 2); A = 1, ratio 1 -> pg = -0.5
+    lp, valid = torch.zeros(1, 1), torch.ones(1, 1, dtype=torch.bool)
+    loss, _ = policy_loss(lp, lp, torch.tensor([1.0]), valid, None, A(tis_cap=2.0),
+                          rollout_logprobs=torch.full((1, 1), math.log(2.0)))  # fmt: skip
+    assert loss.item() == pytest.approx(-0.5)
+    # old - rollout = -30 -> weight e^-20 (clamped): pg = -e^-20
+    lp64 = torch.zeros(1, 1, dtype=torch.float64)
+    loss, _ = policy_loss(lp64, lp64, torch.tensor([1.0]), valid, None, A(tis_cap=2.0),
+                          rollout_logprobs=torch.full((1, 1), 30.0, dtype=torch.float64))  # fmt: skip
+    assert loss.item() == pytest.approx(-math.exp(-20), rel=1e-6)
