@@ -11,6 +11,7 @@ not fill the step, it trains on what it has and says so (`batch/sampling_bound_h
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import zlib
@@ -47,8 +48,6 @@ class StepRollout:
 
 def batch_fingerprint(examples: list[Any]) -> int:
     """CRC32 of a batch's prompts and answers: equal fingerprints = the same data, same order."""
-    import json
-
     return zlib.crc32(json.dumps([[ex.prompt, ex.answer] for ex in examples]).encode())
 
 
