@@ -217,7 +217,7 @@ def test_readme_ray_job_submit_recipe(machine, tmp_path):
         f" --disable-usage-stats --temp-dir={temp_dir}"
     )
     submit = submit.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dash}")
-    submit += f" --set trainer.steps=2 --set trainer.output_dir={tmp_path / 'run'}"
+    submit += f" --set trainer.steps=2 --set trainer.export_hf=false --set trainer.output_dir={tmp_path / 'run'}"
     run_dir = tmp_path / "run"
     try:
         for line in (token, start):

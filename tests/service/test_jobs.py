@@ -80,8 +80,12 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
         with server.client() as c:
             a = c.post("/v1/jobs", json=tiny(6)).json()
             b = c.post("/v1/jobs", json=tiny(50)).json()
-            broken = {**tiny(2), "model": {**TINY["model"], "path": str(tmp_path / "no-such-model")}}
-            f = c.post("/v1/jobs", json=broken).json()  # valid config, but the driver cannot start
+            # a valid config whose driver cannot start, submitted and followed with the CLI (what make demo
+            # runs): live states, then the final one, exit 1 as it did not succeed
+            env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
+            cli = [sys.executable, "-m", "service.cli", "submit", "examples/tiny.yaml", "--set", "trainer.steps=2",
+                   "--set", f"model.path={tmp_path / 'no-such-model'}", "--follow"]  # fmt: skip
+            follow = subprocess.Popen(cli, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             # cancel a running job: B's driver runs (its actors may still wait for CPUs)
             wait_for(c, b["id"], {"RUNNING"}, 180)
             assert c.post(f"/v1/jobs/{b['id']}/cancel").json()["cancel_requested"]
@@ -90,6 +94,10 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
 
         first = first_metrics_event(server, a["id"], 400)  # metrics arrive while it runs
         assert first["step"] >= 1 and "reward/mean" in first and "timing/generate" in first
+        followed_out, followed_err = follow.communicate(timeout=300)
+        assert follow.returncode == 1, (followed_out[-2000:], followed_err[-2000:])
+        f = {"id": followed_out.split()[1]}  # "submitted forkrl-... (PENDING)"
+        assert f"{f['id']}: FAILED after 0 steps" in followed_out and f["id"] in followed_err  # the bar
 
         with server.client() as c:
             known = c.get(f"/v1/jobs/{a['id']}").json()["last_step"]
@@ -109,7 +117,6 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
             logs = c.get(f"/v1/jobs/{a['id']}/logs").text
             assert "forkrl run summary" in logs
             # the CLI's --follow streams the same log and ends with the job
-            env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
             followed = subprocess.run([sys.executable, "-m", "service.cli", "logs", a["id"], "--follow"], cwd=ROOT,
                                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
             assert followed.returncode == 0 and "forkrl run summary" in followed.stdout
@@ -200,19 +207,3 @@ def _events(c: httpx.Client, job_id: str) -> list[dict]:
         except httpx.ReadTimeout:
             pass
     return out
-
-
-def test_cli_submit_follow_runs_a_job_to_its_end(ray_head, tmp_path):
-    """`forkrl submit --follow` (what make demo runs): a live progress bar, then the final state;
-    exit 0 only for SUCCEEDED."""
-    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", ray_head.address, ray_head.token)
-    server.start()
-    try:
-        env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
-        args = ["submit", "examples/tiny.yaml", "--set", "trainer.steps=1", "--set", "trainer.export_hf=false"]
-        out = subprocess.run([sys.executable, "-m", "service.cli", *args, "--follow"], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=600)  # fmt: skip
-        assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-2000:])
-        assert "SUCCEEDED after 1 steps" in out.stdout and "1/1" in out.stderr  # the bar reached the end
-    finally:
-        server.stop()
