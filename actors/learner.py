@@ -326,11 +326,12 @@ class LearnerGroup:
         addr, port = ray.get(self.pool.actors[0].address.remote())
         ray.get([a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)])
 
+    def _padded(self, seqs: list[TrainSequence]) -> list[TrainSequence]:
+        """At least one sequence per rank (every rank takes part in the collectives): weight-0 copies."""
+        return seqs + [seqs[-1].padding_copy() for _ in range(len(self.pool) - len(seqs))]
+
     def train_step(self, seqs: list[TrainSequence]) -> dict[str, Any]:
-        k = len(self.pool)
-        if len(seqs) < k:  # every rank must take part in the collective step: pad with weight-0 copies
-            seqs = seqs + [seqs[-1].padding_copy() for _ in range(k - len(seqs))]
-        results: list[RankStep] = self.pool.sharded(seqs, lambda a, part: a.train_step.remote(part))
+        results: list[RankStep] = self.pool.sharded(self._padded(seqs), lambda a, part: a.train_step.remote(part))
         metrics: dict[str, Any] = {}
         for r in results:  # contributions add up over ranks
             for key, v in r.metrics.items():
@@ -369,9 +370,7 @@ class LearnerGroup:
 
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
         """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""
-        k = len(self.pool)
-        padded = seqs + [seqs[-1].padding_copy() for _ in range(max(0, k - len(seqs)))]
-        parts = self.pool.sharded(padded, lambda a, part: a.score.remote(part))
+        parts = self.pool.sharded(self._padded(seqs), lambda a, part: a.score.remote(part))
         return [lp for part in parts for lp in part][: len(seqs)]
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:

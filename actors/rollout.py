@@ -84,8 +84,11 @@ class RolloutEngine:
             samples = []
             for c in out.outputs:
                 ids = list(c.token_ids)
-                # logprobs=0 asks for the sampled token's log-prob only: one entry per step
-                lps = [float(step[t].logprob) for step, t in zip(c.logprobs or [], ids, strict=True) if step]
+                lps = []  # logprobs=0 asks for the sampled token's log-prob only: one entry per step
+                for step, t in zip(c.logprobs or [], ids, strict=True):
+                    if step is None:
+                        raise RuntimeError("vLLM returned no log-prob for a sampled token (logprobs=0 was asked)")
+                    lps.append(float(step[t].logprob))
                 samples.append(Completion(ids, lps, c.text, c.finish_reason))
             result.append(samples)
         return result

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
@@ -183,12 +184,16 @@ class Service:
         return token
 
     # -- jobs
-    def effective_config(self, job_id: str, cfg: JobConfig, ingest_token: str) -> dict[str, Any]:
-        data = cfg.model_dump(mode="json")
-        data["trainer"]["output_dir"] = str(self.settings.runs_path / job_id)
-        data["tracking"]["report_url"] = f"{self.settings.report_base_url}/v1/jobs/{job_id}/ingest"
-        data["tracking"]["report_token"] = ingest_token
-        return data
+    def effective_config(self, job_id: str, cfg: JobConfig, ingest_token: str) -> JobConfig:
+        """The submitted config with what the service decides: the run directory and where to report."""
+        trainer = cfg.trainer.model_copy(update={"output_dir": str(self.settings.runs_path / job_id)})
+        tracking = cfg.tracking.model_copy(
+            update={
+                "report_url": f"{self.settings.report_base_url}/v1/jobs/{job_id}/ingest",
+                "report_token": ingest_token,
+            }
+        )
+        return cfg.model_copy(update={"trainer": trainer, "tracking": tracking})
 
     def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
         """Store a new job (or find the replay of an earlier Idempotency-Key). Returns (job, created)."""
@@ -203,12 +208,10 @@ class Service:
             ingest = secrets.token_urlsafe(32)
             config = self.effective_config(job_id, cfg, ingest)
             job = self.store.create(
-                db, job_id=job_id, owner=owner, name=cfg.name, config=config, config_hash=body_hash,
-                idempotency_key=idempotency_key, ingest_token_hash=sha256(ingest), total_steps=cfg.trainer.steps,
+                db, job_id=job_id, owner=owner, config=config, config_hash=body_hash,
+                idempotency_key=idempotency_key, ingest_token_hash=sha256(ingest),
             )  # fmt: skip
             return job, True
-
-        from sqlalchemy.exc import IntegrityError
 
         try:
             return self.store.run(insert)

@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
 
+from actors.config import JobConfig
 from actors.contract import TERMINAL_STATES, JobState, MetricRecord, finite
 from service.db import Checkpoint, Event, Job, Metric, Store, Token, now
 
@@ -77,17 +78,16 @@ class JobStore:
         *,
         job_id: str,
         owner: str,
-        name: str,
-        config: dict[str, Any],
+        config: JobConfig,
         config_hash: str,
         idempotency_key: str | None,
         ingest_token_hash: str,
-        total_steps: int,
     ) -> Job:
+        """A new PENDING job with its effective config (stored as JSON) and its first event."""
         job = Job(
-            id=job_id, owner=owner, name=name, state=JobState.PENDING.value, message="queued", config=config,
-            config_hash=config_hash, idempotency_key=idempotency_key, ingest_token_hash=ingest_token_hash,
-            total_steps=total_steps, run_dir=config["trainer"]["output_dir"],
+            id=job_id, owner=owner, name=config.name, state=JobState.PENDING.value, message="queued",
+            config=config.model_dump(mode="json"), config_hash=config_hash, idempotency_key=idempotency_key,
+            ingest_token_hash=ingest_token_hash, total_steps=config.trainer.steps, run_dir=config.trainer.output_dir,
         )  # fmt: skip
         db.add(job)
         db.flush()  # the job row first: events reference it
