@@ -8,23 +8,41 @@ Every default lives here, in one field, with its bounds and a one-line descripti
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 __all__ = ["JobConfig", "ConfigError", "load_config", "apply_overrides", "format_validation_error"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and infinities are refused in every float field: they would reach the driver (or break JSON)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Bounds that keep an accepted config startable: the service hands it to the driver in one
+# environment variable (Linux caps one at 128 KiB; service.core refuses a config over MAX_CONFIG_BYTES).
+PATH_LEN = 4096
+KEY_LEN = 256
+MAX_SEED = 2**31 - 1
+Resources = Annotated[
+    dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[float, Field(ge=0, le=1e6)]],
+    Field(max_length=16),
+]
+
+
+def _weight() -> Any:
+    return Field(1.0, ge=-1e6, le=1e6, description="Weight of this verifier's reward.")
 
 
 class ModelConfig(_Strict):
     path: str = Field(
         "smollm2-135m-instruct",
         min_length=1,
+        max_length=PATH_LEN,
         description="A built-in model name (smollm2-135m-instruct) or a local Hugging Face checkpoint directory.",
     )
     dtype: Literal["auto", "bfloat16", "float32"] = Field(
@@ -39,22 +57,35 @@ class BuiltinData(_Strict):
     task: Literal["arithmetic", "countdown_sum"] = Field("arithmetic", description="Built-in verifiable task.")
     num_samples: int = Field(4096, ge=1, le=10_000_000, description="Size of the generated data set.")
     max_operand: int = Field(20, ge=1, le=10**9, description="Largest operand in generated problems.")
-    seed: int = Field(1234, description="Seed of the generated data set (separate from the trainer seed).")
+    seed: int = Field(
+        1234, ge=0, le=MAX_SEED, description="Seed of the generated data set (separate from the trainer seed)."
+    )
 
 
 class JsonlData(_Strict):
     type: Literal["jsonl"] = "jsonl"
-    path: str = Field(..., min_length=1, description="JSONL file, one record per line.")
-    prompt_key: str = Field("prompt", description="Field holding the prompt (a string or a chat message list).")
-    answer_key: str = Field("answer", description="Field holding the reference answer.")
+    path: str = Field(..., min_length=1, max_length=PATH_LEN, description="JSONL file, one record per line.")
+    prompt_key: str = Field(
+        "prompt", max_length=KEY_LEN, description="Field holding the prompt (a string or a chat message list)."
+    )
+    answer_key: str = Field("answer", max_length=KEY_LEN, description="Field holding the reference answer.")
 
 
 class ParquetData(_Strict):
     type: Literal["parquet"] = "parquet"
-    path: str = Field(..., min_length=1, description="Parquet file; verl-style (prompt, reward_model.ground_truth).")
-    prompt_key: str = Field("prompt", description="Column holding the prompt (a string or a chat message list).")
+    path: str = Field(
+        ...,
+        min_length=1,
+        max_length=PATH_LEN,
+        description="Parquet file; verl-style (prompt, reward_model.ground_truth).",
+    )
+    prompt_key: str = Field(
+        "prompt", max_length=KEY_LEN, description="Column holding the prompt (a string or a chat message list)."
+    )
     answer_key: str = Field(
-        "reward_model.ground_truth", description="Column (dotted for nested structs) holding the reference answer."
+        "reward_model.ground_truth",
+        max_length=KEY_LEN,
+        description="Column (dotted for nested structs) holding the reference answer.",
     )
 
 
@@ -65,7 +96,9 @@ class DataConfig(_Strict):
     source: DataSource = Field(default_factory=BuiltinData)  # type: ignore[arg-type]
     prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts sampled per optimizer step.")
     system_prompt: str | None = Field(
-        "Answer with just the number.", description="System message prepended when a chat template is used."
+        "Answer with just the number.",
+        max_length=16384,
+        description="System message prepended when a chat template is used.",
     )
     use_chat_template: bool = Field(True, description="Render prompts with the tokenizer's chat template.")
     shuffle: bool = Field(True, description="Shuffle prompts each epoch (seeded; resumable).")
@@ -91,9 +124,9 @@ class RolloutConfig(_Strict):
     max_model_len: int = Field(512, ge=16, le=1_048_576, description="Prompt + completion context of the engine.")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM memory fraction (CPU: of RAM).")
     cpu_kv_cache_gib: int = Field(2, ge=1, le=1024, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
-    num_cpus_per_engine: float = Field(1, gt=0, description="Ray CPUs reserved per engine actor.")
-    num_gpus_per_engine: float = Field(0, ge=0, description="Ray GPUs per engine actor (0 on CPU).")
-    ray_resources: dict[str, float] = Field(
+    num_cpus_per_engine: float = Field(1, gt=0, le=1024, description="Ray CPUs reserved per engine actor.")
+    num_gpus_per_engine: float = Field(0, ge=0, le=64, description="Ray GPUs per engine actor (0 on CPU).")
+    ray_resources: Resources = Field(
         default_factory=dict,
         description='Extra Ray resources each engine actor requests, e.g. {"forkrl_rollout": 1} to place it on the '
         "chart's rollout worker group. Empty: anywhere.",
@@ -102,32 +135,65 @@ class RolloutConfig(_Strict):
 
 class MathVerifier(_Strict):
     type: Literal["math"] = "math"
-    weight: float = Field(1.0, description="Weight of this verifier's reward.")
+    weight: float = _weight()
 
 
 class NumericVerifier(_Strict):
     type: Literal["numeric"] = "numeric"
-    weight: float = 1.0
-    tolerance: float = Field(1e-6, ge=0, description="Absolute tolerance on the last number of the completion.")
+    weight: float = _weight()
+    tolerance: float = Field(
+        1e-6, ge=0, le=1e12, description="Absolute tolerance on the last number of the completion."
+    )
 
 
 class RegexVerifier(_Strict):
     type: Literal["regex"] = "regex"
-    weight: float = 1.0
-    pattern: str = Field(..., min_length=1, description="Reward 1 when the completion matches (re.search).")
+    weight: float = _weight()
+    pattern: str = Field(
+        ..., min_length=1, max_length=1024, description="Reward 1 when the completion matches (re.search)."
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
 
 
 class PluginVerifier(_Strict):
     type: Literal["plugin"] = "plugin"
-    weight: float = 1.0
+    weight: float = _weight()
     function: str = Field(
         ...,
+        max_length=256,
         pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
-        description="Import path module:function, called as f(completion, answer, prompt) -> float.",
+        description="Import path module:function, called as f(completion, answer, prompt) -> float. The "
+        "control plane's tenancy policy decides which functions non-admin owners may name.",
     )
 
 
-Verifier = Annotated[MathVerifier | NumericVerifier | RegexVerifier | PluginVerifier, Field(discriminator="type")]
+class CodeVerifier(_Strict):
+    type: Literal["code"] = "code"
+    weight: float = _weight()
+    cpu_s: float = Field(5, gt=0, le=600, description="CPU-time limit of one run of the program (RLIMIT_CPU).")
+    memory_mb: int = Field(512, ge=64, le=65536, description="Address-space limit of the program (RLIMIT_AS).")
+    max_processes: int = Field(
+        32, ge=1, le=4096, description="Processes and threads the sandbox user may have at once (RLIMIT_NPROC)."
+    )
+    max_output_bytes: int = Field(
+        65536, ge=1024, le=64 << 20, description="stdout+stderr kept; more kills the program (scores 0)."
+    )
+    max_file_bytes: int = Field(
+        1 << 20, ge=0, le=1 << 30, description="Largest file the program may write in its scratch dir (RLIMIT_FSIZE)."
+    )
+
+
+Verifier = Annotated[
+    MathVerifier | NumericVerifier | RegexVerifier | PluginVerifier | CodeVerifier, Field(discriminator="type")
+]
 
 
 def _default_verifiers() -> list[Verifier]:
@@ -138,11 +204,14 @@ class RewardConfig(_Strict):
     verifiers: list[Verifier] = Field(
         default_factory=_default_verifiers,
         min_length=1,
+        max_length=16,
         description="Summed with their weights.",
     )
     num_workers: int = Field(2, ge=1, le=4096, description="Verifier actors in the reward pool.")
-    timeout_s: float = Field(5.0, gt=0, le=3600, description="Per-completion limit; a timeout scores 0.")
-    ray_resources: dict[str, float] = Field(
+    timeout_s: float = Field(
+        5.0, gt=0, le=3600, description="Per-completion wall-clock limit of each verifier; a timeout scores 0."
+    )
+    ray_resources: Resources = Field(
         default_factory=dict,
         description='Extra Ray resources each verifier actor requests, e.g. {"forkrl_reward": 1} to place it on the '
         "chart's reward worker group. Empty: anywhere.",
@@ -160,10 +229,14 @@ class AlgorithmConfig(_Strict):
     )
     clip_eps_low: float = Field(0.2, ge=0, lt=1, description="PPO clip below 1 (DAPO: 0.2).")
     clip_eps_high: float = Field(0.28, ge=0, le=10, description="PPO clip above 1, clip-higher (DAPO: 0.28).")
-    dual_clip_c: float | None = Field(None, gt=1, description="Dual-clip bound for negative advantages; None = off.")
-    kl_coef: float = Field(0.0, ge=0, description="k3 KL to the initial policy; 0 = no reference model (DAPO).")
+    dual_clip_c: float | None = Field(
+        None, gt=1, le=1e3, description="Dual-clip bound for negative advantages; None = off."
+    )
+    kl_coef: float = Field(0.0, ge=0, le=1e3, description="k3 KL to the initial policy; 0 = no reference model (DAPO).")
     mask_kl_by_entropy: bool = Field(False, description="Apply the entropy mask to the KL term too.")
-    tis_cap: float | None = Field(2.0, gt=0, description="Truncated importance weight cap for rollout mismatch.")
+    tis_cap: float | None = Field(
+        2.0, gt=0, le=1e6, description="Truncated importance weight cap for rollout mismatch."
+    )
     dynamic_sampling: bool = Field(
         True,
         description="DAPO dynamic sampling: drop groups whose verifier scores are all equal and generate more "
@@ -173,8 +246,10 @@ class AlgorithmConfig(_Strict):
     dynamic_sampling_max_rounds: int = Field(
         3, ge=1, le=1000, description="Generation rounds per step at most; the step trains on what it has then."
     )
-    overlong_buffer: int = Field(16, ge=0, description="Soft overlong penalty window in tokens (DAPO); 0 = off.")
-    overlong_penalty: float = Field(1.0, ge=0, description="Penalty at the hard limit, linear over the buffer.")
+    overlong_buffer: int = Field(
+        16, ge=0, le=131072, description="Soft overlong penalty window in tokens (DAPO); 0 = off."
+    )
+    overlong_penalty: float = Field(1.0, ge=0, le=1e6, description="Penalty at the hard limit, linear over the buffer.")
     overlong_mask: bool = Field(
         False, description="Leave truncated responses (hit rollout.max_new_tokens) out of the loss (DAPO)."
     )
@@ -192,9 +267,9 @@ class LearnerConfig(_Strict):
     num_learners: int = Field(1, ge=1, le=4096, description="DeepSpeed learner actors (data-parallel ranks).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     lr: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    grad_clip: float = Field(1.0, gt=0, description="Global gradient-norm clip.")
-    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, le=1e6, description="Global gradient-norm clip.")
+    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Linear learning-rate warm-up steps.")
     micro_batch_size: int = Field(16, ge=1, le=65536, description="Sequences per forward/backward on one learner.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward.")
     share_prompt: bool = Field(
@@ -209,36 +284,52 @@ class LearnerConfig(_Strict):
         "(fastest; memory holds the whole step's activations); separate: a no-grad entropy pass first, "
         "then forward+backward per micro-batch (bounded memory, one extra forward).",
     )
-    num_cpus_per_learner: float = Field(1, gt=0, description="Ray CPUs per learner actor.")
-    num_gpus_per_learner: float = Field(0, ge=0, description="Ray GPUs per learner actor (0 on CPU).")
-    ray_resources: dict[str, float] = Field(
+    num_cpus_per_learner: float = Field(1, gt=0, le=1024, description="Ray CPUs per learner actor.")
+    num_gpus_per_learner: float = Field(0, ge=0, le=64, description="Ray GPUs per learner actor (0 on CPU).")
+    ray_resources: Resources = Field(
         default_factory=dict,
         description='Extra Ray resources each learner actor requests, e.g. {"forkrl_learner": 1} to place it on the '
         "chart's learner worker group. Empty: anywhere.",
     )
-    weight_sync_timeout_s: float = Field(120, gt=0, description="A weight sync slower than this fails the step.")
+    weight_sync_timeout_s: float = Field(
+        120, gt=0, le=86400, description="A weight sync slower than this fails the step."
+    )
 
 
 class TrainerConfig(_Strict):
     steps: int = Field(20, ge=1, le=10_000_000, description="Optimizer steps.")
-    seed: int = Field(0, description="Seed of sampling order, rollout and learner RNG.")
-    save_every: int = Field(10, ge=0, description="Checkpoint every K steps; 0 = only at the end.")
-    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
-    eval_every: int = Field(0, ge=0, description="Greedy evaluation every K steps (and at the end); 0 = off.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of sampling order, rollout and learner RNG.")
+    save_every: int = Field(10, ge=0, le=10_000_000, description="Checkpoint every K steps; 0 = only at the end.")
+    keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
+    eval_every: int = Field(
+        0, ge=0, le=10_000_000, description="Greedy evaluation every K steps (and at the end); 0 = off."
+    )
     eval_prompts: int = Field(32, ge=1, le=100_000, description="Prompts in the evaluation set.")
-    output_dir: str = Field("runs/forkrl", min_length=1, description="Run directory: metrics, checkpoints, export.")
-    resume: Literal["auto", "never"] | str = Field(
-        "auto", description="auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path."
+    output_dir: str = Field(
+        "runs/forkrl", min_length=1, max_length=PATH_LEN, description="Run directory: metrics, checkpoints, export."
+    )
+    resume: Literal["auto", "never"] | Annotated[str, Field(min_length=1, max_length=PATH_LEN)] = Field(
+        "auto",
+        description="auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path (through "
+        "the control plane: a checkpoint of one of the owner's own jobs).",
     )
     export_hf: bool = Field(True, description="Write a Hugging Face checkpoint at the end.")
 
 
 class TrackingConfig(_Strict):
     tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
-    wandb_project: str | None = Field(None, description="Log to Weights & Biases when set and installed.")
-    mlflow_tracking_uri: str | None = Field(None, description="Log to MLflow when set and installed.")
-    report_url: str | None = Field(None, description="Control-plane ingestion URL (set by the service).")
-    report_token: str | None = Field(None, description="Bearer token for report_url (set by the service).")
+    wandb_project: str | None = Field(
+        None, max_length=128, description="Log to Weights & Biases when set and installed (tenancy policy permitting)."
+    )
+    mlflow_tracking_uri: str | None = Field(
+        None, max_length=2048, description="Log to MLflow when set and installed (one of the operator's URIs)."
+    )
+    report_url: str | None = Field(
+        None,
+        max_length=2048,
+        description="Control-plane ingestion URL (set by the service; the bearer token travels in the "
+        "FORKRL_REPORT_TOKEN environment variable, never in the config).",
+    )
 
 
 class JobConfig(_Strict):
@@ -285,7 +376,7 @@ class ConfigError(ValueError):
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in _UNION_TAGS))
+        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in UNION_TAGS))
         where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
         value = e.get("input")
         shown = repr(value) if not isinstance(value, dict) else "{...}"
@@ -305,7 +396,7 @@ def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     return "\n".join(lines)
 
 
-_UNION_TAGS = {"builtin", "jsonl", "parquet", "math", "numeric", "regex", "plugin"}
+UNION_TAGS = {"builtin", "jsonl", "parquet", "math", "numeric", "regex", "plugin", "code"}
 
 
 def _parse_scalar(text: str) -> Any:

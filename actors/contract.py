@@ -43,6 +43,8 @@ TERMINAL_STATES = frozenset({JobState.SUCCEEDED.value, JobState.FAILED.value, Jo
 # How the service starts a driver: the effective JobConfig travels as JSON in this variable.
 JOB_CONFIG_ENV = "FORKRL_JOB_CONFIG"
 ENTRYPOINT = f"python -m actors.train --config-env {JOB_CONFIG_ENV}"
+# The driver's bearer token for tracking.report_url; never part of the stored or returned config.
+REPORT_TOKEN_ENV = "FORKRL_REPORT_TOKEN"
 # Environment of every driver and actor process (the service's Ray job and a local Ray alike).
 JOB_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
 

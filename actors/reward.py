@@ -1,23 +1,36 @@
 """Reward verifiers and the reward pool (CPU Ray actors).
 
 Built in: `numeric` (the last number of the completion against the answer), `math`
-(math-verify's parse + verify, LaTeX and expressions), `regex` (format checks) and `plugin`
-(a user function given as module:function). The reward of a completion is the weighted sum.
+(math-verify's parse + verify, LaTeX and expressions), `regex` (format checks), `code` (the
+completion's Python program run against the answer's tests in a bubblewrap sandbox,
+actors/sandbox.py) and `plugin` (a user function given as module:function, which the control
+plane's tenancy policy gates). The reward of a completion is the weighted sum.
 A verifier that raises or exceeds `reward.timeout_s` scores 0 for that completion and is counted
 in `reward/errors` / `reward/timeouts`; it never fails the job.
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import json
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from actors.config import MathVerifier, NumericVerifier, PluginVerifier, RegexVerifier, RewardConfig, Verifier
+from actors.config import (
+    CodeVerifier,
+    MathVerifier,
+    NumericVerifier,
+    PluginVerifier,
+    RegexVerifier,
+    RewardConfig,
+    Verifier,
+)
 from actors.pool import ActorPool
+from actors.sandbox import SandboxLimits, check_sandbox, run_python
 
 __all__ = ["RewardWorker", "RewardPool", "build_verifier", "last_number"]
 
@@ -67,11 +80,61 @@ def _plugin(path: str) -> Score:
     return fn
 
 
+_FENCED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+
+
+def extract_program(completion: str) -> str:
+    """The last fenced code block of a completion (```python ... ```), else the whole completion."""
+    blocks = _FENCED.findall(completion)
+    return blocks[-1] if blocks else completion
+
+
+def io_cases(answer: str) -> list[tuple[str, str]] | None:
+    """An answer that is a list of {"input": ..., "output": ...} (JSON or a Python literal) as
+    (stdin, expected stdout) pairs; None when the answer is test code instead."""
+    for parse in (json.loads, ast.literal_eval):
+        try:
+            value = parse(answer)
+        except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+            continue
+        if (
+            isinstance(value, list)
+            and value
+            and all(isinstance(c, dict) and "input" in c and "output" in c for c in value)
+        ):
+            return [(str(c["input"]), str(c["output"])) for c in value]
+    return None
+
+
+def _code(spec: CodeVerifier, wall_s: float) -> Score:
+    """Score 1 when the program passes: the answer's test code (asserts, run after the program in the
+    same file) exits 0, or - for an answer of input/output cases - the share of cases whose stdout
+    matches (whitespace-trimmed). Anything else (error, limit, timeout) scores 0."""
+    limits = SandboxLimits(
+        wall_s=wall_s, cpu_s=spec.cpu_s, memory_mb=spec.memory_mb, max_processes=spec.max_processes,
+        max_output_bytes=spec.max_output_bytes, max_file_bytes=spec.max_file_bytes,
+    )  # fmt: skip
+
+    def score(completion: str, answer: str, prompt: Any) -> float:
+        program = extract_program(completion)
+        cases = io_cases(answer)
+        if cases is None:
+            return float(run_python(f"{program}\n\n{answer}\n", limits).ok)
+        passed = 0
+        for stdin, expected in cases:
+            result = run_python(program, limits, stdin)
+            passed += result.ok and result.output.strip() == expected.strip()
+        return passed / len(cases)
+
+    return score
+
+
 Score = Callable[[str, str, Any], float]
 
 
-def build_verifier(spec: Verifier) -> tuple[str, float, Score]:
-    """(name, weight, score function) of one configured verifier."""
+def build_verifier(spec: Verifier, timeout_s: float = 5.0) -> tuple[str, float, Score]:
+    """(name, weight, score function) of one configured verifier; `timeout_s` is the wall-clock limit of
+    one program run of the code verifier (reward.timeout_s)."""
     match spec:
         case NumericVerifier():
             return spec.type, spec.weight, _numeric(spec.tolerance)
@@ -81,6 +144,9 @@ def build_verifier(spec: Verifier) -> tuple[str, float, Score]:
             return spec.type, spec.weight, _regex(spec.pattern)
         case PluginVerifier():
             return spec.function, spec.weight, _plugin(spec.function)
+        case CodeVerifier():
+            check_sandbox()  # a worker that cannot sandbox fails at start, naming why, instead of scoring 0
+            return spec.type, spec.weight, _code(spec, timeout_s)
     raise TypeError(f"reward verifier {spec!r} is not one of the types of actors.config.Verifier")
 
 
@@ -88,7 +154,7 @@ class RewardWorker:
     """Scores (completion, answer, prompt) triples with every configured verifier."""
 
     def __init__(self, cfg: RewardConfig) -> None:
-        self.verifiers = [build_verifier(v) for v in cfg.verifiers]
+        self.verifiers = [build_verifier(v, cfg.timeout_s) for v in cfg.verifiers]
         self.timeout_s = cfg.timeout_s
         self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verifier")
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from typing import Any
 
 from actors.config import JobConfig
-from actors.contract import RunDir, finite, metric_record
+from actors.contract import REPORT_TOKEN_ENV, RunDir, finite, metric_record
 
 log = logging.getLogger("forkrl.tracking")
 
@@ -43,7 +44,7 @@ class Tracker:
                 self.mlflow = mlflow
             except ImportError:
                 log.warning("tracking.mlflow_tracking_uri is set but mlflow is not installed: skipping MLflow")
-        self.report_url, self.report_token = tr.report_url, tr.report_token
+        self.report_url, self.report_token = tr.report_url, os.environ.get(REPORT_TOKEN_ENV, "")
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         record = metric_record(step, metrics)

@@ -1,6 +1,9 @@
-"""python -m service: run the control plane with uvicorn (settings from FORKRL_* environment variables)."""
+"""python -m service [--host H] [--port P]: run the control plane with uvicorn (other settings from
+FORKRL_* environment variables; --help lists the options and starts nothing)."""
+
+import typer
 
 from service.cli import serve
 
 if __name__ == "__main__":
-    serve()
+    typer.run(serve)

@@ -20,17 +20,30 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from service.core import Service
+from actors.config import UNION_TAGS
+from service.core import ConfigTooLarge, Service
 from service.middleware import BodyLimit
+from service.policy import PolicyRefused
 from service.routes import ROUTERS
 from service.settings import Settings
 from service.store import Conflict, Forbidden, NotFound
 
 log = logging.getLogger("forkrl.service")
+
+
+def shown_value(value: Any) -> str:
+    """A short, printable, JSON-safe form of a refused input."""
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, list | tuple):
+        return "[...]"
+    shown = repr(value)
+    if isinstance(value, str | bytes):
+        shown = shown.encode("ascii", "backslashreplace").decode()
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,24 +69,35 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        route = request.scope.get("route")
-        svc.http_requests.labels(request.method, getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        def count(status: int) -> None:
+            route = getattr(request.scope.get("route"), "path", "unmatched")
+            svc.http_requests.labels(request.method, route, str(status)).inc()
+
+        try:
+            response: Response = await call_next(request)
+        except Exception:  # the server error middleware answers 500; it is counted here first
+            count(500)
+            log.exception("unhandled error in %s %s", request.method, request.url.path)
+            raise
+        count(response.status_code)
         return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
+        # each error as loc/msg/type and a short printable form of the input: the input itself may be
+        # NaN, a lone surrogate or nested hundreds deep, none of which a JSON answer can carry
+        detail, parts = [], []
         for e in exc.errors():
-            loc = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body",))
-            shown = repr(e.get("input"))
-            if len(shown) > 80:
-                shown = shown[:77] + "..."
-            msg = "unknown field (not part of JobConfig)" if e.get("type") == "extra_forbidden" else e.get("msg")
-            parts.append(f"{loc or 'body'} = {shown}: {msg}")
-        return JSONResponse({"detail": jsonable_encoder(exc.errors()), "message": "; ".join(parts)}, 422)
+            loc = [p if isinstance(p, int) else str(p) for p in e.get("loc", ())]
+            where = ".".join(str(p) for p in loc if p != "body" and p not in UNION_TAGS) or "body"
+            msg = "unknown field (not part of JobConfig)" if e.get("type") == "extra_forbidden" else str(e.get("msg"))
+            shown = shown_value(e.get("input"))
+            detail.append({"loc": loc, "msg": msg, "type": str(e.get("type")), "input": shown})
+            parts.append(f"{where} = {shown}: {msg}")
+        return JSONResponse({"detail": detail, "message": "; ".join(parts)}, 422)
 
-    for error, status in ((NotFound, 404), (Forbidden, 403), (Conflict, 409)):
+    for error, status in ((NotFound, 404), (Forbidden, 403), (Conflict, 409), (PolicyRefused, 403),
+                          (ConfigTooLarge, 422)):  # fmt: skip
 
         async def refused(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status)

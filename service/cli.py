@@ -195,16 +195,61 @@ def delete(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
     typer.echo(f"deleted {job_id}")
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str | None) -> int | None:
+    """'90d', '12h', '30m', '3600s' or '3600' -> seconds; None/'never' -> None."""
+    if text is None or text == "never":
+        return None
+    unit = text[-1] if text[-1:] in _UNITS else "s"
+    number = text[:-1] if text[-1:] in _UNITS else text
+    if not number.isdigit():
+        _die(f"--expires-in {text!r}: expected a number with an optional unit s, m, h or d (e.g. 90d), or never")
+    return int(number) * _UNITS[unit]
+
+
 @token_app.command("create")
 def token_create(
     owner: str,
     admin: Annotated[bool, typer.Option(help="the token may create tokens and see every job")] = False,
+    expires_in: Annotated[str | None, typer.Option(help="e.g. 90d, 12h, 30m; default: never")] = None,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
 ) -> None:
     """Create a token for OWNER; it is printed once."""
-    out = _request(url, token, "POST", "/v1/tokens", json={"owner": owner, "admin": admin})
+    body = {"owner": owner, "admin": admin, "expires_in_s": _duration(expires_in)}
+    out = _request(url, token, "POST", "/v1/tokens", json=body)
     typer.echo(out["token"])
+
+
+@token_app.command("list")
+def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Every token: id, owner, role, created, expires, revoked (never the secret)."""
+    typer.echo(f"{'ID':>5}  {'OWNER':20} {'ROLE':6} {'CREATED':20} {'EXPIRES':20} REVOKED")
+    for t in _request(url, token, "GET", "/v1/tokens")["tokens"]:
+        role = "admin" if t["admin"] else "owner"
+        when = [(t[k] or "-")[:19] for k in ("created_at", "expires_at", "revoked_at")]
+        typer.echo(f"{t['id']:>5}  {t['owner'][:20]:20} {role:6} {when[0]:20} {when[1]:20} {when[2]}")
+
+
+@token_app.command("revoke")
+def token_revoke(token_id: int, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
+    """Revoke a token by its id (from `forkrl token list`); it stops working at once."""
+    t = _request(url, token, "DELETE", f"/v1/tokens/{token_id}")
+    typer.echo(f"revoked token {t['id']} of {t['owner']}")
+
+
+@token_app.command("expire")
+def token_expire(
+    token_id: int,
+    expires_in: Annotated[str, typer.Argument(help="e.g. 90d, 12h, 0 (now), or never")],
+    url: UrlOpt = DEFAULT_URL,
+    token: TokenOpt = "",
+) -> None:
+    """Set when a token expires."""
+    t = _request(url, token, "PATCH", f"/v1/tokens/{token_id}", json={"expires_in_s": _duration(expires_in)})
+    typer.echo(f"token {t['id']} of {t['owner']} expires {t['expires_at'] or 'never'}")
 
 
 def _follow(url: str, token: str, job_id: str, total: int) -> int:
@@ -212,28 +257,10 @@ def _follow(url: str, token: str, job_id: str, total: int) -> int:
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=job_id, unit="step", dynamic_ncols=True)
-    state, event = JobState.PENDING.value, ""
+    ended = False
     try:
-        with _client(url, token, timeout=None) as c, c.stream("GET", f"/v1/jobs/{job_id}/events") as r:
-            if r.status_code >= 400:
-                r.read()
-                _check(r)
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    event = line[6:].strip()
-                elif line.startswith("data:"):
-                    data = json.loads(line[5:])
-                    if event == "state":
-                        state = data["state"]
-                        bar.set_description(f"{job_id} {state}")
-                        if data.get("message"):
-                            bar.write(f"{state}: {data['message']}")
-                    elif event == "metrics":
-                        bar.update(max(0, data["step"] - bar.n))
-                        bar.set_postfix(reward=_fmt(data.get("reward/mean")), H=_fmt(data.get("entropy/mean")))
-                    elif event == "end":
-                        state = data.get("state", state)
-                        break
+        while not ended:  # the service ends an idle stream; follow on from the last step seen
+            ended = _follow_stream(url, token, job_id, bar)
     except httpx.TransportError as e:
         bar.close()
         _die(f"lost the control plane at {url}: {e}; `forkrl status {job_id}` shows where the job is", 1)
@@ -243,6 +270,31 @@ def _follow(url: str, token: str, job_id: str, total: int) -> int:
     if j["message"] and j["state"] != JobState.SUCCEEDED.value:
         typer.echo(f"message: {j['message']}")
     return 0 if j["state"] == JobState.SUCCEEDED.value else 1
+
+
+def _follow_stream(url: str, token: str, job_id: str, bar: Any) -> bool:
+    """One events stream; True when the job ended, False when the service closed an idle stream."""
+    event = ""
+    params = {"after_step": bar.n}
+    with _client(url, token, timeout=None) as c, c.stream("GET", f"/v1/jobs/{job_id}/events", params=params) as r:
+        if r.status_code >= 400:
+            r.read()
+            _check(r)
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                event = line[6:].strip()
+            elif line.startswith("data:"):
+                data = json.loads(line[5:])
+                if event == "state":
+                    bar.set_description(f"{job_id} {data['state']}")
+                    if data.get("message"):
+                        bar.write(f"{data['state']}: {data['message']}")
+                elif event == "metrics":
+                    bar.update(max(0, data["step"] - bar.n))
+                    bar.set_postfix(reward=_fmt(data.get("reward/mean")), H=_fmt(data.get("entropy/mean")))
+                elif event == "end":
+                    return data.get("reason") != "idle"
+    return False
 
 
 def _fmt(x: Any) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -24,20 +25,26 @@ from actors.contract import (
     ENTRYPOINT,
     JOB_CONFIG_ENV,
     JOB_ENV_VARS,
+    REPORT_TOKEN_ENV,
     TERMINAL_STATES,
     JobState,
     MetricRecord,
     RunDir,
     parse_metric_line,
 )
-from service.db import Job, Token, migrate
+from service.db import Job, Token, migrate, now
+from service.policy import check_job
 from service.rayjobs import JobNotFound, LocalRayHead, RayJobs, RayUnavailable
 from service.settings import Settings
-from service.store import JobStore
+from service.store import Conflict, JobStore
 
 log = logging.getLogger("forkrl.service")
 
-__all__ = ["Service", "sha256", "canonical", "Unauthorized"]
+__all__ = ["Service", "sha256", "canonical", "config_env", "Unauthorized", "ConfigTooLarge", "MAX_CONFIG_BYTES"]
+
+# The config reaches the driver in one environment variable; Linux caps one at 128 KiB (MAX_ARG_STRLEN).
+MAX_CONFIG_BYTES = 96 * 1024
+LOG_READ_BYTES = 4 << 20  # most bytes of log one non-follow read holds
 
 
 def sha256(text: str) -> str:
@@ -48,8 +55,25 @@ def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
+def config_env(config: dict[str, Any]) -> str:
+    """The config as the driver's environment variable holds it (UTF-8 JSON)."""
+    return json.dumps(config, ensure_ascii=False, separators=(",", ":"))
+
+
+def _not_bootstrap(tok: Token) -> None:
+    if tok.bootstrap:
+        raise Conflict(
+            f"token {tok.id} is the bootstrap admin token (FORKRL_ADMIN_TOKEN): rotate it by restarting the service "
+            "with a new one, which revokes this one"
+        )
+
+
 class Unauthorized(PermissionError):
     """No valid token (401)."""
+
+
+class ConfigTooLarge(ValueError):
+    """A config that could not reach the driver (422)."""
 
 
 class Service:
@@ -90,7 +114,9 @@ class Service:
     # -- lifecycle
     def start(self) -> None:
         s = self.settings
-        s.data_dir.mkdir(parents=True, exist_ok=True)
+        # the data dir holds the job store and the admin token: the service user's alone
+        s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        s.data_dir.chmod(0o700)
         s.runs_path.mkdir(parents=True, exist_ok=True)
         self._store = JobStore(s.db_url)
         migrate(self._store.engine)
@@ -136,9 +162,15 @@ class Service:
         if len(self.admin_token) < 16:
             raise RuntimeError("FORKRL_ADMIN_TOKEN must be at least 16 characters")
         digest = sha256(self.admin_token)
-        with self.store.session() as db:
-            if self.store.token_by_hash(db, digest) is None:
-                self.store.add_token(db, "admin", digest, True)
+        with self.store.session(write=True) as db:
+            tok = self.store.token_by_hash(db, digest)
+            if tok is None:
+                self.store.add_token(db, "admin", digest, True, bootstrap=True)
+            elif not tok.bootstrap or tok.revoked_at is not None:
+                raise RuntimeError("FORKRL_ADMIN_TOKEN is a revoked or API-created token: set a fresh one")
+            revoked = self.store.revoke_bootstrap_except(db, digest)
+        if revoked:
+            log.warning("admin token rotated: %d earlier bootstrap admin token(s) revoked", revoked)
 
     async def _reconcile_forever(self) -> None:
         try:
@@ -173,27 +205,58 @@ class Service:
     def authenticate(self, token: str) -> Token:
         with self.store.session() as db:
             tok = self.store.token_by_hash(db, sha256(token)) if token else None
-        if tok is None:
-            raise Unauthorized("invalid token")
+        if tok is None or not tok.usable(now()):
+            raise Unauthorized("invalid, revoked or expired token")
         return tok
 
-    def create_token(self, owner: str, admin: bool) -> str:
+    def create_token(self, owner: str, admin: bool, expires_at: dt.datetime | None) -> tuple[Token, str]:
+        """A new token (row, secret); only its hash is stored."""
         token = secrets.token_urlsafe(32)
+        with self.store.session(write=True) as db:
+            return self.store.add_token(db, owner, sha256(token), admin, expires_at), token
+
+    def list_tokens(self) -> list[Token]:
         with self.store.session() as db:
-            self.store.add_token(db, owner, sha256(token), admin)
-        return token
+            return self.store.tokens(db)
+
+    def revoke_token(self, token_id: int) -> Token:
+        with self.store.session(write=True) as db:
+            tok = self.store.token(db, token_id)
+            _not_bootstrap(tok)
+            if tok.revoked_at is None:
+                tok.revoked_at = now()
+            return tok
+
+    def set_token_expiry(self, token_id: int, expires_at: dt.datetime | None) -> Token:
+        with self.store.session(write=True) as db:
+            tok = self.store.token(db, token_id)
+            _not_bootstrap(tok)
+            tok.expires_at = expires_at
+            return tok
 
     # -- jobs
-    def effective_config(self, job_id: str, cfg: JobConfig, ingest_token: str) -> JobConfig:
-        """The submitted config with what the service decides: the run directory and where to report."""
+    def effective_config(self, job_id: str, cfg: JobConfig) -> JobConfig:
+        """The submitted config with what the service decides: the run directory and where to report (the
+        report's bearer token is minted at each submission and travels beside the config, never in it)."""
         trainer = cfg.trainer.model_copy(update={"output_dir": str(self.settings.runs_path / job_id)})
-        tracking = cfg.tracking.model_copy(
-            update={
-                "report_url": f"{self.settings.report_base_url}/v1/jobs/{job_id}/ingest",
-                "report_token": ingest_token,
-            }
-        )
+        report = f"{self.settings.report_base_url}/v1/jobs/{job_id}/ingest"
+        tracking = cfg.tracking.model_copy(update={"report_url": report})
         return cfg.model_copy(update={"trainer": trainer, "tracking": tracking})
+
+    def admit(self, cfg: JobConfig, who: Token) -> None:
+        """Refuse (PolicyRefused, ConfigTooLarge) what this owner may not run or what could not start."""
+
+        def owner_of(job_id: str) -> str | None:
+            with self.store.session() as db:
+                return self.store.owner_of(db, job_id)
+
+        check_job(cfg, who.owner, who.is_admin, self.settings, owner_of)
+        size = len(config_env(self.effective_config("forkrl-" + "0" * 16, cfg).model_dump(mode="json")).encode())
+        if size > MAX_CONFIG_BYTES:
+            raise ConfigTooLarge(
+                f"the job config is {size} bytes as JSON; at most {MAX_CONFIG_BYTES} are accepted (it reaches the "
+                "driver in one environment variable): shorten data.system_prompt or other long strings"
+            )
 
     def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
         """Store a new job (or find the replay of an earlier Idempotency-Key). Returns (job, created)."""
@@ -205,11 +268,10 @@ class Service:
                 if old is not None:
                     return old, False
             job_id = f"forkrl-{secrets.token_hex(8)}"
-            ingest = secrets.token_urlsafe(32)
-            config = self.effective_config(job_id, cfg, ingest)
+            config = self.effective_config(job_id, cfg)
             job = self.store.create(
                 db, job_id=job_id, owner=owner, config=config, config_hash=body_hash,
-                idempotency_key=idempotency_key, ingest_token_hash=sha256(ingest),
+                idempotency_key=idempotency_key, ingest_token_hash="",  # no token until it is submitted
             )  # fmt: skip
             return job, True
 
@@ -223,7 +285,8 @@ class Service:
             return old, False
 
     async def submit_job(self, cfg: JobConfig, who: Token, idempotency_key: str | None) -> tuple[Job, bool]:
-        """Store the job, then submit it now; if Ray is not reachable the reconciler retries."""
+        """Admit and store the job, then submit it now; if Ray is not reachable the reconciler retries."""
+        await run_in_threadpool(self.admit, cfg, who)
         job, created = await run_in_threadpool(self.create_job, cfg, who.owner, idempotency_key)
         if not created:
             return job, False
@@ -265,26 +328,32 @@ class Service:
 
     def ingest(self, job_id: str, token: str, metrics: list[MetricRecord], checkpoints: list[tuple[int, str]]) -> int:
         """A driver's push of step metrics and checkpoints, with its job's ingest token."""
-        with self.store.session() as db:
+        with self.store.session(write=True) as db:
             job = self.store.get(db, job_id)
             if job is None or not token or not secrets.compare_digest(job.ingest_token_hash, sha256(token)):
                 raise Unauthorized("invalid ingest token")
+            if job.state in TERMINAL_STATES:
+                raise Conflict(f"job {job_id} is {job.state}: it takes no more metrics")
             added = self.store_metrics(db, job, metrics, "push")
             self.store.add_checkpoints(db, job_id, checkpoints)
         return added
 
     # -- logs
-    async def logs(self, job_id: str, who: Token) -> str:
+    async def logs(self, job_id: str, who: Token, lines: int) -> str:
+        """The last `lines` lines of the job's driver log (at most LOG_READ_BYTES of them)."""
         job = await run_in_threadpool(self.get_job, job_id, who)
         if not job.submitted:
             return ""
         try:
-            return str(await run_in_threadpool(self.ray.logs, job_id))
+            return await run_in_threadpool(self.ray.log_tail, job_id, lines, LOG_READ_BYTES)
         except JobNotFound:
             return ""
 
     async def follow_logs(self, job_id: str) -> AsyncIterator[str]:
-        """The job's log as it grows, from the start (waits until Ray has the job)."""
+        """The job's log as it grows, from the start (waits until Ray has the job). Ends with the job, when
+        the job is deleted, or after settings.stream_idle_s without a new line (the client reconnects)."""
+        idle_s = self.settings.stream_idle_s
+        waited = 0.0
         while True:
             with self.store.session() as db:
                 j = self.store.get(db, job_id)
@@ -292,17 +361,39 @@ class Service:
                     return
                 if j.submitted:
                     break
+            if waited >= idle_s:
+                yield f"[forkrl] no log after {idle_s:.0f} s; reconnect to keep following\n"
+                return
             await asyncio.sleep(1)
+            waited += 1
+        chunks = self.ray.tail(job_id).__aiter__()
         try:
-            async for chunk in self.ray.tail(job_id):
-                yield chunk
+            while True:
+                try:
+                    yield await asyncio.wait_for(chunks.__anext__(), timeout=idle_s)
+                except StopAsyncIteration:
+                    return
+                except asyncio.TimeoutError:
+                    yield f"\n[forkrl] nothing new for {idle_s:.0f} s; reconnect to keep following\n"
+                    return
         except Exception as e:  # the stream ends; the client can reconnect
             yield f"\n[forkrl] log stream ended: {e}\n"
+        finally:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
 
     # -- reconciler
     def submit(self, job_id: str, config: dict[str, Any]) -> None:
-        runtime_env = {"env_vars": {JOB_CONFIG_ENV: json.dumps(config), **JOB_ENV_VARS}}
-        self.ray.submit(job_id, ENTRYPOINT, runtime_env)
+        """Submit with a fresh ingest token: only its hash is stored (before Ray sees the job), the token
+        itself reaches the driver in its environment (REPORT_TOKEN_ENV) and nowhere else."""
+        token = secrets.token_urlsafe(32)
+        with self.store.session(write=True) as db:
+            job = self.store.get(db, job_id)
+            if job is None:
+                return
+            job.ingest_token_hash = sha256(token)
+        env = {JOB_CONFIG_ENV: config_env(config), REPORT_TOKEN_ENV: token, **JOB_ENV_VARS}
+        self.ray.submit(job_id, ENTRYPOINT, {"env_vars": env})
 
     def reconcile(self) -> None:
         """One pass: submit what was never accepted, follow Ray's view of the rest, pick up files."""
@@ -316,33 +407,41 @@ class Service:
             self.jobs_gauge.labels(state.value).set(counts.get(state.value, 0))
 
     def reconcile_job(self, job_id: str) -> None:
+        # Ray is asked outside any transaction: a slow head must not hold the job store's write lock
         with self.store.session() as db:
             job = self.store.get(db, job_id)
-            if job is None or job.state in TERMINAL_STATES:
+        if job is None or job.state in TERMINAL_STATES:
+            return
+        if not job.submitted:
+            if job.cancel_requested:
+                self._set_state(job_id, JobState.CANCELLED.value, "cancelled before it started")
                 return
-            if not job.submitted:
-                if job.cancel_requested:
-                    self.store.set_state(db, job, JobState.CANCELLED.value, "cancelled before it started")
-                    return
-                self.submit(job.id, job.config)  # RayUnavailable propagates: nothing changes
-                job.submitted = True
-                job.message = "submitted to Ray"
-                return
-            try:
-                state, message = self.ray.status(job.id)
-            except JobNotFound:
-                # Ray lost it (a new head, e.g. the embedded one after a restart): start it again; with
-                # trainer.resume=auto it continues from its newest checkpoint
-                self.submit(job.id, job.config)
-                self.store.set_state(
-                    db, job, JobState.PENDING.value, "resubmitted: the Ray cluster had no record of it"
-                )
-                return
-            if job.cancel_requested and state in (JobState.PENDING.value, JobState.RUNNING.value):
-                with contextlib.suppress(JobNotFound):
-                    self.ray.stop(job.id)
-            self.ingest_files(db, job)
-            self.store.set_state(db, job, state, message)
+            self.submit(job_id, job.config)  # RayUnavailable propagates: nothing changes
+            with self.store.session(write=True) as db:
+                if (j := self.store.get(db, job_id)) is not None:
+                    j.submitted, j.message = True, "submitted to Ray"
+            return
+        try:
+            state, message = self.ray.status(job_id)
+        except JobNotFound:
+            # Ray lost it (a new head, e.g. the embedded one after a restart): start it again; with
+            # trainer.resume=auto it continues from its newest checkpoint
+            self.submit(job_id, job.config)
+            self._set_state(job_id, JobState.PENDING.value, "resubmitted: the Ray cluster had no record of it")
+            return
+        if job.cancel_requested and state in (JobState.PENDING.value, JobState.RUNNING.value):
+            with contextlib.suppress(JobNotFound):
+                self.ray.stop(job_id)
+        with self.store.session(write=True) as db:
+            j = self.store.get(db, job_id)
+            if j is not None and j.state not in TERMINAL_STATES:
+                self.ingest_files(db, j)
+                self.store.set_state(db, j, state, message)
+
+    def _set_state(self, job_id: str, state: str, message: str) -> None:
+        with self.store.session(write=True) as db:
+            if (job := self.store.get(db, job_id)) is not None:
+                self.store.set_state(db, job, state, message)
 
     def ingest_files(self, db: Session, job: Job) -> None:
         """Steps and checkpoints written to the run directory that the driver could not push."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,6 +43,15 @@ class Token(Base):
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 hex of a 256-bit random token
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now)
+    expires_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    bootstrap: Mapped[bool] = mapped_column(Boolean, default=False)  # from FORKRL_ADMIN_TOKEN: revoked on rotation
+
+    def usable(self, at: dt.datetime) -> bool:
+        expires = self.expires_at
+        if expires is not None and expires.tzinfo is None:  # SQLite hands back naive UTC
+            expires = expires.replace(tzinfo=dt.timezone.utc)
+        return self.revoked_at is None and (expires is None or expires > at)
 
 
 class Job(Base):
@@ -99,20 +109,35 @@ class Event(Base):
     created_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now)
 
 
+WRITE = "forkrl_write"  # execution option of a session that writes
+
+
 def make_engine(url: str) -> Engine:
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
+            # the job store holds every owner's configs and token hashes: the service user's alone (SQLite
+            # creates the -wal and -shm files with the database file's mode)
+            os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
+            os.chmod(path, 0o600)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(conn: Any, _record: Any) -> None:
+            conn.isolation_level = None  # transactions begin in _sqlite_begin, not inside the driver
             cur = conn.cursor()
             cur.execute("PRAGMA journal_mode=WAL")
             cur.execute("PRAGMA foreign_keys=ON")
             cur.execute("PRAGMA busy_timeout=30000")
             cur.close()
+
+        @event.listens_for(engine, "begin")
+        def _sqlite_begin(conn: Any) -> None:
+            # a writing transaction takes the write lock up front (waiting up to busy_timeout); a deferred
+            # one that reads and then writes fails at once with "database is locked" when another writer
+            # committed in between, which concurrent requests do
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get(WRITE) else "BEGIN")
 
         return engine
     return create_engine(url, pool_pre_ping=True)
@@ -136,8 +161,11 @@ class Store:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
+    def session(self, write: bool = False) -> Iterator[Session]:
+        """One transaction; `write=True` for one that writes (on SQLite it takes the write lock first)."""
         with self._sessions() as s, s.begin():
+            if write:
+                s.connection(execution_options={WRITE: True})
             yield s
 
     def close(self) -> None:

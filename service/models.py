@@ -1,12 +1,14 @@
 """The REST API's request and response models."""
 
 import datetime as dt
-from typing import Any
+import json
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from actors.contract import JobState
-from service.db import Job
+from service.db import Job, Token
+from service.store import MAX_STEP
 
 
 class JobOut(BaseModel):
@@ -49,28 +51,99 @@ class CheckpointList(BaseModel):
     checkpoints: list[CheckpointOut]
 
 
+# What one pushed metric record may hold: the driver's records are flat scalars plus a few small
+# nested structures (sampled completions); these bounds keep every stored record readable back.
+MAX_RECORD_DEPTH = 8
+MAX_RECORD_BYTES = 256 * 1024
+
+
+def _check_value(v: Any, depth: int) -> None:
+    if depth > MAX_RECORD_DEPTH:
+        raise ValueError(f"nested deeper than {MAX_RECORD_DEPTH} levels")
+    if isinstance(v, dict):
+        for key, item in v.items():
+            if len(key) > 256:
+                raise ValueError(f"key {key[:40]!r}... longer than 256 characters")
+            _check_value(item, depth + 1)
+    elif isinstance(v, list):
+        for item in v:
+            _check_value(item, depth + 1)
+    elif isinstance(v, int) and not isinstance(v, bool) and abs(v) >= 2**63:
+        raise ValueError(f"integer {v} outside the 64-bit range")
+
+
+def _metric_record(rec: dict[str, Any]) -> dict[str, Any]:
+    step = rec.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step <= MAX_STEP:
+        raise ValueError(f"step = {step!r}: a record needs an integer step in [0, {MAX_STEP}]")
+    _check_value(rec, 1)
+    size = len(json.dumps(rec, allow_nan=True))
+    if size > MAX_RECORD_BYTES:
+        raise ValueError(f"record of step {step} is {size} bytes as JSON; at most {MAX_RECORD_BYTES}")
+    return rec
+
+
+MetricIn = Annotated[dict[str, Any], AfterValidator(_metric_record)]
+
+
 class IngestCheckpoint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    step: int = Field(ge=0)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    step: int = Field(ge=0, le=MAX_STEP)
     path: str = Field(max_length=4096)
 
 
 class IngestBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    metrics: list[dict[str, Any]] = Field(default_factory=list, max_length=10_000)
+    model_config = ConfigDict(extra="forbid", strict=True)
+    metrics: list[MetricIn] = Field(
+        default_factory=list,
+        max_length=10_000,
+        description=f"step records: an integer step in [0, 2^31), nested at most {MAX_RECORD_DEPTH} deep, at most "
+        f"{MAX_RECORD_BYTES} bytes each as JSON",
+    )
     checkpoints: list[IngestCheckpoint] = Field(default_factory=list, max_length=1000)
 
 
 class TokenIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     owner: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
     admin: bool = False
+    expires_in_s: int | None = Field(
+        None, ge=60, le=10 * 365 * 86400, description="seconds until the token expires; null: never"
+    )
 
 
-class TokenOut(BaseModel):
+class TokenPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    expires_in_s: int | None = Field(
+        ..., ge=0, le=10 * 365 * 86400, description="seconds from now until the token expires (0: now); null: never"
+    )
+
+
+class TokenInfo(BaseModel):
+    """A token as admins list it: never the secret."""
+
+    id: int
     owner: str
     admin: bool
+    bootstrap: bool = Field(description="the FORKRL_ADMIN_TOKEN of a start; revoked when it is rotated")
+    created_at: dt.datetime
+    expires_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+
+class TokenList(BaseModel):
+    tokens: list[TokenInfo]
+
+
+class TokenOut(TokenInfo):
     token: str = Field(description="shown once; only its hash is stored")
+
+
+def token_info(t: Token) -> TokenInfo:
+    return TokenInfo(
+        id=t.id, owner=t.owner, admin=t.is_admin, bootstrap=t.bootstrap, created_at=t.created_at,
+        expires_at=t.expires_at, revoked_at=t.revoked_at,
+    )  # fmt: skip
 
 
 class Health(BaseModel):

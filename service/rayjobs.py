@@ -201,13 +201,28 @@ class RayJobs:
         except Exception as e:  # the record is ours; Ray's copy may already be gone
             log.info("Ray kept no record of %s to delete: %s", job_id, e)
 
-    def logs(self, job_id: str) -> str:
+    def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
+        """The last `lines` lines of the job's driver log, and at most its last `max_bytes` bytes: read
+        through the dashboard's log API, which tails on the node, so a long log never travels whole."""
+        import httpx
+
+        url = f"{self.address.rstrip('/')}/api/v0/logs/file"
+        params = {"submission_id": job_id, "lines": lines, "timeout": 30}
+        kept = bytearray()
         try:
-            return str(self.client().get_job_logs(job_id))
-        except RuntimeError as e:
-            if "does not exist" in str(e):
-                raise JobNotFound(job_id) from e
-            raise RayUnavailable(str(e)) from e
+            with httpx.stream("GET", url, params=params, headers=self.headers, timeout=60) as r:
+                if r.status_code != 200:
+                    text = r.read().decode(errors="replace")
+                    if r.status_code == 404 or "not found" in text.lower() or "does not exist" in text.lower():
+                        raise JobNotFound(job_id)
+                    raise RayUnavailable(f"Ray log API answered {r.status_code}: {text[:300]}")
+                for chunk in r.iter_bytes():
+                    kept += chunk
+                    if len(kept) > max_bytes:
+                        del kept[: len(kept) - max_bytes]
+        except httpx.HTTPError as e:
+            raise RayUnavailable(f"Ray at {self.address}: {e}") from e
+        return kept.decode(errors="replace")
 
     async def tail(self, job_id: str) -> AsyncIterator[str]:
         async for chunk in self.client().tail_job_logs(job_id):

@@ -31,11 +31,49 @@ class Settings(BaseSettings):
     runs_dir: Path | None = Field(None, description="Where jobs write their runs; default <data_dir>/runs.")
     reconcile_interval_s: float = Field(2.0, gt=0, le=3600)
     max_body_bytes: int = Field(1 << 20, ge=1024)
+    stream_idle_s: float = Field(
+        600, gt=0, le=86400, description="A log or event stream with nothing new for this long ends (reconnect)."
+    )
+    log_tail_max_lines: int = Field(100_000, ge=1, description="Most log lines one GET .../logs returns.")
+
+    # -- tenancy policy (what non-admin owners may ask a job to do; admins are the operator)
+    tenancy: Literal["shared", "single_user"] = Field(
+        "shared",
+        description="shared: the rules below hold for every non-admin token (the safe default for a deployment "
+        "several teams use); single_user: no rules (a laptop where the only user runs the service).",
+    )
+    allowed_plugins: list[str] = Field(
+        default_factory=list,
+        description="Plugin verifiers non-admin owners may name: module:function, or module:* for every function "
+        "of a module (exact module names; none by default). JSON list in the environment.",
+    )
+    data_roots: list[Path] = Field(
+        default_factory=list,
+        description="Directories that data.source.path, data.eval_source.path and a model.path directory must "
+        "resolve inside (after `..` and symlinks); empty: <data_dir>/datasets. Built-in models and tasks "
+        "need none.",
+    )
+    tracking_uris: list[str] = Field(
+        default_factory=list,
+        description="MLflow tracking URIs non-admin owners may set in tracking.mlflow_tracking_uri (none by default).",
+    )
+    allow_wandb: bool = Field(
+        False, description="Whether non-admin owners may log to Weights & Biases (tracking.wandb_project)."
+    )
 
     @field_validator("data_dir", "runs_dir", mode="after")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
         return v.expanduser().resolve() if v is not None else None
+
+    @field_validator("data_roots", mode="after")
+    @classmethod
+    def _expand_all(cls, v: list[Path]) -> list[Path]:
+        return [p.expanduser().resolve() for p in v]
+
+    @property
+    def data_root_paths(self) -> list[Path]:
+        return self.data_roots or [self.data_dir / "datasets"]
 
     @property
     def db_url(self) -> str:

@@ -7,18 +7,23 @@ app maps to 404 / 403.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from actors.config import JobConfig
 from actors.contract import TERMINAL_STATES, JobState, MetricRecord, finite
 from service.db import Checkpoint, Event, Job, Metric, Store, Token, now
 
-__all__ = ["JobStore", "NotFound", "Forbidden", "Conflict"]
+__all__ = ["JobStore", "NotFound", "Forbidden", "Conflict", "MAX_STEP"]
+
+MAX_STEP = 2**31 - 1  # steps are INTEGER columns
 
 
 class NotFound(LookupError):
@@ -39,8 +44,9 @@ class JobStore:
         self.engine = self._store.engine
 
     @contextmanager
-    def session(self) -> Iterator[Session]:
-        with self._store.session() as db:
+    def session(self, write: bool = False) -> Iterator[Session]:
+        """One transaction; `write=True` when it writes."""
+        with self._store.session(write) as db:
             yield db
 
     def close(self) -> None:
@@ -50,8 +56,39 @@ class JobStore:
     def token_by_hash(self, db: Session, digest: str) -> Token | None:
         return db.scalar(select(Token).where(Token.token_hash == digest))
 
-    def add_token(self, db: Session, owner: str, digest: str, is_admin: bool) -> None:
-        db.add(Token(owner=owner, token_hash=digest, is_admin=is_admin))
+    def add_token(
+        self,
+        db: Session,
+        owner: str,
+        digest: str,
+        is_admin: bool,
+        expires_at: dt.datetime | None = None,
+        bootstrap: bool = False,
+    ) -> Token:
+        tok = Token(owner=owner, token_hash=digest, is_admin=is_admin, expires_at=expires_at, bootstrap=bootstrap)
+        db.add(tok)
+        db.flush()
+        return tok
+
+    def tokens(self, db: Session) -> list[Token]:
+        return list(db.scalars(select(Token).order_by(Token.id)))
+
+    def token(self, db: Session, token_id: int) -> Token:
+        tok = db.get(Token, token_id)
+        if tok is None:
+            raise NotFound(f"no token {token_id}")
+        return tok
+
+    def revoke_bootstrap_except(self, db: Session, digest: str) -> int:
+        """Revoke every bootstrap admin token but the current one (FORKRL_ADMIN_TOKEN was rotated)."""
+        old = list(db.scalars(select(Token).where(Token.bootstrap.is_(True), Token.token_hash != digest,
+                                                  Token.revoked_at.is_(None))))  # fmt: skip
+        for tok in old:
+            tok.revoked_at = now()
+        return len(old)
+
+    def owner_of(self, db: Session, job_id: str) -> str | None:
+        return db.scalar(select(Job.owner).where(Job.id == job_id))
 
     # -- jobs
     def get(self, db: Session, job_id: str) -> Job | None:
@@ -138,17 +175,18 @@ class JobStore:
 
     # -- metrics, checkpoints, events
     def add_metrics(self, db: Session, job: Job, records: list[MetricRecord]) -> int:
-        """Store each step once (later copies of a step are ignored); returns how many were new."""
-        have = set(db.scalars(select(Metric.step).where(Metric.job_id == job.id)))
-        added = 0
+        """Store each step once (later copies of a step are ignored, also when they arrive in concurrent
+        requests); returns how many were new. Records without a valid step are skipped."""
+        rows = {}
         for rec in records:
             step = rec.get("step")
-            if not isinstance(step, int) or isinstance(step, bool) or step < 0 or step in have:
-                continue
-            db.add(Metric(job_id=job.id, step=step, data=finite(rec)))
-            have.add(step)
-            job.last_step = max(job.last_step, step)
-            added += 1
+            if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= MAX_STEP:
+                rows.setdefault(step, {"job_id": job.id, "step": step, "data": finite(rec), "created_at": now()})
+        if not rows:
+            return 0
+        added = self._insert_new(db, Metric, list(rows.values()))
+        top = max(rows)
+        db.execute(update(Job).where(Job.id == job.id, Job.last_step < top).values(last_step=top))
         return added
 
     def metrics(self, db: Session, job_id: str, after_step: int, limit: int | None = None) -> list[Metric]:
@@ -156,11 +194,16 @@ class JobStore:
         return list(db.scalars(q if limit is None else q.limit(limit)))
 
     def add_checkpoints(self, db: Session, job_id: str, found: list[tuple[int, str]]) -> None:
-        known = set(db.scalars(select(Checkpoint.step).where(Checkpoint.job_id == job_id)))
-        for step, path in found:
-            if step not in known:
-                db.add(Checkpoint(job_id=job_id, step=step, path=path))
-                known.add(step)
+        rows = {step: {"job_id": job_id, "step": step, "path": path, "created_at": now()} for step, path in found}
+        if rows:
+            self._insert_new(db, Checkpoint, list(rows.values()))
+
+    @staticmethod
+    def _insert_new(db: Session, model: type[Metric] | type[Checkpoint], rows: list[dict[str, Any]]) -> int:
+        """INSERT ... ON CONFLICT (job_id, step) DO NOTHING; how many rows were new."""
+        insert = pg_insert if db.get_bind().dialect.name == "postgresql" else sqlite_insert
+        stmt = insert(model).values(rows).on_conflict_do_nothing(index_elements=["job_id", "step"])
+        return len(db.execute(stmt.returning(model.step)).all())
 
     def checkpoints(self, db: Session, job_id: str) -> list[Checkpoint]:
         return list(db.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
@@ -173,6 +216,6 @@ class JobStore:
             db.execute(select(1))
 
     def run(self, fn: Callable[[Session], Any]) -> Any:
-        """fn(session) in one transaction (for the thread pool)."""
-        with self.session() as db:
+        """fn(session) in one writing transaction (for the thread pool)."""
+        with self.session(write=True) as db:
             return fn(db)

@@ -7,9 +7,11 @@ import json
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, HTTPException, Query
+from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from actors.config import JobConfig
@@ -21,6 +23,15 @@ from service.rayjobs import RayUnavailable
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
+async def strict_job_config(request: Request) -> JobConfig:
+    """The body again, in pydantic's strict mode (the API takes no "20" for 20 or "yes" for true; YAML
+    files given to the CLI stay lenient)."""
+    try:
+        return JobConfig.model_validate_json(await request.body(), strict=True)
+    except ValidationError as e:
+        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+
+
 @router.post(
     "",
     response_model=JobOut,
@@ -29,11 +40,14 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 )
 async def submit_job(
     cfg: JobConfig,
+    strict: Annotated[JobConfig, Depends(strict_job_config)],
     who: Principal,
     svc: ServiceDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Any:
-    job, created = await svc.submit_job(cfg, who, idempotency_key)
+    """Submit a job. The body is a JobConfig, read strictly: no strings for numbers or booleans, no
+    NaN or infinities. The operator's tenancy policy may refuse fields (403 naming the field and rule)."""
+    job, created = await svc.submit_job(strict, who, idempotency_key)
     if not created:
         return JSONResponse(jsonable_encoder(job_out(job, True)), 200)
     return job_out(job, True)
@@ -92,10 +106,18 @@ def get_checkpoints(job_id: JobId, who: Principal, svc: ServiceDep) -> Checkpoin
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
-async def get_logs(job_id: JobId, who: Principal, svc: ServiceDep, follow: bool = False) -> Response:
+async def get_logs(
+    job_id: JobId,
+    who: Principal,
+    svc: ServiceDep,
+    follow: bool = False,
+    lines: Annotated[int, Query(ge=1, le=100_000, description="without follow: the last N lines")] = 1000,
+) -> Response:
+    """The driver's log: its last `lines` lines, or (follow=true) the whole log as it grows, until the
+    job ends or nothing new came for the service's stream idle limit."""
     if not follow:
         try:
-            return PlainTextResponse(await svc.logs(job_id, who))
+            return PlainTextResponse(await svc.logs(job_id, who, min(lines, svc.settings.log_tail_max_lines)))
         except RayUnavailable as e:
             raise HTTPException(503, f"Ray is not reachable: {e}") from None
     await run_in_threadpool(svc.get_job, job_id, who)  # 404/403 before the stream starts
@@ -109,7 +131,8 @@ async def events(
     job_id: JobId, who: Principal, svc: ServiceDep, after_step: Annotated[int, Query(ge=0, le=2**31)] = 0
 ) -> StreamingResponse:
     """Server-sent events: `state` (each state change, the current one first), `metrics` (each new
-    step's record) and `end` once the job is finished and every step was sent."""
+    step's record) and `end` once the job is finished and every step was sent, or (reason "idle")
+    after the service's stream idle limit with nothing new (reconnect with after_step to go on)."""
     await run_in_threadpool(svc.get_job, job_id, who)
     store = svc.store
 
@@ -118,7 +141,7 @@ async def events(
             return store.events(db, job_id, last_event), store.metrics(db, job_id, last_step), store.get(db, job_id)
 
     async def stream() -> AsyncIterator[str]:
-        last_event, last_step, idle = 0, after_step, 0.0
+        last_event, last_step, idle, quiet = 0, after_step, 0.0, 0.0
         while True:
             evs, ms, job = await run_in_threadpool(poll, last_event, last_step)
             if job is None:
@@ -135,6 +158,10 @@ async def events(
                 yield f"event: end\ndata: {json.dumps({'state': job.state, 'last_step': job.last_step})}\n\n"
                 return
             idle = 0.0 if (evs or ms) else idle + 0.5
+            quiet = 0.0 if (evs or ms) else quiet + 0.5
+            if quiet >= svc.settings.stream_idle_s:
+                yield f"event: end\ndata: {json.dumps({'reason': 'idle', 'last_step': last_step})}\n\n"
+                return
             if idle >= 15:
                 yield ": keep-alive\n\n"
                 idle = 0.0

@@ -126,6 +126,22 @@ class Server:
         )
 
 
+def arm_ingest(database_url: str, job_id: str, token: str | None = None) -> str:
+    """Give a stored job a known ingest token, as a submission to Ray would (the service keeps only its
+    hash and hands the token to the driver alone; no API returns it)."""
+    import hashlib
+
+    from sqlalchemy import create_engine, text
+
+    token = token or secrets.token_urlsafe(32)
+    engine = create_engine(database_url)
+    with engine.begin() as c:
+        c.execute(text("UPDATE jobs SET ingest_token_hash = :h WHERE id = :id"),
+                  {"h": hashlib.sha256(token.encode()).hexdigest(), "id": job_id})  # fmt: skip
+    engine.dispose()
+    return token
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":

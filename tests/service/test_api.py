@@ -13,7 +13,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import ROOT, Server
+from .conftest import ROOT, Server, arm_ingest
 
 TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
 
@@ -158,10 +158,11 @@ def test_cancel_is_idempotent_and_delete_needs_a_finished_job(api_server):
         assert c.get(f"/v1/jobs/{job['id']}").status_code == 404
 
 
-def test_ingest_metrics_checkpoints_and_events(api_server):
+def test_ingest_metrics_checkpoints_and_events(api_server, database_url):
     with api_server.client() as c:
         job = submit(c).json()
-        ingest_token = job["config"]["tracking"]["report_token"]
+        assert "report_token" not in job["config"]["tracking"]  # the ingest token is never returned
+        ingest_token = arm_ingest(database_url, job["id"])
         url = f"/v1/jobs/{job['id']}/ingest"
         assert c.post(url, json={"metrics": []}, headers={"Authorization": "Bearer wrong"}).status_code == 401
         auth = {"Authorization": f"Bearer {ingest_token}"}

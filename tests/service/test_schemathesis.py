@@ -8,12 +8,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .conftest import UNREACHABLE_RAY, Server
+from .conftest import UNREACHABLE_RAY, Server, arm_ingest
 
 
 def test_schemathesis_finds_no_server_error(tmp_path):
-    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", UNREACHABLE_RAY).start()
+    db = f"sqlite:///{tmp_path / 'jobs.db'}"
+    server = Server(tmp_path / "data", db, UNREACHABLE_RAY).start()
     try:
+        # the ingest route takes a job's own token: one job accepts the admin token there, and every
+        # generated ingest request goes to that job, so the bodies reach the handler
+        with server.client() as c:
+            job = c.post("/v1/jobs", json={"name": "fuzzed", "trainer": {"steps": 3}}).json()["id"]
+        arm_ingest(db, job, server.admin_token)
+        (tmp_path / "schemathesis.toml").write_text(
+            f'[[operations]]\ninclude-path-regex = "/ingest$"\nparameters = {{ "job_id" = "{job}" }}\n'
+        )
         st = shutil.which("schemathesis", path=str(Path(sys.executable).parent))
         assert st, "schemathesis is a dev dependency (make setup installs it)"
         out = subprocess.run(
@@ -36,6 +45,11 @@ def test_schemathesis_finds_no_server_error(tmp_path):
         assert out.returncode == 0, report
         assert "passed" in out.stdout.lower(), report
         print(next((line for line in out.stdout.splitlines() if "generated" in line), ""))
+        # the fuzzer's ingests reached the handler with a valid token (stored, refused as invalid, or refused
+        # once the fuzzer had cancelled the job), never stopping at 401
+        ingests = [ln for ln in (tmp_path / "data" / "service.log").read_text().splitlines()
+                   if f"POST /v1/jobs/{job}/ingest" in ln]  # fmt: skip
+        assert any('" 202' in ln for ln in ingests) and not any('" 401' in ln for ln in ingests), ingests[:20]
     finally:
         server.stop()
     assert "Traceback" not in (tmp_path / "data" / "service.log").read_text()

@@ -1,0 +1,85 @@
+"""The operator's tenancy policy: what a non-admin owner's job may do on the cluster.
+
+A job config is valid JobConfig before it gets here; this decides whether *this owner* may run it.
+In `tenancy: shared` (the default) a non-admin owner's job
+- names only the plugin verifiers the operator allowed (`allowed_plugins`): a plugin is code that
+  runs in the reward workers, so `os:system` would be code execution on the cluster;
+- reads data, evaluation data and model directories only inside the operator's `data_roots`,
+  after `..` and symlinks are resolved (a built-in model or task needs no path);
+- resumes only from a checkpoint of one of the owner's own jobs (DeepSpeed loads checkpoints
+  with pickle, so a foreign or planted checkpoint is code execution and another owner's weights);
+- logs only to the operator's MLflow URIs (`tracking_uris`) and to W&B only when `allow_wandb`.
+Admin tokens belong to the operator and are not restricted; `tenancy: single_user` turns every
+rule off. A refusal names the field, the value and the rule (HTTP 403).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable
+from pathlib import Path
+
+from actors.config import JobConfig, JsonlData, ParquetData, PluginVerifier
+from actors.models import BUILTIN_MODELS, TINY
+from service.settings import Settings
+
+__all__ = ["PolicyRefused", "check_job"]
+
+
+class PolicyRefused(PermissionError):
+    """A field the tenancy policy does not allow this owner (403)."""
+
+    def __init__(self, field: str, value: object, rule: str) -> None:
+        shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
+        super().__init__(f"{field} = {shown}: {rule} (tenancy policy)")
+        self.field = field
+
+
+def _inside(path: str, roots: list[Path]) -> bool:
+    resolved = Path(path).expanduser().resolve()
+    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
+
+
+def check_job(
+    cfg: JobConfig, owner: str, is_admin: bool, s: Settings, owner_of_job: Callable[[str], str | None]
+) -> None:
+    """Raise PolicyRefused for the first field this owner may not use. `owner_of_job(job_id)` is the
+    owner of a stored job, or None."""
+    if is_admin or s.tenancy == "single_user":
+        return
+    for i, v in enumerate(cfg.reward.verifiers):
+        if isinstance(v, PluginVerifier) and not any(fnmatch.fnmatchcase(v.function, p) for p in s.allowed_plugins):
+            allowed = ", ".join(s.allowed_plugins) or "none"
+            raise PolicyRefused(
+                f"reward.verifiers.{i}.function", v.function, f"not an operator-approved plugin (allowed: {allowed})"
+            )
+    roots = s.data_root_paths
+    where = "inside " + ", ".join(str(r) for r in roots)
+    for field, source in (("data.source", cfg.data.source), ("data.eval_source", cfg.data.eval_source)):
+        if isinstance(source, JsonlData | ParquetData) and not _inside(source.path, roots):
+            raise PolicyRefused(f"{field}.path", source.path, f"data files must lie {where}")
+    model = cfg.model.path
+    if model not in BUILTIN_MODELS and model != TINY and not _inside(model, roots):
+        raise PolicyRefused(
+            "model.path", model, f"a built-in model ({', '.join(BUILTIN_MODELS)}) or a directory {where}"
+        )
+    resume = cfg.trainer.resume
+    if resume not in ("auto", "never"):
+        runs = s.runs_path.resolve()
+        resolved = Path(resume).expanduser().resolve()
+        job_id = resolved.relative_to(runs).parts[0] if resolved.is_relative_to(runs) and resolved != runs else ""
+        if not job_id or owner_of_job(job_id) != owner:
+            raise PolicyRefused(
+                "trainer.resume",
+                resume,
+                f"auto, never, or a checkpoint of one of your own jobs (under {runs}/<job id>)",
+            )
+    uri = cfg.tracking.mlflow_tracking_uri
+    if uri is not None and uri not in s.tracking_uris:
+        raise PolicyRefused(
+            "tracking.mlflow_tracking_uri",
+            uri,
+            f"not an operator-configured URI (allowed: {s.tracking_uris or 'none'})",
+        )
+    if cfg.tracking.wandb_project is not None and not s.allow_wandb:
+        raise PolicyRefused("tracking.wandb_project", cfg.tracking.wandb_project, "W&B is not enabled by the operator")
