@@ -101,6 +101,10 @@ def test_a_broken_manifest_fails_validation(chart):
         ({"rayHead": {"replicas": 2}}, "replicas"),
         ({"rolloutWorkers": {"replicas": 1, "resources": {"limits": {"nvidia.com/gpu": "many"}}}}, "nvidia.com~1gpu"),
         ({"ray": {"gcsFaultTolerance": {"enabled": True}}}, "redisAddress"),
+        ({"controlPlane": {"tenancy": {"mode": "open"}}}, "mode"),
+        ({"controlPlane": {"tenancy": {"allowedPlugins": ["os.system"]}}}, "allowedPlugins"),
+        ({"controlPlane": {"tenancy": {"dataRoots": ["relative/dir"]}}}, "dataRoots"),
+        ({"ray": {"auth": {"enabled": "yes"}}}, "enabled"),
     ],
 )
 def test_schema_rejects_bad_values(chart, values, where):
@@ -208,3 +212,37 @@ def test_example_rayjob_validates_and_its_config_loads():
     overrides = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
     cfg = load_config(ROOT / config, overrides)
     assert str(cfg.trainer.output_dir).startswith("/var/lib/forkrl/runs")
+
+
+def test_ray_token_auth_and_the_tenancy_policy_reach_every_container(chart):
+    values = {"controlPlane": {"tenancy": {"allowedPlugins": ["mylab.rewards:*"], "dataRoots": ["/mnt/datasets"],
+                                           "trackingUris": ["http://mlflow:5000"], "allowWandb": True}}}  # fmt: skip
+    docs = render(chart, values)
+    (dep,) = by_kind(docs, "Deployment")
+    (rc,) = by_kind(docs, "RayCluster")
+    cp = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    secret = {"name": "forkrl-ray-auth", "key": "auth_token"}
+    assert cp["FORKRL_RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == secret
+    assert cp["FORKRL_TENANCY"]["value"] == "shared"
+    assert json.loads(cp["FORKRL_ALLOWED_PLUGINS"]["value"]) == ["mylab.rewards:*"]
+    assert json.loads(cp["FORKRL_DATA_ROOTS"]["value"]) == ["/mnt/datasets"]
+    assert json.loads(cp["FORKRL_TRACKING_URIS"]["value"]) == ["http://mlflow:5000"]
+    assert cp["FORKRL_ALLOW_WANDB"]["value"] == "true"
+    # the settings the control plane reads from that environment are the policy given
+    from service.settings import Settings
+
+    env = {k: v["value"] for k, v in cp.items() if k.startswith("FORKRL_") and "value" in v}
+    s = Settings(**{k.removeprefix("FORKRL_").lower(): json.loads(v) if v.startswith("[") else v
+                    for k, v in env.items() if k in {"FORKRL_TENANCY", "FORKRL_ALLOWED_PLUGINS", "FORKRL_DATA_ROOTS",
+                                                     "FORKRL_TRACKING_URIS", "FORKRL_ALLOW_WANDB"}})  # fmt: skip
+    assert (s.tenancy, s.allowed_plugins, s.allow_wandb) == ("shared", ["mylab.rewards:*"], True)
+    ray_containers = [rc["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]] + [
+        g["template"]["spec"]["containers"][0] for g in rc["spec"]["workerGroupSpecs"]
+    ]
+    for c in ray_containers:
+        env = {e["name"]: e for e in c["env"]}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
+        assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == secret, c["name"]
+    off = render(chart, {"ray": {"auth": {"enabled": False}}, "controlPlane": {"tenancy": {"mode": "single_user"}}})
+    (rc_off,) = by_kind(off, "RayCluster")
+    assert "RAY_AUTH_MODE" not in json.dumps(rc_off)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -94,6 +95,9 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
 
         first = first_metrics_event(server, a["id"], 400)  # metrics arrive while it runs
         assert first["step"] >= 1 and "reward/mean" in first and "timing/generate" in first
+        # the driver pushed them with the ingest token it got beside its config (the config holds none)
+        pushed = httpx.get(f"{server.url}/metrics").text
+        assert re.search(r'forkrl_metrics_ingested_total\{source="push"\} [1-9]', pushed), pushed[-3000:]
         followed_out, followed_err = follow.communicate(timeout=300)
         assert follow.returncode == 1, (followed_out[-2000:], followed_err[-2000:])
         f = {"id": followed_out.split()[1]}  # "submitted forkrl-... (PENDING)"
@@ -116,6 +120,8 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
             assert done["started_at"] and done["ended_at"] and done["last_step"] == 6
             logs = c.get(f"/v1/jobs/{a['id']}/logs").text
             assert "forkrl run summary" in logs
+            tail = c.get(f"/v1/jobs/{a['id']}/logs", params={"lines": 3}).text
+            assert 0 < len(tail.splitlines()) <= 3 and logs.endswith(tail)  # a bounded read is the log's end
             # the CLI's --follow streams the same log and ends with the job
             followed = subprocess.run([sys.executable, "-m", "service.cli", "logs", a["id"], "--follow"], cwd=ROOT,
                                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip

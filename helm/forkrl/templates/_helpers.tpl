@@ -136,6 +136,7 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
           env:
             - name: FORKRL_POOL
               value: {{ .name }}
+            {{- include "forkrl.rayAuthEnv" $root | nindent 12 }}
             {{- with $g.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
@@ -151,4 +152,17 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
         - name: shm
           emptyDir:
             medium: Memory
+{{- end -}}
+
+{{/* Ray token authentication env for every Ray container (ray.auth). */}}
+{{- define "forkrl.rayAuthEnv" -}}
+{{- if .Values.ray.auth.enabled }}
+- name: RAY_AUTH_MODE
+  value: token
+- name: RAY_AUTH_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.ray.auth.tokenSecret.name }}
+      key: {{ .Values.ray.auth.tokenSecret.key }}
+{{- end }}
 {{- end -}}
