@@ -158,13 +158,16 @@ def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
 def logs(
     job_id: str,
     follow: Annotated[bool, typer.Option("--follow", "-f")] = False,
+    lines: Annotated[
+        int, typer.Option("--lines", "-n", min=1, max=100_000, help="without --follow: the last N")
+    ] = 1000,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
 ) -> None:
-    """Print a job's driver log (--follow: stream it live)."""
+    """Print the end of a job's driver log (--follow: the whole log, streamed live)."""
     if not follow:
         with _client(url, token) as c:
-            r = c.get(f"/v1/jobs/{job_id}/logs")
+            r = c.get(f"/v1/jobs/{job_id}/logs", params={"lines": lines})
             if r.status_code >= 400:
                 _check(r)
             sys.stdout.write(r.text)
