@@ -297,6 +297,10 @@ class Service:
             log.warning("job %s stays queued: %s", job.id, e)
         return await run_in_threadpool(self.get_job, job.id, who), True
 
+    def _job(self, job_id: str) -> Job | None:
+        with self.store.session() as db:
+            return self.store.get(db, job_id)
+
     def get_job(self, job_id: str, who: Token) -> Job:
         with self.store.session() as db:
             return self.store.owned(db, job_id, who)
@@ -355,12 +359,11 @@ class Service:
         idle_s = self.settings.stream_idle_s
         waited = 0.0
         while True:
-            with self.store.session() as db:
-                j = self.store.get(db, job_id)
-                if j is None or (j.state in TERMINAL_STATES and not j.submitted):
-                    return
-                if j.submitted:
-                    break
+            j = await run_in_threadpool(self._job, job_id)  # the database is never read on the event loop
+            if j is None or (j.state in TERMINAL_STATES and not j.submitted):
+                return
+            if j.submitted:
+                break
             if waited >= idle_s:
                 yield f"[forkrl] no log after {idle_s:.0f} s; reconnect to keep following\n"
                 return

@@ -207,7 +207,7 @@ class RayJobs:
         import httpx
 
         url = f"{self.address.rstrip('/')}/api/v0/logs/file"
-        params = {"submission_id": job_id, "lines": lines, "timeout": 30}
+        params: dict[str, str | int] = {"submission_id": job_id, "lines": lines, "timeout": 30}
         kept = bytearray()
         try:
             with httpx.stream("GET", url, params=params, headers=self.headers, timeout=60) as r:

@@ -177,7 +177,7 @@ class JobStore:
     def add_metrics(self, db: Session, job: Job, records: list[MetricRecord]) -> int:
         """Store each step once (later copies of a step are ignored, also when they arrive in concurrent
         requests); returns how many were new. Records without a valid step are skipped."""
-        rows = {}
+        rows: dict[int, dict[str, Any]] = {}
         for rec in records:
             step = rec.get("step")
             if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= MAX_STEP:
