@@ -24,7 +24,7 @@ from actors.logits import token_logprobs_and_entropy
 def test_refusals_name_what_is_wrong():
     with pytest.raises(ValueError, match=r"num_valid=-1 must be >= 0"):
         num_kept(-1, 0.2)
-    with pytest.raises(ValueError, match=r"give exactly one of top_entropy_quantile and threshold"):
+    with pytest.raises(ValueError, match=r"^give exactly one of top_entropy_quantile and threshold$"):
         high_entropy_mask(torch.ones(2), torch.ones(2))
     with pytest.raises(ValueError, match=r"loss_agg='mean' is not one of: token_mean, token_mean_selected"):
         loss_normalizer("mean", num_valid_tokens=1, num_selected_tokens=1, num_sequences=1, max_response_len=1)  # type: ignore[arg-type]
@@ -108,6 +108,10 @@ def test_kl_log_ratio_is_clamped_to_plus_minus_20():
     _, m = policy_loss(lp, lp, torch.tensor([0.0]), valid, None, A(kl_coef=1.0), ref_logprobs=ref)
     k3 = ((math.exp(20.0) - 20.0 - 1.0) + (math.exp(-20.0) + 20.0 - 1.0)) / 2
     assert m["actor/kl_ref"] == pytest.approx(k3, rel=1e-6)
+    # the lower clamp alone (the e^20 term above would hide it): d = -25 -> -20, k3 = e^-20 + 20 - 1 = 19
+    low = torch.tensor([[-1.0]])
+    _, m = policy_loss(low, low, torch.tensor([0.0]), valid[:, :1], None, A(kl_coef=1.0), ref_logprobs=low - 25.0)
+    assert m["actor/kl_ref"] == pytest.approx(math.exp(-20.0) + 19.0, rel=1e-6)
 
 
 def test_logged_threshold_is_the_steps_not_the_micro_batchs():
@@ -119,3 +123,45 @@ def test_logged_threshold_is_the_steps_not_the_micro_batchs():
     stats = entropy_stats(h, valid, kept, step)
     assert stats["entropy/threshold"] == 0.5
     assert stats["entropy/frac_below_threshold"] == pytest.approx(1 / 3)  # only 0.1 < 0.5
+
+
+def test_triton_on_cpu_only_when_both_switches_are_set_and_never_when_disabled(monkeypatch):
+    from actors.logits import _use_triton
+
+    cpu = torch.zeros(1, 2)
+    for name in ("FORKRL_DISABLE_TRITON", "TRITON_INTERPRET", "FORKRL_TRITON_ON_CPU"):
+        monkeypatch.delenv(name, raising=False)
+    assert not _use_triton(cpu)  # a CPU tensor: the chunked torch path
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert not _use_triton(cpu)  # the interpreter alone does not route CPU work through it
+    monkeypatch.setenv("FORKRL_TRITON_ON_CPU", "1")
+    assert _use_triton(cpu)  # both: the kernels run in Triton's interpreter (tests/unit/test_triton_kernel.py)
+    monkeypatch.setenv("FORKRL_DISABLE_TRITON", "1")
+    assert not _use_triton(cpu)
+
+
+def test_plan_step_refuses_micro_batches_without_their_masks():
+    from actors.entropy_filter import plan_step
+
+    h = [torch.ones(1, 2), torch.ones(1, 2)]
+    with pytest.raises(ValueError, match="zip"):
+        plan_step(h, [torch.ones(1, 2, dtype=torch.bool)], 0.5)
+
+
+def test_the_chunked_path_computes_in_float32_whatever_the_default_dtype():
+    # buffers and outputs are float32 by contract: a float64 default must change neither dtype nor a bit
+    from actors.logits import _forward_chunked
+
+    g = torch.Generator().manual_seed(1)
+    z, ids = torch.randn(6, 11, generator=g), torch.randint(0, 11, (6,), generator=g)
+    lp32, h32 = token_logprobs_and_entropy(z, ids, temperature=0.7, chunk_size=4)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        lp, h = token_logprobs_and_entropy(z, ids, temperature=0.7, chunk_size=4)
+        lse, ent, logp = _forward_chunked(z, None, 0.7, 4)
+    finally:
+        torch.set_default_dtype(old)
+    assert lp.dtype == h.dtype == lse.dtype == ent.dtype == torch.float32
+    assert torch.equal(lp, lp32) and torch.equal(h, h32) and torch.equal(ent, h32)
+    assert logp is None  # entropy only: no log-prob buffer
