@@ -15,7 +15,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-__all__ = ["Completion", "TrainSequence", "MicroBatch", "collate", "prompt_runs"]
+__all__ = ["Completion", "TrainSequence", "TokenTrace", "MicroBatch", "collate", "prompt_runs"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +40,8 @@ class TrainSequence:
     the sequence's scalar advantage; weight: 0.0 marks a padding copy (an uneven shard over ranks)
     whose tokens count nowhere; old_logprobs: [R] the learner's log-probs before the rollout's first
     update (PPO mini-batches), None = this update's own (detached) log-probs are the old policy.
+    sample_id: set on the few sequences the driver shows per step; their per-token entropy and kept
+    flags come back as TokenTrace.
     """
 
     prompt_ids: list[int]
@@ -48,9 +50,20 @@ class TrainSequence:
     advantage: float
     weight: float = 1.0
     old_logprobs: list[float] | None = None
+    sample_id: int | None = None
 
     def padding_copy(self) -> TrainSequence:
         return replace(self, weight=0.0)
+
+
+@dataclass(frozen=True)
+class TokenTrace:
+    """What the learner saw of one sampled sequence in an optimizer step: entropy [R] of each response
+    token (at the sampling temperature) and kept [R], whether the step's filter gave it gradient."""
+
+    sample_id: int
+    entropy: list[float]
+    kept: list[bool]
 
 
 @dataclass

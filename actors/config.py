@@ -318,11 +318,26 @@ class TrainerConfig(_Strict):
 
 class TrackingConfig(_Strict):
     tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
+    samples_per_step: int = Field(
+        4,
+        ge=0,
+        le=16,
+        description="Sampled completions per step logged with per-token entropy and kept flags (metrics.jsonl "
+        "`samples`, the dashboard, TensorBoard text, W&B and MLflow tables); 0 = none.",
+    )
     wandb_project: str | None = Field(
         None, max_length=128, description="Log to Weights & Biases when set and installed (tenancy policy permitting)."
     )
+    wandb_entity: str | None = Field(None, max_length=128, description="W&B entity (team); None = the default.")
+    wandb_mode: Literal["online", "offline"] = Field(
+        "online", description="offline: W&B writes under <run dir>/wandb, for `wandb sync` later (no network)."
+    )
     mlflow_tracking_uri: str | None = Field(
         None, max_length=2048, description="Log to MLflow when set and installed (one of the operator's URIs)."
+    )
+    mlflow_experiment: str = Field("forkrl", min_length=1, max_length=256, description="MLflow experiment name.")
+    log_export: bool = Field(
+        True, description="Register the Hugging Face export with W&B (model artifact) and MLflow (run artifact)."
     )
     report_url: str | None = Field(
         None,

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from actors.batch import MicroBatch, TrainSequence, collate
+from actors.batch import MicroBatch, TokenTrace, TrainSequence, collate
 from actors.config import AlgorithmConfig, LearnerConfig, RolloutConfig
 from actors.pool import ActorPool
 
@@ -34,6 +34,7 @@ class RankStep:
     metrics: dict[str, float]
     stats: dict[str, Any]
     num_valid: int
+    traces: list[TokenTrace] = field(default_factory=list)  # the step's sampled sequences on this rank
 
 
 def _free_port() -> int:
@@ -219,7 +220,13 @@ class Learner:
         sums["actor/grad_norm"] = float("nan") if norm is None else float(norm)
         sums["actor/lr"] = float(self.engine.get_lr()[0])
         sums["entropy/kept_tokens"] = float(sum(int(mask.sum()) for mask in plan.masks))  # counted: adds over ranks
-        return RankStep(metrics=sums, stats=plan.stats, num_valid=plan.num_valid)
+        traces = []
+        for j, s in enumerate(seqs):  # micro-batches are contiguous and in order: sequence j is row j % size
+            if s.sample_id is not None and s.weight > 0:
+                i, row, n = j // self.cfg.micro_batch_size, j % self.cfg.micro_batch_size, len(s.response_ids)
+                entropy = ents[i][row, :n].detach().float().cpu().tolist()
+                traces.append(TokenTrace(s.sample_id, entropy, plan.masks[i][row, :n].cpu().tolist()))
+        return RankStep(metrics=sums, stats=plan.stats, num_valid=plan.num_valid, traces=traces)
 
     def _grad_norm(self) -> float:
         """Global 2-norm of the gradients before clipping, where DeepSpeed keeps none (no ZeRO
@@ -331,6 +338,10 @@ class LearnerGroup:
         return seqs + [seqs[-1].padding_copy() for _ in range(len(self.pool) - len(seqs))]
 
     def train_step(self, seqs: list[TrainSequence]) -> dict[str, Any]:
+        return self.traced_step(seqs)[0]
+
+    def traced_step(self, seqs: list[TrainSequence]) -> tuple[dict[str, Any], list[TokenTrace]]:
+        """One optimizer step: its metrics, and the token traces of its sampled sequences."""
         results: list[RankStep] = self.pool.sharded(self._padded(seqs), lambda a, part: a.train_step.remote(part))
         metrics: dict[str, Any] = {}
         for r in results:  # contributions add up over ranks
@@ -342,13 +353,16 @@ class LearnerGroup:
         n_valid = results[0].num_valid
         metrics["rollout/logprob_abs_diff"] = metrics.pop("rollout/logprob_abs_diff_sum") / max(n_valid, 1)
         metrics.update(results[0].stats)
-        return metrics
+        return metrics, [t for r in results for t in r.traces]
 
-    def train_rollout(self, groups: list[list[TrainSequence]], mini_batch: int | None, epochs: int) -> dict[str, Any]:
+    def train_rollout(
+        self, groups: list[list[TrainSequence]], mini_batch: int | None, epochs: int
+    ) -> tuple[dict[str, Any], list[TokenTrace]]:
         """PPO over one rollout batch: `epochs` passes over its mini-batches of `mini_batch` groups, one
         optimizer step each, in order. With more than one step the old policy's log-probs are taken
         once, before the first update (as verl does), so the ratio and clipping act from the second
-        step on. Returns the steps' metrics merged (`actors.grpo.merge_step_metrics`)."""
+        step on. Returns the steps' metrics merged (`actors.grpo.merge_step_metrics`) and the token
+        traces of the sampled sequences from the first step each took part in."""
         from dataclasses import replace
 
         from actors.grpo import merge_step_metrics, mini_batches
@@ -358,7 +372,12 @@ class LearnerGroup:
             flat = [s for part in parts for s in part]
             olds = iter(self.score(flat))
             parts = [[replace(s, old_logprobs=next(olds)) for s in part] for part in parts]
-        return merge_step_metrics([self.train_step(part) for _ in range(epochs) for part in parts])
+        steps = [self.traced_step(part) for _ in range(epochs) for part in parts]
+        traces: dict[int, TokenTrace] = {}
+        for _, step_traces in steps:
+            for t in step_traces:
+                traces.setdefault(t.sample_id, t)
+        return merge_step_metrics([m for m, _ in steps]), sorted(traces.values(), key=lambda t: t.sample_id)
 
     def export_weights(self, dtype: str) -> Any:
         """ObjectRef of rank 0's safetensors blob (every rank takes part when ZeRO-3 gathers)."""

@@ -20,14 +20,16 @@ from typing import Any
 
 import torch
 
-from actors.batch import Completion, TrainSequence
+from actors.batch import Completion, TokenTrace, TrainSequence
 from actors.config import JobConfig
 from actors.data import Example, PromptSampler, render_prompt
 from actors.grpo import group_advantages, groups_with_signal, overlong_penalty
 
 log = logging.getLogger("forkrl.sampling")
 
-__all__ = ["Group", "StepRollout", "batch_fingerprint", "collect", "training_groups"]
+__all__ = ["Group", "StepRollout", "batch_fingerprint", "collect", "training_groups", "sample_records"]
+
+SAMPLE_TOKENS = 512  # most tokens of one sampled completion in a step record (the record stays small)
 
 
 @dataclass(frozen=True)
@@ -122,14 +124,16 @@ def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[Trai
     out: list[list[TrainSequence]] = []
     masked = 0
     for i, gr in enumerate(groups):
-        seqs = []
+        seqs: list[TrainSequence] = []
         for j, c in enumerate(gr.completions):
             if not c.token_ids:
                 continue
             if algo.overlong_mask and c.finish_reason == "length":
                 masked += 1  # truncated: its reward still shapes the group's baseline, its tokens get no loss
                 continue
-            seqs.append(TrainSequence(gr.prompt_ids, c.token_ids, c.logprobs, float(adv[i * g + j])))
+            # the first trained completion of each of the first groups is shown (tracking.samples_per_step)
+            shown = i * g + j if not seqs and i < cfg.tracking.samples_per_step else None
+            seqs.append(TrainSequence(gr.prompt_ids, c.token_ids, c.logprobs, float(adv[i * g + j]), sample_id=shown))
         if seqs:
             out.append(seqs)
     n = sum(len(s) for s in out)
@@ -138,3 +142,24 @@ def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[Trai
         "batch/sequences": float(n),
         "batch/truncated_masked": float(masked),
     }
+
+
+def sample_records(groups: list[Group], traces: list[TokenTrace], tokenizer: Any, group_size: int) -> list[dict]:
+    """The step's sampled completions as the dashboard and the trackers show them: the prompt, the
+    verifier's reward, and per response token its text, entropy and whether the filter kept it
+    (at most SAMPLE_TOKENS tokens; `truncated` says when there were more)."""
+    out = []
+    for t in traces:
+        gr = groups[t.sample_id // group_size]
+        c = gr.completions[t.sample_id % group_size]
+        n = min(len(c.token_ids), SAMPLE_TOKENS)
+        out.append({
+            "prompt": gr.example.prompt if isinstance(gr.example.prompt, str) else json.dumps(gr.example.prompt),
+            "answer": str(gr.example.answer),
+            "reward": float(gr.scores[t.sample_id % group_size]),
+            "tokens": [tokenizer.decode([tid]) for tid in c.token_ids[:n]],
+            "entropy": [round(float(h), 4) for h in t.entropy[:n]],
+            "kept": [int(k) for k in t.kept[:n]],
+            "truncated": len(c.token_ids) > n,
+        })  # fmt: skip
+    return out

@@ -51,7 +51,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     from actors.reward import RewardPool
     from actors.rollout import RolloutPool
     from actors.runtime import init_ray, load_tokenizer
-    from actors.sampling import collect, training_groups
+    from actors.sampling import collect, sample_records, training_groups
     from actors.tracking import Tracker
 
     run = RunDir(Path(cfg.trainer.output_dir).resolve())
@@ -92,9 +92,12 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             with timed(m, "advantages"):  # advantages from the shaped reward; overlong masking
                 groups, batch_metrics = training_groups(cfg, got.groups)
                 m.update(batch_metrics)
+            samples = []
             with timed(m, "learn"):  # learn: entropy-filtered PPO steps on the learner group
                 if groups:
-                    m.update(learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs))
+                    step_metrics, traces = learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs)
+                    m.update(step_metrics)
+                    samples = sample_records(got.groups, traces, tokenizer, cfg.rollout.group_size)
                 else:
                     log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
             m["batch/empty_step"] = float(not groups)
@@ -113,7 +116,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                 with timed(m, "checkpoint"):
                     saved = save_checkpoint(learners, run, step, sampler.state(), cfg.trainer.keep_checkpoints)
                 tracker.checkpoint(step, saved)
-            tracker.log(step, m)
+            tracker.log(step, m, samples)
             history.append(m)
             entropy = f"{m['entropy/mean']:.3f}" if "entropy/mean" in m else "- (no update)"
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=entropy)
@@ -123,11 +126,11 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                 m["reward/mean"],
                 " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/")),
             )
-        tracker.close()
         export = None
         if cfg.trainer.export_hf:
             export = learners.export_hf(str(run.hf_export))
         summary = summarize(history, run.path, export)
+        summary.update(tracker.close(summary, export))  # W&B / MLflow runs end with the summary and the export
         run.summary.write_text(json.dumps(summary, indent=1))
         shutil.rmtree(run.scratch, ignore_errors=True)
         return summary

@@ -8,7 +8,8 @@ In `tenancy: shared` (the default) a non-admin owner's job
   after `..` and symlinks are resolved (a built-in model or task needs no path);
 - resumes only from a checkpoint of one of the owner's own jobs (DeepSpeed loads checkpoints
   with pickle, so a foreign or planted checkpoint is code execution and another owner's weights);
-- logs only to the operator's MLflow URIs (`tracking_uris`) and to W&B only when `allow_wandb`.
+- logs only to the operator's MLflow URIs (`tracking_uris`), and to W&B online only when `allow_wandb`
+  (offline W&B writes into the job's own run directory).
 Admin tokens belong to the operator and are not restricted; `tenancy: single_user` turns every
 rule off. A refusal names the field, the value and the rule (HTTP 403).
 """
@@ -81,5 +82,8 @@ def check_job(
             uri,
             f"not an operator-configured URI (allowed: {s.tracking_uris or 'none'})",
         )
-    if cfg.tracking.wandb_project is not None and not s.allow_wandb:
-        raise PolicyRefused("tracking.wandb_project", cfg.tracking.wandb_project, "W&B is not enabled by the operator")
+    if cfg.tracking.wandb_project is not None and cfg.tracking.wandb_mode == "online" and not s.allow_wandb:
+        raise PolicyRefused(
+            "tracking.wandb_project", cfg.tracking.wandb_project,
+            "W&B online is not enabled by the operator (wandb_mode: offline writes to the run directory only)",
+        )  # fmt: skip

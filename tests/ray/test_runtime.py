@@ -131,6 +131,9 @@ def test_kill_after_a_checkpoint_and_resume_with_the_same_data_order(tmp_path):
         sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
         "--set", f"trainer.output_dir={run}", "--set", "trainer.steps=4", "--set", "trainer.save_every=2",
         "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
+        # both trackers for real, offline: the resumed job must continue the same tracked runs
+        "--set", f"tracking.mlflow_tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "--set", "tracking.wandb_project=forkrl-test", "--set", "tracking.wandb_mode=offline",
     ]  # fmt: skip
     proc = subprocess.Popen(
         args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
@@ -156,6 +159,25 @@ def test_kill_after_a_checkpoint_and_resume_with_the_same_data_order(tmp_path):
     assert all(r["batch/rounds"] == 1 for r in rows)  # the dense toy reward: one draw of prompts per step
     assert [r["data/batch_crc"] for r in resumed[-2:]] == expected[2:]
     assert "step 4" in done.stderr and "resumed from" in done.stderr
+    # one MLflow run and one W&B run for the job, each step once, the sampled completions with their
+    # per-token entropy and kept flags, and the export registered
+    from mlflow.tracking import MlflowClient
+
+    from tests.wandb_log import history, run_ids
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "forkrl"]
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "reward_mean")] == [1, 2, 3, 4]
+    assert "hf" in {a.path for a in client.list_artifacts(mrun.info.run_id)}
+    assert len(run_ids(run)) == 1  # the killed process's W&B run and the resumed one: the same id
+    wandb_steps = [r["_step"] for r in history(run) if "reward/mean" in r]
+    assert len(wandb_steps) == len(set(wandb_steps)) and wandb_steps[-2:] == [3, 4]  # (a kill may lose the last)
+    last = rows[-1]
+    assert last["tracking/errors"] == 0.0 and 1 <= len(last["samples"]) <= 4  # tracking.samples_per_step
+    for s in last["samples"]:
+        assert len(s["tokens"]) == len(s["entropy"]) == len(s["kept"]) >= 1 and set(s["kept"]) <= {0, 1}
 
 
 def _free_port() -> int:

@@ -4,6 +4,7 @@ and in the embedded default starts and stops a Ray head itself. Minutes: marked 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -59,6 +60,15 @@ def wait_for_step_in_file(run_dir: Path, step: int, timeout: float) -> None:
             return
         time.sleep(0.5)
     raise AssertionError(f"no step {step} in {run_dir} after {timeout}s")
+
+
+def _ingest_hash(db: Path, job_id: str) -> str:
+    import sqlite3
+
+    with sqlite3.connect(db) as conn:
+        (digest,) = conn.execute("SELECT ingest_token_hash FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    assert len(digest) == 64
+    return str(digest)
 
 
 def first_metrics_event(server: Server, job_id: str, timeout: float) -> dict:
@@ -122,6 +132,12 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
             assert "forkrl run summary" in logs
             tail = c.get(f"/v1/jobs/{a['id']}/logs", params={"lines": 3}).text
             assert 0 < len(tail.splitlines()) <= 3 and logs.endswith(tail)  # a bounded read is the log's end
+            # the ingest token appears in no log: no token-shaped string hashes to the stored hash
+            stored = _ingest_hash(tmp_path / "jobs.db", a["id"])
+            service_log = (tmp_path / "data" / "service.log").read_text()
+            for text in (logs, service_log, json.dumps(c.get(f"/v1/jobs/{a['id']}").json())):
+                windows = {r[i : i + 43] for r in re.findall(r"[A-Za-z0-9_-]{43,}", text) for i in range(len(r) - 42)}
+                assert not any(hashlib.sha256(w.encode()).hexdigest() == stored for w in windows)
             # the CLI's --follow streams the same log and ends with the job
             followed = subprocess.run([sys.executable, "-m", "service.cli", "logs", a["id"], "--follow"], cwd=ROOT,
                                       env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
