@@ -30,6 +30,7 @@ log = logging.getLogger("forkrl.sampling")
 __all__ = ["Group", "StepRollout", "batch_fingerprint", "collect", "training_groups", "sample_records"]
 
 SAMPLE_TOKENS = 512  # most tokens of one sampled completion in a step record (the record stays small)
+SAMPLE_PROMPT_CHARS = 2000  # most characters of its prompt (the end, where the question is)
 
 
 @dataclass(frozen=True)
@@ -153,9 +154,10 @@ def sample_records(groups: list[Group], traces: list[TokenTrace], tokenizer: Any
         gr = groups[t.sample_id // group_size]
         c = gr.completions[t.sample_id % group_size]
         n = min(len(c.token_ids), SAMPLE_TOKENS)
+        prompt = gr.example.prompt if isinstance(gr.example.prompt, str) else json.dumps(gr.example.prompt)
         out.append({
-            "prompt": gr.example.prompt if isinstance(gr.example.prompt, str) else json.dumps(gr.example.prompt),
-            "answer": str(gr.example.answer),
+            "prompt": prompt[-SAMPLE_PROMPT_CHARS:],
+            "answer": str(gr.example.answer)[:SAMPLE_PROMPT_CHARS],
             "reward": float(gr.scores[t.sample_id % group_size]),
             "tokens": [tokenizer.decode([tid]) for tid in c.token_ids[:n]],
             "entropy": [round(float(h), 4) for h in t.entropy[:n]],

@@ -180,3 +180,33 @@ def test_overlong_mask_leaves_truncated_responses_out():
     assert [s.response_ids for g in groups for s in g] == [[1, 2]]
     assert groups[0][0].advantage == pytest.approx(1 / math.sqrt(2), abs=1e-5)
     assert m["batch/truncated_masked"] == 1.0
+
+
+def test_sampled_completions_are_marked_and_come_back_as_records():
+    from actors.batch import TokenTrace
+    from actors.data import Example
+    from actors.sampling import SAMPLE_TOKENS, Group, sample_records, training_groups
+
+    cfg = load_config(None, ["rollout.group_size=2", "tracking.samples_per_step=2", "algorithm.overlong_buffer=0"])
+    long = Completion(list(range(600)), [-1.0] * 600, "x", "length")
+    groups_in = [
+        Group(Example("p0", "1"), [5], [Completion([], [], "", "stop"), Completion([7, 8], [-1.0, -1.0], "ab", "stop")],
+              [0.0, 1.0]),
+        Group(Example("p1", "2"), [6], [long, Completion([9], [-1.0], "c", "stop")], [1.0, 0.0]),
+        Group(Example("p2", "3"), [6], [Completion([4], [-1.0], "d", "stop")] * 2, [1.0, 0.0]),
+    ]  # fmt: skip
+    groups, _ = training_groups(cfg, groups_in)
+    # the first trained completion of each of the first 2 groups: group 0's second (its first is empty), group 1's
+    # first; group 2 is past samples_per_step. sample_id = group * group_size + completion
+    assert [s.sample_id for g in groups for s in g] == [1, 2, None, None, None]
+
+    class Tok:  # one character per token id
+        def decode(self, ids):
+            return "".join(chr(ord("a") + i % 26) for i in ids)
+
+    traces = [TokenTrace(1, [0.5, 0.25], [True, False]), TokenTrace(2, [0.1] * 600, [False] * 600)]
+    recs = sample_records(groups_in, traces, Tok(), 2)
+    assert recs[0] == {"prompt": "p0", "answer": "1", "reward": 1.0, "tokens": ["h", "i"], "entropy": [0.5, 0.25],
+                       "kept": [1, 0], "truncated": False}  # fmt: skip
+    assert recs[1]["prompt"] == "p1" and recs[1]["reward"] == 1.0 and recs[1]["truncated"]
+    assert len(recs[1]["tokens"]) == len(recs[1]["entropy"]) == len(recs[1]["kept"]) == SAMPLE_TOKENS
