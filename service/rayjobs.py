@@ -206,8 +206,16 @@ class RayJobs:
         through the dashboard's log API, which tails on the node, so a long log never travels whole."""
         import httpx
 
+        try:  # the log API finds a job's driver log by the node the driver ran on
+            node = getattr(self.client().get_job_info(job_id), "driver_node_id", None) or ""
+        except RuntimeError as e:
+            if "does not exist" in str(e) or "404" in str(e):
+                raise JobNotFound(job_id) from e
+            raise RayUnavailable(str(e)) from e
+        if not node:
+            return ""  # not started on a node yet: no log
         url = f"{self.address.rstrip('/')}/api/v0/logs/file"
-        params: dict[str, str | int] = {"submission_id": job_id, "lines": lines, "timeout": 30}
+        params: dict[str, str | int] = {"submission_id": job_id, "node_id": node, "lines": lines, "timeout": 30}
         kept = bytearray()
         try:
             with httpx.stream("GET", url, params=params, headers=self.headers, timeout=60) as r:
