@@ -387,16 +387,16 @@ class Service:
 
     # -- reconciler
     def submit(self, job_id: str, config: dict[str, Any]) -> None:
-        """Submit with a fresh ingest token: only its hash is stored (before Ray sees the job), the token
-        itself reaches the driver in its environment (REPORT_TOKEN_ENV) and nowhere else."""
+        """Submit with a fresh ingest token: the token reaches the driver in its environment
+        (REPORT_TOKEN_ENV) and nowhere else; only its hash is stored, and only when this submission
+        started the job (when Ray already had it - a concurrent pass, a crash before the job was marked -
+        the running driver keeps the token it got, and so does the store)."""
         token = secrets.token_urlsafe(32)
-        with self.store.session(write=True) as db:
-            job = self.store.get(db, job_id)
-            if job is None:
-                return
-            job.ingest_token_hash = sha256(token)
         env = {JOB_CONFIG_ENV: config_env(config), REPORT_TOKEN_ENV: token, **JOB_ENV_VARS}
-        self.ray.submit(job_id, ENTRYPOINT, {"env_vars": env})
+        if self.ray.submit(job_id, ENTRYPOINT, {"env_vars": env}):
+            with self.store.session(write=True) as db:
+                if (job := self.store.get(db, job_id)) is not None:
+                    job.ingest_token_hash = sha256(token)
 
     def reconcile(self) -> None:
         """One pass: submit what was never accepted, follow Ray's view of the rest, pick up files."""

@@ -156,15 +156,17 @@ class RayJobs:
             self._client = None
             return False
 
-    def submit(self, job_id: str, entrypoint: str, runtime_env: dict[str, Any]) -> None:
+    def submit(self, job_id: str, entrypoint: str, runtime_env: dict[str, Any]) -> bool:
         """Submit with submission_id = job_id: a second submission of the same job is refused by Ray,
-        so a crash between submitting and recording it cannot start the job twice."""
+        so a crash between submitting and recording it cannot start the job twice. True when this
+        call started it, False when Ray already had it."""
         try:
             self.client().submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env)
+            return True
         except RuntimeError as e:
             if "already exists" in str(e):
                 log.info("job %s was already submitted to Ray", job_id)
-                return
+                return False
             if "No available agent" in str(e):
                 raise RayUnavailable(str(e)) from e
             raise

@@ -107,7 +107,10 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
         assert first["step"] >= 1 and "reward/mean" in first and "timing/generate" in first
         # the driver pushed them with the ingest token it got beside its config (the config holds none)
         pushed = httpx.get(f"{server.url}/metrics").text
-        assert re.search(r'forkrl_metrics_ingested_total\{source="push"\} [1-9]', pushed), pushed[-3000:]
+        # (accepted, whether or not the reconciler had read the same step from metrics.jsonl first)
+        ingest = 'route="/v1/jobs/{job_id}/ingest"'
+        assert re.search(re.escape(ingest) + r',status="202"\} [1-9]', pushed), pushed[-3000:]
+        assert f'{ingest},status="401"' not in pushed, pushed[-3000:]
         followed_out, followed_err = follow.communicate(timeout=300)
         assert follow.returncode == 1, (followed_out[-2000:], followed_err[-2000:])
         f = {"id": followed_out.split()[1]}  # "submitted forkrl-... (PENDING)"
