@@ -12,7 +12,9 @@ The `code` verifier runs what the model wrote, so it is treated as hostile:
   so the process limit counts its processes alone and a fork bomb stops at it.
 - The wall-clock limit kills the sandbox (bwrap --die-with-parent takes every process of its PID
   namespace with it); output beyond `max_output_bytes` kills it too.
-A failure of any kind is a result (`ok=False`), never an exception that could stop the worker.
+What the program does is a result (`ok=False` on any failure or limit), never an exception that
+could stop the worker; only a sandbox that cannot start at all raises SandboxUnavailable, which
+the reward worker checks once when it starts (`check_sandbox`).
 """
 
 from __future__ import annotations

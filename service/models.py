@@ -57,6 +57,18 @@ MAX_RECORD_DEPTH = 8
 MAX_RECORD_BYTES = 256 * 1024
 
 
+def _text(s: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON allows the escape, no database stores it
+        raise ValueError("a string that is not valid Unicode (a lone surrogate)") from None
+
+
+def _valid_text(s: str) -> str:
+    _text(s)
+    return s
+
+
 def _check_value(v: Any, depth: int) -> None:
     if depth > MAX_RECORD_DEPTH:
         raise ValueError(f"nested deeper than {MAX_RECORD_DEPTH} levels")
@@ -64,7 +76,10 @@ def _check_value(v: Any, depth: int) -> None:
         for key, item in v.items():
             if len(key) > 256:
                 raise ValueError(f"key {key[:40]!r}... longer than 256 characters")
+            _text(key)
             _check_value(item, depth + 1)
+    elif isinstance(v, str):
+        _text(v)
     elif isinstance(v, list):
         for item in v:
             _check_value(item, depth + 1)
@@ -89,7 +104,7 @@ MetricIn = Annotated[dict[str, Any], AfterValidator(_metric_record)]
 class IngestCheckpoint(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     step: int = Field(ge=0, le=MAX_STEP)
-    path: str = Field(max_length=4096)
+    path: Annotated[str, AfterValidator(_valid_text)] = Field(max_length=4096)
 
 
 class IngestBody(BaseModel):

@@ -190,6 +190,9 @@ def test_inputs_that_once_answered_500(api_server, database_url):
             assert r.status_code == 422, (str(body)[:80], r.status_code, r.text[:200])
         deeper = '{"metrics": [{"step": 1, "deep": ' + '{"a": ' * 600 + "1" + "}" * 600 + "}]}"
         assert c.post(url, content=deeper, headers={**auth, **raw}).status_code == 422
+        for lone in ('{"metrics": [{"step": 1, "note": "\\ud800"}]}', '{"metrics": [{"step": 1, "\\udfff": 1}]}',
+                     '{"checkpoints": [{"step": 1, "path": "\\ud800"}]}'):  # fmt: skip
+            assert c.post(url, content=lone, headers={**auth, **raw}).status_code == 422, lone
 
         def push(_: int) -> int:
             with httpx.Client(base_url=api_server.url, timeout=60) as one:
