@@ -50,8 +50,8 @@ fi
 if ! command -v bwrap >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1 || ! [ -x /usr/bin/python3 ]; then
   if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing bubblewrap and the system python3 for the code verifier's sandbox"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3-minimal >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3-minimal >/dev/null; } \
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3 >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3 >/dev/null; } \
       || echo "setup: could not install bubblewrap; the code verifier and its tests will fail"
   else
     echo "setup: bubblewrap not found; install Debian's bubblewrap for the code verifier"
