@@ -246,3 +246,87 @@ def test_ray_token_auth_and_the_tenancy_policy_reach_every_container(chart):
     off = render(chart, {"ray": {"auth": {"enabled": False}}, "controlPlane": {"tenancy": {"mode": "single_user"}}})
     (rc_off,) = by_kind(off, "RayCluster")
     assert "RAY_AUTH_MODE" not in json.dumps(rc_off)
+
+
+RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
+                      "projected", "secret", "name"}  # fmt: skip
+
+
+def _restricted_violations(pod: dict[str, Any], where: str) -> list[str]:
+    """The rules of the "restricted" Pod Security Standard (Kubernetes 1.30) that a pod spec breaks."""
+    bad = []
+    psc = pod.get("securityContext") or {}
+    for flag in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(flag):
+            bad.append(f"{where}: {flag}")
+    for vol in pod.get("volumes") or []:
+        if set(vol) - RESTRICTED_VOLUMES:
+            bad.append(f"{where}: volume {vol['name']} of type {set(vol) - RESTRICTED_VOLUMES}")
+    for c in [*(pod.get("initContainers") or []), *pod["containers"]]:
+        sc, name = c.get("securityContext") or {}, f"{where}/{c['name']}"
+        if sc.get("runAsNonRoot", psc.get("runAsNonRoot")) is not True:
+            bad.append(f"{name}: runAsNonRoot")
+        if sc.get("runAsUser", psc.get("runAsUser")) == 0:
+            bad.append(f"{name}: runAsUser 0")
+        if sc.get("allowPrivilegeEscalation") is not False:
+            bad.append(f"{name}: allowPrivilegeEscalation")
+        if sc.get("privileged"):
+            bad.append(f"{name}: privileged")
+        caps = sc.get("capabilities") or {}
+        if "ALL" not in (caps.get("drop") or []) or set(caps.get("add") or []) - {"NET_BIND_SERVICE"}:
+            bad.append(f"{name}: capabilities")
+        seccomp = (sc.get("seccompProfile") or psc.get("seccompProfile") or {}).get("type")
+        if seccomp not in ("RuntimeDefault", "Localhost"):
+            bad.append(f"{name}: seccompProfile {seccomp}")
+        if any(p.get("hostPort") for p in c.get("ports") or []):
+            bad.append(f"{name}: hostPort")
+    return bad
+
+
+def _pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    pods = []
+    for d in docs:
+        name = f"{d['kind']}/{d['metadata']['name']}"
+        if d["kind"] == "Pod":
+            pods.append((name, d["spec"]))
+        elif d["kind"] == "Deployment":
+            pods.append((name, d["spec"]["template"]["spec"]))
+        elif d["kind"] == "RayCluster":
+            pods.append((f"{name}/head", d["spec"]["headGroupSpec"]["template"]["spec"]))
+            pods += [(f"{name}/{g['groupName']}", g["template"]["spec"]) for g in d["spec"]["workerGroupSpecs"]]
+    return pods
+
+
+def test_every_pod_passes_the_restricted_pod_security_level(chart):
+    for overlay in [None, *OVERLAYS]:
+        docs = render(chart, yaml.safe_load(overlay.read_text()) if overlay else {})
+        pods = _pod_specs(docs)
+        assert len(pods) >= 6  # control plane, helm test, head and three worker groups
+        violations = [v for name, pod in pods for v in _restricted_violations(pod, name)]
+        assert not violations, (overlay, violations)
+    # the check itself: a root, privileged container is caught
+    (dep,) = by_kind(render(chart), "Deployment")
+    pod = copy.deepcopy(dep["spec"]["template"]["spec"])
+    pod["containers"][0]["securityContext"] = {"privileged": True, "runAsUser": 0}
+    assert len(_restricted_violations(pod, "x")) >= 4
+
+
+def test_network_policies_admit_the_jobs_api_only_from_the_control_plane(chart):
+    docs = render(chart)
+    policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
+    (rc,) = by_kind(docs, "RayCluster")
+    cluster = rc["metadata"]["name"]
+    ray = policies["demo-forkrl-ray"]
+    assert ray["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster}
+    assert ray["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": cluster}}}]}]
+    jobs = policies["demo-forkrl-ray-jobs-api"]
+    assert jobs["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    (rule,) = jobs["ingress"]
+    (dep,) = by_kind(docs, "Deployment")
+    selector = rule["from"][0]["podSelector"]["matchLabels"]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert selector.items() <= pod_labels.items() and selector["app.kubernetes.io/component"] == "control-plane"
+    assert rule["ports"] == [{"port": 8265, "protocol": "TCP"}]
+    for p in by_kind(docs, "NetworkPolicy"):
+        validate(p)
+    assert not by_kind(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")

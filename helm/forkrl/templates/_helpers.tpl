@@ -132,6 +132,8 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
         - name: ray-worker
           image: {{ include "forkrl.image" $root }}
           imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          securityContext:
+            {{- toYaml $root.Values.containerSecurityContext | nindent 12 }}
           workingDir: /opt/forkrl
           env:
             - name: FORKRL_POOL
