@@ -330,3 +330,36 @@ def test_network_policies_admit_the_jobs_api_only_from_the_control_plane(chart):
     for p in by_kind(docs, "NetworkPolicy"):
         validate(p)
     assert not by_kind(render(chart, {"networkPolicy": {"enabled": False}}), "NetworkPolicy")
+
+
+def test_groups_take_volumes_env_from_secrets_labels_and_scheduling(chart):
+    models = {"name": "models", "persistentVolumeClaim": {"claimName": "team-models", "readOnly": True}}
+    extras = {
+        "volumes": [models],
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        "envFrom": [{"secretRef": {"name": "wandb"}}],
+        "podLabels": {"team": "rl"},
+        "podAnnotations": {"example.com/owner": "rl-team"},
+        "priorityClassName": "training",
+        "topologySpreadConstraints": [
+            {"maxSkew": 1, "topologyKey": "kubernetes.io/hostname", "whenUnsatisfiable": "ScheduleAnyway"}
+        ],  # fmt: skip
+    }
+    docs = render(chart, {"learners": {"replicas": 1, "resources": {}, **extras}, "rayHead": extras})
+    (rc,) = by_kind(docs, "RayCluster")
+    validate(rc)
+    learner = next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "learner")["template"]
+    head = rc["spec"]["headGroupSpec"]["template"]
+    for tpl in (learner, head):
+        spec, c = tpl["spec"], tpl["spec"]["containers"][0]
+        assert models in spec["volumes"] and spec["volumes"][0]["name"] == "runs"
+        assert {"name": "models", "mountPath": "/models", "readOnly": True} in c["volumeMounts"]
+        assert c["envFrom"] == [{"secretRef": {"name": "wandb"}}]
+        assert tpl["metadata"]["labels"]["team"] == "rl" and tpl["metadata"]["labels"]["app.kubernetes.io/part-of"]
+        assert tpl["metadata"]["annotations"] == {"example.com/owner": "rl-team"}
+        assert spec["priorityClassName"] == "training" and spec["topologySpreadConstraints"][0]["maxSkew"] == 1
+    rollout = next(g for g in rc["spec"]["workerGroupSpecs"] if g["groupName"] == "rollout")["template"]["spec"]
+    assert [v["name"] for v in rollout["volumes"]] == ["runs", "shm"]  # only where asked
+    with pytest.raises(helm.HelmError, match="mountPath"):
+        chart.render({"learners": {"replicas": 1, "resources": {}, "volumeMounts": [{"name": "m"}]}},
+                     name="demo", namespace="ml")  # fmt: skip

@@ -106,8 +106,22 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
       labels:
         {{- include "forkrl.labels" $root | nindent 8 }}
         app.kubernetes.io/component: {{ .name }}-workers
+        {{- with $g.podLabels }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
+      {{- with $g.podAnnotations }}
+      annotations:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
     spec:
       serviceAccountName: {{ include "forkrl.serviceAccountName" $root }}
+      {{- with $g.priorityClassName }}
+      priorityClassName: {{ . }}
+      {{- end }}
+      {{- with $g.topologySpreadConstraints }}
+      topologySpreadConstraints:
+        {{- toYaml . | nindent 8 }}
+      {{- end }}
       securityContext:
         {{- toYaml $root.Values.podSecurityContext | nindent 8 }}
       {{- with $root.Values.image.pullSecrets }}
@@ -142,6 +156,10 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
             {{- with $g.env }}
             {{- toYaml . | nindent 12 }}
             {{- end }}
+          {{- with $g.envFrom }}
+          envFrom:
+            {{- toYaml . | nindent 12 }}
+          {{- end }}
           resources:
             {{- toYaml $g.resources | nindent 12 }}
           volumeMounts:
@@ -149,11 +167,17 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
               mountPath: /var/lib/forkrl/runs
             - name: shm
               mountPath: /dev/shm
+            {{- with $g.volumeMounts }}
+            {{- toYaml . | nindent 12 }}
+            {{- end }}
       volumes:
         {{- include "forkrl.runsVolume" $root | nindent 8 }}
         - name: shm
           emptyDir:
             medium: Memory
+        {{- with $g.volumes }}
+        {{- toYaml . | nindent 8 }}
+        {{- end }}
 {{- end -}}
 
 {{/* Ray token authentication env for every Ray container (ray.auth). */}}
