@@ -122,7 +122,8 @@ def test_postgresql_allows_several_replicas_and_reads_the_url_from_a_secret(char
     assert dep["spec"]["replicas"] == 3
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FORKRL_DATABASE_URL"]["valueFrom"]["secretKeyRef"] == {"name": "forkrl-db", "key": "url"}
-    assert not by_kind(docs, "PersistentVolumeClaim")  # no SQLite volume
+    (runs,) = by_kind(docs, "PersistentVolumeClaim")  # the runs' claim only: no SQLite volume
+    assert runs["metadata"]["name"] == "demo-forkrl-runs"
 
 
 def test_key_values_reach_the_manifests(chart):
@@ -363,3 +364,29 @@ def test_groups_take_volumes_env_from_secrets_labels_and_scheduling(chart):
     with pytest.raises(helm.HelmError, match="mountPath"):
         chart.render({"learners": {"replicas": 1, "resources": {}, "volumeMounts": [{"name": "m"}]}},
                      name="demo", namespace="ml")  # fmt: skip
+
+
+def test_run_storage_is_shared_by_construction(chart):
+    (runs,) = [p for p in by_kind(render(chart), "PersistentVolumeClaim") if p["metadata"]["name"].endswith("-runs")]
+    assert runs["spec"]["accessModes"] == ["ReadWriteMany"]  # the default: one volume every Ray pod can mount
+    (rc,) = by_kind(render(chart), "RayCluster")
+    pods = [rc["spec"]["headGroupSpec"]["template"]["spec"]] + [
+        g["template"]["spec"] for g in rc["spec"]["workerGroupSpecs"]
+    ]
+    for spec in pods:  # every Ray pod mounts that one claim
+        (v,) = [v for v in spec["volumes"] if v["name"] == "runs"]
+        assert v["persistentVolumeClaim"]["claimName"] == "demo-forkrl-runs"
+    with pytest.raises(helm.HelmError, match="runStorage.enabled=false with 4 Ray pods"):
+        chart.render({"runStorage": {"enabled": False}}, name="demo", namespace="ml")
+    with pytest.raises(helm.HelmError, match="runStorage.accessMode=ReadWriteOnce is mounted by 5 pods"):
+        chart.render({"runStorage": {"accessMode": "ReadWriteOnce"}}, name="demo", namespace="ml")
+    # deliberate exceptions: every pod on one node, or a head-only cluster
+    render(chart, {"runStorage": {"accessMode": "ReadWriteOnce", "colocated": True}})
+    none = {"replicas": 0, "minReplicas": 0, "maxReplicas": 0, "resources": {}}
+    head_only = {"runStorage": {"enabled": False}, "rolloutWorkers": none, "rewardWorkers": none, "learners": none}
+    assert not [
+        p for p in by_kind(render(chart, head_only), "PersistentVolumeClaim") if "runs" in p["metadata"]["name"]
+    ]
+    # autoscaling counts: a group that may grow past one pod needs the shared claim too
+    with pytest.raises(helm.HelmError, match="with 2 Ray pods"):
+        chart.render({**head_only, "learners": {**none, "maxReplicas": 1}}, name="demo", namespace="ml")
