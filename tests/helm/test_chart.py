@@ -390,3 +390,37 @@ def test_run_storage_is_shared_by_construction(chart):
     # autoscaling counts: a group that may grow past one pod needs the shared claim too
     with pytest.raises(helm.HelmError, match="with 2 Ray pods"):
         chart.render({**head_only, "learners": {**none, "maxReplicas": 1}}, name="demo", namespace="ml")
+
+
+def test_sse_ingress_service_monitor_and_autoscaling(chart):
+    ing = {
+        "enabled": True,
+        "className": "nginx",
+        "annotations": {"nginx.ingress.kubernetes.io/proxy-read-timeout": "86400"},
+    }
+    monitor = {"enabled": True, "labels": {"release": "kps"}}
+    docs = render(chart, {"controlPlane": {"ingress": ing, "serviceMonitor": monitor},
+                          "ray": {"autoscaling": {"enabled": True, "idleTimeoutSeconds": 120}}})  # fmt: skip
+    (ingress,) = by_kind(docs, "Ingress")
+    validate(ingress)
+    notes = ingress["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"  # streams are not buffered
+    assert notes["nginx.ingress.kubernetes.io/proxy-read-timeout"] == "86400"  # the user's value wins
+    (sm,) = by_kind(docs, "ServiceMonitor")
+    (svc,) = by_kind(docs, "Service")
+    assert sm["metadata"]["labels"]["release"] == "kps"
+    assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    assert svc["spec"]["ports"][0]["name"] == "http"
+    (rc,) = by_kind(docs, "RayCluster")
+    validate(rc)
+    assert rc["spec"]["enableInTreeAutoscaling"] is True
+    opts = rc["spec"]["autoscalerOptions"]
+    assert opts["idleTimeoutSeconds"] == 120 and opts["securityContext"]["allowPrivilegeEscalation"] is False
+    assert {e["name"] for e in opts["env"]} == {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}  # the autoscaler talks to the GCS
+    plain = render(chart, {"controlPlane": {"ingress": {"enabled": True, "sse": False}}})
+    assert "annotations" not in by_kind(plain, "Ingress")[0]["metadata"]
+    assert (
+        not by_kind(plain, "ServiceMonitor")
+        and "enableInTreeAutoscaling" not in by_kind(plain, "RayCluster")[0]["spec"]
+    )
