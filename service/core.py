@@ -85,6 +85,7 @@ class Service:
         self.head: LocalRayHead | None = None
         self._ray: RayJobs | None = None
         self.ray_ready = False
+        self.leading = False  # whether this replica runs the reconciler
         self.admin_token = settings.admin_token
         self.registry = CollectorRegistry()
         self.http_requests = Counter(
@@ -97,6 +98,10 @@ class Service:
         self.jobs_gauge = Gauge("forkrl_jobs", "jobs by state", ["state"], registry=self.registry)
         self.reconcile_seconds = Gauge(
             "forkrl_reconcile_last_seconds", "duration of the last reconcile pass", registry=self.registry
+        )
+        self.ray_gauge = Gauge("forkrl_ray_reachable", "1 when the Ray Jobs API answers", registry=self.registry)
+        self.leader_gauge = Gauge(
+            "forkrl_reconciler_leader", "1 on the replica that runs the reconciler", registry=self.registry
         )
         self._task: asyncio.Task[None] | None = None
         self._read_upto: dict[str, int] = {}  # job id -> bytes of metrics.jsonl already read
@@ -142,7 +147,7 @@ class Service:
 
     def stop(self) -> None:
         if self._store is not None:
-            self._store.close()
+            self._store.close()  # a reconciler lock it held is released with its connection
         if self.head is not None:
             self.head.stop()
 
@@ -173,32 +178,37 @@ class Service:
             log.warning("admin token rotated: %d earlier bootstrap admin token(s) revoked", revoked)
 
     async def _reconcile_forever(self) -> None:
-        try:
-            await run_in_threadpool(self.ray.wait_ready, 180)
-            self.ray_ready = True
-        except RayUnavailable as e:
-            log.warning("%s; retrying in the reconcile loop", e)
+        # a pass that finds Ray unreachable (not up yet, restarting) changes nothing; the next retries
         while True:
             t0 = time.perf_counter()
             try:
-                await run_in_threadpool(self.reconcile)
-                self.ray_ready = True
+                # one reconciler at a time over a shared job store (several control-plane replicas on
+                # PostgreSQL): the others stand by and take over when the leader's session ends
+                self.leading = leading = await run_in_threadpool(self.store.try_lead)
+                self.leader_gauge.set(float(leading))
+                if leading:
+                    await run_in_threadpool(self.reconcile)
+                self.ray_ready = await run_in_threadpool(self.ray.ping)
             except RayUnavailable as e:
                 self.ray_ready = False
                 log.debug("reconcile: %s", e)
             except Exception:  # keep reconciling; a bad row must not stop the loop
                 log.exception("reconcile pass failed")
+            self.ray_gauge.set(float(self.ray_ready))
             self.reconcile_seconds.set(time.perf_counter() - t0)
             await asyncio.sleep(self.settings.reconcile_interval_s)
 
     def readiness(self) -> dict[str, str]:
+        """Ready when the job store answers. Ray's state is reported, not required: a control plane whose
+        Ray head restarts keeps serving the API (jobs wait in the store) instead of leaving its Service."""
         checks = {}
         try:
             self.store.ping()
             checks["database"] = "ok"
         except Exception as e:
             checks["database"] = f"error: {type(e).__name__}"
-        checks["ray"] = "ok" if self.ray_ready else "not reachable yet"
+        checks["ray"] = "ok" if self.ray_ready else "not reachable"
+        checks["reconciler"] = "leader" if self.leading else "standby"
         return checks
 
     # -- tokens

@@ -21,6 +21,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    text,
 )
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
@@ -110,6 +111,7 @@ class Event(Base):
 
 
 WRITE = "forkrl_write"  # execution option of a session that writes
+MIGRATION_LOCK = 0x666F726B726C02  # PostgreSQL advisory lock key held while migrating
 
 
 def make_engine(url: str) -> Engine:
@@ -151,6 +153,9 @@ def migrate(engine: Engine) -> None:
     cfg = Config()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":
+            # replicas starting together migrate one after the other: the next finds the schema current
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 

@@ -7,12 +7,13 @@ app maps to 404 / 403.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Connection, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -24,6 +25,7 @@ from service.db import Checkpoint, Event, Job, Metric, Store, Token, now
 __all__ = ["JobStore", "NotFound", "Forbidden", "Conflict", "MAX_STEP"]
 
 MAX_STEP = 2**31 - 1  # steps are INTEGER columns
+RECONCILER_LOCK = 0x666F726B726C01  # PostgreSQL advisory lock keys of forkrl ("forkrl" + 1)
 
 
 class NotFound(LookupError):
@@ -42,6 +44,7 @@ class JobStore:
     def __init__(self, url: str) -> None:
         self._store = Store(url)
         self.engine = self._store.engine
+        self._lead: Connection | None = None  # the connection holding the reconciler lock
 
     @contextmanager
     def session(self, write: bool = False) -> Iterator[Session]:
@@ -50,7 +53,34 @@ class JobStore:
             yield db
 
     def close(self) -> None:
+        if self._lead is not None:
+            with contextlib.suppress(Exception):
+                self._lead.invalidate()  # ends the session, and with it the advisory lock
         self._store.close()
+
+    def try_lead(self) -> bool:
+        """Whether this process runs the reconciler: on PostgreSQL, while it holds a session-level
+        advisory lock on a connection of its own (released when the process or its connection dies);
+        on SQLite always (one control plane per file)."""
+        if self.engine.dialect.name != "postgresql":
+            return True
+        if self._lead is not None:
+            try:
+                self._lead.exec_driver_sql("SELECT 1")
+                self._lead.commit()
+                return True
+            except Exception:  # the connection, and the lock with it, is gone: try again below
+                with contextlib.suppress(Exception):
+                    self._lead.invalidate()
+                self._lead = None
+        conn = self.engine.connect()
+        got = bool(conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": RECONCILER_LOCK}).scalar())
+        conn.commit()
+        if got:
+            self._lead = conn
+        else:
+            conn.close()
+        return got
 
     # -- tokens
     def token_by_hash(self, db: Session, digest: str) -> Token | None:

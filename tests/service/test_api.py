@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import httpx
 import pytest
@@ -32,11 +33,17 @@ def make_token(server: Server, owner: str) -> str:
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 def test_health_readiness_and_prometheus(api_server):
     assert httpx.get(f"{api_server.url}/healthz").json()["status"] == "ok"
-    r = httpx.get(f"{api_server.url}/readyz")
-    assert r.status_code == 503  # the database is fine, Ray is not reachable
-    assert r.json()["checks"] == {"database": "ok", "ray": "not reachable yet"}
+    deadline = time.time() + 30
+    while (r := httpx.get(f"{api_server.url}/readyz")).json()["checks"].get("reconciler") != "leader":
+        assert time.time() < deadline, r.text  # the first reconcile pass (after Ray's wait) elects it
+        time.sleep(0.5)
+    # ready: the job store answers; Ray's state is reported, not required (the API keeps serving and
+    # jobs wait in the store while the head is away)
+    assert r.status_code == 200
+    assert r.json()["checks"] == {"database": "ok", "ray": "not reachable", "reconciler": "leader"}
     text = httpx.get(f"{api_server.url}/metrics").text
-    assert 'forkrl_http_requests_total{method="GET",route="/readyz",status="503"} 1.0' in text
+    assert 'forkrl_http_requests_total{method="GET",route="/readyz",status="200"}' in text
+    assert "forkrl_ray_reachable 0.0" in text and "forkrl_reconciler_leader 1.0" in text
     assert "forkrl_jobs_submitted_total 0.0" in text
     paths = set(httpx.get(f"{api_server.url}/openapi.json").json()["paths"])
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/metrics",
@@ -242,3 +249,43 @@ def test_cli_mirrors_ray_job(api_server):
     dave = made.stdout.strip()
     assert len(dave) >= 32 and cli(api_server, "list", token=dave).stdout.strip() == "no jobs"
     assert "403" in cli(api_server, "token", "create", "eve", token=dave).stderr  # not an admin
+
+
+def test_replicas_on_postgresql_migrate_once_and_run_one_reconciler(postgres_url, tmp_path):
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sqlalchemy import create_engine, text
+
+    from .conftest import UNREACHABLE_RAY
+
+    servers = [Server(tmp_path / f"data{i}", postgres_url, UNREACHABLE_RAY) for i in range(2)]
+    servers[1].admin_token = servers[1].env["FORKRL_ADMIN_TOKEN"] = servers[0].admin_token  # one bootstrap token
+
+    def role(s: Server) -> str:
+        return httpx.get(f"{s.url}/readyz", timeout=10).json()["checks"]["reconciler"]
+
+    try:
+        with ThreadPoolExecutor(2) as pool:  # both start at once on an empty database: one migrates, one waits
+            list(pool.map(lambda s: s.start(), servers))
+        deadline = time.time() + 30
+        while sorted(role(s) for s in servers) != ["leader", "standby"]:
+            assert time.time() < deadline, [role(s) for s in servers]
+            time.sleep(0.5)
+        with servers[1].client() as c:
+            job = submit(c).json()
+        with servers[0].client() as c:
+            assert c.get(f"/v1/jobs/{job['id']}").json()["state"] == "PENDING"  # one store behind both
+        leader, standby = sorted(servers, key=role)  # "leader" < "standby"
+        leader.stop(signal.SIGKILL)  # the leader dies: its session, and the lock with it, ends
+        deadline = time.time() + 30
+        while role(standby) != "leader":
+            assert time.time() < deadline, "the standby did not take over the reconciler"
+            time.sleep(0.5)
+    finally:
+        for s in servers:
+            s.stop()
+        engine = create_engine(postgres_url)
+        with engine.begin() as c:
+            c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
+        engine.dispose()
