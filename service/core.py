@@ -251,7 +251,13 @@ class Service:
         trainer = cfg.trainer.model_copy(update={"output_dir": str(self.settings.runs_path / job_id)})
         report = f"{self.settings.report_base_url}/v1/jobs/{job_id}/ingest"
         tracking = cfg.tracking.model_copy(update={"report_url": report})
-        return cfg.model_copy(update={"trainer": trainer, "tracking": tracking})
+        update: dict[str, Any] = {"trainer": trainer, "tracking": tracking}
+        if self.settings.pool_resources:  # each pool on its own worker group, unless the job says otherwise
+            for name in ("rollout", "reward", "learner"):
+                section = getattr(cfg, name)
+                if not section.ray_resources:
+                    update[name] = section.model_copy(update={"ray_resources": {f"forkrl_{name}": 1.0}})
+        return cfg.model_copy(update=update)
 
     def admit(self, cfg: JobConfig, who: Token) -> None:
         """Refuse (PolicyRefused, ConfigTooLarge) what this owner may not run or what could not start."""

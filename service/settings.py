@@ -36,6 +36,13 @@ class Settings(BaseSettings):
     )
     log_tail_max_lines: int = Field(100_000, ge=1, description="Most log lines one GET .../logs returns.")
 
+    pool_resources: bool = Field(
+        False,
+        description="Place each pool on its own worker group: a job whose rollout/reward/learner.ray_resources "
+        "is empty gets {forkrl_rollout|forkrl_reward|forkrl_learner: 1}, the resources the chart's groups "
+        "advertise (the chart turns this on for the RayCluster it creates).",
+    )
+
     # -- tenancy policy (what non-admin owners may ask a job to do; admins are the operator)
     tenancy: Literal["shared", "single_user"] = Field(
         "shared",

@@ -148,6 +148,7 @@ def test_key_values_reach_the_manifests(chart):
     assert {"name": "FORKRL_LOG_LEVEL", "value": "debug"} in cp["env"]
     env = {e["name"]: e.get("value") for e in cp["env"]}
     assert env["FORKRL_RAY_ADDRESS"] == "http://demo-forkrl-ray-head-svc.ml.svc:8265"  # the chart's own head
+    assert env["FORKRL_POOL_RESOURCES"] == "true"  # whose groups the pools land on by default
     assert cp["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert cp["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert (
@@ -181,6 +182,7 @@ def test_external_ray_cluster_and_gcs_fault_tolerance(chart):
     (dep,) = by_kind(docs, "Deployment")
     env = {e["name"]: e.get("value") for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FORKRL_RAY_ADDRESS"] == "http://ray.elsewhere:8265"
+    assert env["FORKRL_POOL_RESOURCES"] == "false"  # a cluster elsewhere: its groups are not known
     (rc,) = by_kind(docs, "RayCluster")
     ft = rc["spec"]["gcsFaultToleranceOptions"]
     assert ft["redisAddress"] == "redis:6379"

@@ -289,3 +289,17 @@ def test_replicas_on_postgresql_migrate_once_and_run_one_reconciler(postgres_url
         with engine.begin() as c:
             c.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
         engine.dispose()
+
+
+def test_each_pool_lands_on_its_group_when_the_chart_says_so(tmp_path):
+    from actors.config import load_config
+    from service.core import Service
+    from service.settings import Settings
+
+    cfg = load_config(None, ["learner.ray_resources={gpu_pool: 1}"])
+    placed = Service(Settings(data_dir=tmp_path, pool_resources=True)).effective_config("forkrl-0000000000000001", cfg)
+    assert placed.rollout.ray_resources == {"forkrl_rollout": 1.0}
+    assert placed.reward.ray_resources == {"forkrl_reward": 1.0}
+    assert placed.learner.ray_resources == {"gpu_pool": 1.0}  # the job's own placement stands
+    anywhere = Service(Settings(data_dir=tmp_path)).effective_config("forkrl-0000000000000001", cfg)
+    assert anywhere.rollout.ray_resources == {} and anywhere.reward.ray_resources == {}
