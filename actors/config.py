@@ -15,7 +15,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-__all__ = ["JobConfig", "ConfigError", "load_config", "apply_overrides", "format_validation_error"]
+__all__ = ["JobConfig", "ConfigError", "load_config", "apply_overrides", "format_validation_error", "show_value"]
 
 
 class _Strict(BaseModel):
@@ -388,15 +388,26 @@ class ConfigError(ValueError):
     """A config that does not validate; the message names each field, value and what is accepted."""
 
 
+def show_value(value: Any, limit: int = 80) -> str:
+    """A short, printable form of a refused input for an error message: containers are not spelled
+    out (they may be huge or nested hundreds deep), strings are escaped to ASCII (a lone surrogate
+    must not break the answer that names it)."""
+    if isinstance(value, dict):
+        return "{...}"
+    if isinstance(value, list | tuple):
+        return "[...]"
+    shown = repr(value)
+    if isinstance(value, str | bytes):
+        shown = shown.encode("ascii", "backslashreplace").decode()
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
 def format_validation_error(err: ValidationError, prefix: str = "") -> str:
     lines = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in UNION_TAGS))
         where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
-        value = e.get("input")
-        shown = repr(value) if not isinstance(value, dict) else "{...}"
-        if len(shown) > 80:
-            shown = shown[:77] + "..."
+        shown = show_value(e.get("input"))
         msg = e["msg"]
         if e["type"] == "union_tag_invalid":
             where, shown = f"{where}.type", repr(e["ctx"]["tag"])

@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from actors.config import UNION_TAGS
+from actors.config import UNION_TAGS, show_value
 from service.core import ConfigTooLarge, Service
 from service.middleware import BodyLimit
 from service.policy import PolicyRefused
@@ -32,18 +32,6 @@ from service.settings import Settings
 from service.store import Conflict, Forbidden, NotFound
 
 log = logging.getLogger("forkrl.service")
-
-
-def shown_value(value: Any) -> str:
-    """A short, printable, JSON-safe form of a refused input."""
-    if isinstance(value, dict):
-        return "{...}"
-    if isinstance(value, list | tuple):
-        return "[...]"
-    shown = repr(value)
-    if isinstance(value, str | bytes):
-        shown = shown.encode("ascii", "backslashreplace").decode()
-    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -91,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             loc = [p if isinstance(p, int) else str(p) for p in e.get("loc", ())]
             where = ".".join(str(p) for p in loc if p != "body" and p not in UNION_TAGS) or "body"
             msg = "unknown field (not part of JobConfig)" if e.get("type") == "extra_forbidden" else str(e.get("msg"))
-            shown = shown_value(e.get("input"))
+            shown = show_value(e.get("input"))
             detail.append({"loc": loc, "msg": msg, "type": str(e.get("type")), "input": shown})
             parts.append(f"{where} = {shown}: {msg}")
         return JSONResponse({"detail": detail, "message": "; ".join(parts)}, 422)

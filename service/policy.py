@@ -20,7 +20,7 @@ import fnmatch
 from collections.abc import Callable
 from pathlib import Path
 
-from actors.config import JobConfig, JsonlData, ParquetData, PluginVerifier
+from actors.config import JobConfig, JsonlData, ParquetData, PluginVerifier, show_value
 from actors.models import BUILTIN_MODELS, TINY
 from service.settings import Settings
 
@@ -31,8 +31,7 @@ class PolicyRefused(PermissionError):
     """A field the tenancy policy does not allow this owner (403)."""
 
     def __init__(self, field: str, value: object, rule: str) -> None:
-        shown = repr(value) if len(repr(value)) <= 120 else repr(value)[:117] + "..."
-        super().__init__(f"{field} = {shown}: {rule} (tenancy policy)")
+        super().__init__(f"{field} = {show_value(value, 120)}: {rule} (tenancy policy)")
         self.field = field
 
 
