@@ -36,7 +36,10 @@ class PolicyRefused(PermissionError):
 
 
 def _inside(path: str, roots: list[Path]) -> bool:
-    resolved = Path(path).expanduser().resolve()
+    try:
+        resolved = Path(path).expanduser().resolve()
+    except (OSError, RuntimeError):  # a symlink loop or an unreadable component: not provably inside
+        return False
     return any(resolved == root or resolved.is_relative_to(root) for root in roots)
 
 

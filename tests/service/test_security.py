@@ -31,6 +31,7 @@ def shared(tmp_path):
     root.mkdir()
     (root / "train.jsonl").write_text('{"prompt": "1+1", "answer": "2"}\n')
     (root / "escape.jsonl").symlink_to("/etc/passwd")
+    (root / "loop").symlink_to(root / "loop")  # resolving it raises: refused, not a 500
     server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", UNREACHABLE_RAY)
     server.env.update(
         FORKRL_DATA_ROOTS=json.dumps([str(root)]),
@@ -54,6 +55,7 @@ def test_the_tenancy_policy_refuses_code_foreign_files_and_foreign_checkpoints(s
             (jsonl_job("/etc/passwd"), "data.source.path"),
             (jsonl_job(f"{root}/../../../etc/passwd"), "data.source.path"),
             (jsonl_job(str(root / "escape.jsonl")), "data.source.path"),  # a symlink out of the root
+            (jsonl_job(str(root / "loop" / "train.jsonl")), "data.source.path"),
             ({**TINY, "data": {**TINY["data"], "eval_source": {"type": "jsonl", "path": "/"}}},
              "data.eval_source.path"),
             ({**TINY, "model": {"path": "/"}}, "model.path"),
