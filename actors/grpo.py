@@ -242,10 +242,19 @@ def merge_step_metrics(steps: list[dict[str, Any]]) -> dict[str, Any]:
                 for tok, c in pairs:
                     counts[int(tok)] += int(c)
             out[key] = [[t, c] for t, c in counts.most_common(max(len(v) for v in vals))]
+        elif key == "entropy/forking_tokens_dropped":
+            continue  # follows the merged top tokens, below
         elif key in _SUMMED:
             out[key] = float(sum(vals))
         else:
             out[key] = float(sum(vals)) / len(vals)
+    if any("entropy/forking_tokens_dropped" in m for m in steps):
+        # a token's drops are known in the steps where it was among the top kept tokens: summed there
+        drops: Counter[int] = Counter()
+        for m in steps:
+            for tok, c in m.get("entropy/forking_tokens_dropped", []):
+                drops[int(tok)] += int(c)
+        out["entropy/forking_tokens_dropped"] = [[t, drops[t]] for t, _ in out.get("entropy/top_forking_tokens", [])]
     out["actor/optimizer_steps"] = float(len(steps))
     return out
 
@@ -421,7 +430,8 @@ def entropy_stats(
     entropy, valid_mask, kept_mask, token_ids: [B, T] (or the step's tokens concatenated).
     Returns entropy/{mean,p50,p80,p90,p95,p99,threshold,kept_frac,kept_mean,dropped_mean,
     frac_below_0.01,frac_below_threshold} and, with token_ids, entropy/top_forking_tokens: the
-    most frequent kept token ids as [[token_id, count], ...].
+    most frequent kept token ids as [[token_id, count], ...] and entropy/forking_tokens_dropped: how
+    often each of those ids was dropped, [[token_id, count], ...] in the same order.
     """
     valid = valid_mask.bool()
     kept = kept_mask.bool() & valid
@@ -453,7 +463,10 @@ def entropy_stats(
     )
     if token_ids is not None:
         counts = Counter(token_ids[kept].tolist())
-        out["entropy/top_forking_tokens"] = [[int(t), int(c)] for t, c in counts.most_common(top_tokens)]
+        top = counts.most_common(top_tokens)
+        dropped = Counter(token_ids[valid & ~kept].tolist())
+        out["entropy/top_forking_tokens"] = [[int(t), int(c)] for t, c in top]
+        out["entropy/forking_tokens_dropped"] = [[int(t), int(dropped[t])] for t, _ in top]
     return out
 
 

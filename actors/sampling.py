@@ -27,7 +27,7 @@ from actors.grpo import group_advantages, groups_with_signal, overlong_penalty
 
 log = logging.getLogger("forkrl.sampling")
 
-__all__ = ["Group", "StepRollout", "batch_fingerprint", "collect", "training_groups", "sample_records"]
+__all__ = ["Group", "StepRollout", "batch_fingerprint", "collect", "training_groups", "sample_records", "forking_tokens"]
 
 SAMPLE_TOKENS = 512  # most tokens of one sampled completion in a step record (the record stays small)
 SAMPLE_PROMPT_CHARS = 2000  # most characters of its prompt (the end, where the question is)
@@ -165,3 +165,13 @@ def sample_records(groups: list[Group], traces: list[TokenTrace], tokenizer: Any
             "truncated": len(c.token_ids) > n,
         })  # fmt: skip
     return out
+
+
+def forking_tokens(metrics: dict[str, Any], tokenizer: Any) -> list[dict[str, Any]]:
+    """The step's most frequent kept tokens, decoded: [{"id", "text", "kept", "dropped"}, ...] from
+    entropy/top_forking_tokens and entropy/forking_tokens_dropped (empty without log_entropy)."""
+    dropped = {int(t): int(c) for t, c in metrics.get("entropy/forking_tokens_dropped", [])}
+    return [
+        {"id": int(t), "text": tokenizer.decode([int(t)]), "kept": int(c), "dropped": dropped.get(int(t), 0)}
+        for t, c in metrics.get("entropy/top_forking_tokens", [])
+    ]

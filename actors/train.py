@@ -51,7 +51,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     from actors.reward import RewardPool
     from actors.rollout import RolloutPool
     from actors.runtime import init_ray, load_tokenizer
-    from actors.sampling import collect, sample_records, training_groups
+    from actors.sampling import collect, forking_tokens, sample_records, training_groups
     from actors.tracking import Tracker
 
     run = RunDir(Path(cfg.trainer.output_dir).resolve())
@@ -98,6 +98,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                     step_metrics, traces = learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs)
                     m.update(step_metrics)
                     samples = sample_records(got.groups, traces, tokenizer, cfg.rollout.group_size)
+                    m["forking_tokens"] = forking_tokens(step_metrics, tokenizer)
                 else:
                     log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
             m["batch/empty_step"] = float(not groups)

@@ -233,6 +233,18 @@ def test_entropy_stats_names_and_values():
     assert s["entropy/frac_below_0.01"] == pytest.approx(0.4)
     assert s["entropy/frac_below_threshold"] == pytest.approx(0.6)
     assert s["entropy/top_forking_tokens"] == [[8, 2]]
+    assert s["entropy/forking_tokens_dropped"] == [[8, 0]]  # both 8s were kept
+
+
+def test_forking_tokens_count_their_drops():
+    # ids 4, 4, 5, 4, 5 with entropies 0.1, 0.9, 0.2, 0.8, 0.3; rho 0.4 -> k = 2: keeps 0.9 and 0.8 (both 4)
+    # dropped: 0.1 (a 4), 0.2 and 0.3 (5s) -> token 4 kept twice, dropped once; 5 never kept
+    h = torch.tensor([[0.1, 0.9, 0.2, 0.8, 0.3]])
+    valid = torch.ones_like(h, dtype=torch.bool)
+    th = entropy_threshold(h[valid], 0.4)
+    s = entropy_stats(h, valid, high_entropy_mask(h, valid, threshold=th), th, torch.tensor([[4, 4, 5, 4, 5]]))
+    assert s["entropy/top_forking_tokens"] == [[4, 2]]
+    assert s["entropy/forking_tokens_dropped"] == [[4, 1]]
 
 
 def test_overlong_penalty():
@@ -272,6 +284,16 @@ def test_merge_keeps_as_many_forking_tokens_as_the_longest_list():
         [{"entropy/top_forking_tokens": [[5, 2], [7, 1]]}, {"entropy/top_forking_tokens": [[7, 3], [9, 1]]}]
     )
     assert m["entropy/top_forking_tokens"] == [[7, 4], [5, 2]]
+    assert "entropy/forking_tokens_dropped" not in m
+    # drops follow the merged top tokens, summed over the steps that logged them: 7: 0 + 2, 5: 1
+    m = merge_step_metrics(
+        [
+            {"entropy/top_forking_tokens": [[5, 2], [7, 1]], "entropy/forking_tokens_dropped": [[5, 1], [7, 0]]},
+            {"entropy/top_forking_tokens": [[7, 3], [9, 1]], "entropy/forking_tokens_dropped": [[7, 2], [9, 5]]},
+        ]
+    )
+    assert m["entropy/top_forking_tokens"] == [[7, 4], [5, 2]]
+    assert m["entropy/forking_tokens_dropped"] == [[7, 2], [5, 1]]
 
 
 def test_overlong_penalty_edges():

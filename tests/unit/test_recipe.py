@@ -210,3 +210,19 @@ def test_sampled_completions_are_marked_and_come_back_as_records():
                        "kept": [1, 0], "truncated": False}  # fmt: skip
     assert recs[1]["prompt"] == "p1" and recs[1]["reward"] == 1.0 and recs[1]["truncated"]
     assert len(recs[1]["tokens"]) == len(recs[1]["entropy"]) == len(recs[1]["kept"]) == SAMPLE_TOKENS
+
+
+def test_forking_tokens_are_decoded_with_their_drops():
+    from actors.sampling import forking_tokens
+
+    class Tok:
+        def decode(self, ids):
+            return {4: " so", 9: " wait"}[ids[0]]
+
+    m = {"entropy/top_forking_tokens": [[9, 5], [4, 2]], "entropy/forking_tokens_dropped": [[9, 1], [4, 7]]}
+    assert forking_tokens(m, Tok()) == [
+        {"id": 9, "text": " wait", "kept": 5, "dropped": 1},
+        {"id": 4, "text": " so", "kept": 2, "dropped": 7},
+    ]
+    assert forking_tokens({"entropy/top_forking_tokens": [[4, 3]]}, Tok())[0]["dropped"] == 0  # older records
+    assert forking_tokens({}, Tok()) == []  # log_entropy off
