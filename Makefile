@@ -7,7 +7,7 @@ CONFIG ?= examples/demo.yaml
 ARGS   ?=
 TYPED  := actors service
 
-.PHONY: setup model demo train serve test lint typecheck pytest unit bench mutation clean
+.PHONY: setup model demo train serve test lint typecheck pytest unit bench mutation screenshots clean
 
 setup:                ## create .venv, install everything, build the model cache (GPU=1 for CUDA vLLM)
 	GPU=$(GPU) bash scripts/setup.sh
@@ -49,6 +49,9 @@ mutation: $(STAMP)     ## plant bugs in the algorithm core; the unit tests must 
 	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"
 	$(VENV)/bin/mutmut run || true
 	$(PY) bench/mutation_summary.py | tee bench/results/mutation.txt
+
+screenshots: $(STAMP)  ## the README's dashboard pictures, from the newest finished job of `make demo`
+	$(PY) scripts/screenshots.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache mutants

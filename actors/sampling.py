@@ -27,7 +27,15 @@ from actors.grpo import group_advantages, groups_with_signal, overlong_penalty
 
 log = logging.getLogger("forkrl.sampling")
 
-__all__ = ["Group", "StepRollout", "batch_fingerprint", "collect", "training_groups", "sample_records", "forking_tokens"]
+__all__ = [
+    "Group",
+    "StepRollout",
+    "batch_fingerprint",
+    "collect",
+    "training_groups",
+    "sample_records",
+    "forking_tokens",
+]
 
 SAMPLE_TOKENS = 512  # most tokens of one sampled completion in a step record (the record stays small)
 SAMPLE_PROMPT_CHARS = 2000  # most characters of its prompt (the end, where the question is)

@@ -24,6 +24,7 @@ for _ in $(seq 1 240); do
   sleep 1
 done
 curl -fs "$FORKRL_URL/readyz" >/dev/null || { echo "demo: the service is not ready after 240 s; see $log" >&2; exit 1; }
+echo "demo: dashboard at $FORKRL_URL/ (sign in with the token in $FORKRL_DATA_DIR/admin_token)"
 
 # ARGS holds extra `--set key=value` overrides
 rc=0

@@ -61,3 +61,16 @@ fi
 if [ "${SKIP_MODEL:-0}" != "1" ]; then
   "$VENV/bin/python" -m actors.models ensure smollm2-135m-instruct
 fi
+
+# The dashboard's browser tests drive Debian's chromium headless (Playwright is pointed at it; it
+# downloads no browser of its own).
+if ! [ -x /usr/bin/chromium ]; then
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium for the dashboard's browser tests"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+      || echo "setup: could not install chromium; the dashboard's browser tests will fail"
+  else
+    echo "setup: /usr/bin/chromium not found; install Debian's chromium for the dashboard's browser tests"
+  fi
+fi

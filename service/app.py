@@ -23,9 +23,9 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from actors.config import UNION_TAGS, show_value
 from service.core import ConfigTooLarge, Service
 from service.middleware import BodyLimit
+from service.models import field_errors
 from service.policy import PolicyRefused
 from service.routes import ROUTERS
 from service.settings import Settings
@@ -74,15 +74,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
         # each error as loc/msg/type and a short printable form of the input: the input itself may be
         # NaN, a lone surrogate or nested hundreds deep, none of which a JSON answer can carry
-        detail, parts = [], []
-        for e in exc.errors():
-            loc = [p if isinstance(p, int) else str(p) for p in e.get("loc", ())]
-            where = ".".join(str(p) for p in loc if p != "body" and p not in UNION_TAGS) or "body"
-            msg = "unknown field (not part of JobConfig)" if e.get("type") == "extra_forbidden" else str(e.get("msg"))
-            shown = show_value(e.get("input"))
-            detail.append({"loc": loc, "msg": msg, "type": str(e.get("type")), "input": shown})
-            parts.append(f"{where} = {shown}: {msg}")
-        return JSONResponse({"detail": detail, "message": "; ".join(parts)}, 422)
+        detail = [d.model_dump(exclude={"field", "line"}) for d in field_errors(exc.errors())]
+        message = "; ".join(f"{d.field} = {d.input}: {d.msg}" for d in field_errors(exc.errors()))
+        return JSONResponse({"detail": detail, "message": message}, 422)
 
     for error, status in ((NotFound, 404), (Forbidden, 403), (Conflict, 409), (PolicyRefused, 403),
                           (ConfigTooLarge, 422)):  # fmt: skip

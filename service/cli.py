@@ -93,7 +93,15 @@ def serve(
     logging.basicConfig(
         level=os.environ.get("FORKRL_LOG_LEVEL", "INFO").upper(), format="%(asctime)s %(name)s %(message)s"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    # a server-sent event stream never closes by itself: without a grace limit a SIGTERM would wait for
+    # every open dashboard tab
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        timeout_graceful_shutdown=settings.shutdown_grace_s,
+    )
 
 
 @app.command()

@@ -6,7 +6,9 @@ from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
+from actors.config import UNION_TAGS, show_value
 from actors.contract import JobState
+from service.core import MAX_CONFIG_BYTES
 from service.db import Job, Token
 from service.store import MAX_STEP
 
@@ -38,6 +40,48 @@ class MetricsOut(BaseModel):
     state: str
     last_step: int
     metrics: list[dict[str, Any]]
+
+
+class FieldError(BaseModel):
+    """One refused field: where (pydantic's loc and the dotted field name), why, and what was given."""
+
+    loc: list[str | int]
+    field: str
+    msg: str
+    type: str
+    input: str
+    line: int | None = Field(None, description="the line of the field in the YAML that was checked (1-based)")
+
+
+def field_errors(errors: Any, body: bool = True) -> list[FieldError]:
+    """pydantic's errors as FieldErrors: the union tags left out of the field name, a short printable
+    form of the input (it may be NaN, a lone surrogate or nested hundreds deep)."""
+    out = []
+    for e in errors:
+        loc = [p if isinstance(p, int) else str(p) for p in e.get("loc", ())]
+        where = ".".join(str(p) for p in loc if p != "body" and p not in UNION_TAGS) or ("body" if body else "config")
+        msg = "unknown field (not part of JobConfig)" if e.get("type") == "extra_forbidden" else str(e.get("msg"))
+        out.append(FieldError(loc=loc, field=where, msg=msg, type=str(e.get("type")), input=show_value(e.get("input"))))
+    return out
+
+
+class ConfigText(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    yaml: str = Field(max_length=MAX_CONFIG_BYTES, description="a JobConfig as YAML, as `forkrl submit` reads it")
+
+
+class ConfigCheck(BaseModel):
+    valid: bool
+    errors: list[FieldError]
+    config: dict[str, Any] | None = Field(None, description="the validated JobConfig as JSON, ready to POST /v1/jobs")
+
+
+class SamplesOut(BaseModel):
+    job_id: str
+    step: int
+    samples: list[dict[str, Any]] = Field(description="sampled completions: per token its text, entropy, kept flag")
+    forking_tokens: list[dict[str, Any]] = Field(description="the most frequent kept tokens: text, kept, dropped")
 
 
 class CheckpointOut(BaseModel):

@@ -34,6 +34,13 @@ class Settings(BaseSettings):
     stream_idle_s: float = Field(
         600, gt=0, le=86400, description="A log or event stream with nothing new for this long ends (reconnect)."
     )
+    shutdown_grace_s: int = Field(
+        5,
+        ge=1,
+        le=3600,
+        description="On SIGTERM, open streams (events, followed logs) get this long to end; "
+        "clients reconnect to the next server.",
+    )
     log_tail_max_lines: int = Field(100_000, ge=1, description="Most log lines one GET .../logs returns.")
 
     pool_resources: bool = Field(

@@ -223,6 +223,13 @@ class JobStore:
         q = select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
         return list(db.scalars(q if limit is None else q.limit(limit)))
 
+    def metric_with_samples(self, db: Session, job_id: str, step: int | None) -> Metric | None:
+        """The record of `step`, or (None) the newest record that holds sampled completions."""
+        if step is not None:
+            return db.scalar(select(Metric).where(Metric.job_id == job_id, Metric.step == step))
+        q = select(Metric).where(Metric.job_id == job_id).order_by(Metric.step.desc()).limit(64)
+        return next((m for m in db.scalars(q) if m.data.get("samples")), None)
+
     def add_checkpoints(self, db: Session, job_id: str, found: list[tuple[int, str]]) -> None:
         rows = {step: {"job_id": job_id, "step": step, "path": path, "created_at": now()} for step, path in found}
         if rows:

@@ -1,5 +1,6 @@
-"""One router per resource: health, tokens, jobs (incl. metrics, checkpoints, logs, events), ingest."""
+"""One router per resource: health, tokens, jobs (incl. metrics, samples, checkpoints, logs, events),
+config checks, ingest, and the dashboard (static pages at /)."""
 
-from service.routes import health, ingest, jobs, tokens
+from service.routes import configs, dashboard, health, ingest, jobs, tokens
 
-ROUTERS = [health.router, tokens.router, jobs.router, ingest.router]
+ROUTERS = [health.router, tokens.router, jobs.router, configs.router, ingest.router, dashboard.router]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from actors.config import JobConfig
 from actors.contract import TERMINAL_STATES, JobState
 from service.deps import JobId, Principal, ServiceDep
-from service.models import CheckpointList, CheckpointOut, JobList, JobOut, MetricsOut, job_out
+from service.models import CheckpointList, CheckpointOut, JobList, JobOut, MetricsOut, SamplesOut, job_out
 from service.rayjobs import RayUnavailable
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -88,11 +88,43 @@ def get_metrics(
     svc: ServiceDep,
     after_step: Annotated[int, Query(ge=0, le=2**31)] = 0,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    view: Annotated[
+        Literal["full", "scalars"],
+        Query(description="scalars: numbers only (the curves), with samples/n for steps that hold samples"),
+    ] = "full",
 ) -> MetricsOut:
     with svc.store.session() as db:
         job = svc.store.owned(db, job_id, who)
         rows = svc.store.metrics(db, job_id, after_step, limit)
-        return MetricsOut(job_id=job_id, state=job.state, last_step=job.last_step, metrics=[m.data for m in rows])
+        records = [m.data if view == "full" else scalars_of(m.data) for m in rows]
+        return MetricsOut(job_id=job_id, state=job.state, last_step=job.last_step, metrics=records)
+
+
+def scalars_of(record: dict[str, Any]) -> dict[str, Any]:
+    out = {k: v for k, v in record.items() if v is None or isinstance(v, int | float)}
+    if record.get("samples"):
+        out["samples/n"] = len(record["samples"])
+    return out
+
+
+@router.get("/{job_id}/samples", response_model=SamplesOut, responses={404: {"description": "no samples"}})
+def get_samples(
+    job_id: JobId,
+    who: Principal,
+    svc: ServiceDep,
+    step: Annotated[int | None, Query(ge=1, le=2**31 - 1, description="default: the newest step with samples")] = None,
+) -> SamplesOut:
+    """One step's sampled completions (each token's text, entropy and whether the filter kept it) and its
+    most frequent kept tokens, decoded."""
+    with svc.store.session() as db:
+        svc.store.owned(db, job_id, who)
+        row = svc.store.metric_with_samples(db, job_id, step)
+        if row is None or not row.data.get("samples"):
+            where = f"step {step}" if step is not None else "any of its recent steps"
+            raise HTTPException(404, f"{job_id} has no sampled completions at {where}")
+        return SamplesOut(
+            job_id=job_id, step=row.step, samples=row.data["samples"], forking_tokens=row.data.get("forking_tokens", [])
+        )
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)

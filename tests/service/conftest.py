@@ -142,6 +142,18 @@ def arm_ingest(database_url: str, job_id: str, token: str | None = None) -> str:
     return token
 
 
+@pytest.fixture(scope="session")
+def ray_head():
+    """One local Ray head (with token auth) for the job and dashboard tests."""
+    from service.rayjobs import LocalRayHead, RayJobs
+
+    head = LocalRayHead(num_cpus=4)
+    head.start()
+    RayJobs(head.address, head.token).wait_ready()
+    yield head
+    head.stop()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def database_url(request, tmp_path) -> str:
     if request.param == "sqlite":

@@ -303,3 +303,95 @@ def test_each_pool_lands_on_its_group_when_the_chart_says_so(tmp_path):
     assert placed.learner.ray_resources == {"gpu_pool": 1.0}  # the job's own placement stands
     anywhere = Service(Settings(data_dir=tmp_path)).effective_config("forkrl-0000000000000001", cfg)
     assert anywhere.rollout.ray_resources == {} and anywhere.reward.ray_resources == {}
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_config_check_names_fields_with_their_yaml_lines(api_server):
+    def check(c: httpx.Client, text: str) -> dict:
+        r = c.post("/v1/configs/validate", json={"yaml": text})
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    good = yaml.safe_dump(TINY, sort_keys=False)
+    with api_server.client() as admin:
+        ok = check(admin, good)
+        assert ok["valid"] and ok["errors"] == [] and ok["config"]["algorithm"]["top_entropy_quantile"] == 0.2
+        assert submit(admin, ok["config"]).status_code == 201  # what it returns is what POST /v1/jobs takes
+        # a bad value and an unknown key: each error carries the line of its own key
+        bad = good.replace("top_entropy_quantile: 0.2", "top_entropy_quantile: 1.5\n  clip_hgh: 0.3")
+        lines = bad.splitlines()
+        got = {e["field"]: e for e in check(admin, bad)["errors"]}
+        assert set(got) == {"algorithm.top_entropy_quantile", "algorithm.clip_hgh"}
+        assert lines[got["algorithm.top_entropy_quantile"]["line"] - 1].strip() == "top_entropy_quantile: 1.5"
+        assert got["algorithm.top_entropy_quantile"]["input"] == "1.5"
+        assert lines[got["algorithm.clip_hgh"]["line"] - 1].strip() == "clip_hgh: 0.3"
+        # strict as the API: a quoted number is a string; a verifier inside a list is found by index
+        quoted = good.replace("max_new_tokens: 8", "max_new_tokens: '8'").replace("pattern:", "patern:")
+        errs = {e["field"]: e["line"] for e in check(admin, quoted)["errors"]}
+        qlines = quoted.splitlines()
+        assert "max_new_tokens: '8'" in qlines[errs["rollout.max_new_tokens"] - 1]
+        assert "patern" in qlines[errs["reward.verifiers.0.patern"] - 1]
+        # not YAML, not a mapping, aliases (a billion-laughs expansion), deep nesting: all 200 with a reason
+        syntax = check(admin, "name: x\nrollout: {group_size: 4\n")["errors"][0]
+        assert syntax["field"] == "yaml" and syntax["line"] is not None and "not valid YAML" in syntax["msg"]
+        assert "mapping" in check(admin, "- 1\n- 2\n")["errors"][0]["msg"]
+        bomb = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+            f"{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+            for p, n in zip("abcdefgh", "bcdefghi", strict=True)
+        )
+        alias = check(admin, bomb)["errors"][0]
+        assert "aliases" in alias["msg"] and alias["line"] == 2
+        assert not check(admin, "a: " + "[" * 20_000 + "]" * 20_000)["valid"]
+        assert check(admin, "")["config"]["name"] == "forkrl-run"  # an empty document: every default, as POST {}
+        r = admin.post("/v1/configs/validate", json={"yaml": "x" * (200 * 1024)})
+        assert r.status_code in (413, 422)  # over the config bound: refused, not parsed
+    # the tenancy policy for the caller, with the line of the refused field
+    alice = make_token(api_server, "alice")
+    with api_server.client(alice) as c:
+        evil = yaml.safe_dump({**TINY, "reward": {"verifiers": [{"type": "plugin", "function": "os:system"}]}})
+        refused = check(c, evil)
+        assert not refused["valid"] and refused["errors"][0]["type"] == "policy"
+        assert "os:system" in evil.splitlines()[refused["errors"][0]["line"] - 1]
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_scalar_metrics_and_samples_of_a_step(api_server, database_url):
+    with api_server.client() as c:
+        job = submit(c).json()
+        ingest = arm_ingest(database_url, job["id"])
+        sample = {"prompt": "1+1", "answer": "2", "reward": 1.0, "tokens": ["2"], "entropy": [0.5], "kept": [1],
+                  "truncated": False}  # fmt: skip
+        forking = [{"id": 17, "text": "2", "kept": 1, "dropped": 0}]
+        records = [
+            {"step": 1, "reward/mean": 0.5, "samples": [sample], "forking_tokens": forking, "nan": None},
+            {"step": 2, "reward/mean": 0.7, "entropy/top_forking_tokens": [[17, 1]]},
+        ]
+        r = httpx.post(f"{api_server.url}/v1/jobs/{job['id']}/ingest", json={"metrics": records},
+                       headers={"Authorization": f"Bearer {ingest}"})  # fmt: skip
+        assert r.status_code == 202 and r.json() == {"metrics_stored": 2}, r.text
+        full = c.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
+        assert full[0]["samples"] == [sample]
+        scal = c.get(f"/v1/jobs/{job['id']}/metrics", params={"view": "scalars"}).json()["metrics"]
+        assert scal == [{"step": 1, "reward/mean": 0.5, "nan": None, "samples/n": 1}, {"step": 2, "reward/mean": 0.7}]
+        newest = c.get(f"/v1/jobs/{job['id']}/samples").json()  # step 2 has none: the newest with samples
+        assert newest == {"job_id": job["id"], "step": 1, "samples": [sample], "forking_tokens": forking}
+        r = c.get(f"/v1/jobs/{job['id']}/samples", params={"step": 2})
+        assert r.status_code == 404 and "step 2" in r.json()["detail"]
+        assert c.get(f"/v1/jobs/{job['id']}/samples", params={"step": 0}).status_code == 422
+        assert c.get(f"/v1/jobs/{job['id']}/metrics", params={"view": "all"}).status_code == 422
+    with api_server.client(make_token(api_server, "mallory")) as m:
+        assert m.get(f"/v1/jobs/{job['id']}/samples").status_code == 403
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_the_dashboard_is_served_with_a_script_policy(api_server):
+    page = httpx.get(f"{api_server.url}/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    # plotly.js from the installed plotly package, named by its version
+    src = next(s.split('"')[1] for s in page.text.split("<script src=")[1:] if "plotly" in s)
+    js = httpx.get(f"{api_server.url}{src}")
+    assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript") and len(js.content) > 1e6
+    assert httpx.get(f"{api_server.url}/ui/app.js").status_code == 200
+    for bad in ("/ui/..%2Fapp.py", "/ui/index.html", "/ui/nope.js", "/ui/%2e%2e%2fsettings.py"):
+        assert httpx.get(f"{api_server.url}{bad}").status_code == 404, bad

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from actors.contract import RunDir
-from service.rayjobs import LocalRayHead, RayJobs
+from service.rayjobs import LocalRayHead
 
 from .conftest import ROOT, Server
 
@@ -30,15 +30,6 @@ TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
 
 def tiny(steps: int) -> dict:
     return {**TINY, "trainer": {**TINY["trainer"], "steps": steps, "save_every": 2}}
-
-
-@pytest.fixture(scope="module")
-def ray_head():
-    head = LocalRayHead(num_cpus=4)
-    head.start()
-    RayJobs(head.address, head.token).wait_ready()
-    yield head
-    head.stop()
 
 
 def wait_for(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> dict:

@@ -1,0 +1,94 @@
+"""Config checks: a JobConfig as YAML is validated as POST /v1/jobs would take it, and each refused
+field comes back with its line in the YAML (the dashboard shows the error beside it)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import yaml
+from fastapi import APIRouter
+from pydantic import ValidationError
+
+from actors.config import UNION_TAGS, JobConfig
+from service.core import ConfigTooLarge
+from service.deps import Principal, ServiceDep
+from service.models import ConfigCheck, ConfigText, FieldError, field_errors
+from service.policy import PolicyRefused
+
+router = APIRouter(prefix="/v1/configs", tags=["configs"])
+
+
+def yaml_line(root: yaml.Node | None, loc: list[str | int]) -> int | None:
+    """The 1-based line of the deepest node of `loc` found in the composed YAML (a missing field: its
+    parent's line; a union tag in pydantic's loc is not a YAML key and is passed over)."""
+    node, line = root, None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode) and isinstance(part, str):
+            hit = next(((k, v) for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part), None)
+            if hit is None:
+                if part in UNION_TAGS:
+                    continue
+                break
+            line, node = hit[0].start_mark.line + 1, hit[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and 0 <= part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _refused(field: str, msg: str, kind: str, root: yaml.Node | None, value: str = "") -> FieldError:
+    loc: list[str | int] = [int(p) if p.isdigit() else p for p in field.split(".")] if field else []
+    return FieldError(loc=loc, field=field or "config", msg=msg, type=kind, input=value, line=yaml_line(root, loc))
+
+
+@router.post("/validate", response_model=ConfigCheck)
+def validate(body: ConfigText, who: Principal, svc: ServiceDep) -> ConfigCheck:
+    """Check a JobConfig given as YAML: parsed safely, validated strictly (as POST /v1/jobs does) and
+    against the operator's tenancy policy for the caller. Always 200: `valid`, the errors with their
+    YAML lines, and the validated config as JSON."""
+    try:
+        # anchors and aliases are refused: a few KiB of nested aliases expand to gigabytes
+        alias = next(
+            (ev for ev in yaml.parse(body.yaml, Loader=yaml.SafeLoader) if isinstance(ev, yaml.AliasEvent)), None
+        )
+        if alias is not None:
+            msg = "YAML aliases (*name) are not accepted here; write the values out"
+            err = FieldError(loc=[], field="yaml", msg=msg, type="yaml", input="", line=alias.start_mark.line + 1)
+            return ConfigCheck(valid=False, errors=[err])
+        root = yaml.compose(body.yaml, Loader=yaml.SafeLoader)
+        data: Any = yaml.safe_load(body.yaml)
+    except RecursionError:
+        err = FieldError(loc=[], field="yaml", msg="nested too deeply", type="yaml", input="")
+        return ConfigCheck(valid=False, errors=[err])
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = mark.line + 1 if mark is not None else None
+        problem = getattr(e, "problem", None) or str(e)
+        return ConfigCheck(valid=False, errors=[FieldError(loc=[], field="yaml", msg=f"not valid YAML: {problem}",
+                                                           type="yaml", input="", line=line)])  # fmt: skip
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        err = _refused("", f"a JobConfig is a mapping of sections, not a {type(data).__name__}", "type", root)
+        return ConfigCheck(valid=False, errors=[err])
+    try:
+        text = json.dumps(data, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as e:  # dates, NaN, .inf: YAML has them, a JSON API does not
+        return ConfigCheck(valid=False, errors=[_refused("", f"not representable as JSON: {e}", "json", root)])
+    try:
+        cfg = JobConfig.model_validate_json(text, strict=True)
+    except ValidationError as e:
+        errors = field_errors(e.errors(), body=False)
+        for err in errors:
+            err.line = yaml_line(root, err.loc)
+        return ConfigCheck(valid=False, errors=errors)
+    try:
+        svc.admit(cfg, who)
+    except PolicyRefused as e:
+        return ConfigCheck(valid=False, errors=[_refused(e.field, str(e), "policy", root)])
+    except ConfigTooLarge as e:
+        return ConfigCheck(valid=False, errors=[_refused("", str(e), "size", root)])
+    return ConfigCheck(valid=True, errors=[], config=cfg.model_dump(mode="json"))

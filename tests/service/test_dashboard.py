@@ -1,0 +1,272 @@
+"""The dashboard in a real browser: Debian's chromium, headless, driven by Playwright, against the real
+service on loopback whose jobs ran for real on a local Ray (the tiny model). Sign-in and a bad token,
+the jobs list, a finished job's curves and forking tokens, compare, submitting from YAML with errors
+shown beside their lines, a live job page that reconnects after the service restarts, cancel and
+delete. Minutes: marked slow.
+
+FORKRL_SCREENSHOTS=<dir> also saves the job page and the forking-token view there (the README's
+pictures come from `scripts/screenshots.py`, which does the same against a real SmolLM2 run)."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from .conftest import ROOT, Server
+
+pytestmark = pytest.mark.slow
+CHROMIUM = "/usr/bin/chromium"
+TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
+
+
+def tiny(name: str, steps: int, rho: float) -> dict:
+    return {
+        **TINY,
+        "name": name,
+        "algorithm": {**TINY["algorithm"], "top_entropy_quantile": rho},
+        "trainer": {**TINY["trainer"], "steps": steps, "save_every": 2, "eval_every": 2, "eval_prompts": 4},
+    }
+
+
+def wait_state(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
+
+
+@pytest.fixture(scope="module")
+def site(ray_head, tmp_path_factory):
+    """The service on a real Ray head, a user token, and two finished jobs of that user: rho 0.2 and 1.0."""
+    base = tmp_path_factory.mktemp("dash")
+    server = Server(base / "data", f"sqlite:///{base / 'jobs.db'}", ray_head.address, ray_head.token).start()
+    with server.client() as admin:
+        user = admin.post("/v1/tokens", json={"owner": "alice"}).json()["token"]
+    with server.client(user) as c:
+        a = c.post("/v1/jobs", json=tiny("filter-0.2", 4, 0.2)).json()["id"]
+        b = c.post("/v1/jobs", json=tiny("plain-1.0", 4, 1.0)).json()["id"]
+        for job_id in (a, b):
+            job = wait_state(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
+            assert job["state"] == "SUCCEEDED", job
+    yield {"server": server, "token": user, "filtered": a, "plain": b}
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not os.access(CHROMIUM, os.X_OK):
+        pytest.fail(f"{CHROMIUM} not found: `make setup` installs Debian's chromium")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-sync",
+                "--disable-background-networking",
+                "--disable-component-update",
+            ],  # fmt: skip
+        )
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser, site):
+    """A fresh browser tab (its own session storage) that records console errors and failed requests."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 900})
+    pg = ctx.new_page()
+    pg.set_default_timeout(30_000)
+    problems: list[str] = []
+    pg.on("console", lambda m: problems.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
+    pg.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+    pg.problems = problems  # type: ignore[attr-defined]
+    yield pg
+    ctx.close()
+
+
+def sign_in(pg, site, token: str | None = None) -> None:
+    pg.goto(site["server"].url + "/")
+    pg.get_by_label("Access token").fill(token or site["token"])
+    pg.get_by_role("button", name="Sign in", exact=True).click()
+    pg.get_by_role("heading", name="Jobs", exact=True).wait_for()
+
+
+def shoot(pg, name: str, locator=None) -> None:
+    where = os.environ.get("FORKRL_SCREENSHOTS")
+    if where:
+        Path(where).mkdir(parents=True, exist_ok=True)
+        (locator or pg).screenshot(path=str(Path(where) / name))
+
+
+def test_a_bad_token_is_refused_and_the_page_has_no_errors(page, site):
+    page.goto(site["server"].url + "/")
+    page.get_by_label("Access token").fill("not-a-token")
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    alert = page.locator("#signin-error")
+    alert.filter(has_text="401").wait_for()
+    assert "Sign-in refused (401)" in alert.inner_text()
+    assert page.evaluate("sessionStorage.getItem('forkrl.token')") is None  # a refused token is not kept
+    # the real one signs in; it is kept in the tab's session storage only, never in local storage
+    sign_in(page, site)
+    assert page.evaluate("sessionStorage.getItem('forkrl.token')") == site["token"]
+    assert page.evaluate("localStorage.length") == 0
+    # the page sets a script policy: model output is never run as code
+    csp = httpx.get(site["server"].url + "/").headers["content-security-policy"]
+    assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1].split(";")[0]
+    # sign out forgets it
+    page.get_by_role("button", name="Sign out").click()
+    page.get_by_label("Access token").wait_for()
+    assert page.evaluate("sessionStorage.getItem('forkrl.token')") is None
+    # the one error the browser logged is the refused sign-in's answer
+    assert len(page.problems) == 1 and "401" in page.problems[0], page.problems  # type: ignore[attr-defined]
+
+
+def test_jobs_list_filters_by_state(page, site):
+    sign_in(page, site)
+    rows = page.locator("tbody tr[data-job]")
+    rows.first.wait_for()
+    assert {rows.nth(i).get_attribute("data-job") for i in range(rows.count())} >= {site["filtered"], site["plain"]}
+    page.get_by_label("Filter by state").select_option("FAILED")
+    page.get_by_role("status").filter(has_text="No jobs yet").wait_for()
+    assert rows.count() == 0
+    page.get_by_label("Filter by state").select_option("SUCCEEDED")
+    page.locator(f'tr[data-job="{site["filtered"]}"]').wait_for()
+    assert page.locator(f'tr[data-job="{site["filtered"]}"] [data-state]').inner_text() == "SUCCEEDED"
+    assert page.problems == [], page.problems  # type: ignore[attr-defined]
+
+
+def test_a_finished_job_shows_its_curves_and_forking_tokens(page, site):
+    server: Server = site["server"]
+    with server.client(site["token"]) as c:
+        metrics = c.get(f"/v1/jobs/{site['filtered']}/metrics").json()["metrics"]
+        newest = c.get(f"/v1/jobs/{site['filtered']}/samples").json()
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    sign_in(page, site)
+    page.get_by_role("link", name="filter-0.2").click()
+    page.get_by_role("heading", name=re.compile("filter-0.2")).wait_for()
+    # every curve drawn from the job's own records: the reward chart has a point per step (train) and
+    # the held-out evals (steps 2 and 4); the step-time breakdown has its phases
+    reward = page.locator("#chart-reward")
+    reward.locator(".scatterlayer .trace").first.wait_for()
+    assert reward.get_attribute("data-points") == str(4 + 2)
+    for key in ("entropy", "shares", "length", "clip", "kl", "gradnorm"):
+        assert int(page.locator(f"#chart-{key}").get_attribute("data-traces") or 0) >= 1, key
+    assert int(page.locator("#chart-time").get_attribute("data-traces") or 0) >= 4
+    # the state timeline, checkpoints and config
+    page.locator("ol.timeline li[data-state=SUCCEEDED]").wait_for()
+    assert page.locator("ol.timeline li").first.get_attribute("data-state") == "PENDING"
+    ckpts = page.get_by_role("table", name="Checkpoints").locator("tbody tr td:first-child")
+    ckpts.filter(has_text="4").wait_for()  # the final step's checkpoint
+    assert '"top_entropy_quantile": 0.2' in page.locator("#config").inner_text()
+    page.locator("#logs").filter(has_text="step 4").wait_for()
+    shoot(page, "job-page.png")
+
+    # forking tokens: the newest step's samples, each token with its entropy, the kept ones boxed
+    forking = page.locator("#forking")
+    forking.locator(".tok").first.wait_for()
+    assert page.get_by_label("Step to show").input_value() == str(newest["step"])
+    sample = newest["samples"][0]
+    toks = forking.locator("article").first.locator(".tok")
+    assert toks.count() == len(sample["tokens"])
+    assert [float(toks.nth(i).get_attribute("data-entropy")) for i in range(toks.count())] == sample["entropy"]
+    kept = [i for i in range(toks.count()) if "kept" in (toks.nth(i).get_attribute("class") or "")]
+    assert kept == [i for i, k in enumerate(sample["kept"]) if k]
+    assert "".join(toks.nth(i).inner_text() for i in range(toks.count())) == "".join(sample["tokens"])
+    table = page.locator("#forking-table tbody tr")
+    assert table.count() == len(newest["forking_tokens"]) > 0
+    first = newest["forking_tokens"][0]
+    assert table.first.locator("td").nth(2).inner_text() == str(first["kept"])
+    assert table.first.locator("td").nth(3).inner_text() == str(first["dropped"])
+    shoot(page, "forking-tokens.png", forking)
+    # an earlier step on request
+    page.get_by_label("Step to show").select_option("1")
+    forking.get_by_text("step 1 ·").wait_for()
+    assert page.problems == [], page.problems  # type: ignore[attr-defined]
+
+
+def test_compare_overlays_two_jobs_by_step(page, site):
+    sign_in(page, site)
+    for job_id in (site["filtered"], site["plain"]):
+        page.locator(f'tr[data-job="{job_id}"] input[type=checkbox]').check()
+    page.get_by_role("button", name="Compare selected").click()
+    chart = page.locator("#cmp-reward-mean")
+    chart.locator(".scatterlayer .trace").nth(1).wait_for()
+    assert chart.get_attribute("data-traces") == "2" and chart.get_attribute("data-points") == "8"
+    legend = chart.locator(".legend").text_content() or ""
+    assert "ρ=0.2" in legend and "ρ=1" in legend
+    kept = page.locator("#cmp-entropy-kept-frac")
+    kept.locator(".scatterlayer .trace").nth(1).wait_for()
+    # the plain run keeps every token, the filtered one about a fifth: the overlay shows both
+    ys = page.evaluate("id => document.getElementById(id).data.map(t => t.y)", "cmp-entropy-kept-frac")
+    plain, filtered = sorted(ys, key=max, reverse=True)
+    assert plain == [1.0] * 4 and max(filtered) < 0.35
+    assert page.problems == [], page.problems  # type: ignore[attr-defined]
+
+
+def test_submit_from_yaml_live_page_reconnects_then_cancel_and_delete(page, site):
+    server: Server = site["server"]
+    sign_in(page, site)
+    bad = yaml.safe_dump(tiny("from-the-page", 2000, 0.2), sort_keys=False).replace(
+        "top_entropy_quantile: 0.2", "top_entropy_quantile: 2.5\n  clip_hgh: 0.3"
+    )
+    page.get_by_label("Job config (YAML)").fill(bad)
+    page.get_by_role("button", name="Submit").click()
+    errors = page.locator(".field-error")
+    errors.nth(1).wait_for()
+    lines = bad.splitlines()
+    shown = {int(errors.nth(i).get_attribute("data-line") or 0): errors.nth(i).inner_text() for i in range(2)}
+    # each error sits under its own line: the quantile's and the misspelt key's
+    assert "top_entropy_quantile" in lines[min(shown) - 1] and "2.5" in shown[min(shown)]
+    assert "clip_hgh" in lines[max(shown) - 1] and "unknown field" in shown[max(shown)]
+    with server.client(site["token"]) as c:
+        before = {j["id"] for j in c.get("/v1/jobs").json()["jobs"]}
+    assert len(before) == 2  # nothing was submitted
+    page.get_by_label("Job config (YAML)").fill(bad.replace("2.5\n  clip_hgh: 0.3", "0.2"))
+    page.get_by_role("button", name="Submit").click()
+    page.get_by_role("link", name=re.compile("^forkrl-")).click()
+    page.get_by_role("heading", name=re.compile("from-the-page")).wait_for()
+    job_id = page.url.rsplit("/", 1)[1]
+    assert job_id not in before
+
+    # live: steps arrive over the event stream; the service restarts; the page reconnects and goes on
+    step = page.locator("#last-step")
+    page.wait_for_function("() => Number(document.getElementById('last-step').textContent) >= 1", timeout=240_000)
+    t0 = time.monotonic()
+    server.stop()
+    assert time.monotonic() - t0 < 30  # open event streams do not hold the shutdown (FORKRL_SHUTDOWN_GRACE_S)
+    page.locator("#conn.down").wait_for(timeout=60_000)
+    seen = int(step.inner_text())
+    server.start()
+    page.wait_for_function(f"() => Number(document.getElementById('last-step').textContent) > {seen}", timeout=240_000)
+    assert page.locator("#conn").inner_text() == "Live"
+
+    # cancel, with confirmation; then delete from the list
+    page.get_by_role("button", name=re.compile("^Cancel from-the-page")).click()
+    page.get_by_role("button", name="Keep it", exact=True).click()  # declined: nothing happens
+    with server.client(site["token"]) as c:
+        assert not c.get(f"/v1/jobs/{job_id}").json()["cancel_requested"]
+    page.get_by_role("button", name=re.compile("^Cancel from-the-page")).click()
+    page.get_by_role("button", name="Cancel job", exact=True).click()
+    page.locator("h1 [data-state=CANCELLED]").wait_for(timeout=120_000)
+    page.get_by_role("link", name="Jobs").click()
+    page.get_by_role("button", name=re.compile(f"^Delete from-the-page .{job_id}")).click()
+    page.get_by_role("button", name="Delete", exact=True).click()
+    page.locator(f'tr[data-job="{job_id}"]').wait_for(state="detached")
+    with server.client(site["token"]) as c:
+        assert c.get(f"/v1/jobs/{job_id}").status_code == 404
+    # the fetches the restart broke are the only errors the page logged
+    assert all("Failed to load resource" in p or "ERR_" in p for p in page.problems), page.problems  # type: ignore[attr-defined]
