@@ -56,7 +56,8 @@ def validate(body: ConfigText, who: Principal, svc: ServiceDep) -> ConfigCheck:
         )
         if alias is not None:
             msg = "YAML aliases (*name) are not accepted here; write the values out"
-            err = FieldError(loc=[], field="yaml", msg=msg, type="yaml", input="", line=alias.start_mark.line + 1)
+            line = alias.start_mark.line + 1 if alias.start_mark is not None else None
+            err = FieldError(loc=[], field="yaml", msg=msg, type="yaml", input="", line=line)
             return ConfigCheck(valid=False, errors=[err])
         root = yaml.compose(body.yaml, Loader=yaml.SafeLoader)
         data: Any = yaml.safe_load(body.yaml)
