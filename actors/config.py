@@ -314,6 +314,13 @@ class TrainerConfig(_Strict):
         "the control plane: a checkpoint of one of the owner's own jobs).",
     )
     export_hf: bool = Field(True, description="Write a Hugging Face checkpoint at the end.")
+    max_restarts: int = Field(
+        2,
+        ge=0,
+        le=100,
+        description="Through the control plane: how often a failed job (its driver, a learner or an engine died, a "
+        "timeout) is resubmitted; each attempt resumes from the newest checkpoint (resume: auto).",
+    )
 
 
 class TrackingConfig(_Strict):

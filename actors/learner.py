@@ -20,7 +20,7 @@ from typing import Any
 
 from actors.batch import MicroBatch, TokenTrace, TrainSequence, collate
 from actors.config import AlgorithmConfig, LearnerConfig, RolloutConfig
-from actors.pool import ActorPool
+from actors.pool import ActorPool, gather
 
 __all__ = ["Learner", "LearnerGroup", "RankStep"]
 
@@ -331,7 +331,7 @@ class LearnerGroup:
             resources=learner.ray_resources,
         )
         addr, port = ray.get(self.pool.actors[0].address.remote())
-        ray.get([a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)])
+        gather([a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)])
 
     def _padded(self, seqs: list[TrainSequence]) -> list[TrainSequence]:
         """At least one sequence per rank (every rank takes part in the collectives): weight-0 copies."""

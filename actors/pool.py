@@ -4,6 +4,9 @@
     scores = pool.sharded(items, lambda w, part: w.score.remote(part))   # one contiguous shard each
     pool.all(lambda w: w.ready.remote())                                 # every actor, results in order
 
+`restarts` > 0 (stateless roles only: the reward workers) lets Ray replace an actor that died and
+run the lost call again on the replacement.
+
 Roles are plain classes with a `ready()` method; they are made remote here, at the edge. Methods
 are called directly on the handles, never by name. `shard` is the one split rule: contiguous, in
 order, sizes differing by at most one, earlier actors taking the extra items.
@@ -14,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ActorPool", "shard"]
+__all__ = ["ActorPool", "shard", "gather"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -33,6 +36,19 @@ def shard(items: Sequence[T], k: int) -> list[list[T]]:
     return out
 
 
+def gather(refs: list[Any]) -> list[Any]:
+    """ray.get of several calls that fails as soon as one of them fails: a dead actor's error (which
+    names its class and id) is raised at once, not after the others return - they may never return
+    when they wait for the dead one in a collective. Results in the order of refs."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        ray.get(done)  # raises the failure of the call that just finished, if it failed
+    return list(ray.get(refs))
+
+
 class ActorPool(Generic[T]):
     """N Ray actors of one role class, created with per-actor arguments and waited on until ready."""
 
@@ -46,10 +62,13 @@ class ActorPool(Generic[T]):
         num_gpus: float = 0,
         resources: dict[str, float] | None = None,
         wait_ready: bool = True,
+        restarts: int = 0,
     ) -> None:
         import ray
 
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
+        if restarts:  # Ray starts a dead actor again and runs the call it lost once more on the new one
+            options.update(max_restarts=restarts, max_task_retries=restarts)
         if resources:
             options["resources"] = resources
         cls = ray.remote(**options)(role)
@@ -62,13 +81,10 @@ class ActorPool(Generic[T]):
 
     def all(self, call: Callable[[Any], Any]) -> list[Any]:
         """call(actor) -> ObjectRef on every actor; all launched, then gathered in actor order."""
-        import ray
-
-        return list(ray.get([call(a) for a in self.actors]))
+        return gather([call(a) for a in self.actors])
 
     def sharded(self, items: Sequence[R], call: Callable[[Any, list[R]], Any]) -> list[Any]:
         """call(actor, shard) -> ObjectRef for each non-empty shard (see `shard`); results in order."""
-        import ray
 
         parts = shard(items, len(self.actors))
-        return list(ray.get([call(a, part) for a, part in zip(self.actors, parts, strict=True) if part]))
+        return gather([call(a, part) for a, part in zip(self.actors, parts, strict=True) if part])

@@ -177,12 +177,20 @@ class RewardWorker:
         return True
 
 
+REWARD_WORKER_RESTARTS = 3  # replacements of each reward worker per job
+
+
 class RewardPool:
     """M RewardWorker actors; items are split into contiguous shards."""
 
     def __init__(self, cfg: RewardConfig) -> None:
         # verifiers are light: no CPU reserved, so they never starve the rollout engines or learners
-        self.pool = ActorPool(RewardWorker, cfg.num_workers, lambda i: (cfg,), num_cpus=0, resources=cfg.ray_resources)
+        # a worker that dies (a verifier crashed it, its node went) is replaced and its shard scored again
+        # there: scoring is a pure function of the batch, so the step is neither lost nor counted twice
+        self.pool = ActorPool(
+            RewardWorker, cfg.num_workers, lambda i: (cfg,), num_cpus=0, resources=cfg.ray_resources,
+            restarts=REWARD_WORKER_RESTARTS,
+        )  # fmt: skip
 
     def score(self, items: list[tuple[str, str, Any]]) -> tuple[list[float], dict[str, float]]:
         rewards: list[float] = []

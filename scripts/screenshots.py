@@ -82,6 +82,7 @@ def main() -> int:
             if args.step:
                 page.get_by_label("Step to show").select_option(str(args.step))
                 page.locator("#forking").get_by_text(f"step {args.step} ·").wait_for()
+            page.mouse.move(2, 2)  # no chart toolbar shown under the pointer
             page.wait_for_timeout(1500)  # the charts' transitions
             page.screenshot(path=str(out / "job-page.png"))
             page.locator("#forking").screenshot(path=str(out / "forking-tokens.png"))

@@ -152,6 +152,12 @@ def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
     typer.echo(_row(j))
     if j["message"]:
         typer.echo(f"message: {j['message']}")
+    restarts = (j.get("config") or {}).get("trainer", {}).get("max_restarts")
+    if j.get("restarts") or j.get("failures"):
+        typer.echo(f"restarts: {j['restarts']} of {restarts}")
+        for f in j.get("failures", []):
+            reason = f["reason"].splitlines()[-1] if f["reason"] else ""
+            typer.echo(f"  failed at step {f['step']} ({f['at']}): {reason}")
     typer.echo(f"run dir: {j['run_dir']}")
     m = _request(url, token, "GET", f"/v1/jobs/{job_id}/metrics", params={"after_step": max(0, j["last_step"] - 1)})
     if m["metrics"]:

@@ -10,6 +10,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -32,7 +33,7 @@ from actors.contract import (
     RunDir,
     parse_metric_line,
 )
-from service.db import Job, Token, migrate, now
+from service.db import Job, Token, migrate, now, ray_submission_id
 from service.policy import check_job
 from service.rayjobs import JobNotFound, LocalRayHead, RayJobs, RayUnavailable
 from service.settings import Settings
@@ -96,6 +97,9 @@ class Service:
             "forkrl_metrics_ingested", "step metrics stored", ["source"], registry=self.registry
         )
         self.jobs_gauge = Gauge("forkrl_jobs", "jobs by state", ["state"], registry=self.registry)
+        self.restarts_total = Counter(
+            "forkrl_job_restarts", "failed jobs resubmitted (trainer.max_restarts)", registry=self.registry
+        )
         self.reconcile_seconds = Gauge(
             "forkrl_reconcile_last_seconds", "duration of the last reconcile pass", registry=self.registry
         )
@@ -337,14 +341,20 @@ class Service:
         if job.state not in TERMINAL_STATES:
             with contextlib.suppress(RayUnavailable, JobNotFound):
                 if job.submitted:
-                    await run_in_threadpool(self.ray.stop, job_id)
+                    await run_in_threadpool(self.ray.stop, job.ray_id)
                 await run_in_threadpool(self.reconcile_job, job_id)
         return await run_in_threadpool(self.get_job, job_id, who)
 
     async def delete_job(self, job_id: str, who: Token) -> None:
-        await run_in_threadpool(self.store.run, lambda db: self.store.delete(db, self.store.owned(db, job_id, who)))
-        if self._ray is not None:
-            await run_in_threadpool(self.ray.delete, job_id)
+        def drop(db: Session) -> int:
+            job = self.store.owned(db, job_id, who)
+            self.store.delete(db, job)
+            return job.restarts or 0
+
+        restarts = await run_in_threadpool(self.store.run, drop)
+        if self._ray is not None:  # every attempt's record on Ray
+            for n in range(restarts + 1):
+                await run_in_threadpool(self.ray.delete, ray_submission_id(job_id, n))
 
     def ingest(self, job_id: str, token: str, metrics: list[MetricRecord], checkpoints: list[tuple[int, str]]) -> int:
         """A driver's push of step metrics and checkpoints, with its job's ingest token."""
@@ -365,7 +375,7 @@ class Service:
         if not job.submitted:
             return ""
         try:
-            return await run_in_threadpool(self.ray.log_tail, job_id, lines, LOG_READ_BYTES)
+            return await run_in_threadpool(self.ray.log_tail, job.ray_id, lines, LOG_READ_BYTES)
         except JobNotFound:
             return ""
 
@@ -385,7 +395,7 @@ class Service:
                 return
             await asyncio.sleep(1)
             waited += 1
-        chunks = self.ray.tail(job_id).__aiter__()
+        chunks = self.ray.tail(j.ray_id).__aiter__()
         try:
             while True:
                 try:
@@ -402,17 +412,17 @@ class Service:
                 await chunks.aclose()  # type: ignore[attr-defined]
 
     # -- reconciler
-    def submit(self, job_id: str, config: dict[str, Any]) -> None:
+    def submit(self, job: Job) -> None:
         """Submit with a fresh ingest token: the token reaches the driver in its environment
         (REPORT_TOKEN_ENV) and nowhere else; only its hash is stored, and only when this submission
         started the job (when Ray already had it - a concurrent pass, a crash before the job was marked -
         the running driver keeps the token it got, and so does the store)."""
         token = secrets.token_urlsafe(32)
-        env = {JOB_CONFIG_ENV: config_env(config), REPORT_TOKEN_ENV: token, **JOB_ENV_VARS}
-        if self.ray.submit(job_id, ENTRYPOINT, {"env_vars": env}):
+        env = {JOB_CONFIG_ENV: config_env(job.config), REPORT_TOKEN_ENV: token, **JOB_ENV_VARS}
+        if self.ray.submit(job.ray_id, ENTRYPOINT, {"env_vars": env}):
             with self.store.session(write=True) as db:
-                if (job := self.store.get(db, job_id)) is not None:
-                    job.ingest_token_hash = sha256(token)
+                if (j := self.store.get(db, job.id)) is not None:
+                    j.ingest_token_hash = sha256(token)
 
     def reconcile(self) -> None:
         """One pass: submit what was never accepted, follow Ray's view of the rest, pick up files."""
@@ -435,27 +445,80 @@ class Service:
             if job.cancel_requested:
                 self._set_state(job_id, JobState.CANCELLED.value, "cancelled before it started")
                 return
-            self.submit(job_id, job.config)  # RayUnavailable propagates: nothing changes
+            self.submit(job)  # RayUnavailable propagates: nothing changes
             with self.store.session(write=True) as db:
                 if (j := self.store.get(db, job_id)) is not None:
                     j.submitted, j.message = True, "submitted to Ray"
             return
         try:
-            state, message = self.ray.status(job_id)
+            state, message = self.ray.status(job.ray_id)
         except JobNotFound:
             # Ray lost it (a new head, e.g. the embedded one after a restart): start it again; with
             # trainer.resume=auto it continues from its newest checkpoint
-            self.submit(job_id, job.config)
+            self.submit(job)
             self._set_state(job_id, JobState.PENDING.value, "resubmitted: the Ray cluster had no record of it")
             return
         if job.cancel_requested and state in (JobState.PENDING.value, JobState.RUNNING.value):
             with contextlib.suppress(JobNotFound):
-                self.ray.stop(job_id)
+                self.ray.stop(job.ray_id)
+        if state == JobState.FAILED.value and not job.cancel_requested and self.restart(job, message):
+            return
         with self.store.session(write=True) as db:
             j = self.store.get(db, job_id)
             if j is not None and j.state not in TERMINAL_STATES:
                 self.ingest_files(db, j)
                 self.store.set_state(db, j, state, message)
+
+    def driver_log(self, job: Job, lines: int = 400) -> str:
+        """The end of the current attempt's driver log, or '' when Ray cannot give it."""
+        try:
+            return self.ray.log_tail(job.ray_id, lines, LOG_READ_BYTES)
+        except (RayUnavailable, JobNotFound):
+            return ""
+
+    def restart(self, job: Job, message: str) -> bool:
+        """A failed attempt (the driver, a learner or an engine died; a timeout; the head or the job's
+        supervisor died): within the job's trainer.max_restarts the job goes back to PENDING, to be
+        submitted again as a new Ray submission (`Job.ray_id`), resuming from its newest checkpoint.
+        The steps the failed attempt stored after that checkpoint are dropped (the next attempt logs them
+        again), so the finished job holds each step once. Returns False when the budget is spent."""
+        budget = int((job.config.get("trainer") or {}).get("max_restarts", 0))
+        with self.store.session(write=True) as db:  # what the attempt wrote before it died
+            j = self.store.get(db, job.id)
+            if j is None or j.state in TERMINAL_STATES:
+                return True
+            self.ingest_files(db, j)
+            reason = failure_reason(message, self.driver_log(j))
+            failure = {"at": now().isoformat(), "step": j.last_step, "reason": reason, "resumed_from": None}
+            failures = [*(j.failures or []), failure]
+            started_at = (j.failures or [{}])[-1].get("resumed_from") or 0
+            retry = j.last_step > started_at or infrastructure_failure(message)
+            if j.restarts >= budget or not retry:
+                j.failures = failures
+                if not retry and budget > j.restarts:
+                    note = "not restarted (it failed before its first step, with an error of its own): "
+                elif budget:
+                    note = f"failed after {j.restarts} restart(s) (trainer.max_restarts = {budget}): "
+                else:
+                    note = ""
+                self.store.set_state(db, j, JobState.FAILED.value, note + message)
+                return True
+        run = RunDir(job.run_dir)
+        steps = [s for p in run.complete_checkpoints() if (s := RunDir.checkpoint_step(p)) is not None]
+        resume_at = max(steps, default=0)
+        with self.store.session(write=True) as db:
+            j = self.store.get(db, job.id)
+            if j is None or j.state in TERMINAL_STATES:
+                return True
+            failure["resumed_from"] = resume_at
+            j.failures, j.restarts, j.submitted = failures, j.restarts + 1, False
+            self.store.rewind(db, j, resume_at)
+            self.restarts_total.inc()
+            where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint yet)"
+            self.store.set_state(
+                db, j, JobState.PENDING.value, f"restart {j.restarts} of {budget} {where} after: {reason}"
+            )
+        return True
 
     def _set_state(self, job_id: str, state: str, message: str) -> None:
         with self.store.session(write=True) as db:
@@ -484,3 +547,42 @@ class Service:
             if job.state == JobState.PENDING.value and job.submitted:
                 self.store.set_state(db, job, JobState.RUNNING.value, "training")
         return added
+
+
+# what says the failure was the cluster's, not the job's own: a process killed by a signal, an actor,
+# worker, node or the job's supervisor that died, memory, a timeout
+_INFRA = re.compile(
+    r"exit code (-\d+|129|13\d|14\d|15\d)\b|ActorDiedError|RayActorError|ActorUnavailableError|NodeDiedError|"
+    r"WorkerCrashedError|OutOfMemoryError|supervisor|raylet|node .* died|TimeoutError|timed out|weight_sync_timeout_s",
+    re.IGNORECASE,
+)
+
+
+def infrastructure_failure(message: str) -> bool:
+    """Whether Ray's failure message points at a death or a timeout rather than at the job's own error
+    (a job that made no progress is restarted only for these)."""
+    return bool(_INFRA.search(message))
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*)?(Error|Exception|Exit)\b[^\n]*:")
+
+
+def failure_reason(message: str, log: str = "", limit: int = 1500) -> str:
+    """What a person needs from a failed attempt: the first line of Ray's message (how it ended) and the
+    driver's last exception with Ray's details under it (`class_name: Learner` names the actor that
+    died), looked for in the driver's log (Ray's message carries only its last 10 lines, often the
+    engines' shutdown), else the message's last lines; at most `limit` characters."""
+    head, _, tail = message.strip().partition(", last available logs")
+    tail_lines = tail.splitlines()[1:]  # after "(truncated to N chars):"
+    block: list[str] = []
+    for text in (log, "\n".join(tail_lines)):
+        lines = [_ANSI.sub("", ln).rstrip() for ln in text.splitlines() if ln.strip()]
+        where = next((i for i in range(len(lines) - 1, -1, -1) if _EXCEPTION.match(lines[i])), None)
+        if where is not None:
+            block = [lines[where]] + [ln for ln in lines[where + 1 : where + 8] if ln.startswith(("\t", " "))]
+            break
+    if not block:
+        block = [_ANSI.sub("", ln).rstrip() for ln in tail_lines if ln.strip()][-8:]
+    text = "\n".join([head.strip(), *block]).strip()
+    return text[:limit] if text else "no reason given by Ray"

@@ -55,6 +55,10 @@ class Token(Base):
         return self.revoked_at is None and (expires is None or expires > at)
 
 
+def ray_submission_id(job_id: str, restarts: int) -> str:
+    return job_id if restarts == 0 else f"{job_id}-r{restarts}"
+
+
 class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (UniqueConstraint("owner", "idempotency_key", name="uq_jobs_owner_idempotency_key"),)
@@ -77,6 +81,15 @@ class Job(Base):
     updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)
     started_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     ended_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    restarts: Mapped[int] = mapped_column(Integer, default=0)  # resubmissions after a failure (trainer.max_restarts)
+    # each failed attempt: at, step, reason, resumed_from
+    failures: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+
+    @property
+    def ray_id(self) -> str:
+        """The Ray submission id of the current attempt: the job id, then <job id>-r<N> for restart N (Ray
+        does not support submitting a deleted submission id again)."""
+        return ray_submission_id(self.id, self.restarts or 0)
 
 
 class Metric(Base):

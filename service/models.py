@@ -13,6 +13,13 @@ from service.db import Job, Token
 from service.store import MAX_STEP
 
 
+class FailureOut(BaseModel):
+    at: str = Field(description="when the control plane saw the attempt fail (ISO 8601)")
+    step: int = Field(description="the last step stored when it failed")
+    reason: str = Field(description="Ray's account of the failure: the end of the driver's error")
+    resumed_from: int | None = Field(None, description="the checkpoint step the next attempt resumed from; null: none")
+
+
 class JobOut(BaseModel):
     id: str
     name: str
@@ -27,6 +34,8 @@ class JobOut(BaseModel):
     last_step: int
     run_dir: str
     cancel_requested: bool
+    restarts: int = Field(0, description="how often the control plane resubmitted it after a failure")
+    failures: list[FailureOut] = Field(default_factory=list, description="each failed attempt, oldest first")
     config: dict[str, Any] | None = None
 
 
@@ -215,5 +224,6 @@ def job_out(job: Job, with_config: bool = False) -> JobOut:
         id=job.id, name=job.name, owner=job.owner, state=JobState(job.state), message=job.message,
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, ended_at=job.ended_at,
         total_steps=job.total_steps, last_step=job.last_step, run_dir=job.run_dir,
-        cancel_requested=job.cancel_requested, config=job.config if with_config else None,
+        cancel_requested=job.cancel_requested, restarts=job.restarts or 0,
+        failures=[FailureOut(**f) for f in job.failures or []], config=job.config if with_config else None,
     )  # fmt: skip

@@ -117,6 +117,9 @@ class LocalRayHead:
         log.info("embedded Ray head stopped (%d processes)", len(mine))
 
 
+REQUEST_TIMEOUT_S = 60.0  # one call to the Ray Jobs API; past it the call counts as "Ray unavailable"
+
+
 class RayJobs:
     """A thin wrapper over ray.job_submission.JobSubmissionClient (blocking calls: run them in a thread)."""
 
@@ -129,8 +132,15 @@ class RayJobs:
         if self._client is None:
             from ray.job_submission import JobSubmissionClient
 
+            class TimedClient(JobSubmissionClient):  # type: ignore[misc]
+                # the SDK sends its requests without a timeout: a head that accepts the connection and
+                # never answers would hold the reconciler forever
+                def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
+                    kwargs.setdefault("timeout", REQUEST_TIMEOUT_S)
+                    return super()._do_request(method, endpoint, **kwargs)
+
             try:
-                self._client = JobSubmissionClient(self.address, headers=self.headers)
+                self._client = TimedClient(self.address, headers=self.headers)
             except Exception as e:  # connection refused, DNS, auth: all mean "not now"
                 raise RayUnavailable(f"Ray at {self.address} is not reachable: {e}") from e
         return self._client

@@ -205,13 +205,14 @@ class JobStore:
 
     # -- metrics, checkpoints, events
     def add_metrics(self, db: Session, job: Job, records: list[MetricRecord]) -> int:
-        """Store each step once (later copies of a step are ignored, also when they arrive in concurrent
-        requests); returns how many were new. Records without a valid step are skipped."""
+        """Store each step once (a step already stored is kept, also against concurrent requests; within
+        one batch the last record of a step counts: a resumed run appends the steps after its checkpoint
+        to metrics.jsonl again); returns how many were new. Records without a valid step are skipped."""
         rows: dict[int, dict[str, Any]] = {}
         for rec in records:
             step = rec.get("step")
             if isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= MAX_STEP:
-                rows.setdefault(step, {"job_id": job.id, "step": step, "data": finite(rec), "created_at": now()})
+                rows[step] = {"job_id": job.id, "step": step, "data": finite(rec), "created_at": now()}
         if not rows:
             return 0
         added = self._insert_new(db, Metric, list(rows.values()))
@@ -222,6 +223,14 @@ class JobStore:
     def metrics(self, db: Session, job_id: str, after_step: int, limit: int | None = None) -> list[Metric]:
         q = select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
         return list(db.scalars(q if limit is None else q.limit(limit)))
+
+    def rewind(self, db: Session, job: Job, step: int) -> int:
+        """Forget the stored steps after `step` (an attempt that resumes from its checkpoint at `step` logs
+        them again); returns how many were dropped."""
+        gone = getattr(db.execute(delete(Metric).where(Metric.job_id == job.id, Metric.step > step)), "rowcount", 0)
+        db.execute(delete(Checkpoint).where(Checkpoint.job_id == job.id, Checkpoint.step > step))
+        job.last_step = min(job.last_step, step)
+        return int(gone)
 
     def metric_with_samples(self, db: Session, job_id: str, step: int | None) -> Metric | None:
         """The record of `step`, or (None) the newest record that holds sampled completions."""

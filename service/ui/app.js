@@ -127,7 +127,7 @@ function series(records, key) {
 
 const LAYOUT = {
   margin: { l: 48, r: 12, t: 30, b: 34 }, height: 258, font: { size: 11 },
-  legend: { orientation: "h", y: -0.18 }, xaxis: { title: { text: "step" } }, paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+  legend: { orientation: "h", y: -0.14 }, xaxis: { hoverformat: "d" }, hovermode: "x unified", paper_bgcolor: "#fff", plot_bgcolor: "#fff",
 };
 const PLOT_OPTS = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 
@@ -484,8 +484,8 @@ function forkingView(s, rec, stepPick) {
   const top = Math.max(1e-6, ...all); // the darkest shade is the step's highest entropy shown
   const visible = (t) => t.replace(/ /g, "·").replace(/\n/g, "↵");
   const cards = s.samples.map((x, i) => h("article", { class: "sample", "aria-label": `Sample ${i + 1}` },
-    h("div", { class: "toolbar small" }, h("b", {}, `Sample ${i + 1}`), `reward ${fmt(x.reward)}`,
-      `· ${x.kept.filter(Boolean).length} of ${x.tokens.length} tokens kept`, x.truncated ? "· (truncated)" : ""),
+    h("div", { class: "toolbar small" }, h("b", {}, `Sample ${i + 1}`), h("span", {}, `reward ${fmt(x.reward)}`),
+      h("span", {}, `${x.kept.filter(Boolean).length} of ${x.tokens.length} tokens kept`), x.truncated ? h("span", {}, "(truncated)") : ""),
     h("details", {}, h("summary", { class: "small muted" }, "prompt"), h("pre", {}, x.prompt)),
     h("div", { class: "tokens" }, ...x.tokens.map((t, j) => h("span", {
       class: `tok${x.kept[j] ? " kept" : ""}`,

@@ -49,16 +49,18 @@ def site(ray_head, tmp_path_factory):
     """The service on a real Ray head, a user token, and two finished jobs of that user: rho 0.2 and 1.0."""
     base = tmp_path_factory.mktemp("dash")
     server = Server(base / "data", f"sqlite:///{base / 'jobs.db'}", ray_head.address, ray_head.token).start()
-    with server.client() as admin:
-        user = admin.post("/v1/tokens", json={"owner": "alice"}).json()["token"]
-    with server.client(user) as c:
-        a = c.post("/v1/jobs", json=tiny("filter-0.2", 4, 0.2)).json()["id"]
-        b = c.post("/v1/jobs", json=tiny("plain-1.0", 4, 1.0)).json()["id"]
-        for job_id in (a, b):
-            job = wait_state(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
-            assert job["state"] == "SUCCEEDED", job
-    yield {"server": server, "token": user, "filtered": a, "plain": b}
-    server.stop()
+    try:
+        with server.client() as admin:
+            user = admin.post("/v1/tokens", json={"owner": "alice"}).json()["token"]
+        with server.client(user) as c:
+            a = c.post("/v1/jobs", json=tiny("filter-0.2", 4, 0.2)).json()["id"]
+            b = c.post("/v1/jobs", json=tiny("plain-1.0", 4, 1.0)).json()["id"]
+            for job_id in (a, b):
+                job = wait_state(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
+                assert job["state"] == "SUCCEEDED", job
+        yield {"server": server, "token": user, "filtered": a, "plain": b}
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from actors.contract import RunDir
-from service.rayjobs import LocalRayHead
+from service.rayjobs import LocalRayHead, RayJobs
 
 from .conftest import ROOT, Server
 
@@ -223,3 +223,90 @@ def _events(c: httpx.Client, job_id: str) -> list[dict]:
         except httpx.ReadTimeout:
             pass
     return out
+
+
+def _driver_pid(ray_head, job_id: str, timeout: float = 120) -> int:
+    client = RayJobs(ray_head.address, ray_head.token).client()
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        info = client.get_job_info(job_id)
+        if info.driver_info is not None and info.driver_info.pid:
+            return int(info.driver_info.pid)
+        time.sleep(0.5)
+    raise AssertionError(f"no driver pid for {job_id}")
+
+
+def _actor_pid(role: str) -> int:
+    for p in psutil.process_iter(["cmdline"]):
+        if any(f"ray::{role}" in a for a in (p.info["cmdline"] or [])):
+            return int(p.pid)
+    raise AssertionError(f"no {role} actor process")
+
+
+def test_a_killed_driver_and_a_killed_learner_are_restarted_from_the_checkpoint(ray_head, tmp_path):
+    """SIGKILL the driver after the step-2 checkpoint, a reward worker at step 3, then a learner actor
+    after the step-4 checkpoint. The reward worker is replaced and the job goes on; each other kill fails
+    the attempt (naming the dead actor), the control plane resubmits it within trainer.max_restarts, it
+    resumes from the newest checkpoint, and the finished job holds each step once, in the data order of
+    an uninterrupted run."""
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", ray_head.address, ray_head.token)
+    server.start()
+    cfg = tiny(6)
+    cfg["trainer"]["max_restarts"] = 2
+    # a dense toy reward: every group has signal, one draw of prompts per step (the order is the sampler's)
+    cfg["reward"] = {
+        **cfg["reward"],
+        "verifiers": [{"type": "plugin", "function": "tests.toy_rewards:lowercase_fraction"}],
+    }
+    try:
+        with server.client() as c:
+            job = c.post("/v1/jobs", json=cfg).json()
+            run = RunDir(Path(job["run_dir"]))
+            for ckpt, kill in ((2, lambda: _driver_pid(ray_head, job["id"])), (4, lambda: _actor_pid("Learner"))):
+                marker = run.checkpoint(ckpt) / RunDir.MARKER
+                deadline = time.time() + 400
+                while not marker.exists():
+                    assert time.time() < deadline, f"no checkpoint at step {ckpt}"
+                    time.sleep(0.3)
+                if ckpt == 4:  # the resumed attempt runs: a reward worker dies, Ray replaces it, the job goes on
+                    os.kill(_actor_pid("RewardWorker"), signal.SIGKILL)
+                    assert c.get(f"/v1/jobs/{job['id']}").json()["restarts"] == 1
+                    time.sleep(1)
+                os.kill(kill(), signal.SIGKILL)
+                restarted = len(c.get(f"/v1/jobs/{job['id']}").json()["failures"])
+                deadline = time.time() + 90  # bounded: no wait on a collective or a timeout
+                while (j := c.get(f"/v1/jobs/{job['id']}").json())["restarts"] < ckpt // 2:
+                    assert j["state"] not in ("FAILED", "SUCCEEDED", "CANCELLED"), j
+                    assert time.time() < deadline, f"not restarted within 90 s of the kill: {j}"
+                    time.sleep(1)
+                assert len(j["failures"]) == restarted + 1
+            done = wait_for(c, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
+            assert done["state"] == "SUCCEEDED", done
+            assert done["restarts"] == 2
+            first, second = done["failures"]
+            assert first["resumed_from"] == 2 and second["resumed_from"] == 4
+            assert first["reason"].startswith("Job entrypoint command failed with exit code 137"), first  # SIGKILL
+            assert "ActorDiedError" in second["reason"] and "class_name: Learner" in second["reason"], second
+            metrics = c.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
+            assert [m["step"] for m in metrics] == list(range(1, 7))  # each step once
+            from actors.config import validate_config
+            from actors.data import PromptSampler, load_examples
+            from actors.sampling import batch_fingerprint
+
+            data = validate_config(cfg).data
+            sampler = PromptSampler(load_examples(data), data.prompts_per_step, 0)
+            assert [m["data/batch_crc"] for m in metrics] == [batch_fingerprint(sampler.next()) for _ in range(6)]
+            # the restarts are in the event stream and the CLI
+            with c.stream("GET", f"/v1/jobs/{job['id']}/events", timeout=60) as r:
+                states = [json.loads(line[5:]) for line in r.iter_lines() if line.startswith("data:")]
+            restarts = [s["message"] for s in states if "message" in s and s["message"].startswith("restart ")]
+            assert [m.split(" after:")[0] for m in restarts] == [
+                "restart 1 of 2 from its step-2 checkpoint",
+                "restart 2 of 2 from its step-4 checkpoint",
+            ]
+        env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
+        out = subprocess.run([sys.executable, "-m", "service.cli", "status", job["id"]], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert "restarts: 2 of 2" in out.stdout and out.stdout.count("failed at step") == 2, out.stdout
+    finally:
+        server.stop()

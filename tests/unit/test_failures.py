@@ -1,0 +1,54 @@
+"""How the control plane reads a failed attempt: which failures are restarted without progress, and
+the reason it shows (pure functions of Ray's message and the driver's log)."""
+
+from __future__ import annotations
+
+from service.core import failure_reason, infrastructure_failure
+
+HEAD = "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
+TRACE = """Traceback (most recent call last):
+  File "actors/train.py", line 97, in train
+    raise value
+ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.
+\tclass_name: Learner
+\tactor_id: 9fde
+The actor is dead because its worker process has died.
+\x1b[36m(RolloutEngine pid=2160)\x1b[0m INFO [shutdown] MPClient: complete
+"""
+
+
+def test_the_reason_is_the_last_exception_with_its_actor():
+    # Ray's message holds only the log's last lines (shutdown noise); the driver's log has the traceback
+    msg = HEAD + "\x1b[36m(RolloutEngine pid=2160)\x1b[0m INFO [shutdown] MPClient: complete\n(raylet) A worker died"
+    got = failure_reason(msg, TRACE)
+    assert got.splitlines() == [
+        "Job entrypoint command failed with exit code 1",
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task.",
+        "\tclass_name: Learner",
+        "\tactor_id: 9fde",
+    ]
+    # without the log: the exception in the message, else the message's last lines, ANSI colours removed
+    assert "class_name: Learner" in failure_reason(HEAD + TRACE)
+    plain = failure_reason(msg)
+    assert plain.splitlines()[1] == "(RolloutEngine pid=2160) INFO [shutdown] MPClient: complete"
+    assert failure_reason("Job supervisor actor died: gone") == "Job supervisor actor died: gone"
+    assert failure_reason("") == "no reason given by Ray"
+    assert len(failure_reason(HEAD + "x" * 5000, limit=100)) == 100
+
+
+def test_deaths_and_timeouts_are_restarted_a_job_s_own_error_is_not():
+    for msg in (
+        "Job entrypoint command failed with exit code 137, last available logs: Killed",  # SIGKILL via the shell
+        "Job entrypoint command failed with exit code -9",
+        "ray.exceptions.ActorDiedError: The actor died unexpectedly",
+        "Job supervisor actor died: The actor died unexpectedly",
+        "TimeoutError: weight sync to the rollout engines did not finish in 120 s (learner.weight_sync_timeout_s)",
+    ):
+        assert infrastructure_failure(msg), msg
+    for msg in (
+        "Job entrypoint command failed with exit code 1: FileNotFoundError: no such model",
+        "Job entrypoint command failed with exit code 2",
+        "Job entrypoint command failed with exit code 13",  # not a signal
+        "ValueError: verifier failed",
+    ):
+        assert not infrastructure_failure(msg), msg
