@@ -5,18 +5,41 @@ written, after every rank finished saving, so a run killed mid-save resumes from
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 from actors.contract import RunDir
 
+LOW_DISK_BYTES = 64 << 20  # a failed save with less free than this is reported as a full disk
+
+
+class CheckpointError(OSError):
+    """A checkpoint that could not be written (the run fails; its previous checkpoint is untouched)."""
+
 
 def save_checkpoint(learners: Any, run: RunDir, step: int, sampler_state: dict[str, int], keep: int) -> Path:
     tag = run.checkpoint_tag(step)
     state = {"step": step, "sampler": sampler_state}
-    learners.save_checkpoint(str(run.checkpoints), tag, state)
-    (run.checkpoint(step) / RunDir.MARKER).write_text(json.dumps(state))
+    try:
+        learners.save_checkpoint(str(run.checkpoints), tag, state)
+    except Exception as e:  # torch reports a full disk as "iostream error" / "unexpected pos": say what it is
+        free = shutil.disk_usage(run.checkpoints).free
+        cause = "the disk is full" if free < LOW_DISK_BYTES else "the save failed"
+        last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        raise CheckpointError(
+            f"checkpoint of step {step} not saved to {run.checkpoint(step)}: {cause} ({free / 2**20:.1f} MiB free "
+            f"there); the previous checkpoint stays the newest. Cause: {last}"
+        ) from e
+    # the marker last, whole or not at all: written aside, flushed, then renamed into place
+    marker = run.checkpoint(step) / RunDir.MARKER
+    part = marker.with_suffix(".part")
+    with part.open("w") as f:
+        f.write(json.dumps(state))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, marker)
     for old in run.complete_checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return run.checkpoint(step)

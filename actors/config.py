@@ -131,6 +131,19 @@ class RolloutConfig(_Strict):
         description='Extra Ray resources each engine actor requests, e.g. {"forkrl_rollout": 1} to place it on the '
         "chart's rollout worker group. Empty: anywhere.",
     )
+    engine_restarts: int = Field(
+        2, ge=0, le=100, description="Replacements of each engine that dies; a replacement gets the current weights."
+    )
+    generate_timeout_s: float = Field(
+        3600,
+        gt=0,
+        le=86400,
+        description="A generation call that does not finish within this fails the step, naming "
+        "the engines still busy (a stalled engine never hangs the job).",
+    )
+    engine_restart_timeout_s: float = Field(
+        600, gt=0, le=86400, description="A dead engine not replaced and synced within this fails the step, naming it."
+    )
 
 
 class MathVerifier(_Strict):
@@ -293,6 +306,13 @@ class LearnerConfig(_Strict):
     )
     weight_sync_timeout_s: float = Field(
         120, gt=0, le=86400, description="A weight sync slower than this fails the step."
+    )
+    collective_timeout_s: float = Field(
+        1800,
+        gt=0,
+        le=86400,
+        description="A learner call (a step, a checkpoint) or a collective between learner ranks (gloo, NCCL) that "
+        "does not finish within this fails the step, naming the learners still busy.",
     )
 
 

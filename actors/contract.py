@@ -128,10 +128,10 @@ class RunDir:
         return self.checkpoints / self.checkpoint_tag(step)
 
     def complete_checkpoints(self) -> list[Path]:
-        """Checkpoint directories whose marker exists, oldest first."""
+        """Checkpoint directories whose marker exists and reads back, oldest first."""
         if not self.checkpoints.is_dir():
             return []
-        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and (p / self.MARKER).is_file())
+        return sorted(p for p in self.checkpoints.iterdir() if p.is_dir() and self.checkpoint_step(p) is not None)
 
     @classmethod
     def checkpoint_step(cls, checkpoint: Path) -> int | None:

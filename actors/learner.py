@@ -13,6 +13,7 @@ gradients over ranks, while the loss is already normalised by step-global counts
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from typing import Any
 
 from actors.batch import MicroBatch, TokenTrace, TrainSequence, collate
 from actors.config import AlgorithmConfig, LearnerConfig, RolloutConfig
-from actors.pool import ActorPool, gather
+from actors.pool import ActorPool
 
 __all__ = ["Learner", "LearnerGroup", "RankStep"]
 
@@ -80,7 +81,13 @@ class Learner:
         import deepspeed
         from transformers import AutoModelForCausalLM
 
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo")
+        # a collective that waits on a stalled or dead rank raises after this (gloo, and NCCL with its async
+        # error handling) instead of blocking the surviving ranks for the default 30 minutes
+        # (30 s after the driver's own timeout, which fires first and names the learners still busy)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.cuda else "gloo",
+            timeout=datetime.timedelta(seconds=self.cfg.collective_timeout_s + 30),
+        )
         self.rank, self.world = rank, world
         torch.manual_seed(self.seed + rank)
         learner = self.cfg
@@ -329,9 +336,13 @@ class LearnerGroup:
             num_cpus=learner.num_cpus_per_learner,
             num_gpus=gpus,
             resources=learner.ray_resources,
+            call_timeout_s=learner.collective_timeout_s,
+            timeout_setting="learner.collective_timeout_s",
         )
         addr, port = ray.get(self.pool.actors[0].address.remote())
-        gather([a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)])
+        self.pool.gather(
+            [a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)], list(range(k))
+        )
 
     def _padded(self, seqs: list[TrainSequence]) -> list[TrainSequence]:
         """At least one sequence per rank (every rank takes part in the collectives): weight-0 copies."""
@@ -381,11 +392,8 @@ class LearnerGroup:
 
     def export_weights(self, dtype: str) -> Any:
         """ObjectRef of rank 0's safetensors blob (every rank takes part when ZeRO-3 gathers)."""
-        import ray
-
         refs = [a.export_weights.remote(dtype) for a in self.pool.actors]
-        ray.wait(refs, num_returns=len(refs))
-        return refs[0]
+        return self.pool.gather(refs, list(range(len(refs))), fetch=False)[0]
 
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
         """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""

@@ -4,8 +4,9 @@
     scores = pool.sharded(items, lambda w, part: w.score.remote(part))   # one contiguous shard each
     pool.all(lambda w: w.ready.remote())                                 # every actor, results in order
 
-`restarts` > 0 (stateless roles only: the reward workers) lets Ray replace an actor that died and
-run the lost call again on the replacement.
+`restarts` > 0 lets Ray replace an actor that died; with `retry_calls` (stateless roles: the reward
+workers) Ray also runs the lost call again on the replacement. The rollout pool restarts its
+engines without retrying: a replacement must get the current weights first.
 
 Roles are plain classes with a `ready()` method; they are made remote here, at the edge. Methods
 are called directly on the handles, never by name. `shard` is the one split rule: contiguous, in
@@ -36,17 +37,26 @@ def shard(items: Sequence[T], k: int) -> list[list[T]]:
     return out
 
 
-def gather(refs: list[Any]) -> list[Any]:
+def gather(
+    refs: list[Any], timeout_s: float | None = None, labels: list[str] | None = None, fetch: bool = True
+) -> list[Any]:
     """ray.get of several calls that fails as soon as one of them fails: a dead actor's error (which
     names its class and id) is raised at once, not after the others return - they may never return
-    when they wait for the dead one in a collective. Results in the order of refs."""
+    when they wait for the dead one in a collective. With timeout_s, a TimeoutError names the calls
+    (`labels`, one per ref) still running then. Results in the order of refs (fetch=False: only wait)."""
+    import time
+
     import ray
 
-    pending = list(refs)
+    pending, deadline = list(refs), None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
-        done, pending = ray.wait(pending, num_returns=1)
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        if not done:
+            busy = [labels[refs.index(r)] if labels else str(r) for r in pending]
+            raise TimeoutError(f"{', '.join(busy)} did not finish within {timeout_s:.0f} s")
         ray.get(done)  # raises the failure of the call that just finished, if it failed
-    return list(ray.get(refs))
+    return list(ray.get(refs)) if fetch else list(refs)
 
 
 class ActorPool(Generic[T]):
@@ -63,15 +73,19 @@ class ActorPool(Generic[T]):
         resources: dict[str, float] | None = None,
         wait_ready: bool = True,
         restarts: int = 0,
+        retry_calls: bool = True,
+        call_timeout_s: float | None = None,
+        timeout_setting: str = "",
     ) -> None:
         import ray
 
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
-        if restarts:  # Ray starts a dead actor again and runs the call it lost once more on the new one
-            options.update(max_restarts=restarts, max_task_retries=restarts)
+        if restarts:  # Ray starts a dead actor again (and, with retry_calls, runs the lost call once more there)
+            options.update(max_restarts=restarts, max_task_retries=restarts if retry_calls else 0)
         if resources:
             options["resources"] = resources
         cls = ray.remote(**options)(role)
+        self.role, self.call_timeout_s, self.timeout_setting = role.__name__, call_timeout_s, timeout_setting
         self.actors: list[Any] = [cls.remote(*args(i)) for i in range(n)]
         if wait_ready:
             self.all(lambda a: a.ready.remote())
@@ -81,10 +95,18 @@ class ActorPool(Generic[T]):
 
     def all(self, call: Callable[[Any], Any]) -> list[Any]:
         """call(actor) -> ObjectRef on every actor; all launched, then gathered in actor order."""
-        return gather([call(a) for a in self.actors])
+        return self.gather([call(a) for a in self.actors], list(range(len(self.actors))))
 
     def sharded(self, items: Sequence[R], call: Callable[[Any, list[R]], Any]) -> list[Any]:
         """call(actor, shard) -> ObjectRef for each non-empty shard (see `shard`); results in order."""
 
         parts = shard(items, len(self.actors))
-        return gather([call(a, part) for a, part in zip(self.actors, parts, strict=True) if part])
+        ranks = [i for i, part in enumerate(parts) if part]
+        return self.gather([call(self.actors[i], parts[i]) for i in ranks], ranks)
+
+    def gather(self, refs: list[Any], ranks: list[int], fetch: bool = True) -> list[Any]:
+        """`gather` with this pool's call timeout; a timeout names the actors (role and index) still busy."""
+        try:
+            return gather(refs, self.call_timeout_s, [f"{self.role} {i}" for i in ranks], fetch)
+        except TimeoutError as e:
+            raise TimeoutError(f"{e} ({self.timeout_setting or 'call timeout'})") from None

@@ -13,6 +13,7 @@ works), are written to local shared memory and loaded by every worker of the eng
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 import time
@@ -20,7 +21,9 @@ from typing import Any
 
 from actors.batch import Completion
 from actors.config import RolloutConfig
-from actors.pool import ActorPool
+from actors.pool import ActorPool, shard
+
+log = logging.getLogger("forkrl.rollout")
 
 __all__ = ["RolloutEngine", "RolloutPool", "WeightSyncExtension"]
 
@@ -113,9 +116,14 @@ class RolloutEngine:
 
 
 class RolloutPool:
-    """N RolloutEngine actors; prompts are split into contiguous shards, one per engine."""
+    """N RolloutEngine actors; prompts are split into contiguous shards, one per engine.
+
+    An engine that dies is started again by Ray (`rollout.engine_restarts`); before it generates, it
+    gets the weights last pushed to the pool, and the lost shard is generated there again. Not back
+    within `rollout.engine_restart_timeout_s`: the step fails with an error naming the engine."""
 
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+        self.rollout = rollout
         self.pool = ActorPool(
             RolloutEngine,
             rollout.num_engines,
@@ -123,30 +131,96 @@ class RolloutPool:
             num_cpus=rollout.num_cpus_per_engine,
             num_gpus=rollout.num_gpus_per_engine,
             resources=rollout.ray_resources,
+            restarts=rollout.engine_restarts,
+            retry_calls=False,
         )
+        self.weights: Any = None  # the ObjectRef of the last weights pushed (kept for replacements)
+        self.replacements = 0
 
     def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[Completion]]:
-        parts = self.pool.sharded(prompts, lambda e, part: e.generate.remote(part, n, **kw))
-        return [group for part in parts for group in part]
+        import ray
+        from ray.exceptions import RayActorError
+
+        parts = [(i, part) for i, part in enumerate(shard(prompts, len(self.pool.actors))) if part]
+        calls = {self.pool.actors[i].generate.remote(part, n, **kw): (i, part) for i, part in parts}
+        results: dict[int, list[list[Completion]]] = {}
+        deadline = time.monotonic() + self.rollout.generate_timeout_s
+        while calls:
+            done, _ = ray.wait(list(calls), num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                busy = ", ".join(f"rollout engine {i}" for i, _ in calls.values())
+                raise TimeoutError(
+                    f"{busy} did not finish generating within {self.rollout.generate_timeout_s:.0f} s "
+                    "(rollout.generate_timeout_s)"
+                )
+            i, part = calls.pop(done[0])
+            try:
+                results[i] = ray.get(done[0])
+            except RayActorError as e:
+                self._replace(i, e)
+                calls[self.pool.actors[i].generate.remote(part, n, **kw)] = (i, part)
+        return [group for i, _ in parts for group in results[i]]
+
+    def _replace(self, i: int, error: Exception) -> None:
+        """Wait for Ray's replacement of engine i, give it the current weights; else fail naming it."""
+        import ray
+
+        engine, timeout = self.pool.actors[i], self.rollout.engine_restart_timeout_s
+        name = f"rollout engine {i} (RolloutEngine actor {engine._actor_id.hex()})"
+        log.warning("%s died (%s); waiting for its replacement", name, type(error).__name__)
+        t0 = time.monotonic()
+        while True:
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0:
+                raise RuntimeError(
+                    f"{name} died and was not replaced within {timeout:.0f} s (rollout.engine_restart_timeout_s, "
+                    f"rollout.engine_restarts = {self.rollout.engine_restarts}): {error}"
+                ) from error
+            try:  # calls to a restarting actor wait for it; a dead one (no restarts left) raises at once
+                ray.get(engine.ready.remote(), timeout=left)
+                if self.weights is not None:
+                    ray.get(engine.load_weights.remote(self.weights), timeout=max(1.0, left))
+                break
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(1)  # not reachable for a moment: try again
+            except ray.exceptions.ActorDiedError as e:
+                raise RuntimeError(
+                    f"{name} died and cannot be replaced (rollout.engine_restarts = "
+                    f"{self.rollout.engine_restarts} used up): {e}"
+                ) from e
+        self.replacements += 1
+        log.warning("%s replaced in %.1f s, with the current weights", name, time.monotonic() - t0)
 
     def shutdown(self) -> None:
         """Shut every engine down, then end its actor (idempotent)."""
         import ray
 
         engines, self.pool.actors = self.pool.actors, []
-        ray.wait([e.shutdown.remote() for e in engines], num_returns=len(engines), timeout=60)
+        ray.wait([e.shutdown.remote() for e in engines], num_returns=len(engines), timeout=15)
         for e in engines:
             ray.kill(e)
 
     def load_weights(self, blob_ref: Any, timeout_s: float) -> list[dict[str, float]]:
         """Push one weights blob (an ObjectRef) to every engine; raise if not done in timeout_s."""
         import ray
+        from ray.exceptions import RayActorError
 
+        self.weights = blob_ref  # what a replacement engine gets
         refs = [e.load_weights.remote(blob_ref) for e in self.pool.actors]
         done, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
         if pending:
+            busy = ", ".join(f"rollout engine {i}" for i, r in enumerate(refs) if r in pending)
             raise TimeoutError(
-                f"weight sync to {len(pending)} of {len(refs)} rollout engines did not finish within "
-                f"{timeout_s} s (learner.weight_sync_timeout_s)"
+                f"weight sync to {busy} ({len(pending)} of {len(refs)}) did not finish within {timeout_s:.0f} s "
+                "(learner.weight_sync_timeout_s)"
             )
-        return list(ray.get(done))
+        out = []
+        for i, ref in enumerate(refs):
+            try:
+                out.append(ray.get(ref))
+            except RayActorError as e:  # died during the sync: its replacement gets these weights
+                self._replace(i, e)
+                out.append({"tensors": 0.0, "seconds": 0.0})
+        return out

@@ -89,6 +89,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             # sample, generate, verify: in rounds until the step holds groups with signal (DAPO)
             got = collect(cfg, sampler, tokenizer, rollout, rewards)
             m.update(got.metrics)
+            m["rollout/engine_replacements"] = float(rollout.replacements)  # so far in this attempt
             with timed(m, "advantages"):  # advantages from the shaped reward; overlong masking
                 groups, batch_metrics = training_groups(cfg, got.groups)
                 m.update(batch_metrics)

@@ -5,6 +5,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -324,3 +325,131 @@ def test_one_learner_and_two_learners_take_the_same_step(ray_local, tiny_path, t
     assert m2["entropy/kept_tokens"] == m1["entropy/kept_tokens"]
     for key in w1:
         torch.testing.assert_close(w2[key], w1[key], atol=1e-6, rtol=0, msg=key)
+
+
+def test_a_killed_rollout_engine_is_replaced_with_the_current_weights(tmp_path):
+    """SIGKILL the vLLM engine actor mid-job: Ray starts it again, it gets the weights the learner last
+    pushed before it generates, the lost generation runs there again, and the job goes on to the end
+    with each step once and no restart of the job."""
+    import psutil
+
+    run = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
+        "--set", f"trainer.output_dir={run}", "--set", "trainer.steps=10", "--set", "trainer.save_every=0",
+        "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 300
+        while not any(r["step"] >= 3 for r in (_rows(run) if RunDir(run).metrics.is_file() else [])):
+            assert time.time() < deadline and proc.poll() is None, "no step 3"
+            time.sleep(0.2)
+        engines = [
+            p for p in psutil.process_iter(["cmdline"]) if "ray::RolloutEngine" in " ".join(p.info["cmdline"] or [])
+        ]
+        assert len(engines) == 1
+        engines[0].kill()
+        out, _ = proc.communicate(timeout=600)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    log = out.decode(errors="replace")
+    assert proc.returncode == 0, log[-3000:]
+    assert "rollout engine 0 (RolloutEngine actor" in log and "replaced in" in log
+    rows = _rows(run)
+    assert [r["step"] for r in rows] == list(range(1, 11))  # nothing lost, nothing twice
+    assert rows[-1]["rollout/engine_replacements"] == 1.0 and rows[0]["rollout/engine_replacements"] == 0.0
+    # the replacement samples from the learner's current weights: the engine's log-probs of its own
+    # samples stay as close to the learner's after the replacement as before (a fresh engine with the
+    # initial weights would be several updates behind)
+    diff = [r["rollout/logprob_abs_diff"] for r in rows]
+    print("rollout/logprob_abs_diff per step:", [round(d, 5) for d in diff])
+    assert max(diff[4:]) < 2 * max(diff[:3]) + 1e-3, diff
+
+
+def _run_and_stall(tmp_path, role: str, settings: list[str], timeout_s: float) -> tuple[str, float]:
+    """Train the tiny config, SIGSTOP one `role` actor after step 2; the output and how long after the stall
+    the driver took to exit."""
+    import psutil
+
+    run = tmp_path / "run"
+    args = [
+        sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
+        "--set", f"trainer.output_dir={run}", "--set", "trainer.steps=50", "--set", "trainer.save_every=0",
+        "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
+        *[a for s in settings for a in ("--set", s)],
+    ]  # fmt: skip
+    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stalled: list[psutil.Process] = []
+    try:
+        deadline = time.time() + 300
+        while not any(r["step"] >= 2 for r in (_rows(run) if RunDir(run).metrics.is_file() else [])):
+            assert time.time() < deadline and proc.poll() is None, "no step 2"
+            time.sleep(0.2)
+        stalled = [p for p in psutil.process_iter(["cmdline"]) if f"ray::{role}" in " ".join(p.info["cmdline"] or [])]
+        stalled[-1].suspend()  # SIGSTOP: alive, holding its connections, doing nothing
+        t0 = time.monotonic()
+        out, _ = proc.communicate(timeout=timeout_s + 240)
+        return out.decode(errors="replace"), time.monotonic() - t0
+    finally:
+        for p in stalled:
+            with contextlib.suppress(psutil.Error):
+                p.resume()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_stalled_learner_fails_the_step_after_its_timeout_naming_the_learners(tmp_path):
+    out, took = _run_and_stall(tmp_path, "Learner", ["learner.collective_timeout_s=15"], 15)
+    assert "did not finish within 15 s (learner.collective_timeout_s)" in out, out[-3000:]
+    assert re.search(r"Learner \d(, Learner \d)* did not finish", out), out[-3000:]
+    assert took < 15 + 90, took  # the timeout, the engines' shutdown, the exit: never a hang
+
+
+def test_a_stalled_rollout_engine_fails_the_step_after_its_timeout_naming_it(tmp_path):
+    settings = ["rollout.generate_timeout_s=15", "learner.weight_sync_timeout_s=15"]
+    out, took = _run_and_stall(tmp_path, "RolloutEngine", settings, 15)
+    # stalled while generating or while loading weights: either way the engine is named
+    assert re.search(r"rollout engine 0 .*did not finish .*within 15 s", out), out[-3000:]
+    assert took < 15 + 90, took
+
+
+def test_a_full_disk_while_checkpointing_fails_clearly_and_the_previous_checkpoint_resumes(tmp_path):
+    """The run's checkpoints on a 150 MB tmpfs: the step-2 checkpoint (about 100 MB) fits, the step-4 one
+    fills the disk. The job fails naming the error; the half-written step-4 directory is never picked;
+    a resume from a copy of the run continues from step 2 to the end."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=150m", "tmpfs", str(run / "checkpoints")],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"a small tmpfs is how this test fills a disk, and mounting one needs root: {mounted.stderr}")
+    try:
+        args = [
+            sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
+            "--set", "trainer.steps=4", "--set", "trainer.save_every=2", "--set", "trainer.export_hf=false",
+            "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
+        ]  # fmt: skip
+        full = subprocess.run([*args, "--set", f"trainer.output_dir={run}"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)  # fmt: skip
+        assert full.returncode != 0
+        assert re.search(
+            r"CheckpointError: checkpoint of step 4 not saved to .*step_00000004: the disk is full "
+            r"\(\d+\.\d MiB free there\); the previous checkpoint stays the newest",
+            full.stderr,
+        ), full.stderr[-3000:]
+        ckpts = RunDir(run)
+        assert (ckpts.checkpoint(4)).is_dir() and any(ckpts.checkpoint(4).iterdir())  # half-written, no marker
+        assert [p.name for p in ckpts.complete_checkpoints()] == ["step_00000002"]
+        copy = tmp_path / "copy"
+        shutil.copytree(run, copy)
+    finally:
+        subprocess.run(["umount", str(run / "checkpoints")], capture_output=True)
+    done = subprocess.run([*args, "--set", f"trainer.output_dir={copy}"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"resumed from {copy / 'checkpoints' / 'step_00000002'} at step 2" in done.stderr
+    last = {r["step"]: r for r in _rows(copy)}  # the resumed attempt appended steps 3 and 4 again
+    assert sorted(last) == [1, 2, 3, 4]
+    assert [p.name for p in RunDir(copy).complete_checkpoints()] == ["step_00000002", "step_00000004"]

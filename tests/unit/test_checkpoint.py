@@ -29,6 +29,13 @@ def test_pruning_keeps_the_newest_complete_checkpoints(tmp_path):
     (run.checkpoints / "step_00000008").mkdir()
     assert latest_checkpoint(run, "auto") == run.checkpoint(6)
     assert RunDir.checkpoint_step(run.checkpoint(6)) == 6 and RunDir.checkpoint_step(run.checkpoints / "x") is None
+    # nor a torn marker (a disk that filled up while it was written), nor the half-written one beside it
+    (run.checkpoints / "step_00000010").mkdir()
+    (run.checkpoints / "step_00000010" / RunDir.MARKER).write_text('{"step": 1')
+    (run.checkpoints / "step_00000012").mkdir()
+    (run.checkpoints / "step_00000012" / "driver.part").write_text('{"step": 12}')
+    assert latest_checkpoint(run, "auto") == run.checkpoint(6)
+    assert not list(run.checkpoints.glob("step_0000000[46]/*.part"))  # a completed save leaves no part file
 
 
 def test_resume_auto_never_and_an_explicit_path(tmp_path):
