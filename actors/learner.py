@@ -107,9 +107,11 @@ class Learner:
                     "lr": learner.lr,
                     "weight_decay": learner.weight_decay,
                     "betas": [0.9, 0.999],
-                    # on CPU, torch's AdamW: DeepSpeed's fused CPU Adam costs a ~2-minute C++ build per
-                    # environment for no measurable gain next to forward/backward; on GPU, FusedAdam
-                    "torch_adam": not torch.cuda.is_available(),
+                    # torch's AdamW everywhere: DeepSpeed's own Adam kernels compile on first use (a ~2-minute
+                    # C++ build on CPU for no measurable gain; on GPU a CUDA build that fails without nvcc,
+                    # "CUDA_HOME does not exist"); on GPU torch's fused AdamW kernel, which ships built
+                    "torch_adam": True,
+                    **({"fused": True} if torch.cuda.is_available() else {}),
                 },
             },
             "scheduler": {  # linear warm-up, then constant; no warm-up = constant from the first step

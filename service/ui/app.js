@@ -505,7 +505,9 @@ function forkingView(s, rec, stepPick) {
     h("div", { class: "legend" }, "entropy 0", h("span", { class: "swatch" }), `${fmt(top)}`,
       h("span", { class: "keptmark" }, "kept"), `step ${s.step} · threshold τ = ${fmt(rec["entropy/threshold"])} · kept share ${fmt(rec["entropy/kept_frac"])}`),
     h("div", { class: "cols" }, h("div", {}, ...cards),
-      h("div", {}, h("h3", {}, "Most frequent kept (forking) tokens"), s.forking_tokens.length ? table : h("p", { class: "muted" }, "None logged (log_entropy off)."))),
+      h("div", {}, h("h3", {}, "Most frequent kept (forking) tokens"),
+        h("p", { class: "muted small" }, "· is a space, ↵ a newline. Kept rate: of the token's occurrences in the step, the share the filter kept."),
+        s.forking_tokens.length ? table : h("p", { class: "muted" }, "None logged (log_entropy off)."))),
   ];
 }
 
