@@ -34,43 +34,36 @@ else
   echo "setup: installed in $((SECONDS - start)) s"
 fi
 
+# apt_install WHAT_FOR PACKAGE...: Debian packages the tests need (as root; otherwise say what to install)
+apt_install() {
+  local what="$1"; shift
+  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing $* (Debian) for $what"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 \
+      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null; } \
+      || echo "setup: could not install $*; $what will fail"
+  else
+    echo "setup: install Debian's $* for $what"
+  fi
+}
+
 # The service tests start a throwaway PostgreSQL server of their own; they need its binaries.
 if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
-  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing PostgreSQL server binaries (Debian postgresql) for the service tests"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; } \
-      || echo "setup: could not install PostgreSQL; the PostgreSQL service tests will fail"
-  else
-    echo "setup: PostgreSQL server binaries not found; install Debian's postgresql for the service tests"
-  fi
+  apt_install "the PostgreSQL service tests" postgresql
 fi
 
 # The code verifier runs model output in a bubblewrap sandbox under the system python3 (actors/sandbox.py).
 if ! command -v bwrap >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1 || ! [ -x /usr/bin/python3 ]; then
-  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing bubblewrap and the system python3 for the code verifier's sandbox"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3 >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap util-linux python3 >/dev/null; } \
-      || echo "setup: could not install bubblewrap; the code verifier and its tests will fail"
-  else
-    echo "setup: bubblewrap not found; install Debian's bubblewrap for the code verifier"
-  fi
+  apt_install "the code verifier's sandbox and its tests" bubblewrap util-linux python3
+fi
+
+# The dashboard's browser tests drive Debian's chromium headless (Playwright is pointed at it; it
+# downloads no browser of its own).
+if ! [ -x /usr/bin/chromium ]; then
+  apt_install "the dashboard's browser tests" chromium
 fi
 
 if [ "${SKIP_MODEL:-0}" != "1" ]; then
   "$VENV/bin/python" -m actors.models ensure smollm2-135m-instruct
 fi
 
-# The dashboard's browser tests drive Debian's chromium headless (Playwright is pointed at it; it
-# downloads no browser of its own).
-if ! [ -x /usr/bin/chromium ]; then
-  if [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
-    echo "setup: installing Debian's chromium for the dashboard's browser tests"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 \
-      || { apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-      || echo "setup: could not install chromium; the dashboard's browser tests will fail"
-  else
-    echo "setup: /usr/bin/chromium not found; install Debian's chromium for the dashboard's browser tests"
-  fi
-fi

@@ -461,7 +461,8 @@ class Service:
         if job.cancel_requested and state in (JobState.PENDING.value, JobState.RUNNING.value):
             with contextlib.suppress(JobNotFound):
                 self.ray.stop(job.ray_id)
-        if state == JobState.FAILED.value and not job.cancel_requested and self.restart(job, message):
+        if state == JobState.FAILED.value and not job.cancel_requested:
+            self.fail_or_restart(job, message)
             return
         with self.store.session(write=True) as db:
             j = self.store.get(db, job_id)
@@ -476,23 +477,24 @@ class Service:
         except (RayUnavailable, JobNotFound):
             return ""
 
-    def restart(self, job: Job, message: str) -> bool:
+    def fail_or_restart(self, job: Job, message: str) -> None:
         """A failed attempt (the driver, a learner or an engine died; a timeout; the head or the job's
         supervisor died): within the job's trainer.max_restarts the job goes back to PENDING, to be
         submitted again as a new Ray submission (`Job.ray_id`), resuming from its newest checkpoint.
         The steps the failed attempt stored after that checkpoint are dropped (the next attempt logs them
-        again), so the finished job holds each step once. Returns False when the budget is spent."""
+        again), so the finished job holds each step once. An attempt that made no progress is restarted
+        only for a death or a timeout. Otherwise, and once the budget is spent, the job is FAILED."""
         budget = int((job.config.get("trainer") or {}).get("max_restarts", 0))
+        reason = failure_reason(message, self.driver_log(job))  # Ray is asked outside any transaction
         with self.store.session(write=True) as db:  # what the attempt wrote before it died
             j = self.store.get(db, job.id)
             if j is None or j.state in TERMINAL_STATES:
-                return True
+                return
             self.ingest_files(db, j)
-            reason = failure_reason(message, self.driver_log(j))
             failure = {"at": now().isoformat(), "step": j.last_step, "reason": reason, "resumed_from": None}
             failures = [*(j.failures or []), failure]
-            started_at = (j.failures or [{}])[-1].get("resumed_from") or 0
-            retry = j.last_step > started_at or infrastructure_failure(message)
+            attempt_start = (j.failures or [{}])[-1].get("resumed_from") or 0
+            retry = j.last_step > attempt_start or infrastructure_failure(f"{message}\n{reason}")
             if j.restarts >= budget or not retry:
                 j.failures = failures
                 if not retry and budget > j.restarts:
@@ -502,14 +504,14 @@ class Service:
                 else:
                     note = ""
                 self.store.set_state(db, j, JobState.FAILED.value, note + message)
-                return True
+                return
         run = RunDir(job.run_dir)
         steps = [s for p in run.complete_checkpoints() if (s := RunDir.checkpoint_step(p)) is not None]
         resume_at = max(steps, default=0)
         with self.store.session(write=True) as db:
             j = self.store.get(db, job.id)
             if j is None or j.state in TERMINAL_STATES:
-                return True
+                return
             failure["resumed_from"] = resume_at
             j.failures, j.restarts, j.submitted = failures, j.restarts + 1, False
             self.store.rewind(db, j, resume_at)
@@ -518,7 +520,6 @@ class Service:
             self.store.set_state(
                 db, j, JobState.PENDING.value, f"restart {j.restarts} of {budget} {where} after: {reason}"
             )
-        return True
 
     def _set_state(self, job_id: str, state: str, message: str) -> None:
         with self.store.session(write=True) as db:

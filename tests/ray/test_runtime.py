@@ -327,27 +327,36 @@ def test_one_learner_and_two_learners_take_the_same_step(ray_local, tiny_path, t
         torch.testing.assert_close(w2[key], w1[key], atol=1e-6, rtol=0, msg=key)
 
 
+def _start_tiny(run: Path, steps: int, settings: list[str]) -> subprocess.Popen[bytes]:
+    """The tiny config's driver in its own session, with the dense toy reward, output to one pipe."""
+    args = [
+        sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
+        "--set", f"trainer.output_dir={run}", "--set", f"trainer.steps={steps}", "--set", "trainer.save_every=0",
+        "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
+        *[a for s in settings for a in ("--set", s)],
+    ]  # fmt: skip
+    return subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def _actors_after_step(run: Path, proc: subprocess.Popen[bytes], step: int, role: str) -> list:
+    """Once the run logged `step`: the processes of its `role` actors."""
+    import psutil
+
+    deadline = time.time() + 300
+    while not any(r["step"] >= step for r in (_rows(run) if RunDir(run).metrics.is_file() else [])):
+        assert time.time() < deadline and proc.poll() is None, f"no step {step}"
+        time.sleep(0.2)
+    return [p for p in psutil.process_iter(["cmdline"]) if f"ray::{role}" in " ".join(p.info["cmdline"] or [])]
+
+
 def test_a_killed_rollout_engine_is_replaced_with_the_current_weights(tmp_path):
     """SIGKILL the vLLM engine actor mid-job: Ray starts it again, it gets the weights the learner last
     pushed before it generates, the lost generation runs there again, and the job goes on to the end
     with each step once and no restart of the job."""
-    import psutil
-
     run = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
-        "--set", f"trainer.output_dir={run}", "--set", "trainer.steps=10", "--set", "trainer.save_every=0",
-        "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
-    ]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = _start_tiny(run, 10, [])
     try:
-        deadline = time.time() + 300
-        while not any(r["step"] >= 3 for r in (_rows(run) if RunDir(run).metrics.is_file() else [])):
-            assert time.time() < deadline and proc.poll() is None, "no step 3"
-            time.sleep(0.2)
-        engines = [
-            p for p in psutil.process_iter(["cmdline"]) if "ray::RolloutEngine" in " ".join(p.info["cmdline"] or [])
-        ]
+        engines = _actors_after_step(run, proc, 3, "RolloutEngine")
         assert len(engines) == 1
         engines[0].kill()
         out, _ = proc.communicate(timeout=600)
@@ -374,20 +383,10 @@ def _run_and_stall(tmp_path, role: str, settings: list[str], timeout_s: float, k
     import psutil
 
     run = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
-        "--set", f"trainer.output_dir={run}", "--set", "trainer.steps=50", "--set", "trainer.save_every=0",
-        "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
-        *[a for s in settings for a in ("--set", s)],
-    ]  # fmt: skip
-    proc = subprocess.Popen(args, cwd=ROOT, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = _start_tiny(run, 50, settings)
     stalled: list[psutil.Process] = []
     try:
-        deadline = time.time() + 300
-        while not any(r["step"] >= 2 for r in (_rows(run) if RunDir(run).metrics.is_file() else [])):
-            assert time.time() < deadline and proc.poll() is None, "no step 2"
-            time.sleep(0.2)
-        stalled = [p for p in psutil.process_iter(["cmdline"]) if f"ray::{role}" in " ".join(p.info["cmdline"] or [])]
+        stalled = _actors_after_step(run, proc, 2, role)
         stalled[-1].kill() if kill else stalled[-1].suspend()  # SIGSTOP: alive, holding its connections, idle
         t0 = time.monotonic()
         out, _ = proc.communicate(timeout=timeout_s + 240)

@@ -126,6 +126,16 @@ class Server:
         )
 
 
+def wait_for(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        job = c.get(f"/v1/jobs/{job_id}").json()
+        if job["state"] in states:
+            return job
+        time.sleep(1)
+    raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
+
+
 def arm_ingest(database_url: str, job_id: str, token: str | None = None) -> str:
     """Give a stored job a known ingest token, as a submission to Ray would (the service keeps only its
     hash and hands the token to the driver alone; no API returns it)."""

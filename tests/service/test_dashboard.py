@@ -18,7 +18,7 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import ROOT, Server
+from .conftest import ROOT, UNREACHABLE_RAY, Server, arm_ingest, wait_for
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -34,16 +34,6 @@ def tiny(name: str, steps: int, rho: float) -> dict:
     }
 
 
-def wait_state(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(1)
-    raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
-
-
 @pytest.fixture(scope="module")
 def site(ray_head, tmp_path_factory):
     """The service on a real Ray head, a user token, and two finished jobs of that user: rho 0.2 and 1.0."""
@@ -56,7 +46,7 @@ def site(ray_head, tmp_path_factory):
             a = c.post("/v1/jobs", json=tiny("filter-0.2", 4, 0.2)).json()["id"]
             b = c.post("/v1/jobs", json=tiny("plain-1.0", 4, 1.0)).json()["id"]
             for job_id in (a, b):
-                job = wait_state(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
+                job = wait_for(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
                 assert job["state"] == "SUCCEEDED", job
         yield {"server": server, "token": user, "filtered": a, "plain": b}
     finally:
@@ -272,3 +262,56 @@ def test_submit_from_yaml_live_page_reconnects_then_cancel_and_delete(page, site
         assert c.get(f"/v1/jobs/{job_id}").status_code == 404
     # the fetches the restart broke are the only errors the page logged
     assert all("Failed to load resource" in p or "ERR_" in p for p in page.problems), page.problems  # type: ignore[attr-defined]
+
+
+def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(browser, tmp_path):
+    """900 steps pushed to a job (a service with no Ray: the job stays queued and takes pushes): every
+    curve holds at most 600 points, the page fits a 1280 x 800 screen without sideways scrolling, and
+    every button, field and list on it has an accessible name."""
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", UNREACHABLE_RAY).start()
+    try:
+        with server.client() as c:
+            job = c.post("/v1/jobs", json=tiny("long", 900, 0.2)).json()["id"]
+            token = arm_ingest(f"sqlite:///{tmp_path / 'jobs.db'}", job)
+            sample = {"prompt": "2+2", "answer": "4", "reward": 1.0, "tokens": [" 4", "<"], "entropy": [0.9, 0.001],
+                      "kept": [1, 0], "truncated": False}  # fmt: skip
+            for start in range(1, 901, 300):
+                records = [
+                    {"step": s, "reward/mean": s / 900, "entropy/mean": 1 - s / 1800, "entropy/kept_frac": 0.2,
+                     "timing/step": 1.0, "timing/generate": 0.5, "timing/learn": 0.4, "actor/grad_norm": 1.0,
+                     **({"samples": [sample], "forking_tokens": [{"id": 1, "text": " 4", "kept": 1, "dropped": 0}]}
+                        if s % 100 == 0 else {})}
+                    for s in range(start, start + 300)
+                ]  # fmt: skip
+                r = httpx.post(f"{server.url}/v1/jobs/{job}/ingest", json={"metrics": records},
+                               headers={"Authorization": f"Bearer {token}"}, timeout=60)  # fmt: skip
+                assert r.status_code == 202, r.text
+        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = ctx.new_page()
+        page.goto(server.url + "/")
+        page.get_by_label("Access token").fill(server.admin_token)
+        page.get_by_role("button", name="Sign in", exact=True).click()
+        page.get_by_role("heading", name="Jobs", exact=True).wait_for()
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # the jobs list fits
+        page.get_by_role("link", name="long").click()
+        page.locator("#chart-reward .scatterlayer .trace").first.wait_for()
+        page.locator("#forking .tok").first.wait_for()
+        # 900 steps averaged into buckets of 2: 450 points per curve
+        points = page.evaluate(
+            "Array.from(document.querySelectorAll('.chart')).map(c => (c.data || []).map(t => t.x.length))"
+        )
+        assert max(n for chart in points for n in chart) == 450, points
+        assert page.evaluate("document.getElementById('chart-reward').data[0].y.at(-1)") == pytest.approx(899.5 / 900)
+        assert page.get_by_label("Step to show").locator("option").count() == 9  # the steps that hold samples
+        assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # the job page fits too
+        unnamed = page.evaluate(
+            """() => Array.from(document.querySelectorAll('button, input, select, textarea, table, a'))
+                .filter(e => e.offsetParent !== null && !e.closest('.modebar'))
+                .filter(e => !(e.getAttribute('aria-label') || e.labels?.length || e.textContent.trim()
+                              || e.getAttribute('title')))
+                .map(e => e.outerHTML.slice(0, 120))"""
+        )
+        assert unnamed == [], unnamed
+        ctx.close()
+    finally:
+        server.stop()

@@ -22,7 +22,7 @@ import yaml
 from actors.contract import RunDir
 from service.rayjobs import LocalRayHead, RayJobs
 
-from .conftest import ROOT, Server
+from .conftest import ROOT, Server, wait_for
 
 pytestmark = pytest.mark.slow
 TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
@@ -30,16 +30,6 @@ TINY = yaml.safe_load((ROOT / "examples" / "tiny.yaml").read_text())
 
 def tiny(steps: int) -> dict:
     return {**TINY, "trainer": {**TINY["trainer"], "steps": steps, "save_every": 2}}
-
-
-def wait_for(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        job = c.get(f"/v1/jobs/{job_id}").json()
-        if job["state"] in states:
-            return job
-        time.sleep(1)
-    raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
 
 
 def wait_for_step_in_file(run_dir: Path, step: int, timeout: float) -> None:
