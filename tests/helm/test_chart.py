@@ -21,13 +21,40 @@ KUBE_VERSION = "1.30.0"
 OVERLAYS = sorted((CHART / "examples").glob("*.yaml"))
 
 
+def strict(schema: Any) -> Any:
+    """A CRD schema that refuses unknown fields, as the API server does under kubectl's default
+    `--validate=strict` (a plain JSON-schema check would let them through): every object schema with
+    declared properties gets additionalProperties: false, unless it preserves unknown fields."""
+    if isinstance(schema, list):
+        return [strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: strict(v) for k, v in schema.items()}
+    if (
+        "properties" in out
+        and "additionalProperties" not in out
+        and not out.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
+
+
 def _crd_schema(file: str) -> dict[str, Any]:
     crd = yaml.safe_load((CRDS / file).read_text())
     (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
-    return v1["schema"]["openAPIV3Schema"]
+    return strict(v1["schema"]["openAPIV3Schema"])
+
+
+def _vendored(tag: str) -> dict[str, dict[str, Any]]:
+    """A release's schemas kept in tests/helm/crds (see SOURCE.md there), refusing unknown fields."""
+    folder = Path(__file__).parent / "crds" / tag
+    return {p.stem: strict(json.loads(p.read_text())) for p in sorted(folder.glob("*.json"))}
 
 
 CRD_SCHEMAS = {"RayCluster": _crd_schema("ray.io_rayclusters.yaml"), "RayJob": _crd_schema("ray.io_rayjobs.yaml")}
+# the newest KubeRay, and the oldest release the chart says it needs (Chart.yaml, README)
+MIN_KUBERAY = "v1.6.0"
+CRD_SETS = {"newest": CRD_SCHEMAS, MIN_KUBERAY: _vendored(MIN_KUBERAY)}
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +74,10 @@ def render(chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     return docs
 
 
-def validate(obj: dict[str, Any]) -> None:
+def validate(obj: dict[str, Any], crds: str = "newest") -> None:
     kind = obj["kind"]
     if kind in CRD_SCHEMAS:
-        jsonschema.validate(obj, CRD_SCHEMAS[kind])
+        jsonschema.validate(obj, CRD_SETS[crds][kind])
     else:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
@@ -65,14 +92,35 @@ def test_lint_reports_no_errors():
     assert errors == [], errors
 
 
+@pytest.mark.parametrize("crds", list(CRD_SETS))
 @pytest.mark.parametrize("overlay", [None, *OVERLAYS], ids=lambda p: p.stem if p else "defaults")
-def test_every_object_validates(chart, overlay):
+def test_every_object_validates(chart, overlay, crds):
     values = yaml.safe_load(overlay.read_text()) if overlay else {}
     docs = render(chart, values)
     kinds = {d["kind"] for d in docs}
     assert {"Deployment", "Service", "ServiceAccount", "RayCluster", "Pod"} <= kinds, kinds
     for obj in docs:
-        validate(obj)
+        validate(obj, crds)
+
+
+def test_the_stated_minimum_kuberay_is_the_oldest_whose_crds_take_the_chart(chart):
+    # every optional part on: autoscaling, GCS fault tolerance (KubeRay 1.3), the upgrade strategy (1.6)
+    values = {"ray": {"autoscaling": {"enabled": True},
+                      "gcsFaultTolerance": {"enabled": True, "redisAddress": "redis:6379"}}}  # fmt: skip
+    (cluster,) = by_kind(render(chart, values), "RayCluster")
+    jsonschema.validate(cluster, CRD_SETS[MIN_KUBERAY]["RayCluster"])
+    assert cluster["spec"]["upgradeStrategy"] == {"type": "Recreate"}
+    # the release before it refuses the upgrade strategy, and only that
+    older = _vendored("v1.5.2")["RayCluster"]
+    errors = list(jsonschema.Draft7Validator(older).iter_errors(cluster))
+    assert errors and all("upgradeStrategy" in str(e.message) for e in errors), [e.message for e in errors]
+    without = copy.deepcopy(cluster)
+    del without["spec"]["upgradeStrategy"]
+    jsonschema.validate(without, older)
+    # what the chart and the README tell operators
+    chart_yaml = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert "KubeRay operator >= 1.6" in chart_yaml["annotations"]["forkrl.io/requires"]
+    assert "KubeRay operator (>= 1.6" in (ROOT / "README.md").read_text()
 
 
 def test_a_broken_manifest_fails_validation(chart):
@@ -209,6 +257,7 @@ def test_example_rayjob_validates_and_its_config_loads():
 
     job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
     jsonschema.validate(job, CRD_SCHEMAS["RayJob"])
+    jsonschema.validate(job, CRD_SETS[MIN_KUBERAY]["RayJob"])
     argv = job["spec"]["entrypoint"].split()
     assert argv[:3] == ["python", "-m", "actors.train"]
     config = argv[argv.index("--config") + 1]
