@@ -19,8 +19,6 @@ import torch
 from actors.batch import TrainSequence
 from actors.config import load_config
 from actors.contract import RunDir
-from actors.data import PromptSampler, load_examples
-from actors.sampling import batch_fingerprint
 from actors.train import train
 
 from .conftest import tiny_config
@@ -124,61 +122,6 @@ def test_three_steps_two_learners_and_the_reward_rises(ray_local, tmp_path):
         assert len(pool.generate([[1, 2, 3]], 2)[0]) == 2
     finally:
         pool.shutdown()
-
-
-def test_kill_after_a_checkpoint_and_resume_with_the_same_data_order(tmp_path):
-    run = tmp_path / "run"
-    args = [
-        sys.executable, "-m", "actors.train", "--config", "examples/tiny.yaml",
-        "--set", f"trainer.output_dir={run}", "--set", "trainer.steps=4", "--set", "trainer.save_every=2",
-        "--set", 'reward.verifiers=[{type: plugin, function: "tests.toy_rewards:lowercase_fraction"}]',
-        # both trackers for real, offline: the resumed job must continue the same tracked runs
-        "--set", f"tracking.mlflow_tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "--set", "tracking.wandb_project=forkrl-test", "--set", "tracking.wandb_mode=offline",
-    ]  # fmt: skip
-    proc = subprocess.Popen(
-        args, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
-    marker = RunDir(run).checkpoint(2) / RunDir.MARKER
-    try:
-        deadline = time.time() + 300
-        while not marker.exists() and time.time() < deadline and proc.poll() is None:
-            time.sleep(0.5)
-        assert marker.exists(), "no checkpoint at step 2"
-    finally:  # the driver and the Ray it started, also when the wait failed
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    done = subprocess.run([*args, "--resume"], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    rows = _rows(run)
-    resumed = [r for r in rows if r["step"] > 2]
-    assert [r["step"] for r in resumed][-2:] == [3, 4]
-    cfg = tiny_config(run)
-    sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed)
-    expected = [batch_fingerprint(sampler.next()) for _ in range(4)]
-    assert all(r["batch/rounds"] == 1 for r in rows)  # the dense toy reward: one draw of prompts per step
-    assert [r["data/batch_crc"] for r in resumed[-2:]] == expected[2:]
-    assert "step 4" in done.stderr and "resumed from" in done.stderr
-    # one MLflow run and one W&B run for the job, each step once, the sampled completions with their
-    # per-token entropy and kept flags, and the export registered
-    from mlflow.tracking import MlflowClient
-
-    from tests.wandb_log import history, run_ids
-
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (exp,) = [e for e in client.search_experiments() if e.name == "forkrl"]
-    (mrun,) = client.search_runs([exp.experiment_id])
-    assert mrun.info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "reward_mean")] == [1, 2, 3, 4]
-    assert "hf" in {a.path for a in client.list_artifacts(mrun.info.run_id)}
-    assert len(run_ids(run)) == 1  # the killed process's W&B run and the resumed one: the same id
-    wandb_steps = [r["_step"] for r in history(run) if "reward/mean" in r]
-    assert len(wandb_steps) == len(set(wandb_steps)) and wandb_steps[-2:] == [3, 4]  # (a kill may lose the last)
-    last = rows[-1]
-    assert last["tracking/errors"] == 0.0 and 1 <= len(last["samples"]) <= 4  # tracking.samples_per_step
-    for s in last["samples"]:
-        assert len(s["tokens"]) == len(s["entropy"]) == len(s["kept"]) >= 1 and set(s["kept"]) <= {0, 1}
 
 
 def _free_port() -> int:
@@ -349,26 +292,34 @@ def _actors_after_step(run: Path, proc: subprocess.Popen[bytes], step: int, role
     return [p for p in psutil.process_iter(["cmdline"]) if f"ray::{role}" in " ".join(p.info["cmdline"] or [])]
 
 
-def test_a_killed_rollout_engine_is_replaced_with_the_current_weights(tmp_path):
+def test_a_killed_engine_is_replaced_with_the_current_weights_and_one_past_its_restarts_fails(tmp_path):
     """SIGKILL the vLLM engine actor mid-job: Ray starts it again, it gets the weights the learner last
-    pushed before it generates, the lost generation runs there again, and the job goes on to the end
-    with each step once and no restart of the job."""
+    pushed before it generates, the lost generation runs there again, and the job goes on with each
+    step once. Killed again with rollout.engine_restarts = 1 used up: the job fails naming the engine."""
     run = tmp_path / "run"
-    proc = _start_tiny(run, 10, [])
+    proc = _start_tiny(run, 60, ["rollout.engine_restarts=1"])
     try:
         engines = _actors_after_step(run, proc, 3, "RolloutEngine")
         assert len(engines) == 1
         engines[0].kill()
-        out, _ = proc.communicate(timeout=600)
+        deadline = time.time() + 300  # three steps after the replacement
+        while not [r for r in _rows(run) if r.get("rollout/engine_replacements") == 1.0][2:]:
+            assert time.time() < deadline and proc.poll() is None, "the job did not go on after the replacement"
+            time.sleep(0.2)
+        (replacement,) = _actors_after_step(run, proc, 1, "RolloutEngine")
+        replacement.kill()
+        out, _ = proc.communicate(timeout=300)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     log = out.decode(errors="replace")
-    assert proc.returncode == 0, log[-3000:]
-    assert "rollout engine 0 (RolloutEngine actor" in log and "replaced in" in log
+    assert proc.returncode != 0 and "replaced in" in log, log[-3000:]
+    assert re.search(r"rollout engine 0 \(RolloutEngine actor [0-9a-f]+\) died and cannot be replaced "
+                     r"\(rollout.engine_restarts = 1 used up\)", log), log[-3000:]  # fmt: skip
     rows = _rows(run)
-    assert [r["step"] for r in rows] == list(range(1, 11))  # nothing lost, nothing twice
-    assert rows[-1]["rollout/engine_replacements"] == 1.0 and rows[0]["rollout/engine_replacements"] == 0.0
+    steps = [r["step"] for r in rows]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 6  # nothing lost, nothing twice
+    assert rows[0]["rollout/engine_replacements"] == 0.0 and rows[-1]["rollout/engine_replacements"] == 1.0
     # the replacement samples from the learner's current weights: the engine's log-probs of its own samples
     # match the learner's at every step, the one it generated first included (about 3e-7 here; without the
     # weight push the replacement, 3 updates behind, was 0.23 off at that step)
@@ -377,9 +328,9 @@ def test_a_killed_rollout_engine_is_replaced_with_the_current_weights(tmp_path):
     assert max(diff) < 1e-3 and first >= 3, (first, [f"{d:.1e}" for d in diff])
 
 
-def _run_and_stall(tmp_path, role: str, settings: list[str], timeout_s: float, kill: bool = False) -> tuple[str, float]:
-    """Train the tiny config, SIGSTOP (or SIGKILL) one `role` actor after step 2; the output and how long
-    after that the driver took to exit."""
+def _run_and_stall(tmp_path, role: str, settings: list[str], timeout_s: float) -> tuple[str, float]:
+    """Train the tiny config, SIGSTOP one `role` actor after step 2; the output and how long after the
+    stall the driver took to exit."""
     import psutil
 
     run = tmp_path / "run"
@@ -387,7 +338,7 @@ def _run_and_stall(tmp_path, role: str, settings: list[str], timeout_s: float, k
     stalled: list[psutil.Process] = []
     try:
         stalled = _actors_after_step(run, proc, 2, role)
-        stalled[-1].kill() if kill else stalled[-1].suspend()  # SIGSTOP: alive, holding its connections, idle
+        stalled[-1].suspend()  # SIGSTOP: alive, holding its connections, doing nothing
         t0 = time.monotonic()
         out, _ = proc.communicate(timeout=timeout_s + 240)
         return out.decode(errors="replace"), time.monotonic() - t0
@@ -452,13 +403,3 @@ def test_a_full_disk_while_checkpointing_fails_clearly_and_the_previous_checkpoi
     last = {r["step"]: r for r in _rows(copy)}  # the resumed attempt appended steps 3 and 4 again
     assert sorted(last) == [1, 2, 3, 4]
     assert [p.name for p in RunDir(copy).complete_checkpoints()] == ["step_00000002", "step_00000004"]
-
-
-def test_an_engine_that_cannot_be_replaced_fails_the_job_naming_it(tmp_path):
-    out, took = _run_and_stall(tmp_path, "RolloutEngine", ["rollout.engine_restarts=0"], 0, kill=True)
-    assert re.search(
-        r"rollout engine 0 \(RolloutEngine actor [0-9a-f]+\) died and cannot be replaced "
-        r"\(rollout.engine_restarts = 0 used up\)",
-        out,
-    ), out[-3000:]
-    assert took < 90, took

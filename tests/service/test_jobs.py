@@ -248,6 +248,9 @@ def test_a_killed_driver_and_a_killed_learner_are_restarted_from_the_checkpoint(
         **cfg["reward"],
         "verifiers": [{"type": "plugin", "function": "tests.toy_rewards:lowercase_fraction"}],
     }
+    # both trackers for real, offline: every attempt must continue the same tracked runs
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg["tracking"] = {"mlflow_tracking_uri": mlflow_uri, "wandb_project": "forkrl-test", "wandb_mode": "offline"}
     try:
         with server.client() as c:
             job = c.post("/v1/jobs", json=cfg).json()
@@ -294,9 +297,32 @@ def test_a_killed_driver_and_a_killed_learner_are_restarted_from_the_checkpoint(
                 "restart 1 of 2 from its step-2 checkpoint",
                 "restart 2 of 2 from its step-4 checkpoint",
             ]
+        _one_tracked_run_across_the_attempts(run.path, mlflow_uri, metrics)
         env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
         out = subprocess.run([sys.executable, "-m", "service.cli", "status", job["id"]], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=60)  # fmt: skip
         assert "restarts: 2 of 2" in out.stdout and out.stdout.count("failed at step") == 2, out.stdout
     finally:
         server.stop()
+
+
+def _one_tracked_run_across_the_attempts(run_dir: Path, mlflow_uri: str, metrics: list[dict]) -> None:
+    """One MLflow run and one W&B run for the job across its attempts, each step once, the sampled
+    completions with their per-token entropy and kept flags, and the export registered."""
+    from mlflow.tracking import MlflowClient
+
+    from tests.wandb_log import history, run_ids
+
+    client = MlflowClient(mlflow_uri)
+    (exp,) = [e for e in client.search_experiments() if e.name == "forkrl"]
+    (mrun,) = client.search_runs([exp.experiment_id])
+    assert mrun.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "reward_mean")] == [1, 2, 3, 4, 5, 6]
+    assert "hf" in {a.path for a in client.list_artifacts(mrun.info.run_id)}
+    assert len(run_ids(run_dir)) == 1  # the killed attempts' W&B run and the last one's: the same id
+    wandb_steps = [r["_step"] for r in history(run_dir) if "reward/mean" in r]
+    assert len(wandb_steps) == len(set(wandb_steps)) and wandb_steps[-2:] == [5, 6]  # (a kill may lose the last)
+    last = metrics[-1]
+    assert last["tracking/errors"] == 0.0 and 1 <= len(last["samples"]) <= 4  # tracking.samples_per_step
+    for s in last["samples"]:
+        assert len(s["tokens"]) == len(s["entropy"]) == len(s["kept"]) >= 1 and set(s["kept"]) <= {0, 1}
