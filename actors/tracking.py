@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from actors.config import JobConfig
-from actors.contract import REPORT_TOKEN_ENV, RunDir, finite, metric_record
+from actors.contract import REPORT_TOKEN_ENV, RunDir, finite, metric_record, parse_metric_line
 
 log = logging.getLogger("forkrl.tracking")
 
@@ -294,6 +294,33 @@ class Tracker:
             b.log(step, scalars, samples or [])
         if self.report_url:
             self._report({"metrics": [record]}, f"step {step}")
+
+    def backfill(self, upto: int) -> int:
+        """After a resume at step `upto`: the steps an external tracker never got from the attempt that
+        ended (they were still in its queue when the process died) are sent again from metrics.jsonl (the
+        last record of a step counts), so no step is skipped. Returns how many step records were queued."""
+        behind = [b for b in self.backends if b.last_step < upto]
+        if not behind or not self.run.metrics.is_file():
+            return 0
+        records: dict[int, dict[str, Any]] = {}
+        for line in self.run.metrics.read_text().splitlines():
+            rec = parse_metric_line(line)
+            step = rec.get("step") if rec else None
+            if rec is not None and isinstance(step, int) and not isinstance(step, bool) and 0 < step <= upto:
+                records[step] = rec
+        queued = 0
+        for step in sorted(records):
+            rec = records[step]
+            scalars = {
+                k: float(v)
+                for k, v in rec.items()
+                if k != "step" and isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+            }
+            for b in behind:
+                if step > b.last_step:
+                    b.log(step, scalars, rec.get("samples") or [])
+                    queued += 1
+        return queued
 
     def health(self) -> dict[str, float]:
         """tracking/errors and tracking/dropped over every backend so far (0 when none is on)."""

@@ -78,6 +78,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             sampler.load_state(state["sampler"])
             rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
             log.info("resumed from %s at step %d", ckpt, start)
+            tracker.backfill(start)  # what W&B / MLflow lost with the previous attempt's queues
 
         history: list[dict[str, Any]] = []
         bar = tqdm(

@@ -250,6 +250,11 @@ def test_a_killed_driver_and_a_killed_learner_are_restarted_from_the_checkpoint(
     }
     # both trackers for real, offline: every attempt must continue the same tracked runs
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # the store exists before the job (as an operator's MLflow does): MLflow creates a SQLite schema in
+    # many steps, and a driver killed in the middle of that leaves a store no later attempt can open
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(mlflow_uri).search_experiments()
     cfg["tracking"] = {"mlflow_tracking_uri": mlflow_uri, "wandb_project": "forkrl-test", "wandb_mode": "offline"}
     try:
         with server.client() as c:

@@ -92,8 +92,8 @@ def test_mlflow_and_wandb_keep_one_run_per_job_across_a_resume(tmp_path, monkeyp
     assert sorted({e.step for e in acc.Scalars("reward/mean")}) == [1, 2, 3, 4, 5]
     assert len(acc.Scalars("reward/mean")) == 5
     assert "samples/text_summary" in acc.Tags()["tensors"]
-    # the run directory's own record keeps what happened, resumed steps included (the control plane keeps
-    # the first record of each step)
+    # the run directory's own record keeps what happened, resumed steps included (the control plane drops
+    # a failed attempt's steps after its checkpoint and stores the next attempt's)
     lines = [json.loads(ln) for ln in run.metrics.read_text().splitlines()]
     assert [r["step"] for r in lines] == [1, 2, 3, 2, 3, 4, 5]
     assert lines[1]["samples"] == [SAMPLE] and "samples" not in lines[0]
@@ -138,3 +138,28 @@ def test_a_backend_that_is_not_installed_is_an_error_counted_not_a_crash(tmp_pat
     tracker = Tracker(run, _cfg(tmp_path, tensorboard=False, **settings))
     _steps(tracker, range(1, 4))
     assert tracker.close()["tracking/errors"] == 1.0  # the failed start, once; the steps are skipped quietly
+
+
+def test_a_resume_backfills_the_steps_a_tracker_never_got(tmp_path):
+    # the attempt that ended logged steps 1-3 to metrics.jsonl, but MLflow got none of them (its queue died
+    # with the process: here, it was not on); step 3 was logged twice, the later record counts
+    db = tmp_path / "mlflow.db"
+    run = RunDir(tmp_path / "run")
+    run.path.mkdir()
+    first = Tracker(run, _cfg(tmp_path, tensorboard="false"))
+    _steps(first, range(1, 4))
+    first.log(3, {"reward/mean": 0.35, "entropy/mean": 4.0})
+    first.close()
+    again = Tracker(run, _cfg(tmp_path, tensorboard="false", mlflow_tracking_uri=f"sqlite:///{db}"))
+    assert again.backfill(3) == 3  # steps 1, 2, 3 queued for MLflow
+    assert again.backfill(0) == 0
+    _steps(again, range(4, 6))
+    assert again.close() == {"tracking/errors": 0.0, "tracking/dropped": 0.0}
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{db}")
+    (exp,) = [e for e in client.search_experiments() if e.name == "forkrl"]
+    (mrun,) = client.search_runs([exp.experiment_id])
+    got = [(m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "reward_mean")]
+    assert sorted(got) == [(1, 0.1), (2, 0.2), (3, 0.35), (4, 0.4), (5, 0.5)]
+    assert "samples/step_00000002.json" in {a.path for a in client.list_artifacts(mrun.info.run_id, "samples")}
