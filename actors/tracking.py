@@ -113,6 +113,8 @@ class _Backend:
             self.submit(self._step, step, scalars, samples)
 
     def _step(self, step: int, scalars: dict[str, float], samples: list[dict[str, Any]]) -> None:
+        if step <= self.last_step:  # the tracker itself says it holds the step (see _start)
+            return
         self._log(step, scalars)
         if samples:
             self._samples(step, samples)
@@ -219,6 +221,10 @@ class _MLflow(_Backend):
         if self.state.get("mlflow_run_id"):
             self.run_id = self.state["mlflow_run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
+            # MLflow appends a step logged twice: what the run holds wins over tracking.json, which a kill
+            # between a send and its note leaves one step behind
+            held = self.client.get_metric_history(self.run_id, "reward_mean")
+            self.last_step = max([self.last_step, *(m.step for m in held)])
             return
         tags = {"forkrl.run_dir": str(self.state["run_dir"])}
         run = self.client.create_run(exp_id, run_name=self.cfg.name, tags=tags)

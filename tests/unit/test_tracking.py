@@ -163,3 +163,13 @@ def test_a_resume_backfills_the_steps_a_tracker_never_got(tmp_path):
     got = [(m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "reward_mean")]
     assert sorted(got) == [(1, 0.1), (2, 0.2), (3, 0.35), (4, 0.4), (5, 0.5)]
     assert "samples/step_00000002.json" in {a.path for a in client.list_artifacts(mrun.info.run_id, "samples")}
+    # killed between a send and its note in tracking.json: the run holds step 5, the note says 3; a resume
+    # at step 5 backfills nothing twice (MLflow itself is asked what the run holds)
+    state = json.loads((run.path / "tracking.json").read_text())
+    (run.path / "tracking.json").write_text(json.dumps({**state, "mlflow_last_step": 3}))
+    third = Tracker(run, _cfg(tmp_path, tensorboard="false", mlflow_tracking_uri=f"sqlite:///{db}"))
+    third.backfill(5)
+    _steps(third, range(5, 7))
+    assert third.close() == {"tracking/errors": 0.0, "tracking/dropped": 0.0}
+    got = [m.step for m in client.get_metric_history(mrun.info.run_id, "reward_mean")]
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
