@@ -126,6 +126,7 @@ class Learner:
             "steps_per_print": 10**9,
             "wall_clock_breakdown": False,
         }
+        self.ds_config = ds_config  # kept for reports (bench/learner_step.py)
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
         self.ref = None
         if self.algo.kl_coef > 0:  # frozen initial policy for the k3 KL term

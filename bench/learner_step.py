@@ -57,8 +57,24 @@ def main() -> None:
         port = s.getsockname()[1]
     learner = Learner(model_path, cfg.learner, cfg.algorithm, cfg.rollout, 0, dtype, os.cpu_count() or 1)
     learner.setup(0, 1, "127.0.0.1", port)
+    import deepspeed
+    import transformers
+
+    engine = learner.engine
+    setup = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
+        "dtype": dtype,
+        "ds_config": learner.ds_config,
+        "optimizer": type(engine.optimizer).__name__,
+        "basic_optimizer": f"{type(engine.basic_optimizer).__module__}.{type(engine.basic_optimizer).__name__}",
+        "fused_adamw": bool(getattr(engine.basic_optimizer, "defaults", {}).get("fused")),
+    }
+    print(json.dumps({"setup": setup}), flush=True)
     times: dict[bool, list[float]] = {True: [], False: []}
-    learner.train_step(batch)  # warm-up (allocator, first-call costs)
+    first = learner.train_step(batch)  # warm-up (allocator, first-call costs), and the step that is shown
+    keys = ("actor/grad_norm", "actor/lr", "entropy/kept_tokens")
+    print(json.dumps({"first_step": {k: first.metrics[k] for k in keys} | {"num_valid": first.num_valid}}), flush=True)
     for _ in range(args.rounds):
         for share in (True, False):
             learner.cfg = cfg.learner.model_copy(update={"share_prompt": share})
