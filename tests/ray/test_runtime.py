@@ -2,6 +2,7 @@
 random Llama built locally. Minutes, not seconds: marked slow."""
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -41,6 +42,7 @@ def _rows(run_dir: Path) -> list[dict]:
 
 
 def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_path):
+    import ray
     from transformers import AutoTokenizer
 
     from actors.learner import LearnerGroup
@@ -68,10 +70,21 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
         )
         # before sync the engine still samples from the old weights: its log-probs are far from the learner's
         assert _max_logprob_gap(rollout, learners, prompt) > 0.1
-        timing = rollout.load_weights(learners.export_weights("float32"), 60)
-        assert timing[0]["tensors"] > 0
+        # as the driver syncs: the learner's file in shared memory, read in place by the engine on its node
+        ref = learners.export_weights("float32", to_file=True)
+        file = ray.get(ref)
+        assert file.path.startswith("/dev/shm/") and os.path.getsize(file.path) == file.nbytes > 0
+        timing = rollout.load_weights(ref, 60)
+        assert timing[0]["tensors"] > 0 and timing[0]["local"] == 1.0
         # after it, from the learner's: the same numbers up to float rounding
         assert _max_logprob_gap(rollout, learners, prompt) < 2e-2
+        # an engine on another node (named so here) gets the bytes from the learner: the same weights
+        learners.train_step(batch)
+        other = ray.put(dataclasses.replace(ray.get(learners.export_weights("float32", to_file=True)), node_id="x"))
+        assert rollout.load_weights(other, 60)[0]["local"] == 0.0
+        assert _max_logprob_gap(rollout, learners, prompt) < 2e-2
+        learners.drop_weights()
+        assert not os.path.exists(file.path)
     finally:  # vLLM's engine processes would outlive a killed actor
         rollout.shutdown()
 
