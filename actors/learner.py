@@ -162,8 +162,12 @@ class Learner:
             hidden = response_hidden_shared(base, mb)  # [B, T, H], one forward per prompt
         else:
             hidden = response_hidden_full(base, mb)
-        logits = model.get_output_embeddings()(hidden)  # [B, T, V]
-        return token_logprobs_and_entropy(logits, mb.resp_ids, self.sampling.temperature)
+        # the LM head on the response tokens only (not the padding): [N, V] for N valid positions
+        keep = mb.valid
+        logits = model.get_output_embeddings()(hidden[keep])
+        lp, ent = token_logprobs_and_entropy(logits, mb.resp_ids[keep], self.sampling.temperature)
+        # back to [B, T]; padding holds 0 (the valid mask drops it everywhere)
+        return lp.new_zeros(keep.shape).masked_scatter(keep, lp), ent.new_zeros(keep.shape).masked_scatter(keep, ent)
 
     # -- the step ------------------------------------------------------------------------------
 

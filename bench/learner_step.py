@@ -17,28 +17,23 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--set", action="append", default=[], help="config override, e.g. learner.zero_stage=0")
-    args = ap.parse_args()
-
+def demo_learner(cfg: Any) -> tuple[Any, list[list[int]], list[Any]]:
+    """A set-up single-rank Learner for cfg, and a batch of the demo's shape: data.prompts_per_step
+    prompts x rollout.group_size completions of 8 to rollout.max_new_tokens random tokens."""
     import torch
 
     from actors.batch import TrainSequence
-    from actors.config import load_config
     from actors.data import PromptSampler, load_examples, render_prompt
     from actors.learner import Learner
     from actors.models import resolve_dtype, resolve_model_path
     from actors.runtime import load_tokenizer
 
-    cfg = load_config(args.config, args.set)
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tok = load_tokenizer(model_path)
     examples = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, 0, cfg.data.shuffle).next()
@@ -51,12 +46,28 @@ def main() -> None:
             n = int(torch.randint(8, cfg.rollout.max_new_tokens + 1, (1,), generator=g))
             ids = torch.randint(0, len(tok), (n,), generator=g).tolist()
             batch.append(TrainSequence(p, ids, [-1.0] * n, a))
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     learner = Learner(model_path, cfg.learner, cfg.algorithm, cfg.rollout, 0, dtype, os.cpu_count() or 1)
     learner.setup(0, 1, "127.0.0.1", port)
+    return learner, prompts, batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--set", action="append", default=[], help="config override, e.g. learner.zero_stage=0")
+    args = ap.parse_args()
+
+    import torch
+
+    from actors.config import load_config
+
+    cfg = load_config(args.config, args.set)
+    learner, prompts, batch = demo_learner(cfg)
+    dtype = learner.dtype
     import deepspeed
     import transformers
 

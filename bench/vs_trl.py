@@ -3,7 +3,7 @@
 Both train SmolLM2-135M-Instruct (fp32) on the same JSONL of 512 arithmetic prompts (chat messages
 with a system prompt): 8 prompts x 8 completions per step, at most 64 new tokens, temperature 1,
 the top-20% entropy filter (rho = 0.2), lr 1e-5, one learner, no KL, DAPO clip 0.2/0.28, token-level
-loss, one optimizer step per rollout. forkrl runs `python -m actors.train` (ZeRO 0, micro-batch 16;
+loss, one optimizer step per rollout. forkrl runs `python -m actors.train` (ZeRO 0, micro-batch 64;
 groups whose 8 rewards are equal are skipped, not refilled: without KL they carry no gradient, so the
 update is the same); TRL runs GRPOTrainer with HF generate (per-device batch 64, the arithmetic
 verifier as its reward function). Each runs in its own process with the machine to itself. The step
@@ -74,7 +74,7 @@ def run_forkrl(work: Path, data: Path, steps: int, refill: bool, extra: list[str
             "dynamic_sampling": True,
             "dynamic_sampling_max_rounds": 3 if refill else 1,
         },
-        "learner": {"num_learners": 1, "zero_stage": 0, "lr": 1.0e-5, "micro_batch_size": 16},
+        "learner": {"num_learners": 1, "zero_stage": 0, "lr": 1.0e-5, "micro_batch_size": 64},
         "trainer": {"steps": steps, "save_every": 0, "eval_every": 0, "output_dir": str(out), "seed": 0},
     }
     work.mkdir(parents=True, exist_ok=True)

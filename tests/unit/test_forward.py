@@ -7,7 +7,7 @@ import torch
 import transformers
 
 from actors.batch import TrainSequence, collate, prompt_runs
-from actors.forward import response_hidden_full, response_hidden_shared
+from actors.forward import length_chunks, response_hidden_full, response_hidden_shared
 
 
 def _model():
@@ -39,6 +39,19 @@ SEQS = [
     ([6, 5, 4], [22, 23, 24, 25]),
     ([9], [30, 31, 32]),  # a one-token prompt
 ]
+
+
+def test_length_chunks_sort_longest_first_and_cut_below_three_quarters():
+    # sorted: 10 (row 1), 8 (row 2) >= 7.5 stay together; 7 < 7.5 opens a chunk, 3 < 5.25 and 1 < 2.25 too
+    got = length_chunks(torch.tensor([3, 10, 8, 1, 7]))
+    assert [c.tolist() for c in got] == [[1, 2], [4], [0], [3]]
+    assert [c.tolist() for c in length_chunks(torch.tensor([5, 5, 4]))] == [[0, 1, 2]]  # 4 >= 3.75
+    assert [c.tolist() for c in length_chunks(torch.tensor([6, 2]), keep=0.0)] == [[0, 1]]  # keep 0: one chunk
+
+
+def test_the_shared_forward_runs_its_responses_in_several_length_chunks():
+    mb = _batch(SEQS)
+    assert len(length_chunks(mb.resp_len)) >= 3  # so the equality test below covers the chunked path
 
 
 def test_prompt_runs():
