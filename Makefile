@@ -7,7 +7,7 @@ CONFIG ?= examples/demo.yaml
 ARGS   ?=
 TYPED  := actors service
 
-.PHONY: setup model demo train serve test lint typecheck pytest unit bench mutation screenshots clean
+.PHONY: setup model demo train serve test lint typecheck pytest unit bench bench-peers mutation screenshots clean
 
 setup:                ## create .venv, install everything, build the model cache (GPU=1 for CUDA vLLM)
 	GPU=$(GPU) bash scripts/setup.sh
@@ -44,6 +44,12 @@ unit: $(STAMP)        ## the fast unit tests only (seconds)
 
 bench: $(STAMP)        ## entropy path vs the anchors (CPU: small shapes); on a GPU machine: bash bench/gpu_checks.sh
 	$(PY) bench/entropy.py
+
+bench-peers: $(STAMP)  ## the rollout pool vs plain vLLM, the learner vs its floor, forkrl vs TRL (TRL from the bench extra; ~30 min)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[bench]"
+	$(PY) bench/rollout.py
+	$(PY) bench/learner_floor.py
+	$(PY) bench/vs_trl.py --refill
 
 mutation: $(STAMP)     ## plant bugs in the algorithm core; the unit tests must catch >= 90% (tens of minutes; not in make test)
 	$(PY) -m pip install --quiet --disable-pip-version-check "mutmut==3.8.1"

@@ -236,6 +236,12 @@ class AlgorithmConfig(_Strict):
     top_entropy_quantile: float = Field(
         0.2, gt=0, le=1, description="Fraction of highest-entropy valid response tokens that get gradient (rho)."
     )
+    token_selection: Literal["highest", "random", "lowest"] = Field(
+        "highest",
+        description="Which top_entropy_quantile share of the step's valid response tokens gets gradient: the "
+        "highest-entropy ones (the paper), a uniformly random share of the same size (a control; seeded by "
+        "trainer.seed and the step) or the lowest-entropy ones (the paper's negative control).",
+    )
     log_entropy: bool = Field(True, description="Record entropy statistics and forking tokens every step.")
     loss_agg: Literal["token_mean_selected", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = Field(
         "token_mean_selected", description="Loss normaliser; see actors.grpo.policy_loss."

@@ -28,7 +28,7 @@ from actors.grpo import (
     selection_values,
 )
 
-__all__ = ["StepPlan", "plan_step"]
+__all__ = ["StepPlan", "plan_step", "selection_keys"]
 
 
 @dataclass
@@ -63,31 +63,63 @@ def _all_gather_1d(x: torch.Tensor) -> list[torch.Tensor]:
     return [o[: int(s)] for o, s in zip(out, sizes, strict=True)]
 
 
+def selection_keys(
+    entropies: list[torch.Tensor], valid_masks: list[torch.Tensor], gathered: list[torch.Tensor], how: str, seed: int
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """What the top-rho selection ranks, per local micro-batch [B_i, T_i] and per rank [n_r]:
+    highest = the entropy; lowest = minus the entropy; random = a uniform draw per valid token of the
+    step, made in canonical order from `seed` (so every rank draws the same N numbers and the split of
+    the batch does not change which tokens are kept)."""
+    if how == "highest":
+        return entropies, gathered
+    if how == "lowest":
+        return [-h for h in entropies], [-g for g in gathered]
+    if how != "random":
+        raise ValueError(f"token selection {how!r} is not one of highest, random, lowest")
+    rank, _ = _world()
+    n = sum(g.numel() for g in gathered)
+    draws = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device="cpu")
+    draws = draws.to(device=gathered[0].device, dtype=gathered[0].dtype)
+    per_rank = list(draws.split([g.numel() for g in gathered]))
+    mine = iter(per_rank[rank].split([int(m.bool().sum()) for m in valid_masks]))
+    keys = [
+        torch.zeros_like(selection_values(h)).masked_scatter(m.bool(), next(mine))
+        for h, m in zip(entropies, valid_masks, strict=True)
+    ]
+    return keys, per_rank
+
+
 def plan_step(
     entropies: list[torch.Tensor],
     valid_masks: list[torch.Tensor],
     top_entropy_quantile: float,
     token_ids: list[torch.Tensor] | None = None,
     log_entropy: bool = False,
+    selection: str = "highest",
+    seed: int = 0,
 ) -> StepPlan:
     """Global threshold, per-micro-batch masks and global counts for one optimizer step.
 
     entropies, valid_masks (and token_ids): this rank's micro-batches in order, each [B_i, T_i].
+    selection: which rho share is kept (`selection_keys`); seed: the random selection's draw.
     """
     rank, world = _world()
     device = entropies[0].device  # every tensor of a collective lives here (NCCL takes no CPU tensor)
     local = torch.cat(
         [selection_values(h[m.bool()]).reshape(-1) for h, m in zip(entropies, valid_masks, strict=True)]
     )  # [n_r]
-    gathered = _all_gather_1d(local)
-    everything = torch.cat(gathered)  # [N] in canonical order
-    threshold = entropy_threshold(everything, top_entropy_quantile)
+    entropy_by_rank = _all_gather_1d(local)
+    everything = torch.cat(entropy_by_rank)  # [N] in canonical order
+    # the same exact top-k and tie rule whatever is ranked: entropy, minus entropy or a random draw
+    keys, gathered = selection_keys(entropies, valid_masks, entropy_by_rank, selection, seed)
+    keys_all = torch.cat(gathered)
+    threshold = entropy_threshold(keys_all, top_entropy_quantile)
 
     # ties in earlier ranks come first in the canonical order
     tie_counts = [int((g == threshold.tau).sum()) for g in gathered]
     offset = sum(tie_counts[:rank])
     masks = []
-    for h, m in zip(entropies, valid_masks, strict=True):
+    for h, m in zip(keys, valid_masks, strict=True):
         masks.append(high_entropy_mask(h, m, threshold=threshold, tie_offset=offset))
         offset += count_ties(h, m, threshold.tau)
 
@@ -99,12 +131,15 @@ def plan_step(
     stats: dict = {}
     if log_entropy:
         # statistics over the whole step; kept flags rebuilt in canonical order from the threshold
-        kept_all = high_entropy_mask(everything, torch.ones_like(everything, dtype=torch.bool), threshold=threshold)
+        kept_all = high_entropy_mask(keys_all, torch.ones_like(keys_all, dtype=torch.bool), threshold=threshold)
         ids_all = None
         if token_ids is not None:
             ids_local = torch.cat([t[m.bool()].reshape(-1) for t, m in zip(token_ids, valid_masks, strict=True)])
             ids_all = torch.cat(_all_gather_1d(ids_local.long()))
-        stats = entropy_stats(everything, torch.ones_like(kept_all), kept_all, threshold, ids_all)
+        # the entropy threshold where entropy ranks; else the lowest kept entropy (entropy_stats' default)
+        stats = entropy_stats(
+            everything, torch.ones_like(kept_all), kept_all, threshold if selection == "highest" else None, ids_all
+        )
     return StepPlan(
         threshold=threshold,
         masks=masks,

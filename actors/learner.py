@@ -197,6 +197,9 @@ class Learner:
             algo.top_entropy_quantile,
             token_ids=[mb.resp_ids for mb in mbs],
             log_entropy=algo.log_entropy,
+            selection=algo.token_selection,
+            # the random control's draw: the same on every rank, new at every optimizer step (resumes with it)
+            seed=self.seed * 1_000_003 + int(self.engine.global_steps),
         )
         norm = loss_normalizer(
             algo.loss_agg,

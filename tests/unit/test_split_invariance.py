@@ -48,7 +48,7 @@ def test_the_fixture_really_has_ties_across_the_splits():
     assert {r // 2 for r, p in TIES[:5]} == {0, 1, 2} and {r // 4 for r, p in TIES} == {0, 1}
 
 
-def _step(rows: list[range], world: int = 1, agg="token_mean_selected", dtype=torch.float32):
+def _step(rows: list[range], world: int = 1, agg="token_mean_selected", dtype=torch.float32, selection="highest"):
     """Run one step over this rank's micro-batches; returns (loss, grad, masks, plan)."""
     hidden, w0, ids, valid, adv = _problem()
     w = w0.clone().requires_grad_(True)
@@ -59,7 +59,9 @@ def _step(rows: list[range], world: int = 1, agg="token_mean_selected", dtype=to
     # the default device is "meta" inside plan_step: a tensor it creates without naming the data's device
     # (as a CPU tensor would be under NCCL) lands there and fails, in the collective or when read
     with torch.device("meta"):
-        plan = plan_step(ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True)
+        plan = plan_step(
+            ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True, selection=selection, seed=7
+        )
     norm = loss_normalizer(
         agg,
         num_valid_tokens=plan.num_valid,
@@ -82,10 +84,11 @@ def _split(start, stop, n):
     return [range(start + i * size, start + (i + 1) * size) for i in range(n)]
 
 
+@pytest.mark.parametrize("selection", ["highest", "random", "lowest"])
 @pytest.mark.parametrize("agg", ["token_mean_selected", "token_mean", "seq_mean_token_mean", "token_sum_norm"])
-def test_micro_batches_do_not_change_the_step(agg):
-    loss1, grad1, plan1 = _step([range(0, B)], agg=agg)
-    loss4, grad4, plan4 = _step(_split(0, B, 4), agg=agg)
+def test_micro_batches_do_not_change_the_step(agg, selection):
+    loss1, grad1, plan1 = _step([range(0, B)], agg=agg, selection=selection)
+    loss4, grad4, plan4 = _step(_split(0, B, 4), agg=agg, selection=selection)
     assert plan1.threshold == plan4.threshold
     assert torch.equal(plan1.masks[0], torch.cat(plan4.masks))
     assert int(plan1.masks[0].sum()) == plan1.threshold.k == 6  # ceil(0.2 * 27 valid tokens)
@@ -99,13 +102,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, out_dir, dtype):
+def _rank_main(rank, world, port, out_dir, dtype, selection):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a rank that fails leaves the other in a collective: a short timeout turns that into a failure
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         half = B // world
-        loss, grad, plan = _step(_split(rank * half, (rank + 1) * half, 2), world=world, dtype=dtype)
+        loss, grad, plan = _step(
+            _split(rank * half, (rank + 1) * half, 2), world=world, dtype=dtype, selection=selection
+        )
         dist.all_reduce(grad)
         grad /= world  # what DDP / DeepSpeed do
         t_loss = torch.tensor([loss])
@@ -126,10 +131,13 @@ def _rank_main(rank, world, port, out_dir, dtype):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # float64 entropies travel as float64
-def test_two_real_ranks_equal_one_process(tmp_path, dtype):
-    loss1, grad1, plan1 = _step([range(0, B)], dtype=dtype)
-    args = (2, _free_port(), str(tmp_path), dtype)
+@pytest.mark.parametrize(  # float64 entropies travel as float64; the controls rank other keys the same way
+    ("dtype", "selection"),
+    [(torch.float32, "highest"), (torch.float64, "highest"), (torch.float32, "random"), (torch.float32, "lowest")],
+)
+def test_two_real_ranks_equal_one_process(tmp_path, dtype, selection):
+    loss1, grad1, plan1 = _step([range(0, B)], dtype=dtype, selection=selection)
+    args = (2, _free_port(), str(tmp_path), dtype, selection)
     mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)

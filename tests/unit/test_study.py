@@ -1,0 +1,63 @@
+"""The study's summary, with worked numbers: mean and sample sd over seeds of the final and best
+held-out accuracy, the entropy pattern of the first and last steps, and the spec's refusals."""
+
+import json
+
+import pytest
+
+from actors.config import ConfigError
+from actors.study import StudySpec, load_spec, summarize
+
+
+def _write(out, key, rows):
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    (out / "runs" / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_summary_takes_mean_and_sd_over_seeds(tmp_path):
+    spec = StudySpec(
+        name="t",
+        base="x.yaml",
+        arms=[{"name": "top", "label": "highest"}, {"name": "none"}],
+        seeds=[1, 2],
+        reference={"label": "paper", "p80": 0.672},
+    )
+    tok = [{"id": 5, "text": " so", "kept": 3, "dropped": 1}]
+    _write(tmp_path, "top-s1", [
+        {"step": 1, "timing/step": 10.0, "entropy/p80": 0.5, "entropy/frac_below_0.01": 0.4, "forking_tokens": tok},
+        {"step": 2, "timing/step": 12.0, "eval/reward_mean": 0.2},
+        {"step": 3, "timing/step": 14.0, "eval/reward_mean": 0.3, "entropy/p80": 0.3, "entropy/frac_below_0.01": 0.6},
+    ])  # fmt: skip
+    _write(tmp_path, "top-s2", [
+        {"step": 1, "timing/step": 20.0, "entropy/p80": 0.7, "entropy/frac_below_0.01": 0.2},
+        {"step": 2, "timing/step": 20.0, "eval/reward_mean": 0.1},
+        {"step": 3, "timing/step": 20.0, "eval/reward_mean": 0.25, "entropy/p80": 0.5, "entropy/frac_below_0.01": 0.4},
+    ])  # fmt: skip
+    res = summarize(spec, tmp_path)["arms"]
+    assert list(res) == ["top"]  # an arm without a finished run is left out
+    top = res["top"]
+    assert top["eval_final"] == pytest.approx((0.275, 0.0353553), abs=1e-6)  # (0.3, 0.25): sd = 0.05 / sqrt 2
+    assert top["eval_best"] == pytest.approx((0.275, 0.0353553), abs=1e-6)
+    assert top["eval_first"] == pytest.approx((0.15, 0.0707107), abs=1e-6)
+    assert top["step_s"] == pytest.approx((16.0, 5.656854), abs=1e-5)  # medians 12 and 20
+    assert top["entropy"]["first"] == {
+        "frac_below_0.01": pytest.approx(0.3),
+        "p80": pytest.approx(0.6),
+        "forking_tokens": [" so"],
+    }
+    assert top["entropy"]["last"]["p80"] == pytest.approx(0.4)
+    table = (tmp_path / "table.md").read_text()
+    assert "| highest | 2 | 3 | 0.150 ± 0.071 | 0.275 ± 0.035 | 0.275 ± 0.035 | 16.0 ± 5.7 |" in table
+    assert "| paper | - | - | 0.672 | - |" in table
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_a_spec_with_a_bad_field_or_repeated_arms_is_refused(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("name: t\nbase: x.yaml\narms: [{name: a}, {name: a}]\nseeds: [1]\n")
+    with pytest.raises(ConfigError, match="names repeat"):
+        load_spec(str(p))
+    p.write_text("name: t\nbase: x.yaml\narms: [{name: a, sett: []}]\nseeds: []\n")
+    with pytest.raises(ConfigError) as e:
+        load_spec(str(p))
+    assert "arms.0.sett" in str(e.value) and "seeds" in str(e.value)
