@@ -13,11 +13,11 @@ P - 1 + j: the prompt's last position for j = 0, the response's position j - 1 a
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
 
 from actors.batch import MicroBatch
 
@@ -55,7 +55,6 @@ def response_hidden_shared(base: Any, mb: MicroBatch) -> torch.Tensor:
     pieces = [first.last_hidden_state[owner, -1:]]  # [B, 1, H]: predicts response token 0
     r = int(resp_len.max())
     if r > 1:
-        layers = first.past_key_values.layers
         outs, rows = [], []
         # the responses run in chunks of similar length (longest first), each on top of its own copy of
         # its prompts' keys/values: padding every response to the longest of the micro-batch cost up to
@@ -67,7 +66,7 @@ def response_hidden_shared(base: Any, mb: MicroBatch) -> torch.Tensor:
                 outs.append(first.last_hidden_state.new_zeros(len(chunk), r - 1, first.last_hidden_state.shape[-1]))
                 rows.append(chunk)
                 continue
-            cache = DynamicCache(ddp_cache_data=[(layer.keys[sel], layer.values[sel]) for layer in layers])
+            cache = _select_cache(first.past_key_values, sel)
             steps = torch.arange(r_c - 1, device=dev)
             own = (steps[None, :] < resp_len[chunk][:, None]).long()
             attn = torch.cat([p_mask[sel], own], 1)  # [b, width + r_c - 1]
@@ -82,6 +81,18 @@ def response_hidden_shared(base: Any, mb: MicroBatch) -> torch.Tensor:
         pieces.append(torch.cat(outs)[inverse])  # back in the micro-batch's order
     h = torch.cat(pieces, 1)  # [B, R, H]
     return F.pad(h, (0, 0, 0, t_resp - h.shape[1]))
+
+
+def _select_cache(cache: Any, rows: torch.Tensor) -> Any:
+    """A copy of a prompt cache holding the given batch rows (each layer keeps its own kind, e.g. a
+    sliding window); the original stays whole for the next chunk."""
+    out = copy.copy(cache)
+    out.layers = []
+    for layer in cache.layers:
+        part = copy.copy(layer)
+        part.keys, part.values = layer.keys[rows], layer.values[rows]
+        out.layers.append(part)
+    return out
 
 
 def length_chunks(lengths: torch.Tensor, keep: float = 0.75) -> list[torch.Tensor]:

