@@ -423,7 +423,7 @@ def entropy_stats(
     kept_mask: torch.Tensor,
     threshold: EntropyThreshold | None = None,
     token_ids: torch.Tensor | None = None,
-    top_tokens: int = 10,
+    top_tokens: int = 20,
 ) -> dict[str, float | list[list[int]]]:
     """The `log_entropy` metrics of one optimizer step.
 

@@ -317,10 +317,13 @@ def test_entropy_stats_quantiles_one_token_and_the_forking_list():
     valid = torch.ones(1, 10, dtype=torch.bool)
     s = entropy_stats(h, valid, valid, token_ids=torch.arange(10)[None, :] + 100)
     assert (s["entropy/p50"], s["entropy/p80"], s["entropy/p99"]) == pytest.approx((4.5, 7.2, 8.91))
-    assert len(s["entropy/top_forking_tokens"]) == 10  # at most 10 forking tokens, here 10 distinct kept
+    assert len(s["entropy/top_forking_tokens"]) == 10  # at most 20 forking tokens, here 10 distinct kept
     wide = entropy_stats(torch.arange(12.0)[None, :], torch.ones(1, 12, dtype=torch.bool),
                          torch.ones(1, 12, dtype=torch.bool), token_ids=torch.arange(12)[None, :])  # fmt: skip
-    assert len(wide["entropy/top_forking_tokens"]) == 10
+    assert len(wide["entropy/top_forking_tokens"]) == 12
+    many = entropy_stats(torch.arange(25.0)[None, :], torch.ones(1, 25, dtype=torch.bool),
+                         torch.ones(1, 25, dtype=torch.bool), token_ids=torch.arange(25)[None, :])  # fmt: skip
+    assert len(many["entropy/top_forking_tokens"]) == 20  # the paper's table shows 20
     one = entropy_stats(torch.tensor([[0.7]]), torch.tensor([[True]]), torch.tensor([[True]]))
     assert one["entropy/p50"] == one["entropy/p99"] == pytest.approx(0.7)  # a single token is every quantile
 
