@@ -142,6 +142,8 @@ def run_service(
         attempt = int(state.runs.get(key, {}).get("attempt", 0))
         if job is not None:
             r = http.get(f"/v1/jobs/{job}")
+            if r.status_code != 404:
+                r.raise_for_status()  # a refused token or a broken service: said once, in main
             gone = r.status_code == 404 or r.json().get("state") in ("FAILED", "CANCELLED")
             if gone:  # past the service's own restarts, or deleted: a new job for this run
                 log.warning(
@@ -163,7 +165,9 @@ def run_service(
             log.info("%s: submitted job %s", key, job)
         last = -1
         while True:
-            j = http.get(f"/v1/jobs/{job}").json()
+            r = http.get(f"/v1/jobs/{job}")
+            r.raise_for_status()
+            j = r.json()
             step = int(j.get("last_step") or 0)
             if step != last:
                 log.info("%s: job %s %s, step %d", key, job, j["state"], step)
@@ -173,9 +177,15 @@ def run_service(
             if j["state"] in ("FAILED", "CANCELLED"):
                 raise RuntimeError(f"{key}: job {job} ended {j['state']}: {j.get('message') or ''}")
             time.sleep(10)
-        r = http.get(f"/v1/jobs/{job}/metrics", params={"limit": 10_000})
-        r.raise_for_status()
-    return _scalars(r.json()["metrics"])
+        rows: list[dict[str, Any]] = []
+        while True:  # pages of at most 1000 steps
+            r = http.get(f"/v1/jobs/{job}/metrics", params={"after_step": rows[-1]["step"] if rows else 0})
+            r.raise_for_status()
+            page = r.json()["metrics"]
+            if not page:
+                break
+            rows += page
+    return _scalars(rows)
 
 
 # -- report ----------------------------------------------------------------------------------------
