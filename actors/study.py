@@ -264,7 +264,8 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
         )
     lines += ["", "\\* at step trainer.eval_every: none is made before the first update.", ""]
     lines += [
-        "| arm | step | share of tokens with H < 0.01 | p80 of H | most frequent forking tokens |",
+        "| arm | step | share of tokens with H < 0.01 | p80 of H "
+        "| most frequent kept tokens (forking tokens under highest) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for a in arms.values():
