@@ -19,7 +19,12 @@ class CheckpointError(OSError):
     """A checkpoint that could not be written (the run fails; its previous checkpoint is untouched)."""
 
 
-def save_checkpoint(learners: Any, run: RunDir, step: int, sampler_state: dict[str, int], keep: int) -> Path:
+def save_checkpoint(
+    learners: Any, run: RunDir, step: int, sampler_state: dict[str, int], keep: int, commit: bool = True
+) -> Path:
+    """Save the learners' state for `step`; with commit (default) also write its marker, which makes it
+    count. The driver commits after it has logged the step's metrics: a checkpoint that counts never
+    resumes past a step whose metrics were lost with a killed driver."""
     tag = run.checkpoint_tag(step)
     state = {"step": step, "sampler": sampler_state}
     try:
@@ -32,7 +37,15 @@ def save_checkpoint(learners: Any, run: RunDir, step: int, sampler_state: dict[s
             f"checkpoint of step {step} not saved to {run.checkpoint(step)}: {cause} ({free / 2**20:.1f} MiB free "
             f"there); the previous checkpoint stays the newest. Cause: {last}"
         ) from e
-    # the marker last, whole or not at all: written aside, flushed, then renamed into place
+    if commit:
+        commit_checkpoint(run, step, sampler_state, keep)
+    return run.checkpoint(step)
+
+
+def commit_checkpoint(run: RunDir, step: int, sampler_state: dict[str, int], keep: int) -> None:
+    """Write the marker of a saved checkpoint (whole or not at all: written aside, flushed, then renamed
+    into place) and prune the oldest complete ones past `keep`."""
+    state = {"step": step, "sampler": sampler_state}
     marker = run.checkpoint(step) / RunDir.MARKER
     part = marker.with_suffix(".part")
     with part.open("w") as f:
@@ -42,7 +55,6 @@ def save_checkpoint(learners: Any, run: RunDir, step: int, sampler_state: dict[s
     os.replace(part, marker)
     for old in run.complete_checkpoints()[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-    return run.checkpoint(step)
 
 
 def latest_checkpoint(run: RunDir, resume: str) -> Path | None:

@@ -44,7 +44,7 @@ def timed(metrics: dict[str, float], phase: str):
 def train(cfg: JobConfig) -> dict[str, Any]:
     from tqdm import tqdm
 
-    from actors.checkpoint import latest_checkpoint, save_checkpoint
+    from actors.checkpoint import commit_checkpoint, latest_checkpoint, save_checkpoint
     from actors.data import PromptSampler, load_eval_examples, load_examples, render_prompt
     from actors.learner import LearnerGroup
     from actors.models import resolve_dtype, resolve_model_path
@@ -58,6 +58,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(cfg.model_dump_json(indent=1))
     algo = cfg.algorithm
+    keep = cfg.trainer.keep_checkpoints
     init_ray(cfg)
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(model_path)
@@ -120,11 +121,15 @@ def train(cfg: JobConfig) -> dict[str, Any]:
                         [(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, eval_set, strict=True)]
                     )
                     m["eval/reward_mean"] = sum(right) / len(right)
+            saved = None
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
                 with timed(m, "checkpoint"):
-                    saved = save_checkpoint(learners, run, step, sampler.state(), cfg.trainer.keep_checkpoints)
-                tracker.checkpoint(step, saved)
+                    data_state = sampler.state()
+                    saved = save_checkpoint(learners, run, step, data_state, keep, commit=False)
             tracker.log(step, m, samples)
+            if saved is not None:  # it counts once the step's metrics are stored: a kill never skips them
+                commit_checkpoint(run, step, data_state, keep)
+                tracker.checkpoint(step, saved)
             history.append(m)
             entropy = f"{m['entropy/mean']:.3f}" if "entropy/mean" in m else "- (no update)"
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=entropy)
