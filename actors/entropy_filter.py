@@ -112,7 +112,7 @@ def plan_step(
     everything = torch.cat(entropy_by_rank)  # [N] in canonical order
     # the same exact top-k and tie rule whatever is ranked: entropy, minus entropy or a random draw
     keys, gathered = selection_keys(entropies, valid_masks, entropy_by_rank, selection, seed)
-    keys_all = torch.cat(gathered)
+    keys_all = everything if selection == "highest" else torch.cat(gathered)  # no second copy of the step
     threshold = entropy_threshold(keys_all, top_entropy_quantile)
 
     # ties in earlier ranks come first in the canonical order

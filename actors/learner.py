@@ -26,7 +26,7 @@ from typing import Any
 from actors.batch import MicroBatch, TokenTrace, TrainSequence, collate
 from actors.config import AlgorithmConfig, LearnerConfig, RolloutConfig
 from actors.pool import ActorPool
-from actors.rollout import WEIGHT_ALIASES, WeightsFile
+from actors.rollout import WEIGHT_ALIASES, WeightsFile, node_id
 
 __all__ = ["Learner", "LearnerGroup", "RankStep"]
 
@@ -282,8 +282,6 @@ class Learner:
         import deepspeed
         import torch
         from safetensors.torch import save, save_file
-
-        from actors.rollout import node_id
 
         module = self.engine.module
         tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
