@@ -120,9 +120,10 @@ class Learner:
                     "betas": [0.9, 0.999],
                     # torch's AdamW everywhere: DeepSpeed's own Adam kernels compile on first use (a ~2-minute
                     # C++ build on CPU for no measurable gain; on GPU a CUDA build that fails without nvcc,
-                    # "CUDA_HOME does not exist"); on GPU torch's fused AdamW kernel, which ships built
+                    # "CUDA_HOME does not exist"); torch's fused AdamW kernel ships built for CPU and CUDA
+                    # (on this CPU 0.06 s per step for the 135M model against 0.23 s for the per-tensor loop)
                     "torch_adam": True,
-                    **({"fused": True} if torch.cuda.is_available() else {}),
+                    "fused": True,
                 },
             },
             "scheduler": {  # linear warm-up, then constant; no warm-up = constant from the first step
