@@ -41,11 +41,15 @@ SEQS = [
 ]
 
 
-def test_length_chunks_sort_longest_first_and_cut_below_three_quarters():
-    # sorted: 10 (row 1), 8 (row 2) >= 7.5 stay together; 7 < 7.5 opens a chunk, 3 < 5.25 and 1 < 2.25 too
+def test_length_chunks_sort_longest_first_and_cut_below_the_keep_share():
+    # default keep 0.85, sorted: 10 (row 1); 8 < 8.5 opens a chunk, 7 >= 6.8 joins it; 3 < 5.95 and 1 < 2.55 open
     got = length_chunks(torch.tensor([3, 10, 8, 1, 7]))
+    assert [c.tolist() for c in got] == [[1], [2, 4], [0], [3]]
+    assert [c.tolist() for c in length_chunks(torch.tensor([5, 5, 4]))] == [[0, 1], [2]]  # 4 < 4.25
+    # keep 0.75: 8 >= 7.5 stays with 10; 7 < 7.5 opens a chunk, 3 < 5.25 and 1 < 2.25 too
+    got = length_chunks(torch.tensor([3, 10, 8, 1, 7]), keep=0.75)
     assert [c.tolist() for c in got] == [[1, 2], [4], [0], [3]]
-    assert [c.tolist() for c in length_chunks(torch.tensor([5, 5, 4]))] == [[0, 1, 2]]  # 4 >= 3.75
+    assert [c.tolist() for c in length_chunks(torch.tensor([5, 5, 4]), keep=0.75)] == [[0, 1, 2]]  # 4 >= 3.75
     assert [c.tolist() for c in length_chunks(torch.tensor([6, 2]), keep=0.0)] == [[0, 1]]  # keep 0: one chunk
 
 
