@@ -23,7 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 
-from service.core import ConfigTooLarge, Service
+from service.core import ConfigTooLarge, OutOfRange, Service
 from service.middleware import BodyLimit
 from service.models import field_errors
 from service.policy import PolicyRefused
@@ -79,7 +79,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return JSONResponse({"detail": detail, "message": message}, 422)
 
     for error, status in ((NotFound, 404), (Forbidden, 403), (Conflict, 409), (PolicyRefused, 403),
-                          (ConfigTooLarge, 422)):  # fmt: skip
+                          (ConfigTooLarge, 422), (OutOfRange, 422)):  # fmt: skip
 
         async def refused(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status)

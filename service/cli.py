@@ -175,13 +175,22 @@ def logs(
     lines: Annotated[
         int, typer.Option("--lines", "-n", min=1, max=100_000, help="without --follow: the last N")
     ] = 1000,
+    attempt: Annotated[
+        int | None, typer.Option("--attempt", min=0, help="without --follow: attempt N (0 = first, N = restart N)")
+    ] = None,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
 ) -> None:
-    """Print the end of a job's driver log (--follow: the whole log, streamed live)."""
+    """Print the end of a job's driver log (--follow: the whole log, streamed live; --attempt: an
+    earlier attempt's after restarts)."""
+    if follow and attempt is not None:
+        raise typer.BadParameter(
+            f"--attempt {attempt}: --follow streams the current attempt only", param_hint="--attempt"
+        )
     if not follow:
         with _client(url, token) as c:
-            r = c.get(f"/v1/jobs/{job_id}/logs", params={"lines": lines})
+            params = {"lines": lines} if attempt is None else {"lines": lines, "attempt": attempt}
+            r = c.get(f"/v1/jobs/{job_id}/logs", params=params)
             if r.status_code >= 400:
                 _check(r)
             sys.stdout.write(r.text)

@@ -77,6 +77,10 @@ class ConfigTooLarge(ValueError):
     """A config that could not reach the driver (422)."""
 
 
+class OutOfRange(ValueError):
+    """A request parameter outside what the job has (422)."""
+
+
 class Service:
     """What the routes share: settings, the job store, Ray, the metrics registry and the reconciler."""
 
@@ -369,13 +373,21 @@ class Service:
         return added
 
     # -- logs
-    async def logs(self, job_id: str, who: Token, lines: int) -> str:
-        """The last `lines` lines of the job's driver log (at most LOG_READ_BYTES of them)."""
+    async def logs(self, job_id: str, who: Token, lines: int, attempt: int | None = None) -> str:
+        """The last `lines` lines of the job's driver log (at most LOG_READ_BYTES of them): the current
+        attempt's, or attempt N's (0 = the first submission, N = restart N) while Ray keeps it."""
         job = await run_in_threadpool(self.get_job, job_id, who)
-        if not job.submitted:
+        restarts = job.restarts or 0
+        if attempt is not None and attempt > restarts:
+            raise OutOfRange(
+                f"attempt = {attempt}: job {job_id} has attempts 0..{restarts} (0 = the first submission, "
+                f"N = restart N)"
+            )
+        if not job.submitted and (attempt is None or attempt == restarts):
             return ""
+        ray_id = job.ray_id if attempt is None else ray_submission_id(job.id, attempt)
         try:
-            return await run_in_threadpool(self.ray.log_tail, job.ray_id, lines, LOG_READ_BYTES)
+            return await run_in_threadpool(self.ray.log_tail, ray_id, lines, LOG_READ_BYTES)
         except JobNotFound:
             return ""
 

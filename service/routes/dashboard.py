@@ -4,6 +4,7 @@ are plotly.js as the `plotly` package ships it."""
 
 from __future__ import annotations
 
+import functools
 from importlib import resources
 from importlib.metadata import version
 from pathlib import Path
@@ -25,10 +26,15 @@ CSP = (
 HEADERS = {"Content-Security-Policy": CSP, "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer"}
 
 
+@functools.cache
+def _index_html() -> str:
+    """The page, read once per process (it changes only with the installed package)."""
+    return (UI / "index.html").read_text().replace("{{PLOTLY}}", PLOTLY)
+
+
 @router.get("/")
 def index() -> Response:
-    html = (UI / "index.html").read_text().replace("{{PLOTLY}}", PLOTLY)
-    return Response(html, media_type="text/html", headers={**HEADERS, "Cache-Control": "no-cache"})
+    return Response(_index_html(), media_type="text/html", headers={**HEADERS, "Cache-Control": "no-cache"})
 
 
 @router.get("/ui/{name}")

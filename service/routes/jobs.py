@@ -144,12 +144,20 @@ async def get_logs(
     svc: ServiceDep,
     follow: bool = False,
     lines: Annotated[int, Query(ge=1, le=100_000, description="without follow: the last N lines")] = 1000,
+    attempt: Annotated[
+        int | None,
+        Query(ge=0, le=10_000, description="without follow: attempt N's log (0 = first submission, N = restart N)"),
+    ] = None,
 ) -> Response:
-    """The driver's log: its last `lines` lines, or (follow=true) the whole log as it grows, until the
-    job ends or nothing new came for the service's stream idle limit."""
+    """The driver's log: its last `lines` lines (of the current attempt, or of `attempt` after restarts),
+    or (follow=true) the current attempt's whole log as it grows, until the job ends or nothing new came
+    for the service's stream idle limit."""
+    if follow and attempt is not None:
+        raise HTTPException(422, f"attempt = {attempt}: follow streams the current attempt only; leave one out")
     if not follow:
         try:
-            return PlainTextResponse(await svc.logs(job_id, who, min(lines, svc.settings.log_tail_max_lines)))
+            limit = min(lines, svc.settings.log_tail_max_lines)
+            return PlainTextResponse(await svc.logs(job_id, who, limit, attempt))
         except RayUnavailable as e:
             raise HTTPException(503, f"Ray is not reachable: {e}") from None
     await run_in_threadpool(svc.get_job, job_id, who)  # 404/403 before the stream starts

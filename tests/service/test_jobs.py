@@ -302,6 +302,15 @@ def test_a_killed_driver_and_a_killed_learner_are_restarted_from_the_checkpoint(
                 "restart 1 of 2 from its step-2 checkpoint",
                 "restart 2 of 2 from its step-4 checkpoint",
             ]
+            # each attempt's own driver log stays readable; the default is the current (last) one
+            logs = f"/v1/jobs/{job['id']}/logs"
+            first_log, last_log = (c.get(logs, params={"attempt": n}).text for n in (0, 2))
+            assert "step 1 |" in first_log and "resumed from" not in first_log, first_log[-2000:]
+            assert "resumed from" in last_log and "at step 4" in last_log and "step 6 |" in last_log, last_log[-2000:]
+            assert c.get(logs).text == last_log
+            r = c.get(logs, params={"attempt": 3})
+            assert r.status_code == 422 and "attempt = 3" in r.json()["detail"] and "0..2" in r.json()["detail"], r.text
+            assert c.get(logs, params={"attempt": 0, "follow": True}).status_code == 422
         _one_tracked_run_across_the_attempts(run.path, mlflow_uri, metrics)
         env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
         out = subprocess.run([sys.executable, "-m", "service.cli", "status", job["id"]], cwd=ROOT, env=env,
