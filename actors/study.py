@@ -220,7 +220,8 @@ def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
             "eval_first": _mean_sd(first) if first else None,
             "eval_final": _mean_sd(final) if final else None,
             "eval_best": _mean_sd(best) if best else None,
-            "eval_final_by_seed": dict(zip(sorted(runs), final, strict=False)),
+            "eval_final_by_seed": {s: e[-1][1] for s, e in sorted(evals.items()) if e},
+            "eval_best_by_seed": {s: max(v for _, v in e) for s, e in sorted(evals.items()) if e},
             "step_s": _mean_sd(step_s),
             "entropy": _entropy_pattern(runs),
         }
@@ -232,17 +233,22 @@ def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
 
 
 def _entropy_pattern(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
-    """First and last step of every seed: share below 0.01, p80 (mean over seeds), forking tokens of seed 1."""
+    """First and last step of every seed: share below 0.01 and p80 (mean over seeds), and the 20 tokens
+    kept most often, their kept counts summed over the seeds (ties: first seen first)."""
     pat: dict[str, Any] = {}
     for which, pick in (("first", 0), ("last", -1)):
         rows = [rs[pick] for rs in runs.values() if rs]
         below = [r["entropy/frac_below_0.01"] for r in rows if "entropy/frac_below_0.01" in r]
         p80 = [r["entropy/p80"] for r in rows if "entropy/p80" in r]
-        tokens: list[dict[str, Any]] = next((r["forking_tokens"] for r in rows if r.get("forking_tokens")), [])
+        kept: dict[int, list[Any]] = {}  # token id -> [text, kept count over seeds]
+        for r in rows:
+            for t in r.get("forking_tokens") or []:
+                kept.setdefault(t["id"], [t["text"], 0])[1] += t["kept"]
+        top = sorted(kept.values(), key=lambda tc: -tc[1])[:20]  # stable: ties keep their first-seen order
         pat[which] = {
             "frac_below_0.01": statistics.fmean(below) if below else None,
             "p80": statistics.fmean(p80) if p80 else None,
-            "forking_tokens": [t["text"] for t in tokens[:20]],
+            "forking_tokens": [text for text, _ in top],
         }
     return pat
 
@@ -251,21 +257,26 @@ def _fmt(ms: tuple[float, float] | None, digits: int = 3) -> str:
     return "-" if ms is None else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
 
 
+def _by_seed(values: dict[Any, float]) -> str:
+    return " / ".join(f"{v:.3f}" for _, v in sorted(values.items(), key=lambda kv: int(kv[0])))
+
+
 def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
     lines = [
         f"Study `{spec.name}`: held-out greedy accuracy (mean ± sd over seeds), wall time per step.\n",
-        "| arm | seeds | steps | first eval* | final eval | best eval | s / step |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| arm | seeds | steps | first eval* | final eval | final, by seed | best eval | best, by seed | s / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for a in arms.values():
         lines.append(
             f"| {a['label']} | {len(a['seeds'])} | {a['steps']} | {_fmt(a['eval_first'])} | {_fmt(a['eval_final'])} "
-            f"| {_fmt(a['eval_best'])} | {_fmt(a['step_s'], 1)} |"
+            f"| {_by_seed(a['eval_final_by_seed'])} | {_fmt(a['eval_best'])} | {_by_seed(a['eval_best_by_seed'])} "
+            f"| {_fmt(a['step_s'], 1)} |"
         )
     lines += ["", "\\* at step trainer.eval_every: none is made before the first update.", ""]
     lines += [
-        "| arm | step | share of tokens with H < 0.01 | p80 of H "
-        "| most frequent kept tokens (forking tokens under highest) |",
+        "| arm | step | share of tokens with H < 0.01 (mean over seeds) | p80 of H "
+        "| 20 tokens kept most often, over the seeds (the forking tokens under highest) |",
         "| --- | --- | --- | --- | --- |",
     ]
     for a in arms.values():

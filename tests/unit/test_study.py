@@ -22,14 +22,15 @@ def test_summary_takes_mean_and_sd_over_seeds(tmp_path):
         seeds=[1, 2],
         reference={"label": "paper", "p80": 0.672},
     )
-    tok = [{"id": 5, "text": " so", "kept": 3, "dropped": 1}]
+    tok = [{"id": 5, "text": " so", "kept": 3, "dropped": 1}, {"id": 7, "text": " wait", "kept": 2, "dropped": 0}]
     _write(tmp_path, "top-s1", [
         {"step": 1, "timing/step": 10.0, "entropy/p80": 0.5, "entropy/frac_below_0.01": 0.4, "forking_tokens": tok},
         {"step": 2, "timing/step": 12.0, "eval/reward_mean": 0.2},
         {"step": 3, "timing/step": 14.0, "eval/reward_mean": 0.3, "entropy/p80": 0.3, "entropy/frac_below_0.01": 0.6},
     ])  # fmt: skip
     _write(tmp_path, "top-s2", [
-        {"step": 1, "timing/step": 20.0, "entropy/p80": 0.7, "entropy/frac_below_0.01": 0.2},
+        {"step": 1, "timing/step": 20.0, "entropy/p80": 0.7, "entropy/frac_below_0.01": 0.2,
+         "forking_tokens": [{"id": 7, "text": " wait", "kept": 4, "dropped": 0}]},
         {"step": 2, "timing/step": 20.0, "eval/reward_mean": 0.1},
         {"step": 3, "timing/step": 20.0, "eval/reward_mean": 0.25, "entropy/p80": 0.5, "entropy/frac_below_0.01": 0.4},
     ])  # fmt: skip
@@ -43,11 +44,16 @@ def test_summary_takes_mean_and_sd_over_seeds(tmp_path):
     assert top["entropy"]["first"] == {
         "frac_below_0.01": pytest.approx(0.3),
         "p80": pytest.approx(0.6),
-        "forking_tokens": [" so"],
+        "forking_tokens": [" wait", " so"],  # kept counts summed over the seeds: 2 + 4 = 6 against 3
     }
     assert top["entropy"]["last"]["p80"] == pytest.approx(0.4)
     table = (tmp_path / "table.md").read_text()
-    assert "| highest | 2 | 3 | 0.150 ± 0.071 | 0.275 ± 0.035 | 0.275 ± 0.035 | 16.0 ± 5.7 |" in table
+    assert top["eval_final_by_seed"] == {1: 0.3, 2: 0.25} and top["eval_best_by_seed"] == {1: 0.3, 2: 0.25}
+    row = (
+        "| highest | 2 | 3 | 0.150 ± 0.071 | 0.275 ± 0.035 | 0.300 / 0.250 | 0.275 ± 0.035 | 0.300 / 0.250 "
+        "| 16.0 ± 5.7 |"
+    )
+    assert row in table, table
     assert "| paper | - | - | 0.672 | - |" in table
     assert (tmp_path / "curves.png").stat().st_size > 1000
 
