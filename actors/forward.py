@@ -77,7 +77,9 @@ def response_hidden_shared(base: Any, mb: MicroBatch) -> torch.Tensor:
             attn = torch.cat([p_mask[sel], own], 1)  # [b, width + r_c - 1]
             pos = p_len[sel][:, None] + steps[None, :]
             r_in = r_emb[chunk, : r_c - 1]  # tokens 0..r_c-2 predict 1..r_c-1
-            h_c = base(inputs_embeds=r_in, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True)[0]
+            h_c = base(
+                inputs_embeds=r_in, attention_mask=attn, position_ids=pos, past_key_values=cache, use_cache=True
+            )[0]
             outs.append(F.pad(h_c, (0, 0, 0, r - r_c)))  # [b, R - 1, H]
             rows.append(chunk)
         order = torch.cat(rows)
