@@ -10,7 +10,6 @@ import datetime as dt
 import hashlib
 import json
 import logging
-import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -34,6 +33,7 @@ from actors.contract import (
     parse_metric_line,
 )
 from service.db import Job, Token, migrate, now, ray_submission_id
+from service.failures import failure_reason, infrastructure_failure
 from service.policy import check_job
 from service.rayjobs import JobNotFound, LocalRayHead, RayJobs, RayUnavailable
 from service.settings import Settings
@@ -560,42 +560,3 @@ class Service:
             if job.state == JobState.PENDING.value and job.submitted:
                 self.store.set_state(db, job, JobState.RUNNING.value, "training")
         return added
-
-
-# what says the failure was the cluster's, not the job's own: a process killed by a signal, an actor,
-# worker, node or the job's supervisor that died, memory, a timeout
-_INFRA = re.compile(
-    r"exit code (-\d+|129|13\d|14\d|15\d)\b|ActorDiedError|RayActorError|ActorUnavailableError|NodeDiedError|"
-    r"WorkerCrashedError|OutOfMemoryError|supervisor|raylet|node .* died|TimeoutError|timed out|weight_sync_timeout_s",
-    re.IGNORECASE,
-)
-
-
-def infrastructure_failure(message: str) -> bool:
-    """Whether Ray's failure message points at a death or a timeout rather than at the job's own error
-    (a job that made no progress is restarted only for these)."""
-    return bool(_INFRA.search(message))
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_EXCEPTION = re.compile(r"^([A-Za-z_][\w.]*)?(Error|Exception|Exit)\b[^\n]*:")
-
-
-def failure_reason(message: str, log: str = "", limit: int = 1500) -> str:
-    """What a person needs from a failed attempt: the first line of Ray's message (how it ended) and the
-    driver's last exception with Ray's details under it (`class_name: Learner` names the actor that
-    died), looked for in the driver's log (Ray's message carries only its last 10 lines, often the
-    engines' shutdown), else the message's last lines; at most `limit` characters."""
-    head, _, tail = message.strip().partition(", last available logs")
-    tail_lines = tail.splitlines()[1:]  # after "(truncated to N chars):"
-    block: list[str] = []
-    for text in (log, "\n".join(tail_lines)):
-        lines = [_ANSI.sub("", ln).rstrip() for ln in text.splitlines() if ln.strip()]
-        where = next((i for i in range(len(lines) - 1, -1, -1) if _EXCEPTION.match(lines[i])), None)
-        if where is not None:
-            block = [lines[where]] + [ln for ln in lines[where + 1 : where + 8] if ln.startswith(("\t", " "))]
-            break
-    if not block:
-        block = [_ANSI.sub("", ln).rstrip() for ln in tail_lines if ln.strip()][-8:]
-    text = "\n".join([head.strip(), *block]).strip()
-    return text[:limit] if text else "no reason given by Ray"

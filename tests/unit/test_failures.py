@@ -3,7 +3,7 @@ the reason it shows (pure functions of Ray's message and the driver's log)."""
 
 from __future__ import annotations
 
-from service.core import failure_reason, infrastructure_failure
+from service.failures import failure_reason, infrastructure_failure
 
 HEAD = "Job entrypoint command failed with exit code 1, last available logs (truncated to 20,000 chars):\n"
 TRACE = """Traceback (most recent call last):
