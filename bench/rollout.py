@@ -4,8 +4,8 @@ runtime that vLLM's CPU guide preloads (tcmalloc, Intel OpenMP).
 Each case runs in its own process, one after the other: the same 8 prompts (bench/vs_trl.py's data,
 through the chat template) x 8 completions, at most 64 new tokens, temperature 1, a fixed sampling
 seed (so both generate the same tokens), SmolLM2-135M-Instruct in float32, the engine settings of
-actors.rollout.RolloutEngine. "plain" builds `vllm.LLM` in a plain process; "pool" starts a local Ray
-and generates through actors.rollout.RolloutPool (a Ray actor holding the engine, token ids in,
+actors.rollout.engine.RolloutEngine. "plain" builds `vllm.LLM` in a plain process; "pool" starts a local Ray
+and generates through actors.rollout.pool.RolloutPool (a Ray actor holding the engine, token ids in,
 completions with log-probs out). Times are the median of --rounds generations after one warm-up.
 
     python bench/rollout.py                       # all four cases; bench/results/rollout.json
@@ -32,9 +32,9 @@ N, MAX_TOKENS, PROMPTS = 8, 64, 8
 
 
 def prompts_ids(model_path: str) -> list[list[int]]:
-    from actors.config import DataConfig, JsonlData
-    from actors.data import load_examples, render_prompt
-    from actors.runtime import load_tokenizer
+    from actors.common.config import DataConfig, JsonlData
+    from actors.driver.data import load_examples, render_prompt
+    from actors.driver.runtime import load_tokenizer
     from bench.vs_trl import write_prompts
 
     data = ROOT / "runs" / "bench-rollout" / "prompts.jsonl"
@@ -46,8 +46,8 @@ def prompts_ids(model_path: str) -> list[list[int]]:
 
 
 def worker(kind: str, rounds: int) -> dict[str, Any]:
-    from actors.config import RolloutConfig
-    from actors.models import resolve_model_path
+    from actors.common.config import RolloutConfig
+    from actors.common.models import resolve_model_path
 
     model_path = resolve_model_path("smollm2-135m-instruct")
     prompts = prompts_ids(model_path)
@@ -76,7 +76,7 @@ def worker(kind: str, rounds: int) -> dict[str, Any]:
     else:
         import ray
 
-        from actors.rollout import RolloutPool
+        from actors.rollout.pool import RolloutPool
 
         ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
         pool = RolloutPool(model_path, cfg, "float32", SEED)

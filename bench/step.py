@@ -3,11 +3,11 @@
 Runs ../shared/bench/step_anchor.py first (its rows: the step with fp32 log_softmax + gather and no
 filter, plus row-chunked and torch.compile'd entropy, and threshold selections over 67M tokens),
 then the same slice the way forkrl's learner does it (learner.entropy_pass = fused): logits =
-hidden @ W^T, log-probs and entropy from one read of the logits (actors.logits), the exact global
-threshold and masks of `actors.entropy_filter.plan_step`, loss, backward. Rows:
+hidden @ W^T, log-probs and entropy from one read of the logits (actors.learner.logits), the exact global
+threshold and masks of `actors.algo.entropy_filter.plan_step`, loss, backward. Rows:
     forkrl_step_no_filter   log-probs only, every token in the loss
     forkrl_step_filter      log-probs + entropy, top-rho mask from the global threshold
-    forkrl_threshold        actors.grpo.entropy_threshold over the paper-scale token count
+    forkrl_threshold        actors.algo.selection.entropy_threshold over the paper-scale token count
 `overhead_vs_no_filter` is relative to forkrl_step_no_filter (medians of interleaved rounds).
 Goal: the filter adds <= 3%.
 
@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT))
 
 from anchors import load_anchor  # noqa: E402  (bench/ is on the path when run as a script)
 
-from actors.entropy_filter import plan_step  # noqa: E402
-from actors.grpo import entropy_threshold  # noqa: E402
-from actors.logits import token_logprobs, token_logprobs_and_entropy  # noqa: E402
+from actors.algo.entropy_filter import plan_step  # noqa: E402
+from actors.algo.selection import entropy_threshold  # noqa: E402
+from actors.learner.logits import token_logprobs, token_logprobs_and_entropy  # noqa: E402
 
 
 def main() -> None:

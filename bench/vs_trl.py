@@ -119,9 +119,9 @@ def run_trl_worker(work: Path, data: Path, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from actors.config import NumericVerifier
-    from actors.models import resolve_model_path
-    from actors.reward import build_verifier
+    from actors.common.config import NumericVerifier
+    from actors.common.models import resolve_model_path
+    from actors.reward.verifiers import build_verifier
 
     torch.set_num_threads(os.cpu_count() or 1)
     _, _, score = build_verifier(NumericVerifier())

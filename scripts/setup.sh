@@ -52,7 +52,7 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   apt_install "the PostgreSQL service tests" postgresql
 fi
 
-# The code verifier runs model output in a bubblewrap sandbox under the system python3 (actors/sandbox.py).
+# The code verifier runs model output in a bubblewrap sandbox under the system python3 (actors/reward/sandbox.py).
 if ! command -v bwrap >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1 || ! [ -x /usr/bin/python3 ]; then
   apt_install "the code verifier's sandbox and its tests" bubblewrap util-linux python3
 fi
@@ -69,6 +69,6 @@ if ! ls /usr/lib/*/libtcmalloc_minimal.so.4 /usr/lib/libtcmalloc_minimal.so.4 >/
 fi
 
 if [ "${SKIP_MODEL:-0}" != "1" ]; then
-  "$VENV/bin/python" -m actors.models ensure smollm2-135m-instruct
+  "$VENV/bin/python" -m actors.common.models ensure smollm2-135m-instruct
 fi
 

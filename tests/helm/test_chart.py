@@ -253,7 +253,7 @@ def test_helm_test_hook_calls_healthz(chart):
 
 
 def test_example_rayjob_validates_and_its_config_loads():
-    from actors.config import load_config
+    from actors.common.config_load import load_config
 
     job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
     jsonschema.validate(job, CRD_SCHEMAS["RayJob"])

@@ -1,7 +1,7 @@
 import pytest
 
-from actors.config import load_config
-from actors.models import resolve_model_path
+from actors.common.config_load import load_config
+from actors.common.models import resolve_model_path
 
 
 @pytest.fixture(scope="session")

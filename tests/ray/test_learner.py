@@ -8,8 +8,8 @@ import socket
 import pytest
 import torch
 
-from actors.batch import TrainSequence
-from actors.config import AlgorithmConfig, LearnerConfig, RolloutConfig
+from actors.common.batch import TrainSequence
+from actors.common.config import AlgorithmConfig, LearnerConfig, RolloutConfig
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def _batch() -> list[TrainSequence]:
 
 def _step(tiny_path, port, stage, grad_clip=1.0, entropy_pass="fused", **learner):
     """(grad_norm, update of every weight) of one step on 6 sequences in 2 micro-batches."""
-    from actors.learner import Learner
+    from actors.learner.actor import Learner
 
     learner_cfg = LearnerConfig(
         zero_stage=stage, lr=1e-3, grad_clip=grad_clip, micro_batch_size=4, entropy_pass=entropy_pass, **learner
@@ -94,7 +94,7 @@ def _optimizer_tensors(learner) -> dict[str, torch.Tensor]:
 def test_checkpoint_restores_weights_optimizer_and_rng(tiny_path, port, tmp_path):
     # save after one step; a second step changes weights, Adam moments and the RNG; loading the
     # checkpoint must bring back exactly what was saved (compared, not assumed)
-    from actors.learner import Learner
+    from actors.learner.actor import Learner
 
     learner = Learner(tiny_path, LearnerConfig(zero_stage=0, lr=1e-2, micro_batch_size=4), AlgorithmConfig(),
                       RolloutConfig(), 0, "float32", os.cpu_count() or 1)  # fmt: skip

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from actors.batch import TrainSequence
-from actors.config import load_config
-from actors.contract import RunDir
-from actors.train import train
+from actors.common.batch import TrainSequence
+from actors.common.config_load import load_config
+from actors.common.contract import RunDir
+from actors.driver.loop import train
 
 from .conftest import tiny_config
 
@@ -45,8 +45,8 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
     import ray
     from transformers import AutoTokenizer
 
-    from actors.learner import LearnerGroup
-    from actors.rollout import RolloutPool
+    from actors.learner.group import LearnerGroup
+    from actors.rollout.pool import RolloutPool
 
     cfg = tiny_config(tmp_path, "rollout.max_new_tokens=12", "algorithm.kl_coef=0.05", "learner.lr=1e-2")
     rollout = RolloutPool(tiny_path, cfg.rollout, "float32", 0)
@@ -127,7 +127,7 @@ def test_three_steps_two_learners_and_the_reward_rises(ray_local, tmp_path):
     # the final export loads in transformers and in vLLM
     from transformers import AutoModelForCausalLM
 
-    from actors.rollout import RolloutPool
+    from actors.rollout.pool import RolloutPool
 
     assert AutoModelForCausalLM.from_pretrained(summary["export"]).num_parameters() > 0
     pool = RolloutPool(summary["export"], cfg.rollout, "float32", 0)
@@ -221,7 +221,7 @@ def test_readme_ray_job_submit_recipe(machine, tmp_path):
 
 
 def resolve_cache() -> Path:
-    from actors.models import cache_dir
+    from actors.common.models import cache_dir
 
     return cache_dir()
 
@@ -258,7 +258,7 @@ def test_one_learner_and_two_learners_take_the_same_step(ray_local, tiny_path, t
     import ray
     from safetensors.torch import load
 
-    from actors.learner import LearnerGroup
+    from actors.learner.group import LearnerGroup
 
     cfg = tiny_config(tmp_path, "learner.zero_stage=2", "learner.micro_batch_size=2")
     g = torch.Generator().manual_seed(0)

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from actors.checkpoint import latest_checkpoint, save_checkpoint
-from actors.contract import RunDir
+from actors.common.contract import RunDir
+from actors.driver.checkpoint import latest_checkpoint, save_checkpoint
 
 
 class _Shards:

@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from actors.config import ConfigError, JobConfig, load_config
+from actors.common.config import JobConfig
+from actors.common.config_load import ConfigError, load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 

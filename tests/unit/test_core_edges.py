@@ -7,18 +7,11 @@ import math
 import pytest
 import torch
 
-from actors.config import AlgorithmConfig as A
-from actors.grpo import (
-    EntropyThreshold,
-    entropy_stats,
-    entropy_threshold,
-    high_entropy_mask,
-    loss_normalizer,
-    num_kept,
-    policy_loss,
-    selection_values,
-)
-from actors.logits import token_logprobs_and_entropy
+from actors.algo.loss import loss_normalizer, policy_loss
+from actors.algo.selection import EntropyThreshold, entropy_threshold, high_entropy_mask, num_kept, selection_values
+from actors.algo.stats import entropy_stats
+from actors.common.config import AlgorithmConfig as A
+from actors.learner.logits import token_logprobs_and_entropy
 
 
 def test_refusals_name_what_is_wrong():
@@ -126,7 +119,7 @@ def test_logged_threshold_is_the_steps_not_the_micro_batchs():
 
 
 def test_triton_on_cpu_only_when_both_switches_are_set_and_never_when_disabled(monkeypatch):
-    from actors.logits import _use_triton
+    from actors.learner.logits import _use_triton
 
     cpu = torch.zeros(1, 2)
     for name in ("FORKRL_DISABLE_TRITON", "TRITON_INTERPRET", "FORKRL_TRITON_ON_CPU"):
@@ -141,7 +134,7 @@ def test_triton_on_cpu_only_when_both_switches_are_set_and_never_when_disabled(m
 
 
 def test_plan_step_refuses_micro_batches_without_their_masks():
-    from actors.entropy_filter import plan_step
+    from actors.algo.entropy_filter import plan_step
 
     h = [torch.ones(1, 2), torch.ones(1, 2)]
     with pytest.raises(ValueError, match="zip"):
@@ -150,7 +143,7 @@ def test_plan_step_refuses_micro_batches_without_their_masks():
 
 def test_the_chunked_path_computes_in_float32_whatever_the_default_dtype():
     # buffers and outputs are float32 by contract: a float64 default must change neither dtype nor a bit
-    from actors.logits import _forward_chunked
+    from actors.learner.logits import _forward_chunked
 
     g = torch.Generator().manual_seed(1)
     z, ids = torch.randn(6, 11, generator=g), torch.randint(0, 11, (6,), generator=g)

@@ -5,9 +5,10 @@ import time
 
 import pytest
 
-from actors.config import DataConfig, RewardConfig
-from actors.data import PromptSampler, load_eval_examples, load_examples
-from actors.reward import RewardWorker, last_number
+from actors.common.config import DataConfig, RewardConfig
+from actors.driver.data import PromptSampler, load_eval_examples, load_examples
+from actors.reward.pool import RewardWorker
+from actors.reward.verifiers import last_number
 
 
 def test_builtin_arithmetic_is_seeded_and_correct():

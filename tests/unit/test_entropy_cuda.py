@@ -10,9 +10,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (compiled Triton path)")
 
 if torch.cuda.is_available():
-    from actors.grpo import entropy_threshold, kth_largest
-    from actors.kernels import entropy_triton as kt
-    from actors.logits import token_entropy, token_logprobs_and_entropy
+    from actors.algo.selection import entropy_threshold, kth_largest
+    from actors.learner.kernels import entropy_triton as kt
+    from actors.learner.logits import token_entropy, token_logprobs_and_entropy
 
 
 def _reference(z, ids, t):

@@ -6,8 +6,8 @@ import pytest
 import torch
 import transformers
 
-from actors.batch import TrainSequence, collate, prompt_runs
-from actors.forward import length_chunks, response_hidden_full, response_hidden_shared
+from actors.common.batch import TrainSequence, collate, prompt_runs
+from actors.learner.forward import length_chunks, response_hidden_full, response_hidden_shared
 
 
 def _model():

@@ -5,18 +5,12 @@ import math
 import pytest
 import torch
 
-from actors.config import AlgorithmConfig as A
-from actors.grpo import (
-    entropy_stats,
-    entropy_threshold,
-    group_advantages,
-    high_entropy_mask,
-    kth_largest,
-    num_kept,
-    policy_loss,
-    token_entropy,
-    token_logprobs,
-)
+from actors.algo.advantages import group_advantages
+from actors.algo.loss import policy_loss
+from actors.algo.selection import entropy_threshold, high_entropy_mask, kth_largest, num_kept
+from actors.algo.stats import entropy_stats
+from actors.common.config import AlgorithmConfig as A
+from actors.learner.logits import token_entropy, token_logprobs
 
 
 def test_entropy_of_uniform_and_one_hot():
@@ -249,7 +243,7 @@ def test_forking_tokens_count_their_drops():
 
 def test_overlong_penalty():
     # max 64, buffer 16: free up to 48; 56 -> -(8/16) = -0.5; 64 -> -1.0 (times penalty 1)
-    from actors.grpo import overlong_penalty
+    from actors.algo.advantages import overlong_penalty
 
     got = overlong_penalty(torch.tensor([10, 48, 56, 64]), 64, 16)
     assert got.tolist() == [0.0, 0.0, -0.5, -1.0]
@@ -271,13 +265,13 @@ def test_group_advantages_edge_cases():
 
 
 def test_groups_with_signal_of_one():
-    from actors.grpo import groups_with_signal
+    from actors.algo.advantages import groups_with_signal
 
     assert groups_with_signal(torch.tensor([1.0, 0.0]), 1).tolist() == [False, False]  # one answer: no spread
 
 
 def test_merge_keeps_as_many_forking_tokens_as_the_longest_list():
-    from actors.grpo import merge_step_metrics
+    from actors.algo.metrics import merge_step_metrics
 
     # counts 5:2, 7:1+3 = 4, 9:1 -> the 2 most common, as each step logged 2
     m = merge_step_metrics(
@@ -297,7 +291,7 @@ def test_merge_keeps_as_many_forking_tokens_as_the_longest_list():
 
 
 def test_overlong_penalty_edges():
-    from actors.grpo import overlong_penalty
+    from actors.algo.advantages import overlong_penalty
 
     # buffer 1, max 4: free up to 3, length 4 -> -1.0; beyond the hard limit the penalty stays at -1
     assert overlong_penalty(torch.tensor([3, 4, 9]), 4, 1).tolist() == [0.0, -1.0, -1.0]
@@ -305,7 +299,7 @@ def test_overlong_penalty_edges():
 
 
 def test_token_logprobs_passes_the_chunk_size_on():
-    from actors.logits import token_logprobs
+    from actors.learner.logits import token_logprobs
 
     with pytest.raises(ValueError, match="chunk_size=0"):
         token_logprobs(torch.zeros(2, 3), torch.tensor([0, 1]), chunk_size=0)
@@ -345,7 +339,7 @@ def test_entropy_stats_without_a_threshold_and_empty_sides():
 
 
 def test_logits_path_defaults_checks_and_layouts():
-    from actors.logits import _rows_per_chunk, token_logprobs_and_entropy
+    from actors.learner.logits import _rows_per_chunk, token_logprobs_and_entropy
 
     # default temperature is 1: z = [0, ln 3], token 1 -> log 3/4
     z = torch.tensor([[0.0, math.log(3.0)]])

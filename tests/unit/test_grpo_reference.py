@@ -5,8 +5,10 @@ import itertools
 import pytest
 import torch
 
-from actors.config import AlgorithmConfig as A
-from actors.grpo import high_entropy_mask, policy_loss, token_entropy, token_logprobs_and_entropy
+from actors.algo.loss import policy_loss
+from actors.algo.selection import high_entropy_mask
+from actors.common.config import AlgorithmConfig as A
+from actors.learner.logits import token_entropy, token_logprobs_and_entropy
 
 from . import reference as ref
 

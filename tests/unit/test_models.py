@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from actors.models import TINY, cache_dir, ensure_model, is_complete, resolve_dtype, resolve_model_path
+from actors.common.models import TINY, cache_dir, ensure_model, is_complete, resolve_dtype, resolve_model_path
 
 REAL = cache_dir() / "smollm2-135m-instruct"
 pytestmark = pytest.mark.skipif(not is_complete(REAL), reason="model cache not built: run `make model` first")

@@ -7,18 +7,14 @@ import math
 import pytest
 import torch
 
-from actors.batch import Completion
-from actors.config import AlgorithmConfig as A
-from actors.config import ConfigError, load_config
-from actors.grpo import (
-    entropy_threshold,
-    groups_with_signal,
-    high_entropy_mask,
-    merge_step_metrics,
-    mini_batches,
-    num_kept,
-    policy_loss,
-)
+from actors.algo.advantages import groups_with_signal
+from actors.algo.batching import mini_batches
+from actors.algo.loss import policy_loss
+from actors.algo.metrics import merge_step_metrics
+from actors.algo.selection import entropy_threshold, high_entropy_mask, num_kept
+from actors.common.batch import Completion
+from actors.common.config import AlgorithmConfig as A
+from actors.common.config_load import ConfigError, load_config
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
@@ -132,9 +128,9 @@ class _Tok:
 
 
 def _collect(rounds, **algo):
-    from actors.data import PromptSampler, load_examples
-    from actors.reward import RewardWorker
-    from actors.sampling import collect
+    from actors.driver.data import PromptSampler, load_examples
+    from actors.driver.sampling import collect
+    from actors.reward.pool import RewardWorker
 
     cfg = load_config(None, ["data.prompts_per_step=2", "rollout.group_size=2", "data.use_chat_template=false",
                              *(f"algorithm.{k}={v}" for k, v in algo.items())])  # fmt: skip
@@ -155,7 +151,7 @@ def test_dynamic_sampling_refills_until_the_step_is_full():
 
 
 def test_dynamic_sampling_bound_and_empty_step():
-    from actors.sampling import training_groups
+    from actors.driver.sampling import training_groups
 
     got, _ = _collect([[["1", "1"], ["0", "0"]], [["1", "1"], ["1", "1"]]], dynamic_sampling_max_rounds=2)
     assert got.groups == [] and got.metrics["batch/sampling_bound_hit"] == 1.0 and got.metrics["batch/rounds"] == 2
@@ -170,8 +166,8 @@ def test_dynamic_sampling_bound_and_empty_step():
 
 
 def test_overlong_mask_leaves_truncated_responses_out():
-    from actors.data import Example
-    from actors.sampling import Group, training_groups
+    from actors.driver.data import Example
+    from actors.driver.sampling import Group, training_groups
 
     cfg = load_config(None, ["rollout.group_size=2", "algorithm.overlong_mask=true", "algorithm.overlong_buffer=0"])
     done, cut = Completion([1, 2], [-1.0, -1.0], "1", "stop"), Completion([3] * 64, [-1.0] * 64, "0", "length")
@@ -183,9 +179,9 @@ def test_overlong_mask_leaves_truncated_responses_out():
 
 
 def test_sampled_completions_are_marked_and_come_back_as_records():
-    from actors.batch import TokenTrace
-    from actors.data import Example
-    from actors.sampling import SAMPLE_TOKENS, Group, sample_records, training_groups
+    from actors.common.batch import TokenTrace
+    from actors.driver.data import Example
+    from actors.driver.sampling import SAMPLE_TOKENS, Group, sample_records, training_groups
 
     cfg = load_config(None, ["rollout.group_size=2", "tracking.samples_per_step=2", "algorithm.overlong_buffer=0"])
     long = Completion(list(range(600)), [-1.0] * 600, "x", "length")
@@ -213,7 +209,7 @@ def test_sampled_completions_are_marked_and_come_back_as_records():
 
 
 def test_forking_tokens_are_decoded_with_their_drops():
-    from actors.sampling import forking_tokens
+    from actors.driver.sampling import forking_tokens
 
     class Tok:
         def decode(self, ids):

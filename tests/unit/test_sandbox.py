@@ -12,9 +12,10 @@ import time
 import psutil
 import pytest
 
-from actors.config import CodeVerifier, RewardConfig
-from actors.reward import RewardWorker, build_verifier, extract_program, io_cases
-from actors.sandbox import UID_BASE, SandboxLimits, check_sandbox, run_python
+from actors.common.config import CodeVerifier, RewardConfig
+from actors.reward.pool import RewardWorker
+from actors.reward.sandbox import UID_BASE, SandboxLimits, check_sandbox, run_python
+from actors.reward.verifiers import build_verifier, extract_program, io_cases
 
 GOOD = "```python\ndef add(a, b):\n    return a + b\n```"
 TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"

@@ -8,7 +8,7 @@ import textwrap
 
 import torch
 
-from actors.grpo import entropy_threshold, high_entropy_mask
+from actors.algo.selection import entropy_threshold, high_entropy_mask
 
 
 def test_threshold_past_two_to_the_24():
@@ -30,7 +30,7 @@ def test_threshold_past_two_to_the_24():
 PROBE = textwrap.dedent(
     """
     import resource, torch
-    from actors.grpo import token_entropy, token_logprobs_and_entropy
+    from actors.learner.logits import token_entropy, token_logprobs_and_entropy
     N, V = 512, 151936
     z = torch.empty(N, V, dtype=torch.bfloat16)
     for i in range(0, N, 8):  # fill in small pieces so no large temporary raises the baseline peak

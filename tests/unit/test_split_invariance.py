@@ -10,9 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from actors.config import AlgorithmConfig as A
-from actors.entropy_filter import plan_step
-from actors.grpo import loss_normalizer, policy_loss, token_logprobs_and_entropy
+from actors.algo.entropy_filter import plan_step
+from actors.algo.loss import loss_normalizer, policy_loss
+from actors.common.config import AlgorithmConfig as A
+from actors.learner.logits import token_logprobs_and_entropy
 
 B, T, V, D = 8, 6, 13, 5
 RHO = 0.2
@@ -153,7 +154,7 @@ def test_two_real_ranks_equal_one_process(tmp_path, dtype, selection):
 def test_plan_statistics_are_those_of_the_unsplit_step():
     # the log_entropy record of a split step equals entropy_stats over the whole step's tokens, forking
     # tokens included; without log_entropy there is none
-    from actors.grpo import entropy_stats
+    from actors.algo.stats import entropy_stats
 
     hidden, w0, ids, valid, _ = _problem()
     ents = token_logprobs_and_entropy(hidden @ w0.T, ids, 0.7)[1]

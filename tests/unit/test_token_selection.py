@@ -4,8 +4,8 @@ negative control) or a seeded uniform draw of the same size (the random control)
 import pytest
 import torch
 
-from actors.config import ConfigError, validate_config
-from actors.entropy_filter import plan_step
+from actors.algo.entropy_filter import plan_step
+from actors.common.config_load import ConfigError, validate_config
 
 # one micro-batch, 5 valid tokens and a padded one; rho = 0.4 -> k = ceil(0.4 * 5) = 2
 ENT = torch.tensor([[0.5, 0.1, 0.9, 0.3, 0.7, 0.05]])

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from actors import tracking
-from actors.config import load_config
-from actors.contract import REPORT_TOKEN_ENV, RunDir
-from actors.tracking import Tracker, flat_params
+from actors.driver import tracking
+from actors.common.config_load import load_config
+from actors.common.contract import REPORT_TOKEN_ENV, RunDir
+from actors.driver.tracking import Tracker, flat_params
 from tests.wandb_log import history, run_ids
 
 SAMPLE = {"prompt": "2+3=", "answer": "5", "reward": 1.0, "tokens": ["The", " answer", " is", " 5"],

@@ -8,8 +8,8 @@ import math
 
 import torch
 
-from actors.kernels.entropy_triton import logprob_bwd, logprob_entropy_fwd
-from actors.logits import token_logprobs_and_entropy
+from actors.learner.kernels.entropy_triton import logprob_bwd, logprob_entropy_fwd
+from actors.learner.logits import token_logprobs_and_entropy
 
 
 def reference(z, ids, t):

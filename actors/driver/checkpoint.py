@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from actors.contract import RunDir
+from actors.common.contract import RunDir
 
 LOW_DISK_BYTES = 64 << 20  # a failed save with less free than this is reported as a full disk
 

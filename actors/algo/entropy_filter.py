@@ -2,7 +2,7 @@
 
 The learner computes the entropy of every micro-batch first (no gradient), then calls
 `plan_step`: valid entropies are gathered from every rank, every rank computes the same exact
-threshold from them (`actors.grpo.entropy_threshold`), tie counts are exchanged so each rank knows
+threshold from them (`actors.algo.selection.entropy_threshold`), tie counts are exchanged so each rank knows
 how many tied tokens precede it, and the step-global token counts that normalise the loss are
 summed. The masks it returns are exactly those of the unsplit batch.
 
@@ -15,18 +15,13 @@ default process group: the learners form exactly one.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from actors.grpo import (
-    EntropyThreshold,
-    count_ties,
-    entropy_stats,
-    entropy_threshold,
-    high_entropy_mask,
-    selection_values,
-)
+from actors.algo.selection import EntropyThreshold, count_ties, entropy_threshold, high_entropy_mask, selection_values
+from actors.algo.stats import entropy_stats
 
 __all__ = ["StepPlan", "plan_step", "selection_keys"]
 
@@ -38,7 +33,7 @@ class StepPlan:
     num_valid: int  # step-global valid response tokens
     num_kept: int  # step-global kept tokens (= threshold.k)
     num_sequences: int  # step-global sequences
-    stats: dict = field(default_factory=dict)  # log_entropy metrics (identical on every rank)
+    stats: dict[str, Any] = field(default_factory=dict)  # log_entropy metrics (identical on every rank)
 
 
 def _world() -> tuple[int, int]:
@@ -80,8 +75,8 @@ def selection_keys(
     n = sum(g.numel() for g in gathered)
     draws = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device="cpu")
     draws = draws.to(device=gathered[0].device, dtype=gathered[0].dtype)
-    per_rank = list(draws.split([g.numel() for g in gathered]))
-    mine = iter(per_rank[rank].split([int(m.bool().sum()) for m in valid_masks]))
+    per_rank = list(torch.split(draws, [g.numel() for g in gathered]))
+    mine = iter(torch.split(per_rank[rank], [int(m.bool().sum()) for m in valid_masks]))
     keys = [
         torch.zeros_like(selection_values(h)).masked_scatter(m.bool(), next(mine))
         for h, m in zip(entropies, valid_masks, strict=True)
@@ -128,7 +123,7 @@ def plan_step(
     if world > 1:
         dist.all_reduce(num_seqs)
 
-    stats: dict = {}
+    stats: dict[str, Any] = {}
     if log_entropy:
         # statistics over the whole step; kept flags rebuilt in canonical order from the threshold
         kept_all = high_entropy_mask(keys_all, torch.ones_like(keys_all, dtype=torch.bool), threshold=threshold)

@@ -1,12 +1,10 @@
-"""Reward verifiers and the reward pool (CPU Ray actors).
+"""Reward verifiers: each turns (completion, answer, prompt) into a score.
 
 Built in: `numeric` (the last number of the completion against the answer), `math`
 (math-verify's parse + verify, LaTeX and expressions), `regex` (format checks), `code` (the
 completion's Python program run against the answer's tests in a bubblewrap sandbox,
-actors/sandbox.py) and `plugin` (a user function given as module:function, which the control
-plane's tenancy policy gates). The reward of a completion is the weighted sum.
-A verifier that raises or exceeds `reward.timeout_s` scores 0 for that completion and is counted
-in `reward/errors` / `reward/timeouts`; it never fails the job.
+actors/reward/sandbox.py) and `plugin` (a user function given as module:function, which the control
+plane's tenancy policy gates). The reward of a completion is the weighted sum (`actors.reward.pool.RewardWorker`).
 """
 
 from __future__ import annotations
@@ -16,23 +14,19 @@ import importlib
 import json
 import re
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any
 
-from actors.config import (
+from actors.common.config import (
     CodeVerifier,
     MathVerifier,
     NumericVerifier,
     PluginVerifier,
     RegexVerifier,
-    RewardConfig,
     Verifier,
 )
-from actors.pool import ActorPool
-from actors.sandbox import SandboxLimits, check_sandbox, run_python
+from actors.reward.sandbox import SandboxLimits, check_sandbox, run_python
 
-__all__ = ["RewardWorker", "RewardPool", "build_verifier", "last_number"]
+__all__ = ["Score", "build_verifier", "extract_program", "io_cases", "last_number"]
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
 
@@ -77,7 +71,8 @@ def _plugin(path: str) -> Score:
         raise ValueError(f"reward.verifiers[].function={path!r} cannot be imported: {e}") from None
     if not callable(fn):
         raise ValueError(f"reward.verifiers[].function={path!r} is not callable")
-    return fn
+    score: Score = fn
+    return score
 
 
 _FENCED = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
@@ -147,56 +142,4 @@ def build_verifier(spec: Verifier, timeout_s: float = 5.0) -> tuple[str, float, 
         case CodeVerifier():
             check_sandbox()  # a worker that cannot sandbox fails at start, naming why, instead of scoring 0
             return spec.type, spec.weight, _code(spec, timeout_s)
-    raise TypeError(f"reward verifier {spec!r} is not one of the types of actors.config.Verifier")
-
-
-class RewardWorker:
-    """Scores (completion, answer, prompt) triples with every configured verifier."""
-
-    def __init__(self, cfg: RewardConfig) -> None:
-        self.verifiers = [build_verifier(v, cfg.timeout_s) for v in cfg.verifiers]
-        self.timeout_s = cfg.timeout_s
-        self._pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="verifier")
-
-    def score(self, items: list[tuple[str, str, Any]]) -> tuple[list[float], dict[str, float]]:
-        rewards, errors, timeouts = [], 0, 0
-        for completion, answer, prompt in items:
-            total = 0.0
-            for _name, weight, fn in self.verifiers:
-                fut = self._pool.submit(fn, completion, answer, prompt)
-                try:
-                    total += weight * float(fut.result(timeout=self.timeout_s))
-                except FutureTimeout:
-                    timeouts += 1  # the thread is abandoned; the completion scores 0 for this verifier
-                except Exception:  # noqa: BLE001 - a user verifier's failure must not fail the job
-                    errors += 1
-            rewards.append(total)
-        return rewards, {"reward/errors": float(errors), "reward/timeouts": float(timeouts)}
-
-    def ready(self) -> bool:
-        return True
-
-
-REWARD_WORKER_RESTARTS = 3  # replacements of each reward worker per job
-
-
-class RewardPool:
-    """M RewardWorker actors; items are split into contiguous shards."""
-
-    def __init__(self, cfg: RewardConfig) -> None:
-        # verifiers are light: no CPU reserved, so they never starve the rollout engines or learners
-        # a worker that dies (a verifier crashed it, its node went) is replaced and its shard scored again
-        # there: scoring is a pure function of the batch, so the step is neither lost nor counted twice
-        self.pool = ActorPool(
-            RewardWorker, cfg.num_workers, lambda i: (cfg,), num_cpus=0, resources=cfg.ray_resources,
-            restarts=REWARD_WORKER_RESTARTS,
-        )  # fmt: skip
-
-    def score(self, items: list[tuple[str, str, Any]]) -> tuple[list[float], dict[str, float]]:
-        rewards: list[float] = []
-        metrics = {"reward/errors": 0.0, "reward/timeouts": 0.0}
-        for part, m in self.pool.sharded(items, lambda w, part: w.score.remote(part)):
-            rewards.extend(part)
-            for key, v in m.items():
-                metrics[key] += v
-        return rewards, metrics
+    raise TypeError(f"reward verifier {spec!r} is not one of the types of actors.common.config.Verifier")

@@ -9,7 +9,7 @@ Cache: $FORKRL_MODEL_CACHE, else $XDG_CACHE_HOME/forkrl/models, else ~/.cache/fo
 shared by every clone. A checkpoint counts as present only when its manifest (written last)
 matches the files on disk, so a partial or corrupt cache is rebuilt.
 
-    python -m actors.models ensure smollm2-135m-instruct     # build once, print the path
+    python -m actors.common.models ensure smollm2-135m-instruct     # build once, print the path
 """
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ def _build_tiny(out: Path, root: Path) -> None:
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
     )
-    LlamaForCausalLM(cfg).save_pretrained(str(out), safe_serialization=True)
+    LlamaForCausalLM(cfg).save_pretrained(str(out), safe_serialization=True)  # type: ignore[no-untyped-call]
     tok.save_pretrained(str(out))
 
 
@@ -178,7 +178,7 @@ def resolve_model_path(name_or_path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m actors.models", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m actors.common.models", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     ens = sub.add_parser("ensure", help="build the cached checkpoint if needed and print its path")
     ens.add_argument("name", choices=sorted([*BUILTIN_MODELS, TINY]))

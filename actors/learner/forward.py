@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from actors.batch import MicroBatch
+from actors.common.batch import MicroBatch
 
 __all__ = ["length_chunks", "response_hidden_full", "response_hidden_shared"]
 
@@ -28,7 +28,8 @@ def response_hidden_full(base: Any, mb: MicroBatch) -> torch.Tensor:
     """[B, T, H] from whole sequences: input_ids / attention_mask [B, L], gather_pos [B, T]."""
     hidden = base(input_ids=mb.input_ids, attention_mask=mb.attention_mask, use_cache=False)[0]  # [B, L, H]
     idx = mb.gather_pos[..., None].expand(-1, -1, hidden.shape[-1])
-    return hidden.gather(1, idx)
+    out: torch.Tensor = hidden.gather(1, idx)
+    return out
 
 
 def response_hidden_shared(base: Any, mb: MicroBatch) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """One step's rollout: sample prompts, generate, verify - in rounds until the step holds enough groups
 with signal (DAPO dynamic sampling) - then the advantages and the training sequences.
 
-A group is kept when its verifier scores are not all equal (`actors.grpo.groups_with_signal`); the
+A group is kept when its verifier scores are not all equal (`actors.algo.advantages.groups_with_signal`); the
 shaped reward (overlong penalty) only enters the advantages. Each round draws the next
 `data.prompts_per_step` prompts from the sampler, so the data order stays a function of the
 sampler's position (checkpointed) and of the scores; the step keeps the first
@@ -20,10 +20,11 @@ from typing import Any
 
 import torch
 
-from actors.batch import Completion, TokenTrace, TrainSequence
-from actors.config import JobConfig
-from actors.data import Example, PromptSampler, render_prompt
-from actors.grpo import group_advantages, groups_with_signal, overlong_penalty
+from actors.algo.advantages import group_advantages, groups_with_signal, overlong_penalty
+from actors.algo.metrics import combine_parts
+from actors.common.batch import Completion, TokenTrace, TrainSequence
+from actors.common.config import JobConfig
+from actors.driver.data import Example, PromptSampler, render_prompt
 
 log = logging.getLogger("forkrl.sampling")
 
@@ -70,8 +71,16 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
     seen: list[Example] = []
     scores_all: list[float] = []
     lengths_all: list[int] = []
-    m: dict[str, Any] = {"timing/sample": 0.0, "timing/generate": 0.0, "timing/verify": 0.0}
-    m.update({"reward/errors": 0.0, "reward/timeouts": 0.0})
+    # each round's timings and verifier counts, added up by actors.algo.metrics
+    parts: list[dict[str, Any]] = [
+        {
+            "timing/sample": 0.0,
+            "timing/generate": 0.0,
+            "timing/verify": 0.0,
+            "reward/errors": 0.0,
+            "reward/timeouts": 0.0,
+        }
+    ]
     rounds = discarded = 0
     while rounds < rounds_max and len(kept) < need:
         rounds += 1
@@ -84,11 +93,7 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
         items = [(c.text, ex.answer, ex.prompt) for ex, group in zip(examples, outs, strict=True) for c in group]
         scores, reward_metrics = rewards.score(items)
         t3 = time.perf_counter()
-        m["timing/sample"] += t1 - t0
-        m["timing/generate"] += t2 - t1
-        m["timing/verify"] += t3 - t2
-        for key, v in reward_metrics.items():
-            m[key] = m.get(key, 0.0) + v
+        parts.append({"timing/sample": t1 - t0, "timing/generate": t2 - t1, "timing/verify": t3 - t2, **reward_metrics})
         seen += examples
         scores_all += scores
         lengths_all += [len(c.token_ids) for group in outs for c in group]
@@ -106,6 +111,7 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
         )  # fmt: skip
     kept = kept[:need]
     lengths = torch.tensor(lengths_all, dtype=torch.float32)
+    m = combine_parts(parts)
     m.update(
         {
             "data/batch_crc": batch_fingerprint(seen),
@@ -153,7 +159,7 @@ def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[Trai
     }
 
 
-def sample_records(groups: list[Group], traces: list[TokenTrace], tokenizer: Any, group_size: int) -> list[dict]:
+def sample_records(groups: list[Group], traces: list[TokenTrace], tokenizer: Any, group_size: int) -> list[dict[str, Any]]:
     """The step's sampled completions as the dashboard and the trackers show them: the prompt, the
     verifier's reward, and per response token its text, entropy and whether the filter kept it
     (at most SAMPLE_TOKENS tokens; `truncated` says when there were more)."""

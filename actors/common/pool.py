@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any, Generic, TypeVar
 
-__all__ = ["ActorPool", "shard", "gather"]
+__all__ = ["ActorPool", "OnDeath", "shard", "gather"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -37,26 +37,49 @@ def shard(items: Sequence[T], k: int) -> list[list[T]]:
     return out
 
 
+OnDeath = Callable[[int, Exception], Any]
+
+
 def gather(
-    refs: list[Any], timeout_s: float | None = None, labels: list[str] | None = None, fetch: bool = True
+    refs: list[Any],
+    timeout_s: float | None = None,
+    labels: list[str] | None = None,
+    fetch: bool = True,
+    on_death: OnDeath | None = None,
 ) -> list[Any]:
     """ray.get of several calls that fails as soon as one of them fails: a dead actor's error (which
     names its class and id) is raised at once, not after the others return - they may never return
     when they wait for the dead one in a collective. With timeout_s, a TimeoutError names the calls
-    (`labels`, one per ref) still running then. Results in the order of refs (fetch=False: only wait)."""
+    (`labels`, one per ref) still running then. Results in the order of refs (fetch=False: only wait).
+
+    on_death(i, error): called when call i's actor died (RayActorError); it returns the ObjectRef
+    to wait for in its place (the call again on a replacement) or raises. The deadline holds
+    throughout. This is the one deadline-and-gather loop of every pool call."""
     import time
 
     import ray
+    from ray.exceptions import RayActorError
 
-    pending, deadline = list(refs), None if timeout_s is None else time.monotonic() + timeout_s
+    pending = dict(enumerate(refs))
+    results: dict[int, Any] = {}
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while pending:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        done, pending = ray.wait(pending, num_returns=1, timeout=left)
+        done, _ = ray.wait(list(pending.values()), num_returns=1, timeout=left)
         if not done:
-            busy = [labels[refs.index(r)] if labels else str(r) for r in pending]
+            busy = [labels[i] if labels else str(r) for i, r in pending.items()]
             raise TimeoutError(f"{', '.join(busy)} did not finish within {timeout_s:.0f} s")
-        ray.get(done)  # raises the failure of the call that just finished, if it failed
-    return list(ray.get(refs)) if fetch else list(refs)
+        i = next(i for i, r in pending.items() if r == done[0])
+        try:
+            value = ray.get(done[0])  # raises the failure of the call that just finished, if it failed
+        except RayActorError as e:
+            if on_death is None:
+                raise
+            pending[i] = on_death(i, e)
+            continue
+        del pending[i]
+        results[i] = value if fetch else refs[i]
+    return [results[i] for i in range(len(refs))]
 
 
 class ActorPool(Generic[T]):
@@ -76,6 +99,7 @@ class ActorPool(Generic[T]):
         retry_calls: bool = True,
         call_timeout_s: float | None = None,
         timeout_setting: str = "",
+        name: str = "",
     ) -> None:
         import ray
 
@@ -85,7 +109,8 @@ class ActorPool(Generic[T]):
         if resources:
             options["resources"] = resources
         cls = ray.remote(**options)(role)
-        self.role, self.call_timeout_s, self.timeout_setting = role.__name__, call_timeout_s, timeout_setting
+        # how errors name an actor: "<name> <index>" (the role's class name unless given)
+        self.role, self.call_timeout_s, self.timeout_setting = name or role.__name__, call_timeout_s, timeout_setting
         self.actors: list[Any] = [cls.remote(*args(i)) for i in range(n)]
         if wait_ready:
             self.all(lambda a: a.ready.remote())
@@ -104,9 +129,16 @@ class ActorPool(Generic[T]):
         ranks = [i for i, part in enumerate(parts) if part]
         return self.gather([call(self.actors[i], parts[i]) for i in ranks], ranks)
 
-    def gather(self, refs: list[Any], ranks: list[int], fetch: bool = True) -> list[Any]:
-        """`gather` with this pool's call timeout; a timeout names the actors (role and index) still busy."""
+    def gather(
+        self, refs: list[Any], ranks: list[int], fetch: bool = True, on_death: OnDeath | None = None,
+        timeout_s: float | None = None, timeout_setting: str | None = None,
+    ) -> list[Any]:  # fmt: skip
+        """`gather` with this pool's call timeout (or timeout_s, named by timeout_setting); a timeout
+        names the actors (role and index) still busy; on_death(i, error) gets the actor's index i."""
+        timeout = self.call_timeout_s if timeout_s is None else timeout_s
+        setting = timeout_setting or self.timeout_setting or "call timeout"
+        hook = None if on_death is None else (lambda j, e: on_death(ranks[j], e))
         try:
-            return gather(refs, self.call_timeout_s, [f"{self.role} {i}" for i in ranks], fetch)
+            return gather(refs, timeout, [f"{self.role} {i}" for i in ranks], fetch, hook)
         except TimeoutError as e:
-            raise TimeoutError(f"{e} ({self.timeout_setting or 'call timeout'})") from None
+            raise TimeoutError(f"{e} ({setting})") from None

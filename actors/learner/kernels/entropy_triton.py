@@ -23,6 +23,7 @@ interpreter (CPU tests) a fixed configuration runs, and every variant is checked
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import triton
@@ -33,8 +34,8 @@ LN2 = tl.constexpr(0.6931471805599453)
 D_MIN = tl.constexpr(-200.0)  # clamp for d = y - m: 2^-200 underflows to 0 in fp32
 
 
-@triton.jit
-def _tile_update(z, m, s, u, scale, ACC_VEC: tl.constexpr):
+@triton.jit  # type: ignore[untyped-decorator]
+def _tile_update(z, m, s, u, scale, ACC_VEC: tl.constexpr):  # type: ignore[no-untyped-def]
     """Fold one tile z [BLOCK_V] fp32 (masked lanes -inf) into (m, s, u)."""
     m_new = tl.maximum(m, tl.max(z, 0) * scale)
     if m_new > m:  # uniform branch: rescale the sums to the new maximum
@@ -54,8 +55,8 @@ def _tile_update(z, m, s, u, scale, ACC_VEC: tl.constexpr):
     return m, s, u
 
 
-@triton.jit
-def _fwd_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _fwd_kernel(  # type: ignore[no-untyped-def]
     z_ptr,
     ids_ptr,
     lse_ptr,
@@ -112,8 +113,8 @@ def _fwd_kernel(
         tl.store(lp_ptr + row, tl.load(base + tok).to(tl.float32) * inv_t - lse)
 
 
-@triton.jit
-def _bwd_kernel(
+@triton.jit  # type: ignore[untyped-decorator]
+def _bwd_kernel(  # type: ignore[no-untyped-def]
     z_ptr,
     ids_ptr,
     lse_ptr,
@@ -142,7 +143,7 @@ def _bwd_kernel(
         tl.store(gbase + cols, dz.to(dz_ptr.dtype.element_ty), mask=valid)
 
 
-def _prune(configs, named_args, **kwargs):
+def _prune(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
     """Drop tiles far wider than the vocabulary (tiny test vocabularies)."""
     widest = max(2048, triton.next_power_of_2(max(int(named_args["V"]), 16)))
     return [c for c in configs if c.kwargs["BLOCK_V"] <= widest]
@@ -157,7 +158,7 @@ _FWD_CONFIGS = [
 _BWD_CONFIGS = [triton.Config({"BLOCK_V": b}, num_warps=w) for b, w in [(2048, 4), (4096, 8), (8192, 8), (8192, 16)]]
 
 
-def _quick_bench(kernel_call, quantiles):
+def _quick_bench(kernel_call: Any, quantiles: Any) -> Any:
     return triton.testing.do_bench(kernel_call, warmup=5, rep=25, quantiles=quantiles)
 
 
@@ -185,7 +186,7 @@ def best_configs() -> dict[str, str]:
 
 
 def logprob_entropy_fwd(
-    z: torch.Tensor, ids: torch.Tensor | None, temperature: float, config: dict | None = None
+    z: torch.Tensor, ids: torch.Tensor | None, temperature: float, config: dict[str, Any] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """z [N, V] (unit stride on V) -> (lse [N], entropy [N], log p(o) [N] or None), fp32.
 
@@ -225,7 +226,7 @@ def logprob_bwd(
     lse: torch.Tensor,
     grad_logp: torch.Tensor,
     temperature: float,
-    config: dict | None = None,
+    config: dict[str, Any] | None = None,
 ) -> torch.Tensor:
     """d loss / d z [N, V] in z's dtype, given d loss / d logp [N]."""
     n, v = z.shape

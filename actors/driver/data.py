@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from actors.config import BuiltinData, DataConfig, JsonlData, ParquetData
+from actors.common.config import BuiltinData, DataConfig, JsonlData, ParquetData
 
 __all__ = ["Example", "load_examples", "load_eval_examples", "PromptSampler", "render_prompt"]
 

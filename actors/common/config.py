@@ -8,37 +8,44 @@ Every default lives here, in one field, with its bounds and a one-line descripti
 
 from __future__ import annotations
 
-import re
-from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, model_validator
 
-__all__ = ["JobConfig", "ConfigError", "load_config", "apply_overrides", "format_validation_error", "show_value"]
+from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, Resources, StrictModel
+from actors.common.verifier_config import (
+    CodeVerifier,
+    MathVerifier,
+    NumericVerifier,
+    PluginVerifier,
+    RegexVerifier,
+    Verifier,
+    default_verifiers,
+)
 
-
-class _Strict(BaseModel):
-    # NaN and infinities are refused in every float field: they would reach the driver (or break JSON)
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
-
-
-# Bounds that keep an accepted config startable: the service hands it to the driver in one
-# environment variable (Linux caps one at 128 KiB; service.core refuses a config over MAX_CONFIG_BYTES).
-PATH_LEN = 4096
-KEY_LEN = 256
-MAX_SEED = 2**31 - 1
-Resources = Annotated[
-    dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[float, Field(ge=0, le=1e6)]],
-    Field(max_length=16),
+__all__ = [
+    "AlgorithmConfig",
+    "BuiltinData",
+    "CodeVerifier",
+    "DataConfig",
+    "JobConfig",
+    "JsonlData",
+    "LearnerConfig",
+    "MathVerifier",
+    "ModelConfig",
+    "NumericVerifier",
+    "ParquetData",
+    "PluginVerifier",
+    "RegexVerifier",
+    "RewardConfig",
+    "RolloutConfig",
+    "TrackingConfig",
+    "TrainerConfig",
+    "Verifier",
 ]
 
 
-def _weight() -> Any:
-    return Field(1.0, ge=-1e6, le=1e6, description="Weight of this verifier's reward.")
-
-
-class ModelConfig(_Strict):
+class ModelConfig(StrictModel):
     path: str = Field(
         "smollm2-135m-instruct",
         min_length=1,
@@ -52,7 +59,7 @@ class ModelConfig(_Strict):
     )
 
 
-class BuiltinData(_Strict):
+class BuiltinData(StrictModel):
     type: Literal["builtin"] = "builtin"
     task: Literal["arithmetic", "countdown_sum"] = Field("arithmetic", description="Built-in verifiable task.")
     num_samples: int = Field(4096, ge=1, le=10_000_000, description="Size of the generated data set.")
@@ -62,7 +69,7 @@ class BuiltinData(_Strict):
     )
 
 
-class JsonlData(_Strict):
+class JsonlData(StrictModel):
     type: Literal["jsonl"] = "jsonl"
     path: str = Field(..., min_length=1, max_length=PATH_LEN, description="JSONL file, one record per line.")
     prompt_key: str = Field(
@@ -71,7 +78,7 @@ class JsonlData(_Strict):
     answer_key: str = Field("answer", max_length=KEY_LEN, description="Field holding the reference answer.")
 
 
-class ParquetData(_Strict):
+class ParquetData(StrictModel):
     type: Literal["parquet"] = "parquet"
     path: str = Field(
         ...,
@@ -92,7 +99,7 @@ class ParquetData(_Strict):
 DataSource = Annotated[BuiltinData | JsonlData | ParquetData, Field(discriminator="type")]
 
 
-class DataConfig(_Strict):
+class DataConfig(StrictModel):
     source: DataSource = Field(default_factory=BuiltinData)  # type: ignore[arg-type]
     prompts_per_step: int = Field(8, ge=1, le=65536, description="Prompts sampled per optimizer step.")
     system_prompt: str | None = Field(
@@ -109,7 +116,7 @@ class DataConfig(_Strict):
     )
 
 
-class RolloutConfig(_Strict):
+class RolloutConfig(StrictModel):
     num_engines: int = Field(1, ge=1, le=1024, description="vLLM engine actors in the rollout pool.")
     group_size: int = Field(8, ge=2, le=1024, description="Completions sampled per prompt (the GRPO group).")
     temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature; also used by the learner.")
@@ -146,76 +153,9 @@ class RolloutConfig(_Strict):
     )
 
 
-class MathVerifier(_Strict):
-    type: Literal["math"] = "math"
-    weight: float = _weight()
-
-
-class NumericVerifier(_Strict):
-    type: Literal["numeric"] = "numeric"
-    weight: float = _weight()
-    tolerance: float = Field(
-        1e-6, ge=0, le=1e12, description="Absolute tolerance on the last number of the completion."
-    )
-
-
-class RegexVerifier(_Strict):
-    type: Literal["regex"] = "regex"
-    weight: float = _weight()
-    pattern: str = Field(
-        ..., min_length=1, max_length=1024, description="Reward 1 when the completion matches (re.search)."
-    )
-
-    @field_validator("pattern")
-    @classmethod
-    def _compiles(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as e:
-            raise ValueError(f"not a valid regular expression: {e}") from None
-        return v
-
-
-class PluginVerifier(_Strict):
-    type: Literal["plugin"] = "plugin"
-    weight: float = _weight()
-    function: str = Field(
-        ...,
-        max_length=256,
-        pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$",
-        description="Import path module:function, called as f(completion, answer, prompt) -> float. The "
-        "control plane's tenancy policy decides which functions non-admin owners may name.",
-    )
-
-
-class CodeVerifier(_Strict):
-    type: Literal["code"] = "code"
-    weight: float = _weight()
-    cpu_s: float = Field(5, gt=0, le=600, description="CPU-time limit of one run of the program (RLIMIT_CPU).")
-    memory_mb: int = Field(512, ge=64, le=65536, description="Address-space limit of the program (RLIMIT_AS).")
-    max_processes: int = Field(
-        32, ge=1, le=4096, description="Processes and threads the sandbox user may have at once (RLIMIT_NPROC)."
-    )
-    max_output_bytes: int = Field(
-        65536, ge=1024, le=64 << 20, description="stdout+stderr kept; more kills the program (scores 0)."
-    )
-    max_file_bytes: int = Field(
-        1 << 20, ge=0, le=1 << 30, description="Largest file the program may write in its scratch dir (RLIMIT_FSIZE)."
-    )
-
-
-Verifier = Annotated[
-    MathVerifier | NumericVerifier | RegexVerifier | PluginVerifier | CodeVerifier, Field(discriminator="type")
-]
-
-
-def _default_verifiers() -> list[Verifier]:
-    return [NumericVerifier.model_validate({})]
-
-
-class RewardConfig(_Strict):
+class RewardConfig(StrictModel):
     verifiers: list[Verifier] = Field(
-        default_factory=_default_verifiers,
+        default_factory=default_verifiers,
         min_length=1,
         max_length=16,
         description="Summed with their weights.",
@@ -231,7 +171,7 @@ class RewardConfig(_Strict):
     )
 
 
-class AlgorithmConfig(_Strict):
+class AlgorithmConfig(StrictModel):
     estimator: Literal["grpo", "drgrpo"] = Field("grpo", description="grpo: (r-mean)/std; drgrpo: r-mean.")
     top_entropy_quantile: float = Field(
         0.2, gt=0, le=1, description="Fraction of highest-entropy valid response tokens that get gradient (rho)."
@@ -244,7 +184,7 @@ class AlgorithmConfig(_Strict):
     )
     log_entropy: bool = Field(True, description="Record entropy statistics and forking tokens every step.")
     loss_agg: Literal["token_mean_selected", "token_mean", "seq_mean_token_mean", "token_sum_norm"] = Field(
-        "token_mean_selected", description="Loss normaliser; see actors.grpo.policy_loss."
+        "token_mean_selected", description="Loss normaliser; see actors.algo.loss.policy_loss."
     )
     clip_eps_low: float = Field(0.2, ge=0, lt=1, description="PPO clip below 1 (DAPO: 0.2).")
     clip_eps_high: float = Field(0.28, ge=0, le=10, description="PPO clip above 1, clip-higher (DAPO: 0.28).")
@@ -282,7 +222,7 @@ class AlgorithmConfig(_Strict):
     ppo_epochs: int = Field(1, ge=1, le=100, description="Passes over the rollout batch's mini-batches.")
 
 
-class LearnerConfig(_Strict):
+class LearnerConfig(StrictModel):
     num_learners: int = Field(1, ge=1, le=4096, description="DeepSpeed learner actors (data-parallel ranks).")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     lr: float = Field(1e-6, gt=0, le=1, description="AdamW learning rate.")
@@ -322,7 +262,7 @@ class LearnerConfig(_Strict):
     )
 
 
-class TrainerConfig(_Strict):
+class TrainerConfig(StrictModel):
     steps: int = Field(20, ge=1, le=10_000_000, description="Optimizer steps.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of sampling order, rollout and learner RNG.")
     save_every: int = Field(10, ge=0, le=10_000_000, description="Checkpoint every K steps; 0 = only at the end.")
@@ -349,7 +289,7 @@ class TrainerConfig(_Strict):
     )
 
 
-class TrackingConfig(_Strict):
+class TrackingConfig(StrictModel):
     tensorboard: bool = Field(True, description="Write TensorBoard event files in the run directory.")
     samples_per_step: int = Field(
         4,
@@ -380,7 +320,7 @@ class TrackingConfig(_Strict):
     )
 
 
-class JobConfig(_Strict):
+class JobConfig(StrictModel):
     name: str = Field("forkrl-run", min_length=1, max_length=200, description="Human-readable job name.")
     model: ModelConfig = Field(default_factory=ModelConfig)  # type: ignore[arg-type]
     data: DataConfig = Field(default_factory=DataConfig)  # type: ignore[arg-type]
@@ -415,98 +355,3 @@ class JobConfig(_Strict):
                 f"{self.rollout.max_new_tokens}"
             )
         return self
-
-
-class ConfigError(ValueError):
-    """A config that does not validate; the message names each field, value and what is accepted."""
-
-
-def show_value(value: Any, limit: int = 80) -> str:
-    """A short, printable form of a refused input for an error message: containers are not spelled
-    out (they may be huge or nested hundreds deep), strings are escaped to ASCII (a lone surrogate
-    must not break the answer that names it)."""
-    if isinstance(value, dict):
-        return "{...}"
-    if isinstance(value, list | tuple):
-        return "[...]"
-    shown = repr(value)
-    if isinstance(value, str | bytes):
-        shown = shown.encode("ascii", "backslashreplace").decode()
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
-
-
-def format_validation_error(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and p in UNION_TAGS))
-        where = f"{prefix}{loc}" if loc else (prefix.rstrip(".") or "config")
-        shown = show_value(e.get("input"))
-        msg = e["msg"]
-        if e["type"] == "union_tag_invalid":
-            where, shown = f"{where}.type", repr(e["ctx"]["tag"])
-            msg = f"unknown type; accepted: {e['ctx']['expected_tags']}"
-        elif e["type"] == "extra_forbidden":
-            msg = "unknown field (not part of JobConfig; check the spelling)"
-        elif e["type"] == "missing":
-            msg = "field required"
-            lines.append(f"{where}: {msg}")
-            continue
-        lines.append(f"{where} = {shown}: {msg}")
-    return "\n".join(lines)
-
-
-UNION_TAGS = {"builtin", "jsonl", "parquet", "math", "numeric", "regex", "plugin", "code"}
-
-
-def _parse_scalar(text: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `a.b.c=value` overrides (values parsed as YAML scalars) to a nested dict."""
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, for example trainer.steps=3")
-        key, _, raw = item.partition("=")
-        parts = [p for p in key.strip().split(".") if p]
-        if not parts:
-            raise ConfigError(f"--set {item!r}: empty key")
-        node = data
-        for p in parts[:-1]:
-            nxt = node.setdefault(p, {})
-            if not isinstance(nxt, dict):
-                raise ConfigError(f"--set {item!r}: {p} is not a section")
-            node = nxt
-        node[parts[-1]] = _parse_scalar(raw)
-    return data
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> JobConfig:
-    """Load a YAML file (or defaults), apply overrides, validate. Raises ConfigError."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist")
-        try:
-            loaded = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(p)!r} must hold a mapping, got {type(loaded).__name__}")
-        data = loaded or {}
-    return validate_config(data, overrides)
-
-
-def validate_config(data: dict[str, Any], overrides: list[str] | None = None) -> JobConfig:
-    """Validate a mapping (a parsed YAML/JSON config) after applying overrides. Raises ConfigError."""
-    if not isinstance(data, dict):
-        raise ConfigError(f"config must be a mapping, got {type(data).__name__}")
-    data = apply_overrides(data, overrides or [])
-    try:
-        return JobConfig.model_validate(data)
-    except ValidationError as e:
-        raise ConfigError(format_validation_error(e)) from None

@@ -27,8 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from actors.config import JobConfig
-from actors.contract import REPORT_TOKEN_ENV, RunDir, finite, metric_record, parse_metric_line
+from actors.common.config import JobConfig
+from actors.common.contract import REPORT_TOKEN_ENV, RunDir, finite, metric_record, parse_metric_line
 
 log = logging.getLogger("forkrl.tracking")
 

@@ -5,7 +5,7 @@ For logits z [..., V] at temperature T, with x = z / T:
     H_t    = logsumexp(x) - sum_j softmax(x)_j x_j       (no gradient; fp32)
 
 Two back ends, one contract:
-- CUDA: a Triton kernel (`actors.kernels.entropy_triton`) that streams each row once with an
+- CUDA: a Triton kernel (`actors.learner.kernels.entropy_triton`) that streams each row once with an
   online max, computing logsumexp, entropy and the token's log-prob together; its backward writes
   d logits in one more pass.
 - CPU (and any other device): row chunks small enough to stay in cache, reusing one fp32 buffer,
@@ -16,6 +16,7 @@ Both return fp32 and accept bf16/fp16/fp32 logits of any leading shape.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -118,9 +119,12 @@ def _backward_chunked(
 
 class _LogprobEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits2d, ids, temperature, chunk_size, triton):  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx: Any, logits2d: torch.Tensor, ids: torch.Tensor | None, temperature: float, chunk_size: int | None,
+        triton: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
         if triton:
-            from actors.kernels.entropy_triton import logprob_entropy_fwd
+            from actors.learner.kernels.entropy_triton import logprob_entropy_fwd
 
             lse, ent, logp = logprob_entropy_fwd(logits2d, ids, temperature)
         else:
@@ -132,10 +136,10 @@ class _LogprobEntropy(torch.autograd.Function):
         return logp, ent
 
     @staticmethod
-    def backward(ctx, grad_logp, grad_ent):  # type: ignore[override]
+    def backward(ctx: Any, grad_logp: torch.Tensor, grad_ent: torch.Tensor) -> tuple[Any, ...]:  # type: ignore[override]
         logits2d, ids, lse = ctx.saved_tensors
         if ctx.triton:
-            from actors.kernels.entropy_triton import logprob_bwd
+            from actors.learner.kernels.entropy_triton import logprob_bwd
 
             grad = logprob_bwd(logits2d, ids, lse, grad_logp.contiguous(), ctx.temperature)
         else:
@@ -169,7 +173,7 @@ def token_logprobs_and_entropy(
     if z.stride(-1) != 1:
         z = z.contiguous()
     ids = token_ids.reshape(-1).long()
-    logp, ent = _LogprobEntropy.apply(z, ids, float(temperature), chunk_size, _use_triton(z))
+    logp, ent = _LogprobEntropy.apply(z, ids, float(temperature), chunk_size, _use_triton(z))  # type: ignore[no-untyped-call]
     return logp.reshape(lead), ent.reshape(lead)
 
 
@@ -190,7 +194,7 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0, chunk_size: in
     lead = logits.shape[:-1]
     z = logits.reshape(-1, logits.shape[-1])
     if _use_triton(z):
-        from actors.kernels.entropy_triton import logprob_entropy_fwd
+        from actors.learner.kernels.entropy_triton import logprob_entropy_fwd
 
         _, ent, _ = logprob_entropy_fwd(z if z.stride(-1) == 1 else z.contiguous(), None, float(temperature))
     else:

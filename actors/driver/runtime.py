@@ -6,8 +6,8 @@ import logging
 import os
 from typing import Any
 
-from actors.config import JobConfig
-from actors.contract import JOB_ENV_VARS
+from actors.common.config import JobConfig
+from actors.common.contract import JOB_ENV_VARS
 
 log = logging.getLogger("forkrl.runtime")
 

