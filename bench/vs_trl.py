@@ -119,8 +119,8 @@ def run_trl_worker(work: Path, data: Path, steps: int) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
 
-    from actors.common.config import NumericVerifier
     from actors.common.models import resolve_model_path
+    from actors.common.verifier_config import NumericVerifier
     from actors.reward.verifiers import build_verifier
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -25,9 +25,9 @@ from fastapi.responses import JSONResponse, Response
 
 from service.core import ConfigTooLarge, OutOfRange, Service
 from service.middleware import BodyLimit
-from service.models import field_errors
 from service.policy import PolicyRefused
 from service.routes import ROUTERS
+from service.schemas import field_errors
 from service.settings import Settings
 from service.store import Conflict, Forbidden, NotFound
 
@@ -59,7 +59,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def count_requests(request: Request, call_next: Any) -> Response:
         def count(status: int) -> None:
             route = getattr(request.scope.get("route"), "path", "unmatched")
-            svc.http_requests.labels(request.method, route, str(status)).inc()
+            svc.telemetry.http_requests.labels(request.method, route, str(status)).inc()
 
         try:
             response: Response = await call_next(request)

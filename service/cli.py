@@ -11,16 +11,19 @@ local development server's admin token file (<data dir>/admin_token) is used.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import httpx
 import typer
 
-from actors.contract import TERMINAL_STATES, JobState
+from actors.common.contract import TERMINAL_STATES, JobState
+from service.client import ApiError, ForkrlClient
+from service.schemas import JobOut, TokenInfo
 
 app = typer.Typer(help="Submit and watch forkrl training jobs.", no_args_is_help=True, add_completion=False)
 token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
@@ -43,36 +46,25 @@ def _token(token: str) -> str:
     return ""
 
 
-def _die(msg: str, code: int = 2) -> None:
+def _die(msg: str, code: int = 2) -> NoReturn:
     typer.secho(f"forkrl: {msg}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
-def _client(url: str, token: str, timeout: float | None = 30) -> httpx.Client:
-    return httpx.Client(base_url=url.rstrip("/"), headers={"Authorization": f"Bearer {_token(token)}"}, timeout=timeout)
-
-
-def _check(r: httpx.Response) -> Any:
-    if r.status_code >= 400:
-        try:
-            body = r.json()
-            msg = body.get("message") or body.get("detail")
-        except ValueError:
-            msg = r.text
-        _die(f"{r.request.method} {r.request.url.path} -> {r.status_code}: {msg}", 1)
-    return r.json() if r.content and r.headers.get("content-type", "").startswith("application/json") else None
-
-
-def _request(url: str, token: str, method: str, path: str, **kw: Any) -> Any:
+@contextmanager
+def _api(url: str, token: str) -> Iterator[ForkrlClient]:
+    """The API client of one command; an error answer or an unreachable service ends the command (exit 1)."""
     try:
-        with _client(url, token) as c:
-            return _check(c.request(method, path, **kw))
+        with ForkrlClient(url, _token(token)) as api:
+            yield api
+    except ApiError as e:
+        _die(str(e), 1)
     except httpx.TransportError as e:
         _die(f"cannot reach the control plane at {url}: {e}", 1)
 
 
-def _row(j: dict[str, Any]) -> str:
-    return f"{j['id']}  {j['state']:<9}  step {j['last_step']}/{j['total_steps']}  {j['owner']:<10}  {j['name']}"
+def _row(j: JobOut) -> str:
+    return f"{j.id}  {j.state.value:<9}  step {j.last_step}/{j.total_steps}  {j.owner:<10}  {j.name}"
 
 
 @app.command()
@@ -114,17 +106,17 @@ def submit(
     token: TokenOpt = "",
 ) -> None:
     """Submit a training job."""
-    from actors.config import ConfigError, load_config
+    from actors.common.config_load import ConfigError, load_config
 
     try:
         cfg = load_config(config, set_ or [])
     except ConfigError as e:
         _die(f"invalid config {config}:\n{e}")
-    headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-    job = _request(url, token, "POST", "/v1/jobs", json=cfg.model_dump(mode="json"), headers=headers)
-    typer.echo(f"submitted {job['id']} ({job['state']})")
+    with _api(url, token) as api:
+        job = api.submit(cfg, idempotency_key)
+    typer.echo(f"submitted {job.id} ({job.state.value})")
     if follow:
-        raise typer.Exit(_follow(url, token, job["id"], job["total_steps"]))
+        raise typer.Exit(_follow(url, token, job.id, job.total_steps))
 
 
 @app.command("list")
@@ -135,33 +127,36 @@ def list_(
     token: TokenOpt = "",
 ) -> None:
     """List jobs, newest first."""
-    params: dict[str, Any] = {"limit": limit}
-    if state:
-        params["state"] = state.upper()
-    page = _request(url, token, "GET", "/v1/jobs", params=params)
-    for j in page["jobs"]:
+    try:
+        wanted = JobState(state.upper()) if state else None
+    except ValueError:
+        _die(f"--state {state!r}: expected one of {', '.join(s.value for s in JobState)}")
+    with _api(url, token) as api:
+        page = api.jobs(wanted, limit)
+    for j in page.jobs:
         typer.echo(_row(j))
-    if not page["jobs"]:
+    if not page.jobs:
         typer.echo("no jobs")
 
 
 @app.command()
 def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """A job's state, progress and latest metrics."""
-    j = _request(url, token, "GET", f"/v1/jobs/{job_id}")
-    typer.echo(_row(j))
-    if j["message"]:
-        typer.echo(f"message: {j['message']}")
-    restarts = (j.get("config") or {}).get("trainer", {}).get("max_restarts")
-    if j.get("restarts") or j.get("failures"):
-        typer.echo(f"restarts: {j['restarts']} of {restarts}")
-        for f in j.get("failures", []):
-            reason = f["reason"].splitlines()[-1] if f["reason"] else ""
-            typer.echo(f"  failed at step {f['step']} ({f['at']}): {reason}")
-    typer.echo(f"run dir: {j['run_dir']}")
-    m = _request(url, token, "GET", f"/v1/jobs/{job_id}/metrics", params={"after_step": max(0, j["last_step"] - 1)})
-    if m["metrics"]:
-        last = m["metrics"][-1]
+    with _api(url, token) as api:
+        j = api.job(job_id)
+        typer.echo(_row(j))
+        if j.message:
+            typer.echo(f"message: {j.message}")
+        restarts = (j.config or {}).get("trainer", {}).get("max_restarts")
+        if j.restarts or j.failures:
+            typer.echo(f"restarts: {j.restarts} of {restarts}")
+            for f in j.failures:
+                reason = f.reason.splitlines()[-1] if f.reason else ""
+                typer.echo(f"  failed at step {f.step} ({f.at}): {reason}")
+        typer.echo(f"run dir: {j.run_dir}")
+        m = api.metrics(job_id, after_step=max(0, j.last_step - 1))
+    if m.metrics:
+        last = m.metrics[-1]
         typer.echo(
             f"step {last['step']}: reward {last.get('reward/mean')}, entropy {last.get('entropy/mean')}, "
             f"tau {last.get('entropy/threshold')}, kept {last.get('entropy/kept_frac')}"
@@ -187,22 +182,11 @@ def logs(
         raise typer.BadParameter(
             f"--attempt {attempt}: --follow streams the current attempt only", param_hint="--attempt"
         )
-    if not follow:
-        with _client(url, token) as c:
-            params = {"lines": lines} if attempt is None else {"lines": lines, "attempt": attempt}
-            r = c.get(f"/v1/jobs/{job_id}/logs", params=params)
-            if r.status_code >= 400:
-                _check(r)
-            sys.stdout.write(r.text)
-        return
-    with (
-        _client(url, token, timeout=None) as c,
-        c.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": True}) as r,
-    ):
-        if r.status_code >= 400:
-            r.read()
-            _check(r)
-        for chunk in r.iter_text():
+    with _api(url, token) as api:
+        if not follow:
+            sys.stdout.write(api.logs(job_id, lines, attempt))
+            return
+        for chunk in api.follow_logs(job_id):
             sys.stdout.write(chunk)
             sys.stdout.flush()
 
@@ -210,14 +194,16 @@ def logs(
 @app.command()
 def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """Cancel a job (idempotent)."""
-    j = _request(url, token, "POST", f"/v1/jobs/{job_id}/cancel")
-    typer.echo(f"{j['id']}: {j['state']}{' (cancel requested)' if j['state'] not in TERMINAL_STATES else ''}")
+    with _api(url, token) as api:
+        j = api.cancel(job_id)
+    typer.echo(f"{j.id}: {j.state.value}{' (cancel requested)' if j.state.value not in TERMINAL_STATES else ''}")
 
 
 @app.command()
 def delete(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """Delete a finished job's record (its run directory stays on disk)."""
-    _request(url, token, "DELETE", f"/v1/jobs/{job_id}")
+    with _api(url, token) as api:
+        api.delete(job_id)
     typer.echo(f"deleted {job_id}")
 
 
@@ -244,26 +230,36 @@ def token_create(
     token: TokenOpt = "",
 ) -> None:
     """Create a token for OWNER; it is printed once."""
-    body = {"owner": owner, "admin": admin, "expires_in_s": _duration(expires_in)}
-    out = _request(url, token, "POST", "/v1/tokens", json=body)
-    typer.echo(out["token"])
+    expires_in_s = _duration(expires_in)
+    with _api(url, token) as api:
+        out = api.create_token(owner, admin, expires_in_s)
+    typer.echo(out.token)
 
 
 @token_app.command("list")
 def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """Every token: id, owner, role, created, expires, revoked (never the secret)."""
+    with _api(url, token) as api:
+        listed = api.tokens()
     typer.echo(f"{'ID':>5}  {'OWNER':20} {'ROLE':6} {'CREATED':20} {'EXPIRES':20} REVOKED")
-    for t in _request(url, token, "GET", "/v1/tokens")["tokens"]:
-        role = "admin" if t["admin"] else "owner"
-        when = [(t[k] or "-")[:19] for k in ("created_at", "expires_at", "revoked_at")]
-        typer.echo(f"{t['id']:>5}  {t['owner'][:20]:20} {role:6} {when[0]:20} {when[1]:20} {when[2]}")
+    for t in listed.tokens:
+        role = "admin" if t.admin else "owner"
+        when = [(_times(t)[k] or "-")[:19] for k in ("created_at", "expires_at", "revoked_at")]
+        typer.echo(f"{t.id:>5}  {t.owner[:20]:20} {role:6} {when[0]:20} {when[1]:20} {when[2]}")
+
+
+def _times(t: TokenInfo) -> dict[str, str | None]:
+    """A token's times as the API writes them (ISO 8601; None: never)."""
+    shown: dict[str, str | None] = t.model_dump(mode="json", include={"created_at", "expires_at", "revoked_at"})
+    return shown
 
 
 @token_app.command("revoke")
 def token_revoke(token_id: int, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """Revoke a token by its id (from `forkrl token list`); it stops working at once."""
-    t = _request(url, token, "DELETE", f"/v1/tokens/{token_id}")
-    typer.echo(f"revoked token {t['id']} of {t['owner']}")
+    with _api(url, token) as api:
+        t = api.revoke_token(token_id)
+    typer.echo(f"revoked token {t.id} of {t.owner}")
 
 
 @token_app.command("expire")
@@ -274,8 +270,10 @@ def token_expire(
     token: TokenOpt = "",
 ) -> None:
     """Set when a token expires."""
-    t = _request(url, token, "PATCH", f"/v1/tokens/{token_id}", json={"expires_in_s": _duration(expires_in)})
-    typer.echo(f"token {t['id']} of {t['owner']} expires {t['expires_at'] or 'never'}")
+    expires_in_s = _duration(expires_in)
+    with _api(url, token) as api:
+        t = api.expire_token(token_id, expires_in_s)
+    typer.echo(f"token {t.id} of {t.owner} expires {_times(t)['expires_at'] or 'never'}")
 
 
 def _follow(url: str, token: str, job_id: str, total: int) -> int:
@@ -284,42 +282,33 @@ def _follow(url: str, token: str, job_id: str, total: int) -> int:
 
     bar = tqdm(total=total, desc=job_id, unit="step", dynamic_ncols=True)
     ended = False
-    try:
-        while not ended:  # the service ends an idle stream; follow on from the last step seen
-            ended = _follow_stream(url, token, job_id, bar)
-    except httpx.TransportError as e:
+    with _api(url, token) as api:
+        try:
+            while not ended:  # the service ends an idle stream; follow on from the last step seen
+                ended = _follow_stream(api, job_id, bar)
+        except httpx.TransportError as e:
+            bar.close()
+            _die(f"lost the control plane at {url}: {e}; `forkrl status {job_id}` shows where the job is", 1)
         bar.close()
-        _die(f"lost the control plane at {url}: {e}; `forkrl status {job_id}` shows where the job is", 1)
-    bar.close()
-    j = _request(url, token, "GET", f"/v1/jobs/{job_id}")
-    typer.echo(f"{job_id}: {j['state']} after {j['last_step']} steps; run directory {j['run_dir']}")
-    if j["message"] and j["state"] != JobState.SUCCEEDED.value:
-        typer.echo(f"message: {j['message']}")
-    return 0 if j["state"] == JobState.SUCCEEDED.value else 1
+        j = api.job(job_id)
+    typer.echo(f"{job_id}: {j.state.value} after {j.last_step} steps; run directory {j.run_dir}")
+    if j.message and j.state != JobState.SUCCEEDED:
+        typer.echo(f"message: {j.message}")
+    return 0 if j.state == JobState.SUCCEEDED else 1
 
 
-def _follow_stream(url: str, token: str, job_id: str, bar: Any) -> bool:
+def _follow_stream(api: ForkrlClient, job_id: str, bar: Any) -> bool:
     """One events stream; True when the job ended, False when the service closed an idle stream."""
-    event = ""
-    params = {"after_step": bar.n}
-    with _client(url, token, timeout=None) as c, c.stream("GET", f"/v1/jobs/{job_id}/events", params=params) as r:
-        if r.status_code >= 400:
-            r.read()
-            _check(r)
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                event = line[6:].strip()
-            elif line.startswith("data:"):
-                data = json.loads(line[5:])
-                if event == "state":
-                    bar.set_description(f"{job_id} {data['state']}")
-                    if data.get("message"):
-                        bar.write(f"{data['state']}: {data['message']}")
-                elif event == "metrics":
-                    bar.update(max(0, data["step"] - bar.n))
-                    bar.set_postfix(reward=_fmt(data.get("reward/mean")), H=_fmt(data.get("entropy/mean")))
-                elif event == "end":
-                    return data.get("reason") != "idle"
+    for event, data in api.events(job_id, after_step=bar.n):
+        if event == "state":
+            bar.set_description(f"{job_id} {data['state']}")
+            if data.get("message"):
+                bar.write(f"{data['state']}: {data['message']}")
+        elif event == "metrics":
+            bar.update(max(0, data["step"] - bar.n))
+            bar.set_postfix(reward=_fmt(data.get("reward/mean")), H=_fmt(data.get("entropy/mean")))
+        elif event == "end":
+            return bool(data.get("reason") != "idle")
     return False
 
 

@@ -1,76 +1,45 @@
-"""The control plane's `Service`: Ray submission, the reconciler that keeps the job store in step
-with Ray, and the operations the routes call. The routes never touch Ray or build queries
-themselves; the store (service/store.py) owns the queries."""
+"""The control plane's `Service`: the façade the app and the routes use. It starts and stops the parts -
+the job store, the tokens (service/tokens.py), the Ray cluster (service/raycluster.py) and the
+reconciler with its restart policy (service/reconciler.py) - and owns the operations on jobs and their
+logs. The routes never touch Ray or the job store themselves; the store (service/store.py) owns the
+queries."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime as dt
-import hashlib
 import json
 import logging
 import secrets
-import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from actors.config import JobConfig
-from actors.contract import (
-    ENTRYPOINT,
-    JOB_CONFIG_ENV,
-    JOB_ENV_VARS,
-    REPORT_TOKEN_ENV,
-    TERMINAL_STATES,
-    JobState,
-    MetricRecord,
-    RunDir,
-    parse_metric_line,
-)
-from service.db import Job, Token, migrate, now, ray_submission_id
-from service.failures import failure_reason, infrastructure_failure
+from actors.common.config import JobConfig
+from actors.common.contract import TERMINAL_STATES, MetricRecord
+from service.db import Checkpoint, Event, Job, Metric, Token, migrate, ray_submission_id
+from service.limits import MAX_CONFIG_BYTES
 from service.policy import check_job
-from service.rayjobs import JobNotFound, LocalRayHead, RayJobs, RayUnavailable
+from service.raycluster import RayCluster
+from service.rayjobs import JobNotFound, RayJobs, RayUnavailable
+from service.reconciler import LOG_READ_BYTES, Reconciler, config_env
 from service.settings import Settings
 from service.store import Conflict, JobStore
+from service.telemetry import Telemetry
+from service.tokens import Tokens, Unauthorized, sha256
 
 log = logging.getLogger("forkrl.service")
 
-__all__ = ["Service", "sha256", "canonical", "config_env", "Unauthorized", "ConfigTooLarge", "MAX_CONFIG_BYTES"]
-
-# The config reaches the driver in one environment variable; Linux caps one at 128 KiB (MAX_ARG_STRLEN).
-MAX_CONFIG_BYTES = 96 * 1024
-LOG_READ_BYTES = 4 << 20  # most bytes of log one non-follow read holds
-
-
-def sha256(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
+__all__ = ["Service", "canonical", "ConfigTooLarge", "OutOfRange", "MAX_CONFIG_BYTES"]
 
 
 def canonical(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
-
-
-def config_env(config: dict[str, Any]) -> str:
-    """The config as the driver's environment variable holds it (UTF-8 JSON)."""
-    return json.dumps(config, ensure_ascii=False, separators=(",", ":"))
-
-
-def _not_bootstrap(tok: Token) -> None:
-    if tok.bootstrap:
-        raise Conflict(
-            f"token {tok.id} is the bootstrap admin token (FORKRL_ADMIN_TOKEN): rotate it by restarting the service "
-            "with a new one, which revokes this one"
-        )
-
-
-class Unauthorized(PermissionError):
-    """No valid token (401)."""
 
 
 class ConfigTooLarge(ValueError):
@@ -82,47 +51,40 @@ class OutOfRange(ValueError):
 
 
 class Service:
-    """What the routes share: settings, the job store, Ray, the metrics registry and the reconciler."""
+    """What the routes share: settings, metrics, and (after start()) the job store, tokens, Ray and the
+    reconciler."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.telemetry = Telemetry()
+        self.cluster = RayCluster(settings)
         self._store: JobStore | None = None
-        self.head: LocalRayHead | None = None
-        self._ray: RayJobs | None = None
-        self.ray_ready = False
-        self.leading = False  # whether this replica runs the reconciler
-        self.admin_token = settings.admin_token
-        self.registry = CollectorRegistry()
-        self.http_requests = Counter(
-            "forkrl_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
-        )
-        self.jobs_submitted = Counter("forkrl_jobs_submitted", "jobs accepted by the API", registry=self.registry)
-        self.metrics_ingested = Counter(
-            "forkrl_metrics_ingested", "step metrics stored", ["source"], registry=self.registry
-        )
-        self.jobs_gauge = Gauge("forkrl_jobs", "jobs by state", ["state"], registry=self.registry)
-        self.restarts_total = Counter(
-            "forkrl_job_restarts", "failed jobs resubmitted (trainer.max_restarts)", registry=self.registry
-        )
-        self.reconcile_seconds = Gauge(
-            "forkrl_reconcile_last_seconds", "duration of the last reconcile pass", registry=self.registry
-        )
-        self.ray_gauge = Gauge("forkrl_ray_reachable", "1 when the Ray Jobs API answers", registry=self.registry)
-        self.leader_gauge = Gauge(
-            "forkrl_reconciler_leader", "1 on the replica that runs the reconciler", registry=self.registry
-        )
+        self._tokens: Tokens | None = None
+        self._reconciler: Reconciler | None = None
         self._task: asyncio.Task[None] | None = None
-        self._read_upto: dict[str, int] = {}  # job id -> bytes of metrics.jsonl already read
 
     @property
-    def store(self) -> JobStore:
+    def registry(self) -> CollectorRegistry:
+        return self.telemetry.registry
+
+    @property
+    def _jobstore(self) -> JobStore:
         assert self._store is not None, "Service.start() first"
         return self._store
 
     @property
+    def tokens(self) -> Tokens:
+        assert self._tokens is not None, "Service.start() first"
+        return self._tokens
+
+    @property
+    def reconciler(self) -> Reconciler:
+        assert self._reconciler is not None, "Service.start() first"
+        return self._reconciler
+
+    @property
     def ray(self) -> RayJobs:
-        assert self._ray is not None, "Service.start() first"
-        return self._ray
+        return self.cluster.jobs
 
     # -- lifecycle
     def start(self) -> None:
@@ -131,20 +93,17 @@ class Service:
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         s.data_dir.chmod(0o700)
         s.runs_path.mkdir(parents=True, exist_ok=True)
-        self._store = JobStore(s.db_url)
-        migrate(self._store.engine)
-        self._bootstrap_admin()
-        if s.ray_address:
-            self._ray = RayJobs(s.ray_address, s.ray_auth_token)
-        else:
-            self.head = LocalRayHead(s.ray_num_cpus)
-            self.head.start()
-            self._ray = RayJobs(self.head.address, self.head.token)
+        self._store = store = JobStore(s.db_url)
+        migrate(store.engine)
+        self._tokens = Tokens(store, s)
+        self._tokens.bootstrap_admin()
+        self.cluster.start()
+        self._reconciler = Reconciler(store, self.cluster.jobs, self.telemetry, s)
 
     async def start_background(self) -> None:
         """start(), then the reconcile loop as a task of the running event loop."""
         await run_in_threadpool(self.start)
-        self._task = asyncio.create_task(self._reconcile_forever())
+        self._task = asyncio.create_task(self.reconciler.run_forever())
 
     async def stop_background(self) -> None:
         if self._task is not None:
@@ -156,101 +115,36 @@ class Service:
     def stop(self) -> None:
         if self._store is not None:
             self._store.close()  # a reconciler lock it held is released with its connection
-        if self.head is not None:
-            self.head.stop()
-
-    def _bootstrap_admin(self) -> None:
-        s = self.settings
-        if not self.admin_token:
-            if s.env == "production":
-                raise RuntimeError("FORKRL_ADMIN_TOKEN must be set when FORKRL_ENV=production")
-            path = s.data_dir / "admin_token"
-            if path.is_file():
-                self.admin_token = path.read_text().strip()
-            else:
-                self.admin_token = secrets.token_urlsafe(32)
-                path.write_text(self.admin_token + "\n")
-                path.chmod(0o600)
-            log.warning("development mode: admin token in %s", path)
-        if len(self.admin_token) < 16:
-            raise RuntimeError("FORKRL_ADMIN_TOKEN must be at least 16 characters")
-        digest = sha256(self.admin_token)
-        with self.store.session(write=True) as db:
-            tok = self.store.token_by_hash(db, digest)
-            if tok is None:
-                self.store.add_token(db, "admin", digest, True, bootstrap=True)
-            elif not tok.bootstrap or tok.revoked_at is not None:
-                raise RuntimeError("FORKRL_ADMIN_TOKEN is a revoked or API-created token: set a fresh one")
-            revoked = self.store.revoke_bootstrap_except(db, digest)
-        if revoked:
-            log.warning("admin token rotated: %d earlier bootstrap admin token(s) revoked", revoked)
-
-    async def _reconcile_forever(self) -> None:
-        # a pass that finds Ray unreachable (not up yet, restarting) changes nothing; the next retries
-        while True:
-            t0 = time.perf_counter()
-            try:
-                # one reconciler at a time over a shared job store (several control-plane replicas on
-                # PostgreSQL): the others stand by and take over when the leader's session ends
-                self.leading = leading = await run_in_threadpool(self.store.try_lead)
-                self.leader_gauge.set(float(leading))
-                if leading:
-                    await run_in_threadpool(self.reconcile)
-                self.ray_ready = await run_in_threadpool(self.ray.ping)
-            except RayUnavailable as e:
-                self.ray_ready = False
-                log.debug("reconcile: %s", e)
-            except Exception:  # keep reconciling; a bad row must not stop the loop
-                log.exception("reconcile pass failed")
-            self.ray_gauge.set(float(self.ray_ready))
-            self.reconcile_seconds.set(time.perf_counter() - t0)
-            await asyncio.sleep(self.settings.reconcile_interval_s)
+        self.cluster.stop()
 
     def readiness(self) -> dict[str, str]:
         """Ready when the job store answers. Ray's state is reported, not required: a control plane whose
         Ray head restarts keeps serving the API (jobs wait in the store) instead of leaving its Service."""
         checks = {}
         try:
-            self.store.ping()
+            self._jobstore.ping()
             checks["database"] = "ok"
         except Exception as e:
             checks["database"] = f"error: {type(e).__name__}"
-        checks["ray"] = "ok" if self.ray_ready else "not reachable"
-        checks["reconciler"] = "leader" if self.leading else "standby"
+        checks["ray"] = "ok" if self.reconciler.ray_ready else "not reachable"
+        checks["reconciler"] = "leader" if self.reconciler.leading else "standby"
         return checks
 
-    # -- tokens
+    # -- tokens (service/tokens.py)
     def authenticate(self, token: str) -> Token:
-        with self.store.session() as db:
-            tok = self.store.token_by_hash(db, sha256(token)) if token else None
-        if tok is None or not tok.usable(now()):
-            raise Unauthorized("invalid, revoked or expired token")
-        return tok
+        return self.tokens.authenticate(token)
 
     def create_token(self, owner: str, admin: bool, expires_at: dt.datetime | None) -> tuple[Token, str]:
-        """A new token (row, secret); only its hash is stored."""
-        token = secrets.token_urlsafe(32)
-        with self.store.session(write=True) as db:
-            return self.store.add_token(db, owner, sha256(token), admin, expires_at), token
+        return self.tokens.create(owner, admin, expires_at)
 
     def list_tokens(self) -> list[Token]:
-        with self.store.session() as db:
-            return self.store.tokens(db)
+        return self.tokens.all()
 
     def revoke_token(self, token_id: int) -> Token:
-        with self.store.session(write=True) as db:
-            tok = self.store.token(db, token_id)
-            _not_bootstrap(tok)
-            if tok.revoked_at is None:
-                tok.revoked_at = now()
-            return tok
+        return self.tokens.revoke(token_id)
 
     def set_token_expiry(self, token_id: int, expires_at: dt.datetime | None) -> Token:
-        with self.store.session(write=True) as db:
-            tok = self.store.token(db, token_id)
-            _not_bootstrap(tok)
-            tok.expires_at = expires_at
-            return tok
+        return self.tokens.set_expiry(token_id, expires_at)
 
     # -- jobs
     def effective_config(self, job_id: str, cfg: JobConfig) -> JobConfig:
@@ -271,8 +165,8 @@ class Service:
         """Refuse (PolicyRefused, ConfigTooLarge) what this owner may not run or what could not start."""
 
         def owner_of(job_id: str) -> str | None:
-            with self.store.session() as db:
-                return self.store.owner_of(db, job_id)
+            with self._jobstore.session() as db:
+                return self._jobstore.owner_of(db, job_id)
 
         check_job(cfg, who.owner, who.is_admin, self.settings, owner_of)
         size = len(config_env(self.effective_config("forkrl-" + "0" * 16, cfg).model_dump(mode="json")).encode())
@@ -284,26 +178,28 @@ class Service:
 
     def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
         """Store a new job (or find the replay of an earlier Idempotency-Key). Returns (job, created)."""
+        store = self._jobstore
         body_hash = sha256(canonical(cfg.model_dump(mode="json")))
 
         def insert(db: Session) -> tuple[Job, bool]:
             if idempotency_key:
-                old = self.store.by_idempotency_key(db, owner, idempotency_key, body_hash)
+                old = store.by_idempotency_key(db, owner, idempotency_key, body_hash)
                 if old is not None:
                     return old, False
             job_id = f"forkrl-{secrets.token_hex(8)}"
             config = self.effective_config(job_id, cfg)
-            job = self.store.create(
+            job = store.create(
                 db, job_id=job_id, owner=owner, config=config, config_hash=body_hash,
                 idempotency_key=idempotency_key, ingest_token_hash="",  # no token until it is submitted
             )  # fmt: skip
             return job, True
 
         try:
-            return self.store.run(insert)
+            created: tuple[Job, bool] = store.run(insert)
+            return created
         except IntegrityError:  # the same key in a concurrent request won the race: answer as a replay
-            with self.store.session() as db:
-                old = self.store.by_idempotency_key(db, owner, idempotency_key or "", body_hash)
+            with store.session() as db:
+                old = store.by_idempotency_key(db, owner, idempotency_key or "", body_hash)
             if old is None:
                 raise
             return old, False
@@ -314,63 +210,93 @@ class Service:
         job, created = await run_in_threadpool(self.create_job, cfg, who.owner, idempotency_key)
         if not created:
             return job, False
-        self.jobs_submitted.inc()
+        self.telemetry.jobs_submitted.inc()
         try:
-            await run_in_threadpool(self.reconcile_job, job.id)
+            await run_in_threadpool(self.reconciler.reconcile_job, job.id)
         except RayUnavailable as e:
             log.warning("job %s stays queued: %s", job.id, e)
         return await run_in_threadpool(self.get_job, job.id, who), True
 
     def _job(self, job_id: str) -> Job | None:
-        with self.store.session() as db:
-            return self.store.get(db, job_id)
+        with self._jobstore.session() as db:
+            return self._jobstore.get(db, job_id)
 
     def get_job(self, job_id: str, who: Token) -> Job:
-        with self.store.session() as db:
-            return self.store.owned(db, job_id, who)
+        with self._jobstore.session() as db:
+            return self._jobstore.owned(db, job_id, who)
 
     def list_jobs(self, who: Token, state: str | None, limit: int, cursor: int | None) -> tuple[list[Job], int | None]:
-        with self.store.session() as db:
-            return self.store.page(db, None if who.is_admin else who.owner, state, limit, cursor)
+        with self._jobstore.session() as db:
+            return self._jobstore.page(db, None if who.is_admin else who.owner, state, limit, cursor)
 
     async def cancel_job(self, job_id: str, who: Token) -> Job:
+        store = self._jobstore
+
         def mark(db: Session) -> Job:
-            job = self.store.owned(db, job_id, who)
+            job = store.owned(db, job_id, who)
             if job.state not in TERMINAL_STATES and not job.cancel_requested:
                 job.cancel_requested = True
                 job.message = "cancel requested"
             return job
 
-        job = await run_in_threadpool(self.store.run, mark)
+        job: Job = await run_in_threadpool(store.run, mark)
         if job.state not in TERMINAL_STATES:
             with contextlib.suppress(RayUnavailable, JobNotFound):
                 if job.submitted:
                     await run_in_threadpool(self.ray.stop, job.ray_id)
-                await run_in_threadpool(self.reconcile_job, job_id)
+                await run_in_threadpool(self.reconciler.reconcile_job, job_id)
         return await run_in_threadpool(self.get_job, job_id, who)
 
     async def delete_job(self, job_id: str, who: Token) -> None:
+        store = self._jobstore
+
         def drop(db: Session) -> int:
-            job = self.store.owned(db, job_id, who)
-            self.store.delete(db, job)
+            job = store.owned(db, job_id, who)
+            store.delete(db, job)
             return job.restarts or 0
 
-        restarts = await run_in_threadpool(self.store.run, drop)
-        if self._ray is not None:  # every attempt's record on Ray
+        restarts: int = await run_in_threadpool(store.run, drop)
+        if self.cluster.started:  # every attempt's record on Ray
             for n in range(restarts + 1):
                 await run_in_threadpool(self.ray.delete, ray_submission_id(job_id, n))
 
     def ingest(self, job_id: str, token: str, metrics: list[MetricRecord], checkpoints: list[tuple[int, str]]) -> int:
         """A driver's push of step metrics and checkpoints, with its job's ingest token."""
-        with self.store.session(write=True) as db:
-            job = self.store.get(db, job_id)
+        store = self._jobstore
+        with store.session(write=True) as db:
+            job = store.get(db, job_id)
             if job is None or not token or not secrets.compare_digest(job.ingest_token_hash, sha256(token)):
                 raise Unauthorized("invalid ingest token")
             if job.state in TERMINAL_STATES:
                 raise Conflict(f"job {job_id} is {job.state}: it takes no more metrics")
-            added = self.store_metrics(db, job, metrics, "push")
-            self.store.add_checkpoints(db, job_id, checkpoints)
+            added = self.reconciler.store_metrics(db, job, metrics, "push")
+            store.add_checkpoints(db, job_id, checkpoints)
         return added
+
+    # -- what a job stored: metrics, sampled completions, checkpoints, events
+    def metrics(self, job_id: str, who: Token, after_step: int, limit: int) -> tuple[Job, list[Metric]]:
+        """The job and its step records after `after_step` (at most `limit`), read in one transaction."""
+        with self._jobstore.session() as db:
+            job = self._jobstore.owned(db, job_id, who)
+            return job, self._jobstore.metrics(db, job_id, after_step, limit)
+
+    def samples(self, job_id: str, who: Token, step: int | None) -> Metric | None:
+        """The record of `step`, or (None) the newest one that holds sampled completions."""
+        with self._jobstore.session() as db:
+            self._jobstore.owned(db, job_id, who)
+            return self._jobstore.metric_with_samples(db, job_id, step)
+
+    def checkpoints(self, job_id: str, who: Token) -> list[Checkpoint]:
+        with self._jobstore.session() as db:
+            self._jobstore.owned(db, job_id, who)
+            return self._jobstore.checkpoints(db, job_id)
+
+    def changes(self, job_id: str, after_event: int, after_step: int) -> tuple[list[Event], list[Metric], Job | None]:
+        """What a live stream sends next: the events and step records after these, and the job (None once
+        deleted). The caller checked the job's owner when the stream began."""
+        store = self._jobstore
+        with store.session() as db:
+            return store.events(db, job_id, after_event), store.metrics(db, job_id, after_step), store.get(db, job_id)
 
     # -- logs
     async def logs(self, job_id: str, who: Token, lines: int, attempt: int | None = None) -> str:
@@ -387,7 +313,8 @@ class Service:
             return ""
         ray_id = job.ray_id if attempt is None else ray_submission_id(job.id, attempt)
         try:
-            return await run_in_threadpool(self.ray.log_tail, ray_id, lines, LOG_READ_BYTES)
+            tail: str = await run_in_threadpool(self.ray.log_tail, ray_id, lines, LOG_READ_BYTES)
+            return tail
         except JobNotFound:
             return ""
 
@@ -422,141 +349,3 @@ class Service:
         finally:
             with contextlib.suppress(Exception):
                 await chunks.aclose()  # type: ignore[attr-defined]
-
-    # -- reconciler
-    def submit(self, job: Job) -> None:
-        """Submit with a fresh ingest token: the token reaches the driver in its environment
-        (REPORT_TOKEN_ENV) and nowhere else; only its hash is stored, and only when this submission
-        started the job (when Ray already had it - a concurrent pass, a crash before the job was marked -
-        the running driver keeps the token it got, and so does the store)."""
-        token = secrets.token_urlsafe(32)
-        env = {JOB_CONFIG_ENV: config_env(job.config), REPORT_TOKEN_ENV: token, **JOB_ENV_VARS}
-        if self.ray.submit(job.ray_id, ENTRYPOINT, {"env_vars": env}):
-            with self.store.session(write=True) as db:
-                if (j := self.store.get(db, job.id)) is not None:
-                    j.ingest_token_hash = sha256(token)
-
-    def reconcile(self) -> None:
-        """One pass: submit what was never accepted, follow Ray's view of the rest, pick up files."""
-        with self.store.session() as db:
-            ids = self.store.active_ids(db)
-        for job_id in ids:
-            self.reconcile_job(job_id)
-        with self.store.session() as db:
-            counts = self.store.count_by_state(db)
-        for state in JobState:
-            self.jobs_gauge.labels(state.value).set(counts.get(state.value, 0))
-
-    def reconcile_job(self, job_id: str) -> None:
-        # Ray is asked outside any transaction: a slow head must not hold the job store's write lock
-        with self.store.session() as db:
-            job = self.store.get(db, job_id)
-        if job is None or job.state in TERMINAL_STATES:
-            return
-        if not job.submitted:
-            if job.cancel_requested:
-                self._set_state(job_id, JobState.CANCELLED.value, "cancelled before it started")
-                return
-            self.submit(job)  # RayUnavailable propagates: nothing changes
-            with self.store.session(write=True) as db:
-                if (j := self.store.get(db, job_id)) is not None:
-                    j.submitted, j.message = True, "submitted to Ray"
-            return
-        try:
-            state, message = self.ray.status(job.ray_id)
-        except JobNotFound:
-            # Ray lost it (a new head, e.g. the embedded one after a restart): start it again; with
-            # trainer.resume=auto it continues from its newest checkpoint
-            self.submit(job)
-            self._set_state(job_id, JobState.PENDING.value, "resubmitted: the Ray cluster had no record of it")
-            return
-        if job.cancel_requested and state in (JobState.PENDING.value, JobState.RUNNING.value):
-            with contextlib.suppress(JobNotFound):
-                self.ray.stop(job.ray_id)
-        if state == JobState.FAILED.value and not job.cancel_requested:
-            self.fail_or_restart(job, message)
-            return
-        with self.store.session(write=True) as db:
-            j = self.store.get(db, job_id)
-            if j is not None and j.state not in TERMINAL_STATES:
-                self.ingest_files(db, j)
-                self.store.set_state(db, j, state, message)
-
-    def driver_log(self, job: Job, lines: int = 400) -> str:
-        """The end of the current attempt's driver log, or '' when Ray cannot give it."""
-        try:
-            return self.ray.log_tail(job.ray_id, lines, LOG_READ_BYTES)
-        except (RayUnavailable, JobNotFound):
-            return ""
-
-    def fail_or_restart(self, job: Job, message: str) -> None:
-        """A failed attempt (the driver, a learner or an engine died; a timeout; the head or the job's
-        supervisor died): within the job's trainer.max_restarts the job goes back to PENDING, to be
-        submitted again as a new Ray submission (`Job.ray_id`), resuming from its newest checkpoint.
-        The steps the failed attempt stored after that checkpoint are dropped (the next attempt logs them
-        again), so the finished job holds each step once. An attempt that made no progress is restarted
-        only for a death or a timeout. Otherwise, and once the budget is spent, the job is FAILED."""
-        budget = int((job.config.get("trainer") or {}).get("max_restarts", 0))
-        reason = failure_reason(message, self.driver_log(job))  # Ray is asked outside any transaction
-        with self.store.session(write=True) as db:  # what the attempt wrote before it died
-            j = self.store.get(db, job.id)
-            if j is None or j.state in TERMINAL_STATES:
-                return
-            self.ingest_files(db, j)
-            failure = {"at": now().isoformat(), "step": j.last_step, "reason": reason, "resumed_from": None}
-            failures = [*(j.failures or []), failure]
-            attempt_start = (j.failures or [{}])[-1].get("resumed_from") or 0
-            retry = j.last_step > attempt_start or infrastructure_failure(f"{message}\n{reason}")
-            if j.restarts >= budget or not retry:
-                j.failures = failures
-                if not retry and budget > j.restarts:
-                    note = "not restarted (it failed before its first step, with an error of its own): "
-                elif budget:
-                    note = f"failed after {j.restarts} restart(s) (trainer.max_restarts = {budget}): "
-                else:
-                    note = ""
-                self.store.set_state(db, j, JobState.FAILED.value, note + message)
-                return
-        run = RunDir(job.run_dir)
-        steps = [s for p in run.complete_checkpoints() if (s := RunDir.checkpoint_step(p)) is not None]
-        resume_at = max(steps, default=0)
-        with self.store.session(write=True) as db:
-            j = self.store.get(db, job.id)
-            if j is None or j.state in TERMINAL_STATES:
-                return
-            failure["resumed_from"] = resume_at
-            j.failures, j.restarts, j.submitted = failures, j.restarts + 1, False
-            self.store.rewind(db, j, resume_at)
-            self.restarts_total.inc()
-            where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint yet)"
-            self.store.set_state(
-                db, j, JobState.PENDING.value, f"restart {j.restarts} of {budget} {where} after: {reason}"
-            )
-
-    def _set_state(self, job_id: str, state: str, message: str) -> None:
-        with self.store.session(write=True) as db:
-            if (job := self.store.get(db, job_id)) is not None:
-                self.store.set_state(db, job, state, message)
-
-    def ingest_files(self, db: Session, job: Job) -> None:
-        """Steps and checkpoints written to the run directory that the driver could not push."""
-        run = RunDir(job.run_dir)
-        if run.metrics.is_file():
-            # only what was appended since the last pass, complete lines only (the driver may be mid-write)
-            with run.metrics.open("rb") as f:
-                f.seek(self._read_upto.get(job.id, 0))
-                chunk = f.read()
-            complete = chunk[: chunk.rfind(b"\n") + 1]
-            self._read_upto[job.id] = self._read_upto.get(job.id, 0) + len(complete)
-            rows = [r for line in complete.decode(errors="replace").splitlines() if (r := parse_metric_line(line))]
-            self.store_metrics(db, job, rows, "file")  # each step is kept once
-        found = [(step, str(p)) for p in run.complete_checkpoints() if (step := RunDir.checkpoint_step(p)) is not None]
-        self.store.add_checkpoints(db, job.id, found)
-
-    def store_metrics(self, db: Session, job: Job, records: list[MetricRecord], source: str) -> int:
-        added = self.store.add_metrics(db, job, records)
-        if added:
-            self.metrics_ingested.labels(source).inc(added)
-            if job.state == JobState.PENDING.value and job.submitted:
-                self.store.set_state(db, job, JobState.RUNNING.value, "training")
-        return added

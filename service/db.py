@@ -26,7 +26,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
-from actors.contract import JobState
+from actors.common.contract import JobState
 
 
 def now() -> dt.datetime:

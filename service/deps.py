@@ -7,8 +7,9 @@ from typing import Annotated
 from fastapi import Depends, Header, HTTPException, Request
 from fastapi import Path as PathParam
 
-from service.core import Service, Unauthorized
+from service.core import Service
 from service.db import Token
+from service.tokens import Unauthorized
 
 JOB_ID_PATTERN = r"^forkrl-[0-9a-f]{16}$"
 JobId = Annotated[str, PathParam(pattern=JOB_ID_PATTERN, description="a job id: forkrl-<16 hex digits>")]

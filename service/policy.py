@@ -20,8 +20,10 @@ import fnmatch
 from collections.abc import Callable
 from pathlib import Path
 
-from actors.config import JobConfig, JsonlData, ParquetData, PluginVerifier, show_value
-from actors.models import BUILTIN_MODELS, TINY
+from actors.common.config import JobConfig, JsonlData, ParquetData
+from actors.common.config_load import show_value
+from actors.common.models import BUILTIN_MODELS, TINY
+from actors.common.verifier_config import PluginVerifier
 from service.settings import Settings
 
 __all__ = ["PolicyRefused", "check_job"]

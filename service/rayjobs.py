@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from actors.contract import JobState
+from actors.common.contract import JobState
 
 log = logging.getLogger("forkrl.service.ray")
 

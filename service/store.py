@@ -18,13 +18,13 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
-from actors.config import JobConfig
-from actors.contract import TERMINAL_STATES, JobState, MetricRecord, finite
+from actors.common.config import JobConfig
+from actors.common.contract import TERMINAL_STATES, JobState, MetricRecord, finite
 from service.db import Checkpoint, Event, Job, Metric, Store, Token, now
+from service.limits import MAX_STEP
 
 __all__ = ["JobStore", "NotFound", "Forbidden", "Conflict", "MAX_STEP"]
 
-MAX_STEP = 2**31 - 1  # steps are INTEGER columns
 RECONCILER_LOCK = 0x666F726B726C01  # PostgreSQL advisory lock keys of forkrl ("forkrl" + 1)
 
 

@@ -13,30 +13,17 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, Resources, StrictModel
-from actors.common.verifier_config import (
-    CodeVerifier,
-    MathVerifier,
-    NumericVerifier,
-    PluginVerifier,
-    RegexVerifier,
-    Verifier,
-    default_verifiers,
-)
+from actors.common.verifier_config import Verifier, default_verifiers
 
 __all__ = [
     "AlgorithmConfig",
     "BuiltinData",
-    "CodeVerifier",
     "DataConfig",
     "JobConfig",
     "JsonlData",
     "LearnerConfig",
-    "MathVerifier",
     "ModelConfig",
-    "NumericVerifier",
     "ParquetData",
-    "PluginVerifier",
-    "RegexVerifier",
     "RewardConfig",
     "RolloutConfig",
     "TrackingConfig",

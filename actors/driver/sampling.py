@@ -72,15 +72,8 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
     scores_all: list[float] = []
     lengths_all: list[int] = []
     # each round's timings and verifier counts, added up by actors.algo.metrics
-    parts: list[dict[str, Any]] = [
-        {
-            "timing/sample": 0.0,
-            "timing/generate": 0.0,
-            "timing/verify": 0.0,
-            "reward/errors": 0.0,
-            "reward/timeouts": 0.0,
-        }
-    ]
+    zero = ("timing/sample", "timing/generate", "timing/verify", "reward/errors", "reward/timeouts")
+    parts: list[dict[str, Any]] = [dict.fromkeys(zero, 0.0)]
     rounds = discarded = 0
     while rounds < rounds_max and len(kept) < need:
         rounds += 1
@@ -159,7 +152,9 @@ def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[Trai
     }
 
 
-def sample_records(groups: list[Group], traces: list[TokenTrace], tokenizer: Any, group_size: int) -> list[dict[str, Any]]:
+def sample_records(
+    groups: list[Group], traces: list[TokenTrace], tokenizer: Any, group_size: int
+) -> list[dict[str, Any]]:
     """The step's sampled completions as the dashboard and the trackers show them: the prompt, the
     verifier's reward, and per response token its text, entropy and whether the filter kept it
     (at most SAMPLE_TOKENS tokens; `truncated` says when there were more)."""

@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from actors.common.config import (
+from actors.common.verifier_config import (
     CodeVerifier,
     MathVerifier,
     NumericVerifier,

@@ -10,11 +10,12 @@ import yaml
 from fastapi import APIRouter
 from pydantic import ValidationError
 
-from actors.config import UNION_TAGS, JobConfig
+from actors.common.config import JobConfig
+from actors.common.config_load import UNION_TAGS
 from service.core import ConfigTooLarge
 from service.deps import Principal, ServiceDep
-from service.models import ConfigCheck, ConfigText, FieldError, field_errors
 from service.policy import PolicyRefused
+from service.schemas import ConfigCheck, ConfigText, FieldError, field_errors
 
 router = APIRouter(prefix="/v1/configs", tags=["configs"])
 

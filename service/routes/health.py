@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.deps import ServiceDep
-from service.models import Health
+from service.schemas import Health
 
 router = APIRouter(tags=["health"])
 

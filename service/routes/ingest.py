@@ -7,9 +7,9 @@ from typing import Annotated
 from fastapi import APIRouter, Header, HTTPException
 from starlette.concurrency import run_in_threadpool
 
-from service.core import Unauthorized
 from service.deps import JobId, ServiceDep, bearer
-from service.models import IngestBody
+from service.schemas import IngestBody
+from service.tokens import Unauthorized
 
 router = APIRouter(tags=["ingest"])
 

@@ -14,11 +14,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from actors.config import JobConfig
-from actors.contract import TERMINAL_STATES, JobState
+from actors.common.config import JobConfig
+from actors.common.contract import TERMINAL_STATES, JobState
 from service.deps import JobId, Principal, ServiceDep
-from service.models import CheckpointList, CheckpointOut, JobList, JobOut, MetricsOut, SamplesOut, job_out
 from service.rayjobs import RayUnavailable
+from service.schemas import CheckpointList, CheckpointOut, JobList, JobOut, MetricsOut, SamplesOut, job_out
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -93,11 +93,9 @@ def get_metrics(
         Query(description="scalars: numbers only (the curves), with samples/n for steps that hold samples"),
     ] = "full",
 ) -> MetricsOut:
-    with svc.store.session() as db:
-        job = svc.store.owned(db, job_id, who)
-        rows = svc.store.metrics(db, job_id, after_step, limit)
-        records = [m.data if view == "full" else scalars_of(m.data) for m in rows]
-        return MetricsOut(job_id=job_id, state=job.state, last_step=job.last_step, metrics=records)
+    job, rows = svc.metrics(job_id, who, after_step, limit)
+    records = [m.data if view == "full" else scalars_of(m.data) for m in rows]
+    return MetricsOut(job_id=job_id, state=job.state, last_step=job.last_step, metrics=records)
 
 
 def scalars_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -116,25 +114,21 @@ def get_samples(
 ) -> SamplesOut:
     """One step's sampled completions (each token's text, entropy and whether the filter kept it) and its
     most frequent kept tokens, decoded."""
-    with svc.store.session() as db:
-        svc.store.owned(db, job_id, who)
-        row = svc.store.metric_with_samples(db, job_id, step)
-        if row is None or not row.data.get("samples"):
-            where = f"step {step}" if step is not None else "any of its recent steps"
-            raise HTTPException(404, f"{job_id} has no sampled completions at {where}")
-        return SamplesOut(
-            job_id=job_id, step=row.step, samples=row.data["samples"], forking_tokens=row.data.get("forking_tokens", [])
-        )
+    row = svc.samples(job_id, who, step)
+    if row is None or not row.data.get("samples"):
+        where = f"step {step}" if step is not None else "any of its recent steps"
+        raise HTTPException(404, f"{job_id} has no sampled completions at {where}")
+    return SamplesOut(
+        job_id=job_id, step=row.step, samples=row.data["samples"], forking_tokens=row.data.get("forking_tokens", [])
+    )
 
 
 @router.get("/{job_id}/checkpoints", response_model=CheckpointList)
 def get_checkpoints(job_id: JobId, who: Principal, svc: ServiceDep) -> CheckpointList:
-    with svc.store.session() as db:
-        svc.store.owned(db, job_id, who)
-        rows = svc.store.checkpoints(db, job_id)
-        return CheckpointList(
-            job_id=job_id, checkpoints=[CheckpointOut(step=c.step, path=c.path, created_at=c.created_at) for c in rows]
-        )
+    rows = svc.checkpoints(job_id, who)
+    return CheckpointList(
+        job_id=job_id, checkpoints=[CheckpointOut(step=c.step, path=c.path, created_at=c.created_at) for c in rows]
+    )
 
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
@@ -174,16 +168,11 @@ async def events(
     step's record) and `end` once the job is finished and every step was sent, or (reason "idle")
     after the service's stream idle limit with nothing new (reconnect with after_step to go on)."""
     await run_in_threadpool(svc.get_job, job_id, who)
-    store = svc.store
-
-    def poll(last_event: int, last_step: int) -> tuple[list[Any], list[Any], Any]:
-        with store.session() as db:
-            return store.events(db, job_id, last_event), store.metrics(db, job_id, last_step), store.get(db, job_id)
 
     async def stream() -> AsyncIterator[str]:
         last_event, last_step, idle, quiet = 0, after_step, 0.0, 0.0
         while True:
-            evs, ms, job = await run_in_threadpool(poll, last_event, last_step)
+            evs, ms, job = await run_in_threadpool(svc.changes, job_id, last_event, last_step)
             if job is None:
                 yield 'event: end\ndata: {"reason": "deleted"}\n\n'
                 return

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.db import Token, now
 from service.deps import Principal, ServiceDep
-from service.models import TokenIn, TokenInfo, TokenList, TokenOut, TokenPatch, token_info
+from service.schemas import TokenIn, TokenInfo, TokenList, TokenOut, TokenPatch, token_info
 
 router = APIRouter(prefix="/v1/tokens", tags=["auth"])
 TokenId = Annotated[int, PathParam(ge=1, le=2**31 - 1, description="a token id from GET /v1/tokens")]

@@ -41,6 +41,16 @@ def _rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _every_metric_has_a_rule(rows: list[dict]) -> None:
+    """Each metric the driver wrote has its reduction rule in actors.algo.metrics (KeyError otherwise)."""
+    from actors.algo.metrics import rule
+
+    keys = {k for r in rows for k in r} - {"step", "samples"}  # the record's step and its sampled completions
+    assert {"actor/loss", "entropy/threshold", "reward/errors", "timing/generate"} <= keys  # the check sees them
+    for key in sorted(keys):
+        rule(key)
+
+
 def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_path):
     import ray
     from transformers import AutoTokenizer
@@ -71,17 +81,19 @@ def test_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path, tmp_
         # before sync the engine still samples from the old weights: its log-probs are far from the learner's
         assert _max_logprob_gap(rollout, learners, prompt) > 0.1
         # as the driver syncs: the learner's file in shared memory, read in place by the engine on its node
-        ref = learners.export_weights("float32", to_file=True)
+        ref = learners.export_weights("float32")
         file = ray.get(ref)
         assert file.path.startswith("/dev/shm/") and os.path.getsize(file.path) == file.nbytes > 0
         timing = rollout.load_weights(ref, 60)
         assert timing[0]["tensors"] > 0 and timing[0]["local"] == 1.0
+        assert file.version == 2 and timing[0]["version"] == 2.0  # the policy version: two optimizer steps
         # after it, from the learner's: the same numbers up to float rounding
         assert _max_logprob_gap(rollout, learners, prompt) < 2e-2
         # an engine on another node (named so here) gets the bytes from the learner: the same weights
         learners.train_step(batch)
-        other = ray.put(dataclasses.replace(ray.get(learners.export_weights("float32", to_file=True)), node_id="x"))
-        assert rollout.load_weights(other, 60)[0]["local"] == 0.0
+        other = ray.put(dataclasses.replace(ray.get(learners.export_weights("float32")), node_id="x"))
+        remote = rollout.load_weights(other, 60)[0]
+        assert remote["local"] == 0.0 and remote["version"] == 3.0
         assert _max_logprob_gap(rollout, learners, prompt) < 2e-2
         learners.drop_weights()
         assert not os.path.exists(file.path)
@@ -124,6 +136,7 @@ def test_three_steps_two_learners_and_the_reward_rises(ray_local, tmp_path):
     for r in learned:  # the filter keeps exactly ceil(rho N) tokens and logs its statistics
         assert r["entropy/kept_tokens"] == math.ceil(0.5 * r["entropy/num_valid"])  # mask sums over both ranks
         assert "timing/generate" in r and "timing/learn" in r and "timing/weight_sync" in r
+    _every_metric_has_a_rule(rows)
     # the final export loads in transformers and in vLLM
     from transformers import AutoModelForCausalLM
 
@@ -246,6 +259,7 @@ def test_ppo_mini_batches_move_the_ratio_and_clip(ray_local, tmp_path):
             assert r["batch/groups_kept"] == 4
     two = [r for r in learned if r["actor/optimizer_steps"] == 2]
     assert two, [(r["batch/groups_kept"], r["batch/rounds"]) for r in rows]
+    _every_metric_has_a_rule(rows)
     # the first update has ratio exactly 1 (old = current); the mean over both moves away from it
     assert max(abs(r["actor/ratio_mean"] - 1.0) for r in two) > 1e-3
     assert max(r["actor/clipfrac"] for r in two) > 0.0
@@ -256,7 +270,7 @@ def test_one_learner_and_two_learners_take_the_same_step(ray_local, tiny_path, t
     an uneven split) gives the same global gradient norm and the same updated weights; a loss scaled
     wrongly for the data-parallel average shows in the norm (Adam's first step alone would hide it)."""
     import ray
-    from safetensors.torch import load
+    from safetensors.torch import load_file
 
     from actors.learner.group import LearnerGroup
 
@@ -272,7 +286,8 @@ def test_one_learner_and_two_learners_take_the_same_step(ray_local, tiny_path, t
         learner_cfg = cfg.learner.model_copy(update={"num_learners": k})
         group = LearnerGroup(tiny_path, learner_cfg, cfg.algorithm, cfg.rollout, cfg.trainer.seed, "float32")
         m = group.train_step(batch)
-        out[k] = (m, load(ray.get(group.export_weights("float32"))))
+        out[k] = (m, load_file(ray.get(group.export_weights("float32")).path))
+        group.drop_weights()
         for a in group.pool.actors:
             ray.kill(a)
     (m1, w1), (m2, w2) = out[1], out[2]

@@ -292,7 +292,7 @@ def test_replicas_on_postgresql_migrate_once_and_run_one_reconciler(postgres_url
 
 
 def test_each_pool_lands_on_its_group_when_the_chart_says_so(tmp_path):
-    from actors.config import load_config
+    from actors.common.config_load import load_config
     from service.core import Service
     from service.settings import Settings
 

@@ -19,7 +19,7 @@ import psutil
 import pytest
 import yaml
 
-from actors.contract import RunDir
+from actors.common.contract import RunDir
 from service.rayjobs import LocalRayHead, RayJobs
 
 from .conftest import ROOT, Server, wait_for
@@ -287,9 +287,9 @@ def test_a_killed_driver_and_a_killed_learner_are_restarted_from_the_checkpoint(
             assert "ActorDiedError" in second["reason"] and "class_name: Learner" in second["reason"], second
             metrics = c.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
             assert [m["step"] for m in metrics] == list(range(1, 7))  # each step once
-            from actors.config import validate_config
-            from actors.data import PromptSampler, load_examples
-            from actors.sampling import batch_fingerprint
+            from actors.common.config_load import validate_config
+            from actors.driver.data import PromptSampler, load_examples
+            from actors.driver.sampling import batch_fingerprint
 
             data = validate_config(cfg).data
             sampler = PromptSampler(load_examples(data), data.prompts_per_step, 0)

@@ -38,7 +38,7 @@ def test_a_study_runs_its_arms_through_the_control_plane_and_resumes(ray_head, t
     server.start()
     try:
         env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
-        cmd = [sys.executable, "-m", "actors.study", "--spec", str(spec_path), "--out", str(out)]
+        cmd = [sys.executable, "-m", "service.study", "--spec", str(spec_path), "--out", str(out)]
         # interrupted while its first job runs: the job goes on, and the study, run again, follows it
         first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + 120
@@ -85,6 +85,6 @@ def test_a_bad_spec_is_refused_naming_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "base": "tiny.yaml", "arms": [{"name": "A B"}], "seeds": [1]}))
     r = subprocess.run(
-        [sys.executable, "-m", "actors.study", "--spec", str(bad)], cwd=ROOT, capture_output=True, text=True
+        [sys.executable, "-m", "service.study", "--spec", str(bad)], cwd=ROOT, capture_output=True, text=True
     )
     assert r.returncode == 2 and "arms.0.name" in r.stderr and "pattern" in r.stderr, r.stderr

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from actors.config import ConfigError
-from actors.study import StudySpec, load_spec, summarize
+from actors.common.config_load import ConfigError
+from service.study import StudySpec, load_spec, summarize
 
 
 def _write(out, key, rows):

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from actors.driver import tracking
 from actors.common.config_load import load_config
 from actors.common.contract import REPORT_TOKEN_ENV, RunDir
+from actors.driver import tracking
 from actors.driver.tracking import Tracker, flat_params
 from tests.wandb_log import history, run_ids
 

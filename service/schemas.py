@@ -1,16 +1,20 @@
-"""The REST API's request and response models."""
+"""The REST API's request and response models (the API client returns them too). Light on purpose: the
+job store's rows appear in annotations only, so the client side imports no database."""
+
+from __future__ import annotations
 
 import datetime as dt
 import json
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from actors.config import UNION_TAGS, show_value
-from actors.contract import JobState
-from service.core import MAX_CONFIG_BYTES
-from service.db import Job, Token
-from service.store import MAX_STEP
+from actors.common.config_load import UNION_TAGS, show_value
+from actors.common.contract import JobState
+from service.limits import MAX_CONFIG_BYTES, MAX_STEP
+
+if TYPE_CHECKING:
+    from service.db import Job, Token
 
 
 class FailureOut(BaseModel):

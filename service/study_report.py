@@ -1,0 +1,156 @@
+"""A study's report, from the finished runs under <out>/runs: `results.json` (mean and sample sd over the
+seeds of the first, final and best held-out accuracy, seconds per step, and the entropy pattern of the
+first and last steps), `table.md`, and the plots `curves.png` (mean over seeds, band = min..max)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from service.study_spec import StudySpec, run_key
+
+__all__ = ["summarize"]
+
+
+def _mean_sd(xs: list[float]) -> tuple[float, float]:
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
+    """results.json, table.md and the plots from the finished runs under <out>/runs."""
+    arms: dict[str, Any] = {}
+    for arm in spec.arms:
+        runs = {}
+        for seed in spec.seeds:
+            f = out / "runs" / f"{run_key(arm, seed)}.jsonl"
+            if f.exists():
+                runs[seed] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+        if not runs:
+            continue
+        evals = {
+            s: [(r["step"], r["eval/reward_mean"]) for r in rows if "eval/reward_mean" in r] for s, rows in runs.items()
+        }
+        final = [e[-1][1] for e in evals.values() if e]
+        best = [max(v for _, v in e) for e in evals.values() if e]
+        first = [e[0][1] for e in evals.values() if e]
+        step_s = [statistics.median(r["timing/step"] for r in rows if "timing/step" in r) for rows in runs.values()]
+        arms[arm.name] = {
+            "label": arm.label or arm.name,
+            "seeds": sorted(runs),
+            "steps": max(len(rows) for rows in runs.values()),
+            "eval_first": _mean_sd(first) if first else None,
+            "eval_final": _mean_sd(final) if final else None,
+            "eval_best": _mean_sd(best) if best else None,
+            "eval_final_by_seed": {s: e[-1][1] for s, e in sorted(evals.items()) if e},
+            "eval_best_by_seed": {s: max(v for _, v in e) for s, e in sorted(evals.items()) if e},
+            "step_s": _mean_sd(step_s),
+            "entropy": _entropy_pattern(runs),
+        }
+    results = {"study": spec.name, "seeds": spec.seeds, "arms": arms, "reference": spec.reference}
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "table.md").write_text(_table(spec, arms))
+    _plots(spec, out)
+    return results
+
+
+def _entropy_pattern(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """First and last step of every seed: share below 0.01 and p80 (mean over seeds), and the 20 tokens
+    kept most often, their kept counts summed over the seeds (ties: first seen first)."""
+    pat: dict[str, Any] = {}
+    for which, pick in (("first", 0), ("last", -1)):
+        rows = [rs[pick] for rs in runs.values() if rs]
+        below = [r["entropy/frac_below_0.01"] for r in rows if "entropy/frac_below_0.01" in r]
+        p80 = [r["entropy/p80"] for r in rows if "entropy/p80" in r]
+        kept: dict[int, list[Any]] = {}  # token id -> [text, kept count over seeds]
+        for r in rows:
+            for t in r.get("forking_tokens") or []:
+                kept.setdefault(t["id"], [t["text"], 0])[1] += t["kept"]
+        top = sorted(kept.values(), key=lambda tc: -tc[1])[:20]  # stable: ties keep their first-seen order
+        pat[which] = {
+            "frac_below_0.01": statistics.fmean(below) if below else None,
+            "p80": statistics.fmean(p80) if p80 else None,
+            "forking_tokens": [text for text, _ in top],
+        }
+    return pat
+
+
+def _fmt(ms: tuple[float, float] | None, digits: int = 3) -> str:
+    return "-" if ms is None else f"{ms[0]:.{digits}f} ± {ms[1]:.{digits}f}"
+
+
+def _by_seed(values: dict[Any, float]) -> str:
+    return " / ".join(f"{v:.3f}" for _, v in sorted(values.items(), key=lambda kv: int(kv[0])))
+
+
+def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
+    lines = [
+        f"Study `{spec.name}`: held-out greedy accuracy (mean ± sd over seeds), wall time per step.\n",
+        "| arm | seeds | steps | first eval* | final eval | final, by seed | best eval | best, by seed | s / step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for a in arms.values():
+        lines.append(
+            f"| {a['label']} | {len(a['seeds'])} | {a['steps']} | {_fmt(a['eval_first'])} | {_fmt(a['eval_final'])} "
+            f"| {_by_seed(a['eval_final_by_seed'])} | {_fmt(a['eval_best'])} | {_by_seed(a['eval_best_by_seed'])} "
+            f"| {_fmt(a['step_s'], 1)} |"
+        )
+    lines += ["", "\\* at step trainer.eval_every: none is made before the first update.", ""]
+    lines += [
+        "| arm | step | share of tokens with H < 0.01 (mean over seeds) | p80 of H "
+        "| 20 tokens kept most often, over the seeds (the forking tokens under highest) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for a in arms.values():
+        for which in ("first", "last"):
+            e = a["entropy"][which]
+            share = "-" if e["frac_below_0.01"] is None else f"{e['frac_below_0.01']:.3f}"
+            p80 = "-" if e["p80"] is None else f"{e['p80']:.3f}"
+            toks = " ".join(f"`{t!r}`".replace("|", "\\|") for t in e["forking_tokens"])
+            lines.append(f"| {a['label']} | {which} | {share} | {p80} | {toks} |")
+    ref = spec.reference
+    if ref:
+        lines.append(
+            f"| {ref.get('label', 'paper')} | - | {ref.get('frac_below_0.01', '-')} | {ref.get('p80', '-')} | - |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _plots(spec: StudySpec, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("eval/reward_mean", "held-out greedy accuracy"),
+        ("reward/mean", "train reward"),
+        ("entropy/mean", "entropy, mean"),
+        ("entropy/p80", "entropy, p80"),
+        ("response/length_mean", "response length (tokens)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for arm in spec.arms:
+        runs = [
+            [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
+            for seed in spec.seeds
+            if (f := out / "runs" / f"{run_key(arm, seed)}.jsonl").exists()
+        ]
+        if not runs:
+            continue
+        for ax, (key, title) in zip(axes, panels, strict=True):
+            steps = sorted({r["step"] for rows in runs for r in rows if key in r})
+            per = [[r[key] for rows in runs for r in rows if r["step"] == s and key in r] for s in steps]
+            mean = [statistics.fmean(v) for v in per]
+            lo = [min(v) for v in per]
+            hi = [max(v) for v in per]
+            (line,) = ax.plot(steps, mean, label=f"{arm.label or arm.name} (n={len(runs)})")
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
+            ax.set_title(title)
+            ax.set_xlabel("step")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{spec.name}: mean over seeds, band = min..max")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110)
+    plt.close(fig)

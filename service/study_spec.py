@@ -1,0 +1,58 @@
+"""A study's spec (examples/study.yaml): the base job config, overrides common to every run, the arms
+with their own overrides, the seeds, and published figures to show beside ours. Each arm x seed is
+one run, keyed `<arm>-s<seed>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from actors.common.config_load import ConfigError
+
+__all__ = ["Arm", "StudySpec", "load_spec", "run_key", "job_overrides"]
+
+
+class Arm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,30}$", description="Short name (job names, files).")
+    label: str = Field("", max_length=80, description="Legend text; default: the name.")
+    set: list[str] = Field(default_factory=list, description="Overrides of this arm, KEY=VALUE.")
+
+
+class StudySpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
+    base: str = Field(..., description="Job config every run starts from (a path, relative to the spec).")
+    set: list[str] = Field(default_factory=list, description="Overrides common to every arm.")
+    arms: list[Arm] = Field(..., min_length=1)
+    seeds: list[int] = Field(..., min_length=1)
+    reference: dict[str, Any] = Field(default_factory=dict, description="Published figures shown beside ours.")
+
+
+def load_spec(path: str) -> tuple[StudySpec, Path]:
+    """The spec and the resolved path of its base config. Raises ConfigError naming each bad field."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"study spec {path}: {e}") from None
+    try:
+        spec = StudySpec.model_validate(raw)
+    except ValidationError as e:
+        lines = [f"  {'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError(f"study spec {path}:\n" + "\n".join(lines)) from None
+    names = [a.name for a in spec.arms]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"study spec {path}: arms: names repeat ({names})")
+    return spec, (p.parent / spec.base).resolve()
+
+
+def run_key(arm: Arm, seed: int) -> str:
+    return f"{arm.name}-s{seed}"
+
+
+def job_overrides(spec: StudySpec, arm: Arm, seed: int) -> list[str]:
+    return [*spec.set, *arm.set, f"trainer.seed={seed}", f"name={spec.name}-{run_key(arm, seed)}"]
