@@ -53,8 +53,10 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
 fi
 
 # The code verifier runs model output in a bubblewrap sandbox under the system python3 (actors/reward/sandbox.py).
-if ! command -v bwrap >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1 || ! [ -x /usr/bin/python3 ]; then
-  apt_install "the code verifier's sandbox and its tests" bubblewrap util-linux python3
+# Its seccomp filter is built by libseccomp's bindings for that python3 (Debian's python3-seccomp).
+if ! command -v bwrap >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1 || ! [ -x /usr/bin/python3 ] \
+  || ! /usr/bin/python3 -c 'import seccomp' >/dev/null 2>&1; then
+  apt_install "the code verifier's sandbox and its tests" bubblewrap util-linux python3 python3-seccomp
 fi
 
 # The dashboard's browser tests drive Debian's chromium headless (Playwright is pointed at it; it
