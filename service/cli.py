@@ -2,18 +2,23 @@
 
     forkrl serve                                   # the API (python -m service)
     forkrl submit examples/demo.yaml [--set trainer.steps=5] [--follow]
-    forkrl list [--state RUNNING]   forkrl status ID   forkrl logs ID [--follow]
+    forkrl list [--state RUNNING]   forkrl status ID   forkrl logs ID [--follow] [--raw]
     forkrl cancel ID   forkrl delete ID   forkrl token create OWNER
 
 The API address and token come from --url/--token or FORKRL_URL/FORKRL_TOKEN; with no token, a
 local development server's admin token file (<data dir>/admin_token) is used.
+
+What the service sends (job names, messages, logs: chosen by whoever submitted the job) reaches the
+terminal with its control characters escaped (`\x1b`, `\u202e`), never as escape sequences.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -47,7 +52,7 @@ def _token(token: str) -> str:
 
 
 def _die(msg: str, code: int = 2) -> NoReturn:
-    typer.secho(f"forkrl: {msg}", fg=typer.colors.RED, err=True)
+    typer.secho(f"forkrl: {escape_text(msg)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
@@ -63,8 +68,53 @@ def _api(url: str, token: str) -> Iterator[ForkrlClient]:
         _die(f"cannot reach the control plane at {url}: {e}", 1)
 
 
+# what a terminal acts on instead of showing: C0 and C1 controls (ESC and CSI start the sequences that set
+# the title, clear the screen, move the cursor, write the clipboard), DEL, the line and paragraph
+# separators, and the bidi controls (an override turns the text after it around)
+_BIDI = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
+_UNSAFE_TEXT = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")  # newline and tab kept
+_SGR = re.compile(r"\x1b\[[0-9;]*m")  # a colour: Ray colours each actor's log prefix
+_HELD = re.compile(r"(\x1b(\[[0-9;]*)?|\r)\Z")  # the start of a colour or a CRLF, cut by a chunk's end
+
+
+def _escaped(m: re.Match[str]) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def escape_line(value: object) -> str:
+    """A server-supplied value as one line of terminal text: every control character escaped."""
+    return _UNSAFE.sub(_escaped, str(value))
+
+
+def escape_text(value: object) -> str:
+    """A server-supplied message, on its own lines: controls escaped but newline and tab."""
+    return _UNSAFE_TEXT.sub(_escaped, str(value))
+
+
+def escape_log(text: str) -> str:
+    """A job's log: colours dropped, a carriage return made a line break (nothing overwrites a line
+    already shown), every other control but newline and tab escaped."""
+    return escape_text(_SGR.sub("", text).replace("\r\n", "\n").replace("\r", "\n"))
+
+
+def escape_stream(chunks: Iterable[str]) -> Iterator[str]:
+    """`escape_log` over a streamed log: a colour code or CRLF cut by a chunk's end waits for the rest."""
+    held = ""
+    for chunk in chunks:
+        text = held + chunk
+        tail = _HELD.search(text)
+        cut = tail.start() if tail and len(text) - tail.start() <= 32 else len(text)
+        held = text[cut:]
+        if cut:
+            yield escape_log(text[:cut])
+    if held:
+        yield escape_log(held)
+
+
 def _row(j: JobOut) -> str:
-    return f"{j.id}  {j.state.value:<9}  step {j.last_step}/{j.total_steps}  {j.owner:<10}  {j.name}"
+    return escape_line(f"{j.id}  {j.state.value:<9}  step {j.last_step}/{j.total_steps}  {j.owner:<10}  {j.name}")
 
 
 @app.command()
@@ -114,7 +164,7 @@ def submit(
         _die(f"invalid config {config}:\n{e}")
     with _api(url, token) as api:
         job = api.submit(cfg, idempotency_key)
-    typer.echo(f"submitted {job.id} ({job.state.value})")
+    typer.echo(escape_line(f"submitted {job.id} ({job.state.value})"))
     if follow:
         raise typer.Exit(_follow(url, token, job.id, job.total_steps))
 
@@ -146,20 +196,22 @@ def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
         j = api.job(job_id)
         typer.echo(_row(j))
         if j.message:
-            typer.echo(f"message: {j.message}")
+            typer.echo(f"message: {escape_text(j.message)}")
         restarts = (j.config or {}).get("trainer", {}).get("max_restarts")
         if j.restarts or j.failures:
-            typer.echo(f"restarts: {j.restarts} of {restarts}")
+            typer.echo(escape_line(f"restarts: {j.restarts} of {restarts}"))
             for f in j.failures:
                 reason = f.reason.splitlines()[-1] if f.reason else ""
-                typer.echo(f"  failed at step {f.step} ({f.at}): {reason}")
-        typer.echo(f"run dir: {j.run_dir}")
+                typer.echo(escape_line(f"  failed at step {f.step} ({f.at}): {reason}"))
+        typer.echo(f"run dir: {escape_line(j.run_dir)}")
         m = api.metrics(job_id, after_step=max(0, j.last_step - 1))
     if m.metrics:
         last = m.metrics[-1]
         typer.echo(
-            f"step {last['step']}: reward {last.get('reward/mean')}, entropy {last.get('entropy/mean')}, "
-            f"tau {last.get('entropy/threshold')}, kept {last.get('entropy/kept_frac')}"
+            escape_line(
+                f"step {last['step']}: reward {last.get('reward/mean')}, entropy {last.get('entropy/mean')}, "
+                f"tau {last.get('entropy/threshold')}, kept {last.get('entropy/kept_frac')}"
+            )
         )
 
 
@@ -173,22 +225,32 @@ def logs(
     attempt: Annotated[
         int | None, typer.Option("--attempt", min=0, help="without --follow: attempt N (0 = first, N = restart N)")
     ] = None,
+    raw: Annotated[
+        bool, typer.Option("--raw", help="as the job wrote it, escape sequences included (trusted jobs only)")
+    ] = False,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
 ) -> None:
     """Print the end of a job's driver log (--follow: the whole log, streamed live; --attempt: an
-    earlier attempt's after restarts)."""
+    earlier attempt's after restarts). The log is the job's own output: colours are dropped and every
+    other control character but newline and tab is escaped, unless --raw."""
     if follow and attempt is not None:
         raise typer.BadParameter(
             f"--attempt {attempt}: --follow streams the current attempt only", param_hint="--attempt"
         )
     with _api(url, token) as api:
         if not follow:
-            sys.stdout.write(api.logs(job_id, lines, attempt))
+            text = api.logs(job_id, lines, attempt)
+            sys.stdout.write(text if raw else escape_log(text))
             return
-        for chunk in api.follow_logs(job_id):
-            sys.stdout.write(chunk)
-            sys.stdout.flush()
+        while True:
+            try:
+                for chunk in api.follow_logs(job_id) if raw else escape_stream(api.follow_logs(job_id)):
+                    sys.stdout.write(chunk)
+                    sys.stdout.flush()
+                return
+            except ApiError as e:  # too many streams open: wait as the service asks, then again
+                _back_off(e)
 
 
 @app.command()
@@ -196,7 +258,8 @@ def cancel(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
     """Cancel a job (idempotent)."""
     with _api(url, token) as api:
         j = api.cancel(job_id)
-    typer.echo(f"{j.id}: {j.state.value}{' (cancel requested)' if j.state.value not in TERMINAL_STATES else ''}")
+    requested = " (cancel requested)" if j.state.value not in TERMINAL_STATES else ""
+    typer.echo(escape_line(f"{j.id}: {j.state.value}{requested}"))
 
 
 @app.command()
@@ -204,7 +267,7 @@ def delete(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
     """Delete a finished job's record (its run directory stays on disk)."""
     with _api(url, token) as api:
         api.delete(job_id)
-    typer.echo(f"deleted {job_id}")
+    typer.echo(escape_line(f"deleted {job_id}"))
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
@@ -245,7 +308,7 @@ def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     for t in listed.tokens:
         role = "admin" if t.admin else "owner"
         when = [(_times(t)[k] or "-")[:19] for k in ("created_at", "expires_at", "revoked_at")]
-        typer.echo(f"{t.id:>5}  {t.owner[:20]:20} {role:6} {when[0]:20} {when[1]:20} {when[2]}")
+        typer.echo(escape_line(f"{t.id:>5}  {t.owner[:20]:20} {role:6} {when[0]:20} {when[1]:20} {when[2]}"))
 
 
 def _times(t: TokenInfo) -> dict[str, str | None]:
@@ -259,7 +322,7 @@ def token_revoke(token_id: int, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "")
     """Revoke a token by its id (from `forkrl token list`); it stops working at once."""
     with _api(url, token) as api:
         t = api.revoke_token(token_id)
-    typer.echo(f"revoked token {t.id} of {t.owner}")
+    typer.echo(escape_line(f"revoked token {t.id} of {t.owner}"))
 
 
 @token_app.command("expire")
@@ -273,7 +336,7 @@ def token_expire(
     expires_in_s = _duration(expires_in)
     with _api(url, token) as api:
         t = api.expire_token(token_id, expires_in_s)
-    typer.echo(f"token {t.id} of {t.owner} expires {_times(t)['expires_at'] or 'never'}")
+    typer.echo(escape_line(f"token {t.id} of {t.owner} expires {_times(t)['expires_at'] or 'never'}"))
 
 
 def _follow(url: str, token: str, job_id: str, total: int) -> int:
@@ -285,25 +348,38 @@ def _follow(url: str, token: str, job_id: str, total: int) -> int:
     with _api(url, token) as api:
         try:
             while not ended:  # the service ends an idle stream; follow on from the last step seen
-                ended = _follow_stream(api, job_id, bar)
+                try:
+                    ended = _follow_stream(api, job_id, bar)
+                except ApiError as e:
+                    _back_off(e, bar.write)
         except httpx.TransportError as e:
             bar.close()
             _die(f"lost the control plane at {url}: {e}; `forkrl status {job_id}` shows where the job is", 1)
         bar.close()
         j = api.job(job_id)
-    typer.echo(f"{job_id}: {j.state.value} after {j.last_step} steps; run directory {j.run_dir}")
+    typer.echo(escape_line(f"{job_id}: {j.state.value} after {j.last_step} steps; run directory {j.run_dir}"))
     if j.message and j.state != JobState.SUCCEEDED:
-        typer.echo(f"message: {j.message}")
+        typer.echo(f"message: {escape_text(j.message)}")
     return 0 if j.state == JobState.SUCCEEDED else 1
+
+
+def _back_off(e: ApiError, say: Any = None) -> None:
+    """A 429 (the token or the service has as many streams open as allowed): wait `Retry-After`
+    seconds; any other error is raised again."""
+    if e.response.status_code != 429:
+        raise e
+    wait = int(e.response.headers.get("Retry-After", "10"))
+    (say or (lambda text: sys.stderr.write(text + "\n")))(escape_line(f"{e}; retrying in {wait} s"))
+    time.sleep(wait)
 
 
 def _follow_stream(api: ForkrlClient, job_id: str, bar: Any) -> bool:
     """One events stream; True when the job ended, False when the service closed an idle stream."""
     for event, data in api.events(job_id, after_step=bar.n):
         if event == "state":
-            bar.set_description(f"{job_id} {data['state']}")
+            bar.set_description(escape_line(f"{job_id} {data['state']}"))
             if data.get("message"):
-                bar.write(f"{data['state']}: {data['message']}")
+                bar.write(escape_text(f"{data['state']}: {data['message']}"))
         elif event == "metrics":
             bar.update(max(0, data["step"] - bar.n))
             bar.set_postfix(reward=_fmt(data.get("reward/mean")), H=_fmt(data.get("entropy/mean")))

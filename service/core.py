@@ -12,7 +12,8 @@ import datetime as dt
 import json
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -25,17 +26,18 @@ from actors.common.contract import TERMINAL_STATES, MetricRecord
 from service.db import Checkpoint, Event, Job, Metric, Token, migrate, ray_submission_id
 from service.limits import MAX_CONFIG_BYTES
 from service.policy import check_job
+from service.quotas import TenancyLimits
 from service.raycluster import RayCluster
 from service.rayjobs import JobNotFound, RayJobs, RayUnavailable
 from service.reconciler import LOG_READ_BYTES, Reconciler, config_env
 from service.settings import Settings
-from service.store import Conflict, JobStore
+from service.store import PAGE_ROWS, Conflict, JobStore, StepJSON
 from service.telemetry import Telemetry
 from service.tokens import Tokens, Unauthorized, sha256
 
 log = logging.getLogger("forkrl.service")
 
-__all__ = ["Service", "canonical", "ConfigTooLarge", "OutOfRange", "MAX_CONFIG_BYTES"]
+__all__ = ["Service", "canonical", "ConfigTooLarge", "OutOfRange", "TooManyStreams", "MAX_CONFIG_BYTES"]
 
 
 def canonical(obj: Any) -> str:
@@ -50,6 +52,39 @@ class OutOfRange(ValueError):
     """A request parameter outside what the job has (422)."""
 
 
+class TooManyStreams(RuntimeError):
+    """A stream past the per-token or the server's limit of open streams (429)."""
+
+
+class StreamSlots:
+    """The streams (events, followed logs) this process holds open, per token and in all, within
+    settings.stream_max_per_token and stream_max_total. Used on the event loop only."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings, self.per_token = settings, Counter[int]()
+
+    def take(self, token_id: int) -> Callable[[], None]:
+        """A place for one more stream of this token (TooManyStreams when none is left), and the function
+        that gives it back (once, however often it is called: a stream ends in more than one way)."""
+        s, mine, total = self.settings, self.per_token[token_id], self.per_token.total()
+        if mine >= s.stream_max_per_token:
+            limit = f"FORKRL_STREAM_MAX_PER_TOKEN = {s.stream_max_per_token}"
+            raise TooManyStreams(f"this token has {mine} streams open, its most ({limit}): close one or retry later")
+        if total >= s.stream_max_total:
+            limit = f"FORKRL_STREAM_MAX_TOTAL = {s.stream_max_total}"
+            raise TooManyStreams(f"the server holds {total} streams open, its most ({limit}): retry later")
+        self.per_token[token_id] += 1
+        held = [token_id]
+
+        def give_back() -> None:
+            self.per_token.subtract(held)  # `held` is empty after the first call
+            held.clear()
+            if self.per_token[token_id] <= 0:
+                self.per_token.pop(token_id, None)
+
+        return give_back
+
+
 class Service:
     """What the routes share: settings, metrics, and (after start()) the job store, tokens, Ray and the
     reconciler."""
@@ -62,6 +97,8 @@ class Service:
         self._tokens: Tokens | None = None
         self._reconciler: Reconciler | None = None
         self._task: asyncio.Task[None] | None = None
+        self.limits = TenancyLimits(settings)
+        self.streams = StreamSlots(settings)
 
     @property
     def registry(self) -> CollectorRegistry:
@@ -92,7 +129,8 @@ class Service:
         # the data dir holds the job store and the admin token: the service user's alone
         s.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         s.data_dir.chmod(0o700)
-        s.runs_path.mkdir(parents=True, exist_ok=True)
+        if not s.runs_path.exists():  # private too; an existing one (a shared volume) keeps the mode it was given
+            s.runs_path.mkdir(mode=0o700, parents=True)
         self._store = store = JobStore(s.db_url)
         migrate(store.engine)
         self._tokens = Tokens(store, s)
@@ -162,7 +200,8 @@ class Service:
         return cfg.model_copy(update=update)
 
     def admit(self, cfg: JobConfig, who: Token) -> None:
-        """Refuse (PolicyRefused, ConfigTooLarge) what this owner may not run or what could not start."""
+        """Refuse (PolicyRefused, ConfigTooLarge, LimitExceeded, RateLimited) what this owner may not run, what
+        could not start, or what passes the owner's tenancy limits (service/quotas.py)."""
 
         def owner_of(job_id: str) -> str | None:
             with self._jobstore.session() as db:
@@ -175,6 +214,7 @@ class Service:
                 f"the job config is {size} bytes as JSON; at most {MAX_CONFIG_BYTES} are accepted (it reaches the "
                 "driver in one environment variable): shorten data.system_prompt or other long strings"
             )
+        self.limits.admit(cfg, who, self._jobstore)  # last: the submission rate is spent only on a job that can run
 
     def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
         """Store a new job (or find the replay of an earlier Idempotency-Key). Returns (job, created)."""
@@ -274,11 +314,17 @@ class Service:
         return added
 
     # -- what a job stored: metrics, sampled completions, checkpoints, events
-    def metrics(self, job_id: str, who: Token, after_step: int, limit: int) -> tuple[Job, list[Metric]]:
-        """The job and its step records after `after_step` (at most `limit`), read in one transaction."""
+    def metrics(self, job_id: str, who: Token, after_step: int, limit: int) -> tuple[Job, list[StepJSON]]:
+        """The job and the first page of its step records after `after_step` (at most `limit`, and at most
+        settings.store_page_bytes of them: a long read goes on with metric_page), in one transaction."""
         with self._jobstore.session() as db:
             job = self._jobstore.owned(db, job_id, who)
-            return job, self._jobstore.metrics(db, job_id, after_step, limit)
+            return job, self._jobstore.metrics(db, job_id, after_step, limit, self.settings.store_page_bytes)
+
+    def metric_page(self, job_id: str, after_step: int, limit: int) -> list[StepJSON]:
+        """The next page of a read whose caller checked the job's owner when it began ([] once deleted)."""
+        with self._jobstore.session() as db:
+            return self._jobstore.metrics(db, job_id, after_step, limit, self.settings.store_page_bytes)
 
     def samples(self, job_id: str, who: Token, step: int | None) -> Metric | None:
         """The record of `step`, or (None) the newest one that holds sampled completions."""
@@ -291,12 +337,13 @@ class Service:
             self._jobstore.owned(db, job_id, who)
             return self._jobstore.checkpoints(db, job_id)
 
-    def changes(self, job_id: str, after_event: int, after_step: int) -> tuple[list[Event], list[Metric], Job | None]:
-        """What a live stream sends next: the events and step records after these, and the job (None once
-        deleted). The caller checked the job's owner when the stream began."""
-        store = self._jobstore
+    def changes(self, job_id: str, after_event: int, after_step: int) -> tuple[list[Event], list[StepJSON], Job | None]:
+        """What a live stream sends next: a page of the events and of the step records after these, and the
+        job (None once deleted). The caller checked the job's owner when the stream began."""
+        store, size = self._jobstore, self.settings.store_page_bytes
         with store.session() as db:
-            return store.events(db, job_id, after_event), store.metrics(db, job_id, after_step), store.get(db, job_id)
+            ms = store.metrics(db, job_id, after_step, PAGE_ROWS, size)
+            return store.events(db, job_id, after_event, PAGE_ROWS), ms, store.get(db, job_id)
 
     # -- logs
     async def logs(self, job_id: str, who: Token, lines: int, attempt: int | None = None) -> str:
@@ -332,8 +379,8 @@ class Service:
             if waited >= idle_s:
                 yield f"[forkrl] no log after {idle_s:.0f} s; reconnect to keep following\n"
                 return
-            await asyncio.sleep(1)
-            waited += 1
+            await asyncio.sleep(2)  # each of the server's streams asks the store: not too often
+            waited += 2
         chunks = self.ray.tail(j.ray_id).__aiter__()
         try:
             while True:

@@ -49,3 +49,40 @@ class BodyLimit:
 
 class _BodyTooLarge(Exception):
     pass
+
+
+# Every answer: never sniffed into a script or page, never framed, no referrer to elsewhere, no copy in a
+# shared cache (answers carry one owner's jobs). A page that runs something (the dashboard, the development
+# /docs) sets its own Content-Security-Policy; everything else is data, and may load and run nothing.
+SECURITY_HEADERS = {
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "no-referrer",
+    "x-frame-options": "DENY",
+    "cross-origin-resource-policy": "same-origin",
+}
+DEFAULT_HEADERS = {
+    "content-security-policy": "default-src 'none'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "cache-control": "no-store",
+}
+
+
+class SecurityHeaders:
+    """The headers above on every HTTP response; a route's own CSP or Cache-Control is kept."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(msg: Message) -> None:
+            if msg["type"] == "http.response.start":
+                headers = [(k, v) for k, v in msg.get("headers", []) if k.lower().decode() not in SECURITY_HEADERS]
+                have = {k.lower().decode() for k, _ in headers}
+                extra = {**SECURITY_HEADERS, **{k: v for k, v in DEFAULT_HEADERS.items() if k not in have}}
+                msg = {**msg, "headers": [*headers, *((k.encode(), v.encode()) for k, v in extra.items())]}
+            await send(msg)
+
+        await self.app(scope, receive, with_headers)

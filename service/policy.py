@@ -5,7 +5,10 @@ In `tenancy: shared` (the default) a non-admin owner's job
 - names only the plugin verifiers the operator allowed (`allowed_plugins`): a plugin is code that
   runs in the reward workers, so `os:system` would be code execution on the cluster;
 - reads data, evaluation data and model directories only inside the operator's `data_roots`,
-  after `..` and symlinks are resolved (a built-in model or task needs no path);
+  after `..` and symlinks are resolved (a built-in model or task needs no path); a path that cannot be
+  resolved (a symlink loop, an unreadable component) is not inside, and a leading `~` is refused before
+  any lookup (the driver would expand it on a Ray node as the Ray user, and looking `~user` up here
+  would tell a tenant which host users exist);
 - resumes only from a checkpoint of one of the owner's own jobs (DeepSpeed loads checkpoints
   with pickle, so a foreign or planted checkpoint is code execution and another owner's weights);
 - logs only to the operator's MLflow URIs (`tracking_uris`), and to W&B online only when `allow_wandb`
@@ -37,12 +40,19 @@ class PolicyRefused(PermissionError):
         self.field = field
 
 
-def _inside(path: str, roots: list[Path]) -> bool:
+def _resolved(field: str, path: str) -> Path | None:
+    """`path` with `..` and symlinks resolved, or None where it cannot be; PolicyRefused for a leading `~`."""
+    if path.startswith("~"):
+        raise PolicyRefused(field, path, "a leading ~ is not expanded for tenants' jobs; write the absolute path")
     try:
-        resolved = Path(path).expanduser().resolve()
-    except (OSError, RuntimeError):  # a symlink loop or an unreadable component: not provably inside
-        return False
-    return any(resolved == root or resolved.is_relative_to(root) for root in roots)
+        return Path(path).resolve()
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, an unreadable component, a NUL byte
+        return None
+
+
+def _inside(field: str, path: str, roots: list[Path]) -> bool:
+    resolved = _resolved(field, path)  # None: not provably inside
+    return resolved is not None and any(resolved == root or resolved.is_relative_to(root) for root in roots)
 
 
 def check_job(
@@ -61,17 +71,17 @@ def check_job(
     roots = s.data_root_paths
     where = "inside " + ", ".join(str(r) for r in roots)
     for field, source in (("data.source", cfg.data.source), ("data.eval_source", cfg.data.eval_source)):
-        if isinstance(source, JsonlData | ParquetData) and not _inside(source.path, roots):
+        if isinstance(source, JsonlData | ParquetData) and not _inside(f"{field}.path", source.path, roots):
             raise PolicyRefused(f"{field}.path", source.path, f"data files must lie {where}")
     model = cfg.model.path
-    if model not in BUILTIN_MODELS and model != TINY and not _inside(model, roots):
+    if model not in BUILTIN_MODELS and model != TINY and not _inside("model.path", model, roots):
         raise PolicyRefused(
             "model.path", model, f"a built-in model ({', '.join(BUILTIN_MODELS)}) or a directory {where}"
         )
     resume = cfg.trainer.resume
     if resume not in ("auto", "never"):
         runs = s.runs_path.resolve()
-        resolved = Path(resume).expanduser().resolve()
+        resolved = _resolved("trainer.resume", resume) or runs  # unresolvable: no job's checkpoint
         job_id = resolved.relative_to(runs).parts[0] if resolved.is_relative_to(runs) and resolved != runs else ""
         if not job_id or owner_of_job(job_id) != owner:
             raise PolicyRefused(

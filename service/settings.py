@@ -8,6 +8,13 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+Pool = Literal["rollout", "reward", "learner"]
+
+
+def _own_groups() -> dict[Pool, list[str]]:
+    """Each pool the Ray resource of its worker group in the chart (helm/forkrl: forkrl_<pool>)."""
+    return {"rollout": ["forkrl_rollout"], "reward": ["forkrl_reward"], "learner": ["forkrl_learner"]}
+
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="FORKRL_", extra="ignore")
@@ -42,6 +49,37 @@ class Settings(BaseSettings):
         "clients reconnect to the next server.",
     )
     log_tail_max_lines: int = Field(100_000, ge=1, description="Most log lines one GET .../logs returns.")
+    # -- streams (GET .../events, GET .../logs?follow=true) and metric reads; counted per process
+    stream_max_per_token: int = Field(
+        8, ge=1, le=100_000, description="Streams (events and followed logs) one token may hold open at once."
+    )
+    stream_max_total: int = Field(
+        256, ge=1, le=1_000_000, description="Streams this process holds open at once, all tokens together."
+    )
+    stream_retry_after_s: int = Field(
+        10, ge=1, le=3600, description="Retry-After (seconds) of the 429 that refuses a stream over either limit."
+    )
+    stream_token_check_s: float = Field(
+        5,
+        gt=0,
+        le=300,
+        description="How often an open stream checks that its token is neither revoked nor expired; it ends "
+        "(events: an `end` event with the reason) once the token no longer holds.",
+    )
+    metrics_read_max: int = Field(
+        10_000,
+        ge=1,
+        le=1_000_000,
+        description="Largest `limit` of GET .../metrics (step records in one read); beyond: 422. Page on with "
+        "after_step.",
+    )
+    store_page_bytes: int = Field(
+        256 * 1024,
+        ge=1024,
+        le=1 << 30,
+        description="Metric reads and event replays load step records from the store in pages of at most this "
+        "many bytes of stored JSON (at least one record, at most 500): what one reader holds in memory at once.",
+    )
 
     pool_resources: bool = Field(
         False,
@@ -75,6 +113,37 @@ class Settings(BaseSettings):
         False, description="Whether non-admin owners may log to Weights & Biases (tracking.wandb_project)."
     )
 
+    # -- tenancy limits (service/quotas.py): the hard bounds of one non-admin owner in `tenancy: shared`
+    max_jobs_per_owner: int = Field(
+        500, ge=1, le=10_000_000, description="Jobs an owner may have stored, in any state (delete finished ones)."
+    )
+    max_active_jobs_per_owner: int = Field(
+        16, ge=1, le=100_000, description="Jobs an owner may have queued or running at once (each goes to Ray)."
+    )
+    submit_rate_per_minute: float = Field(
+        30, gt=0, le=1e6, description="Accepted submissions per owner and minute, after a burst (per process)."
+    )
+    submit_burst: int = Field(10, ge=1, le=100_000, description="Submissions an idle owner may make at once.")
+    max_rollout_engines: int = Field(32, ge=1, le=1024, description="Largest rollout.num_engines.")
+    max_reward_workers: int = Field(128, ge=1, le=4096, description="Largest reward.num_workers.")
+    max_learners: int = Field(32, ge=1, le=4096, description="Largest learner.num_learners.")
+    max_gpus_per_actor: float = Field(
+        8, ge=0, le=64, description="Largest rollout.num_gpus_per_engine and learner.num_gpus_per_learner."
+    )
+    max_job_gpus: float = Field(64, ge=0, le=1e6, description="Most GPUs one job's engines and learners reserve.")
+    max_job_cpus: float = Field(256, gt=0, le=1e6, description="Most CPUs one job's engines and learners reserve.")
+    max_cpu_kv_cache_gib: int = Field(
+        64, ge=1, le=1024, description="Largest rollout.cpu_kv_cache_gib (host memory of each CPU engine)."
+    )
+    allowed_ray_resources: dict[Pool, list[str]] = Field(
+        default_factory=_own_groups,
+        description="Custom Ray resources each pool's ray_resources may name (fnmatch patterns; default: the "
+        "chart's worker group of that pool). node:* is refused whatever this says. JSON object in the environment.",
+    )
+    metrics_token: str = Field(
+        "", description="Bearer token Prometheus scrapes /metrics with (admin tokens work too); empty: admins only."
+    )
+
     @field_validator("data_dir", "runs_dir", mode="after")
     @classmethod
     def _expand(cls, v: Path | None) -> Path | None:
@@ -84,6 +153,13 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_all(cls, v: list[Path]) -> list[Path]:
         return [p.expanduser().resolve() for p in v]
+
+    @field_validator("metrics_token", mode="after")
+    @classmethod
+    def _strong(cls, v: str) -> str:
+        if v and len(v) < 16:
+            raise ValueError(f"a metrics token of {len(v)} characters: at least 16 (or empty: admin tokens only)")
+        return v
 
     @property
     def data_root_paths(self) -> list[Path]:

@@ -11,9 +11,9 @@ import contextlib
 import datetime as dt
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
-from sqlalchemy import Connection, delete, func, select, text, update
+from sqlalchemy import Connection, Text, case, cast, delete, func, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
@@ -23,9 +23,17 @@ from actors.common.contract import TERMINAL_STATES, JobState, MetricRecord, fini
 from service.db import Checkpoint, Event, Job, Metric, Store, Token, now
 from service.limits import MAX_STEP
 
-__all__ = ["JobStore", "NotFound", "Forbidden", "Conflict", "MAX_STEP"]
+__all__ = ["JobStore", "StepJSON", "NotFound", "Forbidden", "Conflict", "MAX_STEP"]
 
 RECONCILER_LOCK = 0x666F726B726C01  # PostgreSQL advisory lock keys of forkrl ("forkrl" + 1)
+PAGE_ROWS = 500  # most step records one page of a metric read holds, whatever their size
+
+
+class StepJSON(NamedTuple):
+    """A stored step record as its JSON text (one line: the store writes it with json.dumps)."""
+
+    step: int
+    json: str
 
 
 class NotFound(LookupError):
@@ -117,8 +125,19 @@ class JobStore:
             tok.revoked_at = now()
         return len(old)
 
+    def owner_kinds(self, db: Session, owner: str) -> tuple[bool, bool]:
+        """Whether the owner ever held an admin token, and whether it holds a non-admin one not revoked."""
+        rows = db.execute(select(Token.is_admin, Token.revoked_at.is_(None)).where(Token.owner == owner)).all()
+        return any(admin for admin, _ in rows), any(not admin and live for admin, live in rows)
+
     def owner_of(self, db: Session, job_id: str) -> str | None:
         return db.scalar(select(Job.owner).where(Job.id == job_id))
+
+    def job_counts(self, db: Session, owner: str) -> tuple[int, int]:
+        """The owner's jobs: (stored, queued or running)."""
+        active = func.count(case((Job.state.not_in(TERMINAL_STATES), 1)))
+        stored, running = db.execute(select(func.count(), active).where(Job.owner == owner)).one()
+        return int(stored), int(running)
 
     # -- jobs
     def get(self, db: Session, job_id: str) -> Job | None:
@@ -220,9 +239,21 @@ class JobStore:
         db.execute(update(Job).where(Job.id == job.id, Job.last_step < top).values(last_step=top))
         return added
 
-    def metrics(self, db: Session, job_id: str, after_step: int, limit: int | None = None) -> list[Metric]:
-        q = select(Metric).where(Metric.job_id == job_id, Metric.step > after_step).order_by(Metric.step)
-        return list(db.scalars(q if limit is None else q.limit(limit)))
+    def metrics(self, db: Session, job_id: str, after_step: int, limit: int, max_bytes: int) -> list[StepJSON]:
+        """One page of the step records after `after_step`, in step order, each as its stored JSON text (no
+        dicts are built: readers that pass records on send the text as it is): at most `limit` records and
+        `max_bytes` of text, but at least one. Rows come from the database a few at a time and the read
+        stops at the page's end, so the page is all that is loaded."""
+        q = select(Metric.step, cast(Metric.data, Text)).where(Metric.job_id == job_id, Metric.step > after_step)
+        q = q.order_by(Metric.step).limit(min(limit, PAGE_ROWS)).execution_options(yield_per=8)
+        page: list[StepJSON] = []
+        total = 0
+        for step, data in db.execute(q):
+            total += len(data)
+            if page and total > max_bytes:
+                break
+            page.append(StepJSON(step, data))
+        return page
 
     def rewind(self, db: Session, job: Job, step: int) -> int:
         """Forget the stored steps after `step` (an attempt that resumes from its checkpoint at `step` logs
@@ -254,8 +285,9 @@ class JobStore:
     def checkpoints(self, db: Session, job_id: str) -> list[Checkpoint]:
         return list(db.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step)))
 
-    def events(self, db: Session, job_id: str, after_id: int) -> list[Event]:
-        return list(db.scalars(select(Event).where(Event.job_id == job_id, Event.id > after_id).order_by(Event.id)))
+    def events(self, db: Session, job_id: str, after_id: int, limit: int) -> list[Event]:
+        q = select(Event).where(Event.job_id == job_id, Event.id > after_id).order_by(Event.id).limit(limit)
+        return list(db.scalars(q))
 
     def ping(self) -> None:
         with self.session() as db:

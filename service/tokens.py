@@ -11,7 +11,7 @@ import secrets
 
 from service.db import Token, now
 from service.settings import Settings
-from service.store import Conflict, JobStore
+from service.store import Conflict, JobStore, NotFound
 
 log = logging.getLogger("forkrl.service")
 
@@ -32,6 +32,15 @@ def _not_bootstrap(tok: Token) -> None:
             f"token {tok.id} is the bootstrap admin token (FORKRL_ADMIN_TOKEN): rotate it by restarting the service "
             "with a new one, which revokes this one"
         )
+
+
+def _warn_shared_owners(tokens: list[Token]) -> None:
+    """Tokens made before owner names were kept apart: a live non-admin token named like an admin."""
+    admins = {t.owner for t in tokens if t.is_admin}
+    shared = sorted({t.owner for t in tokens if not t.is_admin and t.revoked_at is None and t.owner in admins})
+    if shared:
+        log.warning("non-admin tokens share an owner name with an admin token and see its jobs: %s; revoke them "
+                    "(GET /v1/tokens, DELETE /v1/tokens/<id>)", ", ".join(shared))  # fmt: skip
 
 
 class Tokens:
@@ -64,6 +73,7 @@ class Tokens:
             elif not tok.bootstrap or tok.revoked_at is not None:
                 raise RuntimeError("FORKRL_ADMIN_TOKEN is a revoked or API-created token: set a fresh one")
             revoked = self.store.revoke_bootstrap_except(db, digest)
+            _warn_shared_owners(self.store.tokens(db))
         if revoked:
             log.warning("admin token rotated: %d earlier bootstrap admin token(s) revoked", revoked)
 
@@ -74,10 +84,35 @@ class Tokens:
             raise Unauthorized("invalid, revoked or expired token")
         return tok
 
+    def lapsed(self, token_id: int) -> str | None:
+        """Why a token authenticated earlier no longer holds ("revoked", "expired"), or None while it does
+        (an open stream asks this on a timer)."""
+        try:
+            with self.store.session() as db:
+                tok = self.store.token(db, token_id)
+        except NotFound:
+            return "revoked"
+        if tok.revoked_at is not None:
+            return "revoked"
+        return None if tok.usable(now()) else "expired"
+
     def create(self, owner: str, admin: bool, expires_at: dt.datetime | None) -> tuple[Token, str]:
-        """A new token (row, secret); only its hash is stored."""
+        """A new token (row, secret); only its hash is stored. Jobs belong to an owner name, so a name is either
+        an admin's or a tenant's, never both: a tenant token named like an admin would read and cancel the
+        admin's jobs (Conflict)."""
         token = secrets.token_urlsafe(32)
         with self.store.session(write=True) as db:
+            was_admin, has_tenant = self.store.owner_kinds(db, owner)
+            if was_admin and not admin:
+                raise Conflict(
+                    f"owner {owner!r} holds or held an admin token: a non-admin token for it would read and cancel "
+                    "that admin's jobs (jobs belong to the owner name); choose another owner name"
+                )
+            if has_tenant and admin:
+                raise Conflict(
+                    f"owner {owner!r} holds non-admin tokens: an admin token under the same name would share its "
+                    "jobs with them; revoke them first or choose another owner name"
+                )
             return self.store.add_token(db, owner, sha256(token), admin, expires_at), token
 
     def all(self) -> list[Token]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
 from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, Resources, StrictModel
 from actors.common.verifier_config import Verifier, default_verifiers
@@ -32,8 +32,17 @@ __all__ = [
 ]
 
 
+def _no_nul(path: str) -> str:
+    if "\x00" in path:  # no file system has such a name, and os calls raise on it
+        raise ValueError("a path cannot hold a NUL byte (\\x00)")
+    return path
+
+
+NoNul = AfterValidator(_no_nul)
+
+
 class ModelConfig(StrictModel):
-    path: str = Field(
+    path: Annotated[str, NoNul] = Field(
         "smollm2-135m-instruct",
         min_length=1,
         max_length=PATH_LEN,
@@ -58,7 +67,9 @@ class BuiltinData(StrictModel):
 
 class JsonlData(StrictModel):
     type: Literal["jsonl"] = "jsonl"
-    path: str = Field(..., min_length=1, max_length=PATH_LEN, description="JSONL file, one record per line.")
+    path: Annotated[str, NoNul] = Field(
+        ..., min_length=1, max_length=PATH_LEN, description="JSONL file, one record per line."
+    )
     prompt_key: str = Field(
         "prompt", max_length=KEY_LEN, description="Field holding the prompt (a string or a chat message list)."
     )
@@ -67,7 +78,7 @@ class JsonlData(StrictModel):
 
 class ParquetData(StrictModel):
     type: Literal["parquet"] = "parquet"
-    path: str = Field(
+    path: Annotated[str, NoNul] = Field(
         ...,
         min_length=1,
         max_length=PATH_LEN,
@@ -249,6 +260,9 @@ class LearnerConfig(StrictModel):
     )
 
 
+Resume = Annotated[Literal["auto", "never"] | Annotated[str, Field(min_length=1, max_length=PATH_LEN)], NoNul]
+
+
 class TrainerConfig(StrictModel):
     steps: int = Field(20, ge=1, le=10_000_000, description="Optimizer steps.")
     seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed of sampling order, rollout and learner RNG.")
@@ -258,10 +272,10 @@ class TrainerConfig(StrictModel):
         0, ge=0, le=10_000_000, description="Greedy evaluation every K steps (and at the end); 0 = off."
     )
     eval_prompts: int = Field(32, ge=1, le=100_000, description="Prompts in the evaluation set.")
-    output_dir: str = Field(
+    output_dir: Annotated[str, NoNul] = Field(
         "runs/forkrl", min_length=1, max_length=PATH_LEN, description="Run directory: metrics, checkpoints, export."
     )
-    resume: Literal["auto", "never"] | Annotated[str, Field(min_length=1, max_length=PATH_LEN)] = Field(
+    resume: Resume = Field(
         "auto",
         description="auto: continue from the newest checkpoint in output_dir; never; or a checkpoint path (through "
         "the control plane: a checkpoint of one of the owner's own jobs).",

@@ -1,17 +1,20 @@
 """Config checks: a JobConfig as YAML is validated as POST /v1/jobs would take it, and each refused
-field comes back with its line in the YAML (the dashboard shows the error beside it)."""
+field comes back with its line in the YAML (the dashboard shows the error beside it). Both read their
+input within actors.common.config_load's bounds (depth, keys and values, errors reported), so a
+refusal costs milliseconds and no request here runs long enough to need cancelling when its client
+goes away."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import yaml
 from fastapi import APIRouter
+from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from actors.common.config import JobConfig
-from actors.common.config_load import UNION_TAGS
+from actors.common.config_load import UNION_TAGS, InputRefused, cap_errors, check_shape, read_yaml
 from service.core import ConfigTooLarge
 from service.deps import Principal, ServiceDep
 from service.policy import PolicyRefused
@@ -45,32 +48,34 @@ def _refused(field: str, msg: str, kind: str, root: yaml.Node | None, value: str
     return FieldError(loc=loc, field=field or "config", msg=msg, type=kind, input=value, line=yaml_line(root, loc))
 
 
+def strict_config(body: bytes) -> JobConfig:
+    """POST /v1/jobs's body as a JobConfig: its shape bounded (depth, keys and values) before pydantic reads
+    it, then read strictly (no "20" for 20). RequestValidationError (422) naming the bound and the value,
+    or at most MAX_REPORTED_ERRORS of pydantic's errors and their count."""
+    try:
+        check_shape(json.loads(body))
+    except InputRefused as e:
+        raise RequestValidationError([{"loc": ("body",), "msg": str(e), "type": e.kind, "input": e.value}]) from None
+    except (ValueError, RecursionError):  # not JSON: pydantic says where
+        pass
+    try:
+        return JobConfig.model_validate_json(body, strict=True)
+    except ValidationError as e:
+        raise RequestValidationError(
+            [{**err, "loc": ("body", *err["loc"])} for err in cap_errors(e.errors())]
+        ) from None
+
+
 @router.post("/validate", response_model=ConfigCheck)
 def validate(body: ConfigText, who: Principal, svc: ServiceDep) -> ConfigCheck:
-    """Check a JobConfig given as YAML: parsed safely, validated strictly (as POST /v1/jobs does) and
-    against the operator's tenancy policy for the caller. Always 200: `valid`, the errors with their
-    YAML lines, and the validated config as JSON."""
+    """Check a JobConfig given as YAML: parsed safely within bounds (depth, keys and values; no aliases),
+    validated strictly (as POST /v1/jobs does) and against the operator's tenancy policy for the caller.
+    Always 200: `valid`, the errors with their YAML lines, and the validated config as JSON."""
     try:
-        # anchors and aliases are refused: a few KiB of nested aliases expand to gigabytes
-        alias = next(
-            (ev for ev in yaml.parse(body.yaml, Loader=yaml.SafeLoader) if isinstance(ev, yaml.AliasEvent)), None
-        )
-        if alias is not None:
-            msg = "YAML aliases (*name) are not accepted here; write the values out"
-            line = alias.start_mark.line + 1 if alias.start_mark is not None else None
-            err = FieldError(loc=[], field="yaml", msg=msg, type="yaml", input="", line=line)
-            return ConfigCheck(valid=False, errors=[err])
-        root = yaml.compose(body.yaml, Loader=yaml.SafeLoader)
-        data: Any = yaml.safe_load(body.yaml)
-    except RecursionError:
-        err = FieldError(loc=[], field="yaml", msg="nested too deeply", type="yaml", input="")
+        root, data = read_yaml(body.yaml, aliases=False)
+    except InputRefused as e:
+        err = FieldError(loc=[], field="yaml", msg=str(e), type=e.kind, input="", line=e.line)
         return ConfigCheck(valid=False, errors=[err])
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(e, "problem", None) or str(e)
-        return ConfigCheck(valid=False, errors=[FieldError(loc=[], field="yaml", msg=f"not valid YAML: {problem}",
-                                                           type="yaml", input="", line=line)])  # fmt: skip
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -83,7 +88,7 @@ def validate(body: ConfigText, who: Principal, svc: ServiceDep) -> ConfigCheck:
     try:
         cfg = JobConfig.model_validate_json(text, strict=True)
     except ValidationError as e:
-        errors = field_errors(e.errors(), body=False)
+        errors = field_errors(cap_errors(e.errors()), body=False)  # the last one may count the rest
         for err in errors:
             err.line = yaml_line(root, err.loc)
         return ConfigCheck(valid=False, errors=errors)

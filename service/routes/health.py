@@ -1,15 +1,18 @@
-"""Liveness, readiness and Prometheus metrics (no auth)."""
+"""Liveness and readiness (no token: they say only whether this replica serves, never what tenants run) and
+Prometheus metrics (job counts across every owner: an admin token or the operator's scrape token)."""
 
 from __future__ import annotations
 
-from typing import Any
+import secrets
+from typing import Annotated, Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Header, HTTPException
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.deps import ServiceDep
+from service.deps import ServiceDep, bearer
 from service.schemas import Health
+from service.tokens import Unauthorized
 
 router = APIRouter(tags=["health"])
 
@@ -28,6 +31,17 @@ def readyz(svc: ServiceDep) -> Any:
     return JSONResponse(Health(status="ready" if ok else "not ready", checks=checks).model_dump(), 200 if ok else 503)
 
 
-@router.get("/metrics", response_class=PlainTextResponse)
-def prometheus(svc: ServiceDep) -> Response:
+@router.get("/metrics", response_class=PlainTextResponse, responses={401: {}, 403: {}})
+def prometheus(svc: ServiceDep, authorization: Annotated[str | None, Header()] = None) -> Response:
+    """The Prometheus registry, for the operator's scrape token (FORKRL_METRICS_TOKEN) or an admin token."""
+    token, scrape = bearer(authorization), svc.settings.metrics_token
+    if not (scrape and token and secrets.compare_digest(token.encode(), scrape.encode())):
+        if not token:
+            raise HTTPException(401, "missing bearer token", headers={"WWW-Authenticate": "Bearer"})
+        try:
+            who = svc.authenticate(token)
+        except Unauthorized as e:
+            raise HTTPException(401, str(e), headers={"WWW-Authenticate": "Bearer"}) from None
+        if not who.is_admin:
+            raise HTTPException(403, "metrics count every owner's jobs: an admin token or the scrape token")
     return Response(generate_latest(svc.registry), media_type=CONTENT_TYPE_LATEST)

@@ -4,21 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from actors.common.config import JobConfig
 from actors.common.contract import TERMINAL_STATES, JobState
+from service.core import Service, TooManyStreams
+from service.db import Token
 from service.deps import JobId, Principal, ServiceDep
 from service.rayjobs import RayUnavailable
+from service.routes.configs import strict_config
 from service.schemas import CheckpointList, CheckpointOut, JobList, JobOut, MetricsOut, SamplesOut, job_out
+from service.store import StepJSON
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -26,10 +29,7 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 async def strict_job_config(request: Request) -> JobConfig:
     """The body again, in pydantic's strict mode (the API takes no "20" for 20 or "yes" for true; YAML
     files given to the CLI stay lenient)."""
-    try:
-        return JobConfig.model_validate_json(await request.body(), strict=True)
-    except ValidationError as e:
-        raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
+    return await run_in_threadpool(strict_config, await request.body())  # bounded, then strict (422s)
 
 
 @router.post(
@@ -39,9 +39,9 @@ async def strict_job_config(request: Request) -> JobConfig:
     responses={200: {"model": JobOut, "description": "an earlier submission with the same Idempotency-Key"}},
 )
 async def submit_job(
+    who: Principal,  # first: a caller without a valid token costs no body parsing
     cfg: JobConfig,
     strict: Annotated[JobConfig, Depends(strict_job_config)],
-    who: Principal,
     svc: ServiceDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
 ) -> Any:
@@ -82,20 +82,45 @@ async def delete_job(job_id: JobId, who: Principal, svc: ServiceDep) -> Response
 
 
 @router.get("/{job_id}/metrics", response_model=MetricsOut)
-def get_metrics(
+async def get_metrics(
     job_id: JobId,
     who: Principal,
     svc: ServiceDep,
     after_step: Annotated[int, Query(ge=0, le=2**31)] = 0,
-    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+    limit: Annotated[int, Query(ge=1, le=2**31, description="at most FORKRL_METRICS_READ_MAX (10,000)")] = 1000,
     view: Annotated[
         Literal["full", "scalars"],
         Query(description="scalars: numbers only (the curves), with samples/n for steps that hold samples"),
     ] = "full",
-) -> MetricsOut:
-    job, rows = svc.metrics(job_id, who, after_step, limit)
-    records = [m.data if view == "full" else scalars_of(m.data) for m in rows]
-    return MetricsOut(job_id=job_id, state=job.state, last_step=job.last_step, metrics=records)
+) -> Response:
+    """The step records after `after_step`, at most `limit` (page on with the last record's step). The
+    answer is streamed as the store is read, a page at a time: a long history is never held whole."""
+    if limit > (most := svc.settings.metrics_read_max):
+        raise HTTPException(422, f"limit = {limit}: at most {most} step records per read (FORKRL_METRICS_READ_MAX); "
+                                 "page on with after_step")  # fmt: skip
+    job, page = await run_in_threadpool(svc.metrics, job_id, who, after_step, limit)  # 404/403 before the answer
+    head = {"job_id": job_id, "state": job.state, "last_step": job.last_step}
+
+    def render(page: list[StepJSON]) -> str:  # in the thread pool: a page of scalars is parsed there
+        return ",".join(m.json if view == "full" else dumps(scalars_of(json.loads(m.json))) for m in page)
+
+    async def body(page: list[StepJSON]) -> AsyncIterator[str]:
+        yield dumps(head)[:-1] + ',"metrics":['
+        sent = 0
+        while page:
+            yield ("," if sent else "") + await run_in_threadpool(render, page)
+            sent += len(page)
+            if sent >= limit:
+                break
+            page = await run_in_threadpool(svc.metric_page, job_id, page[-1].step, limit - sent)
+        yield "]}"
+
+    return StreamingResponse(body(page), media_type="application/json")
+
+
+def dumps(obj: Any) -> str:
+    """JSON as FastAPI answers it."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
 
 
 def scalars_of(record: dict[str, Any]) -> dict[str, Any]:
@@ -144,8 +169,9 @@ async def get_logs(
     ] = None,
 ) -> Response:
     """The driver's log: its last `lines` lines (of the current attempt, or of `attempt` after restarts),
-    or (follow=true) the current attempt's whole log as it grows, until the job ends or nothing new came
-    for the service's stream idle limit."""
+    or (follow=true) the current attempt's whole log as it grows, until the job ends, nothing new came for
+    the service's stream idle limit, or the token is revoked or expires (a last line says which). A followed
+    log counts against the caller's stream limits (429 with Retry-After beyond them)."""
     if follow and attempt is not None:
         raise HTTPException(422, f"attempt = {attempt}: follow streams the current attempt only; leave one out")
     if not follow:
@@ -155,7 +181,8 @@ async def get_logs(
         except RayUnavailable as e:
             raise HTTPException(503, f"Ray is not reachable: {e}") from None
     await run_in_threadpool(svc.get_job, job_id, who)  # 404/403 before the stream starts
-    return StreamingResponse(svc.follow_logs(job_id), media_type="text/plain")
+    return held_stream(svc, who, svc.follow_logs(job_id), lambda why: f"\n[forkrl] token {why}: stream ended\n",
+                       media_type="text/plain")  # fmt: skip
 
 
 @router.get(
@@ -165,37 +192,92 @@ async def events(
     job_id: JobId, who: Principal, svc: ServiceDep, after_step: Annotated[int, Query(ge=0, le=2**31)] = 0
 ) -> StreamingResponse:
     """Server-sent events: `state` (each state change, the current one first), `metrics` (each new
-    step's record) and `end` once the job is finished and every step was sent, or (reason "idle")
-    after the service's stream idle limit with nothing new (reconnect with after_step to go on)."""
+    step's record; from after_step on, a long history a page at a time) and `end`: once the job is finished
+    and every step was sent, or with a `reason`: "idle" after the service's stream idle limit with nothing
+    new (reconnect with after_step to go on), "revoked" or "expired" when the token stops holding,
+    "deleted". Streams are limited per token and per server (FORKRL_STREAM_MAX_PER_TOKEN, _TOTAL; events
+    and followed logs together): 429 with Retry-After beyond them."""
     await run_in_threadpool(svc.get_job, job_id, who)
+    return held_stream(svc, who, job_events(svc, job_id, after_step), sse_end, media_type="text/event-stream",
+                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
 
-    async def stream() -> AsyncIterator[str]:
-        last_event, last_step, idle, quiet = 0, after_step, 0.0, 0.0
+
+def sse_end(reason: str) -> str:
+    return f"event: end\ndata: {json.dumps({'reason': reason})}\n\n"
+
+
+async def job_events(svc: Service, job_id: str, after_step: int) -> AsyncIterator[str]:
+    """The body of GET .../events: polls the store in short calls (no thread waits for the stream), every
+    0.5 s while the job is busy and every 2 s after 10 s without news; while a poll brings something it goes
+    on at once, so a replay from step 0 is sent page by page."""
+    loop = asyncio.get_running_loop()
+    last_event, last_step = 0, after_step
+    news = ping = loop.time()  # when something was last sent; when the last keep-alive was
+    while True:
+        evs, ms, job = await run_in_threadpool(svc.changes, job_id, last_event, last_step)
+        if job is None:
+            yield sse_end("deleted")
+            return
+        for e in evs:
+            last_event = e.id
+            data = {"state": e.state, "message": e.message, "at": e.created_at.isoformat()}
+            yield f"id: e{e.id}\nevent: state\ndata: {json.dumps(data)}\n\n"
+        for m in ms:
+            last_step = m.step
+            yield f"id: s{m.step}\nevent: metrics\ndata: {m.json}\n\n"
+        if evs or ms:
+            news = ping = loop.time()
+            continue
+        if job.state in TERMINAL_STATES:
+            yield f"event: end\ndata: {json.dumps({'state': job.state, 'last_step': job.last_step})}\n\n"
+            return
+        if (now := loop.time()) - news >= svc.settings.stream_idle_s:
+            yield f"event: end\ndata: {json.dumps({'reason': 'idle', 'last_step': last_step})}\n\n"
+            return
+        if now - ping >= 15:
+            yield ": keep-alive\n\n"
+            ping = now
+        await asyncio.sleep(0.5 if now - news < 10 else 2.0)
+
+
+def held_stream(
+    svc: Service, who: Token, chunks: AsyncIterator[str], last_words: Callable[[str], str], **kw: Any
+) -> StreamingResponse:
+    """`chunks` as a streamed answer that holds one of the caller's stream places (429 with Retry-After when
+    none is left) and ends with `last_words(why)` once the caller's token is revoked or expires."""
+    try:
+        give_back = svc.streams.take(who.id)
+    except TooManyStreams as e:
+        raise HTTPException(429, str(e), headers={"Retry-After": str(svc.settings.stream_retry_after_s)}) from None
+    # given back when the stream ends, or (the background task) when its client went away first
+    body = watched(svc, who.id, chunks, last_words, give_back)
+    return StreamingResponse(body, background=BackgroundTask(give_back), **kw)
+
+
+async def watched(
+    svc: Service, token_id: int, chunks: AsyncIterator[str], last_words: Callable[[str], str], done: Callable[[], None]
+) -> AsyncIterator[str]:
+    """`chunks`, with the token checked every stream_token_check_s whether or not a chunk comes (each
+    chunk is awaited as a task with that timeout, so a stream that waits on Ray is checked too)."""
+    loop, every = asyncio.get_running_loop(), svc.settings.stream_token_check_s
+    nxt: asyncio.Future[str] | None = None
+    try:
         while True:
-            evs, ms, job = await run_in_threadpool(svc.changes, job_id, last_event, last_step)
-            if job is None:
-                yield 'event: end\ndata: {"reason": "deleted"}\n\n'
+            check_at = loop.time() + every
+            while (left := check_at - loop.time()) > 0:
+                nxt = nxt or asyncio.ensure_future(anext(chunks))
+                if not (await asyncio.wait({nxt}, timeout=left))[0]:
+                    break
+                got, nxt = nxt, None
+                try:
+                    chunk = got.result()
+                except StopAsyncIteration:
+                    return
+                yield chunk
+            if why := await run_in_threadpool(svc.tokens.lapsed, token_id):
+                yield last_words(why)
                 return
-            for e in evs:
-                last_event = e.id
-                data = {"state": e.state, "message": e.message, "at": e.created_at.isoformat()}
-                yield f"id: e{e.id}\nevent: state\ndata: {json.dumps(data)}\n\n"
-            for m in ms:
-                last_step = m.step
-                yield f"id: s{m.step}\nevent: metrics\ndata: {json.dumps(m.data)}\n\n"
-            if job.state in TERMINAL_STATES and not evs and not ms:
-                yield f"event: end\ndata: {json.dumps({'state': job.state, 'last_step': job.last_step})}\n\n"
-                return
-            idle = 0.0 if (evs or ms) else idle + 0.5
-            quiet = 0.0 if (evs or ms) else quiet + 0.5
-            if quiet >= svc.settings.stream_idle_s:
-                yield f"event: end\ndata: {json.dumps({'reason': 'idle', 'last_step': last_step})}\n\n"
-                return
-            if idle >= 15:
-                yield ": keep-alive\n\n"
-                idle = 0.0
-            await asyncio.sleep(0.5)
-
-    return StreamingResponse(
-        stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-    )
+    finally:
+        done()
+        if nxt is not None:
+            nxt.cancel()  # the inner stream ends there; one between chunks is closed when collected

@@ -1,5 +1,7 @@
 // forkrl's dashboard: a single page over the control plane's REST API and its server-sent events.
-// Everything a job's model wrote (token text, prompts, logs) is put on the page as text, never as HTML.
+// Every string a user or a job chose (names, owners, messages, config, token text, prompts, logs) is put
+// on the page as text, never as HTML (h() appends strings as text nodes), and where it sits beside other
+// text it is isolated (iso): its bidi controls cannot turn the text around it.
 "use strict";
 
 const TOKEN_KEY = "forkrl.token";
@@ -27,6 +29,30 @@ function h(tag, attrs = {}, ...children) {
 const fmt = (v, d = 3) => (typeof v === "number" && isFinite(v) ? +v.toFixed(d) : "–");
 const when = (s) => (s ? new Date(s).toLocaleString() : "–");
 const stateBadge = (s) => h("span", { class: `state ${s}`, "data-state": s }, s);
+const jobUrl = (id, rest = "") => `/v1/jobs/${encodeURIComponent(id)}${rest}`; // an id from the address bar stays one segment
+
+const CLOSER = { "\u202a": "\u202c", "\u202b": "\u202c", "\u202d": "\u202c", "\u202e": "\u202c",
+  "\u2066": "\u2069", "\u2067": "\u2069", "\u2068": "\u2069" }; // LRE RLE LRO RLO -> PDF; LRI RLI FSI -> PDI
+
+// A string's bidi controls, balanced: a closer it did not open is dropped (a PDI would end the isolate
+// around it, and an override after it would turn what follows) and each opener it leaves open is closed.
+function balanced(s) {
+  s = String(s ?? "");
+  if (!/[\u202a-\u202e\u2066-\u2069]/.test(s)) return s;
+  const open = [];
+  let out = "";
+  for (const c of s) {
+    if (CLOSER[c]) open.push(CLOSER[c]);
+    else if (c === "\u2069") { const i = open.lastIndexOf(c); if (i < 0) continue; open.length = i; }
+    else if (c === "\u202c") { if (open.at(-1) !== c) continue; open.pop(); }
+    out += c;
+  }
+  return out + open.reverse().join("");
+}
+const iso = (s) => h("bdi", {}, balanced(s)); // a user string beside other text
+// plotly.js reads trace names and titles as its own HTML (<a href>, <b>, <span style>): text goes in
+// with <, > and & as the entities it turns back into characters
+const plotText = (s) => String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
 
 function setConn(text, down = false) {
   conn.textContent = text;
@@ -61,9 +87,9 @@ async function api(path, opts = {}) {
   return body;
 }
 
-function confirmDialog(text, yes) {
+function confirmDialog(parts, yes) {
   const dlg = document.getElementById("confirm");
-  document.getElementById("confirm-text").textContent = text;
+  document.getElementById("confirm-text").replaceChildren(...parts);
   document.getElementById("confirm-yes").textContent = yes;
   return new Promise((resolve) => {
     dlg.addEventListener("close", () => resolve(dlg.returnValue === "yes"), { once: true });
@@ -128,14 +154,15 @@ function series(records, key) {
 const LAYOUT = {
   margin: { l: 48, r: 12, t: 30, b: 34 }, height: 258, font: { size: 11 },
   legend: { orientation: "h", y: -0.14 }, xaxis: { hoverformat: "d" }, hovermode: "x unified", paper_bgcolor: "#fff", plot_bgcolor: "#fff",
+  hoverlabel: { namelength: -1 }, // whole names: two runs differ after the first 15 characters
 };
 const PLOT_OPTS = { displaylogo: false, responsive: true, modeBarButtonsToRemove: ["lasso2d", "select2d"] };
 
 function lineChart(el, title, traces) {
-  const data = traces.map((t) => ({ x: t.xs, y: t.ys, name: t.name, type: "scatter", mode: t.xs.length > 60 ? "lines" : "lines+markers" }));
+  const data = traces.map((t) => ({ x: t.xs, y: t.ys, name: plotText(t.name), type: "scatter", mode: t.xs.length > 60 ? "lines" : "lines+markers" }));
   el.dataset.points = String(traces.reduce((a, t) => a + t.xs.length, 0));
   el.dataset.traces = String(traces.filter((t) => t.xs.length).length);
-  window.Plotly.react(el, data, { ...LAYOUT, title: { text: title, font: { size: 13 } } }, PLOT_OPTS);
+  window.Plotly.react(el, data, { ...LAYOUT, title: { text: plotText(title), font: { size: 13 } } }, PLOT_OPTS);
 }
 
 const PHASES = ["generate", "verify", "learn", "weight_sync", "checkpoint"];
@@ -149,7 +176,7 @@ function timeChart(el, records) {
   traces.push({ ...series(other.map((o) => ({ step: o.step, x: o.v })), "x"), name: "other" });
   el.dataset.traces = String(traces.filter((t) => t.xs.length).length);
   el.dataset.points = String(traces.reduce((a, t) => a + t.xs.length, 0));
-  window.Plotly.react(el, traces.map((t) => ({ x: t.xs, y: t.ys, name: t.name, type: "bar" })),
+  window.Plotly.react(el, traces.map((t) => ({ x: t.xs, y: t.ys, name: plotText(t.name), type: "bar" })),
     { ...LAYOUT, barmode: "stack", title: { text: "Step time (s)", font: { size: 13 } } }, PLOT_OPTS);
 }
 
@@ -187,7 +214,7 @@ function signIn(message) {
       route();
     } else {
       const body = await r.json().catch(() => ({}));
-      err.textContent = `Sign-in refused (${r.status}): ${body.detail || r.statusText}`;
+      err.replaceChildren(`Sign-in refused (${r.status}): `, iso(body.detail || r.statusText));
     }
   });
   main.replaceChildren(form);
@@ -243,7 +270,7 @@ function jobsView() {
     });
     return h("tr", { "data-job": j.id },
       h("td", {}, box),
-      h("td", {}, h("a", { href: `#/jobs/${j.id}` }, j.name)),
+      h("td", {}, h("a", { href: `#/jobs/${encodeURIComponent(j.id)}` }, iso(j.name))),
       h("td", { class: "small" }, j.id), h("td", {}, j.owner), h("td", {}, stateBadge(j.state)),
       h("td", {}, `${j.last_step} / ${j.total_steps}`), h("td", { class: "small" }, when(j.created_at)),
       h("td", {}, actionButtons(j, refresh)));
@@ -264,15 +291,15 @@ function actionButtons(j, after) {
   const out = [];
   if (!TERMINAL.has(j.state)) {
     out.push(h("button", { type: "button", class: "danger", "aria-label": `Cancel ${j.name} (${j.id})`, onclick: async () => {
-      if (await confirmDialog(`Cancel job ${j.name} (${j.id})? It stops at once; checkpoints stay.`, "Cancel job")) {
-        await api(`/v1/jobs/${j.id}/cancel`, { method: "POST" }).catch((e) => alertError(e));
+      if (await confirmDialog(["Cancel job ", iso(j.name), ` (${j.id})? It stops at once; checkpoints stay.`], "Cancel job")) {
+        await api(jobUrl(j.id, "/cancel"), { method: "POST" }).catch((e) => alertError(e));
         after();
       }
     } }, "Cancel"));
   } else {
     out.push(h("button", { type: "button", class: "danger", "aria-label": `Delete ${j.name} (${j.id})`, onclick: async () => {
-      if (await confirmDialog(`Delete job ${j.name} (${j.id}) and its stored metrics? The run directory stays.`, "Delete")) {
-        await api(`/v1/jobs/${j.id}`, { method: "DELETE" }).catch((e) => alertError(e));
+      if (await confirmDialog(["Delete job ", iso(j.name), ` (${j.id}) and its stored metrics? The run directory stays.`], "Delete")) {
+        await api(jobUrl(j.id), { method: "DELETE" }).catch((e) => alertError(e));
         after();
       }
     } }, "Delete"));
@@ -281,7 +308,7 @@ function actionButtons(j, after) {
 }
 
 function alertError(e) {
-  const p = h("p", { class: "error", role: "alert" }, `Refused: ${e.message}`);
+  const p = h("p", { class: "error", role: "alert" }, "Refused: ", iso(e.message));
   main.prepend(p);
   setTimeout(() => p.remove(), 8000);
 }
@@ -297,7 +324,7 @@ function submitForm(after) {
     const byLine = new Map();
     const loose = [];
     for (const e of errors) {
-      const msg = `${e.field}${e.input ? ` = ${e.input}` : ""}: ${e.msg}`;
+      const msg = [iso(e.field), ...(e.input ? [" = ", iso(e.input)] : []), ": ", iso(e.msg)];
       if (e.line) byLine.set(e.line, [...(byLine.get(e.line) || []), msg]);
       else loose.push(msg);
     }
@@ -305,12 +332,12 @@ function submitForm(after) {
     const view = h("div", { class: "yaml-errors", role: "group", "aria-label": "Config errors beside their lines" });
     lines.forEach((l, i) => {
       const msgs = byLine.get(i + 1);
-      view.append(h("div", { class: `ln${msgs ? " bad" : ""}` }, h("span", { class: "no" }, i + 1), l || " "));
-      for (const m of msgs || []) view.append(h("div", { class: "msg field-error", "data-line": i + 1 }, `↑ ${m}`));
+      view.append(h("div", { class: `ln${msgs ? " bad" : ""}` }, h("span", { class: "no" }, i + 1), iso(l || " ")));
+      for (const m of msgs || []) view.append(h("div", { class: "msg field-error", "data-line": i + 1 }, "↑ ", m));
     });
     out.replaceChildren(
       h("p", { class: "error", role: "alert" }, `${errors.length} problem(s) in the config:`),
-      ...loose.map((m) => h("p", { class: "error field-error" }, m)), view);
+      ...loose.map((m) => h("p", { class: "error field-error" }, ...m)), view);
   }
 
   async function check() {
@@ -334,7 +361,7 @@ function submitForm(after) {
       if (!res.valid) return;
       const job = await api("/v1/jobs", { method: "POST", json: res.config });
       sessionStorage.removeItem("forkrl.draft");
-      out.replaceChildren(h("p", {}, "Submitted ", h("a", { href: `#/jobs/${job.id}` }, job.id), "."));
+      out.replaceChildren(h("p", {}, "Submitted ", h("a", { href: `#/jobs/${encodeURIComponent(job.id)}` }, job.id), "."));
       after();
     } catch (err) {
       if (err.status !== 401) alertError(err);
@@ -362,18 +389,18 @@ function jobView(id) {
 
   function renderHead() {
     head.replaceChildren(
-      h("h1", {}, `${job.name} `, stateBadge(job.state)),
+      h("h1", {}, iso(job.name), " ", stateBadge(job.state)),
       h("div", { class: "toolbar" },
-        h("span", { class: "muted" }, `${job.id} · owner ${job.owner} · step `, h("b", { id: "last-step" }, job.last_step),
+        h("span", { class: "muted" }, `${job.id} · owner `, iso(job.owner), " · step ", h("b", { id: "last-step" }, job.last_step),
           ` of ${job.total_steps} · created ${when(job.created_at)}`),
         ...actionButtons(job, () => (TERMINAL.has(job.state) && !job.cancel_requested ? (location.hash = "#/jobs") : reload()))),
       job.message ? h("p", { class: job.state === "FAILED" ? "error" : "muted", id: "job-message" }, job.message) : "");
   }
 
   async function reload() {
-    job = await api(`/v1/jobs/${id}`);
+    job = await api(jobUrl(id));
     renderHead();
-    const ck = await api(`/v1/jobs/${id}/checkpoints`);
+    const ck = await api(jobUrl(id, "/checkpoints"));
     checkpoints.replaceChildren(...ck.checkpoints.map((c) => h("tr", {}, h("td", {}, c.step), h("td", { class: "small" }, c.path), h("td", { class: "small" }, when(c.created_at)))));
   }
 
@@ -403,13 +430,13 @@ function jobView(id) {
   async function showSamples() {
     if (!stepPick.value) return;
     const step = Number(stepPick.value);
-    const s = await api(`/v1/jobs/${id}/samples?step=${step}`);
+    const s = await api(jobUrl(id, `/samples?step=${step}`));
     forking.replaceChildren(...forkingView(s, byStep.get(step) || {}, stepPick));
   }
   stepPick.addEventListener("change", () => showSamples().catch(alertError));
 
   async function tailLogs() {
-    try { logs.textContent = await api(`/v1/jobs/${id}/logs?lines=200`); logs.scrollTop = logs.scrollHeight; }
+    try { logs.textContent = await api(jobUrl(id, "/logs?lines=200")); logs.scrollTop = logs.scrollHeight; }
     catch (e) { logs.textContent = `(no log: ${e.message})`; }
   }
 
@@ -423,11 +450,11 @@ function jobView(id) {
         let ended = null;
         const after = records.length ? records[records.length - 1].step : 0;
         setConn("Live");
-        await readEvents(`/v1/jobs/${id}/events?after_step=${after}`, (kind, data, eid) => {
+        await readEvents(jobUrl(id, `/events?after_step=${after}`), (kind, data, eid) => {
           delay = 1000;
           if (kind === "state" && !seenEvents.has(eid)) {
             seenEvents.add(eid);
-            timeline.append(h("li", { "data-state": data.state }, stateBadge(data.state), ` ${when(data.at)}`, data.message ? ` · ${data.message}` : ""));
+            timeline.append(h("li", { "data-state": data.state }, stateBadge(data.state), ` ${when(data.at)}`, data.message ? [" · ", iso(data.message)] : ""));
             if (job && job.state !== data.state) reload().catch(() => {});
           } else if (kind === "metrics") { add(scalars(data)); draw(); }
           else if (kind === "end") ended = data;
@@ -463,7 +490,7 @@ function jobView(id) {
     try {
       await reload();
       config.textContent = JSON.stringify(job.config, null, 2);
-      const m = await api(`/v1/jobs/${id}/metrics?view=scalars&limit=10000`);
+      const m = await api(jobUrl(id, "/metrics?view=scalars&limit=10000"));
       m.metrics.forEach(add);
       draw();
       tailLogs();
@@ -471,7 +498,7 @@ function jobView(id) {
       cleanup.push(() => clearInterval(timer));
       follow();
     } catch (e) {
-      if (e.status !== 401) main.replaceChildren(h("p", { class: "error", role: "alert" }, `Cannot show ${id}: ${e.message}`));
+      if (e.status !== 401) main.replaceChildren(h("p", { class: "error", role: "alert" }, "Cannot show ", iso(id), ": ", iso(e.message)));
     }
   })();
   cleanup.push(() => { stopped = true; if (abort) abort.abort(); });
@@ -492,7 +519,7 @@ function forkingView(s, rec, stepPick) {
       style: `background: rgba(36,86,200,${(0.85 * x.entropy[j] / top).toFixed(3)})`,
       title: `entropy ${x.entropy[j]}${x.kept[j] ? " · kept" : ""}`,
       "data-entropy": x.entropy[j],
-    }, t)))));
+    }, balanced(t))))));
   const dropped = (rec["entropy/num_valid"] || 0) - (rec["entropy/kept_tokens"] || 0);
   const table = h("table", { id: "forking-table", "aria-label": "Most frequent kept tokens" },
     h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "Token"), h("th", {}, "Kept"), h("th", {}, "Dropped"),
@@ -531,13 +558,14 @@ async function compareView(ids) {
       box.checked ? chosen.add(j.id) : chosen.delete(j.id);
       location.hash = `#/compare/${[...chosen].join(",")}`;
     });
-    picker.append(h("span", { class: "small", style: "margin-right:1rem" }, box, h("label", { for: `cmp-${j.id}` }, j.name), h("span", { class: "muted" }, j.id.slice(-6))));
+    picker.append(h("span", { class: "small", style: "margin-right:1rem" }, box, h("label", { for: `cmp-${j.id}` }, iso(j.name)), h("span", { class: "muted" }, j.id.slice(-6))));
   }
   if (chosen.size < 1) { grid.replaceChildren(h("p", { class: "muted" }, "Pick two or more jobs.")); return; }
   const runs = await Promise.all([...chosen].map(async (id) => {
-    const [job, m] = await Promise.all([api(`/v1/jobs/${id}`), api(`/v1/jobs/${id}/metrics?view=scalars&limit=10000`)]);
+    const [job, m] = await Promise.all([api(jobUrl(id)), api(jobUrl(id, "/metrics?view=scalars&limit=10000"))]);
     const algo = (job.config && job.config.algorithm) || {};
-    const label = `${job.name} (ρ=${algo.top_entropy_quantile ?? "?"}, ${id.slice(-6)})`;
+    // FSI ... PDI: the name isolated within the label, as <bdi> does on the page
+    const label = `\u2068${balanced(job.name)}\u2069 (ρ=${algo.top_entropy_quantile ?? "?"}, ${id.slice(-6)})`;
     return { label, records: m.metrics };
   }));
   grid.replaceChildren(...COMPARE.map(([key, title]) => {

@@ -152,6 +152,8 @@ def test_a_broken_manifest_fails_validation(chart):
         ({"controlPlane": {"tenancy": {"mode": "open"}}}, "mode"),
         ({"controlPlane": {"tenancy": {"allowedPlugins": ["os.system"]}}}, "allowedPlugins"),
         ({"controlPlane": {"tenancy": {"dataRoots": ["relative/dir"]}}}, "dataRoots"),
+        ({"controlPlane": {"tenancy": {"limits": {"maxJobsPerOwnr": 5}}}}, "maxJobsPerOwnr"),
+        ({"controlPlane": {"tenancy": {"limits": {"allowedRayResources": {"reward": ["node:*"]}}}}}, "reward/0"),
         ({"ray": {"auth": {"enabled": "yes"}}}, "enabled"),
     ],
 )
@@ -295,6 +297,17 @@ def test_ray_token_auth_and_the_tenancy_policy_reach_every_container(chart):
         env = {e["name"]: e for e in c["env"]}
         assert env["RAY_AUTH_MODE"]["value"] == "token", c["name"]
         assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == secret, c["name"]
+    # the tenancy limits: each key set reaches the control plane as the setting of that name, the rest keep
+    # the control plane's defaults
+    limits = {"maxActiveJobsPerOwner": 4, "submitRatePerMinute": 0.5, "maxJobGpus": 16,
+              "allowedRayResources": {"rollout": ["forkrl_rollout", "accelerator_type:*"]}}  # fmt: skip
+    (dep,) = by_kind(render(chart, {"controlPlane": {"tenancy": {"limits": limits}}}), "Deployment")
+    env = {e["name"]: e["value"] for e in dep["spec"]["template"]["spec"]["containers"][0]["env"] if "value" in e}
+    keys = ("max_active_jobs_per_owner", "submit_rate_per_minute", "max_job_gpus", "allowed_ray_resources")
+    s = Settings(**{k: json.loads(env[f"FORKRL_{k.upper()}"]) for k in keys})
+    assert (s.max_active_jobs_per_owner, s.submit_rate_per_minute, s.max_job_gpus, s.max_jobs_per_owner) == (
+        4, 0.5, 16, Settings().max_jobs_per_owner)  # fmt: skip
+    assert s.allowed_ray_resources == {"rollout": ["forkrl_rollout", "accelerator_type:*"]}
     off = render(chart, {"ray": {"auth": {"enabled": False}}, "controlPlane": {"tenancy": {"mode": "single_user"}}})
     (rc_off,) = by_kind(off, "RayCluster")
     assert "RAY_AUTH_MODE" not in json.dumps(rc_off)
@@ -461,7 +474,13 @@ def test_sse_ingress_service_monitor_and_autoscaling(chart):
     (svc,) = by_kind(docs, "Service")
     assert sm["metadata"]["labels"]["release"] == "kps"
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
-    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s"}]
+    # /metrics answers only an admin token or the scrape token: Prometheus sends the one the control plane reads
+    token = {"name": "forkrl-metrics", "key": "token"}
+    assert sm["spec"]["endpoints"] == [{"port": "http", "path": "/metrics", "interval": "30s",
+                                        "authorization": {"type": "Bearer", "credentials": token}}]  # fmt: skip
+    (dep,) = by_kind(docs, "Deployment")
+    env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FORKRL_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == token
     assert svc["spec"]["ports"][0]["name"] == "http"
     (rc,) = by_kind(docs, "RayCluster")
     validate(rc)

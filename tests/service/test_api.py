@@ -41,7 +41,8 @@ def test_health_readiness_and_prometheus(api_server):
     # jobs wait in the store while the head is away)
     assert r.status_code == 200
     assert r.json()["checks"] == {"database": "ok", "ray": "not reachable", "reconciler": "leader"}
-    text = httpx.get(f"{api_server.url}/metrics").text
+    with api_server.client() as admin:  # /metrics counts every owner's jobs: an admin or the scrape token
+        text = admin.get("/metrics").text
     assert 'forkrl_http_requests_total{method="GET",route="/readyz",status="200"}' in text
     assert "forkrl_ray_reachable 0.0" in text and "forkrl_reconciler_leader 1.0" in text
     assert "forkrl_jobs_submitted_total 0.0" in text

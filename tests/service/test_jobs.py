@@ -87,7 +87,7 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
         first = first_metrics_event(server, a["id"], 400)  # metrics arrive while it runs
         assert first["step"] >= 1 and "reward/mean" in first and "timing/generate" in first
         # the driver pushed them with the ingest token it got beside its config (the config holds none)
-        pushed = httpx.get(f"{server.url}/metrics").text
+        pushed = httpx.get(f"{server.url}/metrics", headers={"Authorization": f"Bearer {server.admin_token}"}).text
         # (accepted, whether or not the reconciler had read the same step from metrics.jsonl first)
         ingest = 'route="/v1/jobs/{job_id}/ingest"'
         assert re.search(re.escape(ingest) + r',status="202"\} [1-9]', pushed), pushed[-3000:]
