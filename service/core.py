@@ -12,8 +12,7 @@ import datetime as dt
 import json
 import logging
 import secrets
-from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry
@@ -32,12 +31,13 @@ from service.rayjobs import JobNotFound, RayJobs, RayUnavailable
 from service.reconciler import LOG_READ_BYTES, Reconciler, config_env
 from service.settings import Settings
 from service.store import PAGE_ROWS, Conflict, JobStore, StepJSON
+from service.streams import StreamSlots
 from service.telemetry import Telemetry
 from service.tokens import Tokens, Unauthorized, sha256
 
 log = logging.getLogger("forkrl.service")
 
-__all__ = ["Service", "canonical", "ConfigTooLarge", "OutOfRange", "TooManyStreams", "MAX_CONFIG_BYTES"]
+__all__ = ["Service", "canonical", "ConfigTooLarge", "OutOfRange", "MAX_CONFIG_BYTES"]
 
 
 def canonical(obj: Any) -> str:
@@ -50,39 +50,6 @@ class ConfigTooLarge(ValueError):
 
 class OutOfRange(ValueError):
     """A request parameter outside what the job has (422)."""
-
-
-class TooManyStreams(RuntimeError):
-    """A stream past the per-token or the server's limit of open streams (429)."""
-
-
-class StreamSlots:
-    """The streams (events, followed logs) this process holds open, per token and in all, within
-    settings.stream_max_per_token and stream_max_total. Used on the event loop only."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.settings, self.per_token = settings, Counter[int]()
-
-    def take(self, token_id: int) -> Callable[[], None]:
-        """A place for one more stream of this token (TooManyStreams when none is left), and the function
-        that gives it back (once, however often it is called: a stream ends in more than one way)."""
-        s, mine, total = self.settings, self.per_token[token_id], self.per_token.total()
-        if mine >= s.stream_max_per_token:
-            limit = f"FORKRL_STREAM_MAX_PER_TOKEN = {s.stream_max_per_token}"
-            raise TooManyStreams(f"this token has {mine} streams open, its most ({limit}): close one or retry later")
-        if total >= s.stream_max_total:
-            limit = f"FORKRL_STREAM_MAX_TOTAL = {s.stream_max_total}"
-            raise TooManyStreams(f"the server holds {total} streams open, its most ({limit}): retry later")
-        self.per_token[token_id] += 1
-        held = [token_id]
-
-        def give_back() -> None:
-            self.per_token.subtract(held)  # `held` is empty after the first call
-            held.clear()
-            if self.per_token[token_id] <= 0:
-                self.per_token.pop(token_id, None)
-
-        return give_back
 
 
 class Service:
@@ -199,9 +166,10 @@ class Service:
                     update[name] = section.model_copy(update={"ray_resources": {f"forkrl_{name}": 1.0}})
         return cfg.model_copy(update=update)
 
-    def admit(self, cfg: JobConfig, who: Token) -> None:
+    def admit(self, cfg: JobConfig, who: Token, spend: bool = True) -> None:
         """Refuse (PolicyRefused, ConfigTooLarge, LimitExceeded, RateLimited) what this owner may not run, what
-        could not start, or what passes the owner's tenancy limits (service/quotas.py)."""
+        could not start, or what passes the owner's tenancy limits (service/quotas.py); spend=False: a
+        config check, which counts no job and takes none of the submission rate."""
 
         def owner_of(job_id: str) -> str | None:
             with self._jobstore.session() as db:
@@ -214,7 +182,16 @@ class Service:
                 f"the job config is {size} bytes as JSON; at most {MAX_CONFIG_BYTES} are accepted (it reaches the "
                 "driver in one environment variable): shorten data.system_prompt or other long strings"
             )
-        self.limits.admit(cfg, who, self._jobstore)  # last: the submission rate is spent only on a job that can run
+        self.limits.admit(cfg, who, self._jobstore, spend)  # last: the rate is spent only on a job that can run
+
+    def replay_of(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> Job | None:
+        """The job an earlier submission with this Idempotency-Key and body stored, if any."""
+        if not idempotency_key:
+            return None
+        with self._jobstore.session() as db:
+            return self._jobstore.by_idempotency_key(
+                db, owner, idempotency_key, sha256(canonical(cfg.model_dump(mode="json")))
+            )
 
     def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
         """Store a new job (or find the replay of an earlier Idempotency-Key). Returns (job, created)."""
@@ -246,6 +223,9 @@ class Service:
 
     async def submit_job(self, cfg: JobConfig, who: Token, idempotency_key: str | None) -> tuple[Job, bool]:
         """Admit and store the job, then submit it now; if Ray is not reachable the reconciler retries."""
+        replay = await run_in_threadpool(self.replay_of, cfg, who.owner, idempotency_key)
+        if replay is not None:  # answered as the first time, before any limit: it takes no new room
+            return await run_in_threadpool(self.get_job, replay.id, who), False
         await run_in_threadpool(self.admit, cfg, who)
         job, created = await run_in_threadpool(self.create_job, cfg, who.owner, idempotency_key)
         if not created:

@@ -101,12 +101,15 @@ class TenancyLimits:
         self.settings = settings
         self.rate = SubmitRate(settings.submit_rate_per_minute, settings.submit_burst)
 
-    def admit(self, cfg: JobConfig, who: Token, store: JobStore) -> None:
+    def admit(self, cfg: JobConfig, who: Token, store: JobStore, spend: bool = True) -> None:
         """Raise LimitExceeded or RateLimited for the first limit this submission passes. The rate is taken
-        last, so a refused config costs none of it."""
+        last, so a refused config costs none of it; spend=False (a config check, not a submission) checks
+        the config's own bounds only."""
         if who.is_admin or self.settings.tenancy == "single_user":
             return
         self.check_config(cfg)
+        if not spend:
+            return
         with store.session() as db:
             jobs = OwnerJobs(*store.job_counts(db, who.owner))
         self.check_owner(who.owner, jobs)

@@ -77,8 +77,7 @@ def gather(
                 raise
             pending[i] = on_death(i, e)
             continue
-        del pending[i]
-        results[i] = value if fetch else refs[i]
+        results[i] = value if fetch else pending.pop(i)  # the call that finished (a replacement's, after a death)
     return [results[i] for i in range(len(refs))]
 
 

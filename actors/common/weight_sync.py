@@ -129,23 +129,25 @@ def local_copy(weights: WeightsFile, scratch: str) -> tuple[str, str | None]:
     return own, own
 
 
-def _named_tensors(f: Any) -> list[tuple[str, str]]:
-    """(name, stored name) of every tensor to load, aliases included."""
+def _named_tensors(f: Any) -> tuple[list[tuple[str, str]], int]:
+    """(name, stored name) of every tensor to load, aliases included, and the file's policy version."""
     meta = f.metadata() or {}
-    if meta.get(_PROTOCOL_KEY, PROTOCOL) != PROTOCOL:
-        raise ValueError(f"weights file protocol {meta[_PROTOCOL_KEY]!r}; this engine reads {PROTOCOL!r}")
+    if meta.get(_PROTOCOL_KEY) != PROTOCOL:
+        raise ValueError(f"weights file protocol {meta.get(_PROTOCOL_KEY)!r}; this engine reads {PROTOCOL!r}")
     aliases = json.loads(meta.get(ALIASES, "{}"))  # e.g. a tied lm_head
-    return [(k, k) for k in f.keys()] + list(aliases.items())  # noqa: SIM118 (a safe_open handle, not a dict)
+    names = [(k, k) for k in f.keys()] + list(aliases.items())  # noqa: SIM118 (a safe_open handle, not a dict)
+    return names, int(meta.get(_VERSION_KEY, "0"))
 
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`)."""
 
-    def forkrl_reload_weights(self, path: str) -> int:
+    def forkrl_reload_weights(self, path: str) -> tuple[int, int]:
+        """Reload every tensor of the file in place: (tensors loaded, the file's policy version)."""
         from safetensors import safe_open
 
         with safe_open(path, framework="pt") as f:  # one tensor at a time: no second copy of the model
-            names = _named_tensors(f)
+            names, version = _named_tensors(f)
             weights = ((name, f.get_tensor(src)) for name, src in names)
             self.reload_weights(weights_iterator=weights)  # type: ignore[attr-defined]
-        return len(names)
+        return len(names), version

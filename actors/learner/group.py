@@ -30,7 +30,6 @@ class LearnerGroup:
         self, model_path: str, learner: LearnerConfig, algorithm: AlgorithmConfig, rollout: RolloutConfig, seed: int,
         dtype: str,
     ) -> None:  # fmt: skip
-        import ray
 
         k = learner.num_learners
         gpus = learner.num_gpus_per_learner
@@ -45,7 +44,7 @@ class LearnerGroup:
             call_timeout_s=learner.collective_timeout_s,
             timeout_setting="learner.collective_timeout_s",
         )
-        addr, port = ray.get(self.pool.actors[0].address.remote())
+        addr, port = self.pool.gather([self.pool.actors[0].address.remote()], [0])[0]
         self.pool.gather(
             [a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)], list(range(k))
         )

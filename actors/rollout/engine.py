@@ -86,11 +86,12 @@ class RolloutEngine:
             if own:
                 os.unlink(own)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+        tensors, version = counts[0]  # the policy version read from the file: a late reader gets the newest
         return {
-            "tensors": float(counts[0]),
+            "tensors": float(tensors),
             "seconds": time.perf_counter() - t0,
             "local": float(own is None),
-            "version": float(weights.version),
+            "version": float(version),
         }
 
     def ready(self) -> bool:

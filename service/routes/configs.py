@@ -18,6 +18,7 @@ from actors.common.config_load import UNION_TAGS, InputRefused, cap_errors, chec
 from service.core import ConfigTooLarge
 from service.deps import Principal, ServiceDep
 from service.policy import PolicyRefused
+from service.quotas import LimitExceeded
 from service.schemas import ConfigCheck, ConfigText, FieldError, field_errors
 
 router = APIRouter(prefix="/v1/configs", tags=["configs"])
@@ -93,9 +94,11 @@ def validate(body: ConfigText, who: Principal, svc: ServiceDep) -> ConfigCheck:
             err.line = yaml_line(root, err.loc)
         return ConfigCheck(valid=False, errors=errors)
     try:
-        svc.admit(cfg, who)
+        svc.admit(cfg, who, spend=False)  # a check: no job counted, none of the submission rate taken
     except PolicyRefused as e:
         return ConfigCheck(valid=False, errors=[_refused(e.field, str(e), "policy", root)])
     except ConfigTooLarge as e:
         return ConfigCheck(valid=False, errors=[_refused("", str(e), "size", root)])
+    except LimitExceeded as e:
+        return ConfigCheck(valid=False, errors=[_refused("", str(e), "limit", root)])
     return ConfigCheck(valid=True, errors=[], config=cfg.model_dump(mode="json"))

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 
 from actors.common.config import JobConfig
 from actors.common.contract import TERMINAL_STATES, JobState
-from service.core import Service, TooManyStreams
-from service.db import Token
+from service.core import Service
 from service.deps import JobId, Principal, ServiceDep
 from service.rayjobs import RayUnavailable
 from service.routes.configs import strict_config
 from service.schemas import CheckpointList, CheckpointOut, JobList, JobOut, MetricsOut, SamplesOut, job_out
 from service.store import StepJSON
+from service.streams import held_stream
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -39,7 +38,7 @@ async def strict_job_config(request: Request) -> JobConfig:
     responses={200: {"model": JobOut, "description": "an earlier submission with the same Idempotency-Key"}},
 )
 async def submit_job(
-    who: Principal,  # first: a caller without a valid token costs no body parsing
+    who: Principal,  # first: a caller without a valid token is refused before the strict read of the body
     cfg: JobConfig,
     strict: Annotated[JobConfig, Depends(strict_job_config)],
     svc: ServiceDep,
@@ -158,6 +157,7 @@ def get_checkpoints(job_id: JobId, who: Principal, svc: ServiceDep) -> Checkpoin
 
 @router.get("/{job_id}/logs", response_class=PlainTextResponse, responses={200: {"content": {"text/plain": {}}}})
 async def get_logs(
+    request: Request,
     job_id: JobId,
     who: Principal,
     svc: ServiceDep,
@@ -181,15 +181,19 @@ async def get_logs(
         except RayUnavailable as e:
             raise HTTPException(503, f"Ray is not reachable: {e}") from None
     await run_in_threadpool(svc.get_job, job_id, who)  # 404/403 before the stream starts
-    return held_stream(svc, who, svc.follow_logs(job_id), lambda why: f"\n[forkrl] token {why}: stream ended\n",
-                       media_type="text/plain")  # fmt: skip
+    return held_stream(svc, who, request, svc.follow_logs(job_id),
+                       lambda why: f"\n[forkrl] token {why}: stream ended\n", media_type="text/plain")  # fmt: skip
 
 
 @router.get(
     "/{job_id}/events", responses={200: {"content": {"text/event-stream": {}}, "description": "server-sent events"}}
 )
 async def events(
-    job_id: JobId, who: Principal, svc: ServiceDep, after_step: Annotated[int, Query(ge=0, le=2**31)] = 0
+    request: Request,
+    job_id: JobId,
+    who: Principal,
+    svc: ServiceDep,
+    after_step: Annotated[int, Query(ge=0, le=2**31)] = 0,
 ) -> StreamingResponse:
     """Server-sent events: `state` (each state change, the current one first), `metrics` (each new
     step's record; from after_step on, a long history a page at a time) and `end`: once the job is finished
@@ -198,8 +202,9 @@ async def events(
     "deleted". Streams are limited per token and per server (FORKRL_STREAM_MAX_PER_TOKEN, _TOTAL; events
     and followed logs together): 429 with Retry-After beyond them."""
     await run_in_threadpool(svc.get_job, job_id, who)
-    return held_stream(svc, who, job_events(svc, job_id, after_step), sse_end, media_type="text/event-stream",
-                       headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})  # fmt: skip
+    sse = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    stream = job_events(svc, job_id, after_step)
+    return held_stream(svc, who, request, stream, sse_end, media_type="text/event-stream", headers=sse)
 
 
 def sse_end(reason: str) -> str:
@@ -238,46 +243,3 @@ async def job_events(svc: Service, job_id: str, after_step: int) -> AsyncIterato
             yield ": keep-alive\n\n"
             ping = now
         await asyncio.sleep(0.5 if now - news < 10 else 2.0)
-
-
-def held_stream(
-    svc: Service, who: Token, chunks: AsyncIterator[str], last_words: Callable[[str], str], **kw: Any
-) -> StreamingResponse:
-    """`chunks` as a streamed answer that holds one of the caller's stream places (429 with Retry-After when
-    none is left) and ends with `last_words(why)` once the caller's token is revoked or expires."""
-    try:
-        give_back = svc.streams.take(who.id)
-    except TooManyStreams as e:
-        raise HTTPException(429, str(e), headers={"Retry-After": str(svc.settings.stream_retry_after_s)}) from None
-    # given back when the stream ends, or (the background task) when its client went away first
-    body = watched(svc, who.id, chunks, last_words, give_back)
-    return StreamingResponse(body, background=BackgroundTask(give_back), **kw)
-
-
-async def watched(
-    svc: Service, token_id: int, chunks: AsyncIterator[str], last_words: Callable[[str], str], done: Callable[[], None]
-) -> AsyncIterator[str]:
-    """`chunks`, with the token checked every stream_token_check_s whether or not a chunk comes (each
-    chunk is awaited as a task with that timeout, so a stream that waits on Ray is checked too)."""
-    loop, every = asyncio.get_running_loop(), svc.settings.stream_token_check_s
-    nxt: asyncio.Future[str] | None = None
-    try:
-        while True:
-            check_at = loop.time() + every
-            while (left := check_at - loop.time()) > 0:
-                nxt = nxt or asyncio.ensure_future(anext(chunks))
-                if not (await asyncio.wait({nxt}, timeout=left))[0]:
-                    break
-                got, nxt = nxt, None
-                try:
-                    chunk = got.result()
-                except StopAsyncIteration:
-                    return
-                yield chunk
-            if why := await run_in_threadpool(svc.tokens.lapsed, token_id):
-                yield last_words(why)
-                return
-    finally:
-        done()
-        if nxt is not None:
-            nxt.cancel()  # the inner stream ends there; one between chunks is closed when collected

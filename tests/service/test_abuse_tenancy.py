@@ -205,3 +205,25 @@ def test_the_submission_bucket_refills_at_the_rate():
     assert rate.take("a") == 0
     now[0] = 100  # both buckets full again: forgotten, so the table holds only recent submitters
     assert rate.take("c") == 0 and set(rate._buckets) == {"c"}
+
+
+def test_config_checks_spend_no_room_and_a_replay_is_answered_at_the_limit(server):
+    import yaml
+
+    with server.client(make_token(server, "checker")) as c:
+        # more checks than the burst (4) take none of the rate and count no job; a pool past its bound is
+        # valid: false naming the limit, not a 403 (the check always answers 200)
+        for _ in range(6):
+            ok = c.post("/v1/configs/validate", json={"yaml": yaml.safe_dump(TINY)})
+            assert ok.status_code == 200 and ok.json()["valid"], ok.text
+        big = c.post("/v1/configs/validate", json={"yaml": yaml.safe_dump(with_("rollout", num_engines=64))})
+        assert big.status_code == 200 and not big.json()["valid"], big.text
+        assert "max_rollout_engines = 4" in big.json()["errors"][0]["msg"], big.text
+        key = {"Idempotency-Key": "once"}
+        first = c.post("/v1/jobs", json=TINY, headers=key)
+        second = submit(c)
+        assert first.status_code == second.status_code == 201  # the checks left the burst whole
+        refused(submit(c), 403, "max_active_jobs_per_owner = 2")
+        # the owner is at its limit: a retry of the first submission (its answer lost) still gets its job
+        again = c.post("/v1/jobs", json=TINY, headers=key)
+        assert again.status_code == 200 and again.json()["id"] == first.json()["id"], again.text
