@@ -77,7 +77,8 @@ def gather(
                 raise
             pending[i] = on_death(i, e)
             continue
-        results[i] = value if fetch else pending.pop(i)  # the call that finished (a replacement's, after a death)
+        finished = pending.pop(i)  # the call that finished (a replacement's, after a death)
+        results[i] = value if fetch else finished
     return [results[i] for i in range(len(refs))]
 
 
