@@ -184,19 +184,17 @@ class Service:
             )
         self.limits.admit(cfg, who, self._jobstore, spend)  # last: the rate is spent only on a job that can run
 
-    def replay_of(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> Job | None:
+    def replay_of(self, owner: str, idempotency_key: str | None, body_hash: str) -> Job | None:
         """The job an earlier submission with this Idempotency-Key and body stored, if any."""
         if not idempotency_key:
             return None
         with self._jobstore.session() as db:
-            return self._jobstore.by_idempotency_key(
-                db, owner, idempotency_key, sha256(canonical(cfg.model_dump(mode="json")))
-            )
+            return self._jobstore.by_idempotency_key(db, owner, idempotency_key, body_hash)
 
-    def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None) -> tuple[Job, bool]:
-        """Store a new job (or find the replay of an earlier Idempotency-Key). Returns (job, created)."""
+    def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None, body_hash: str) -> tuple[Job, bool]:
+        """Store a new job (or find the replay of an earlier Idempotency-Key, stored meanwhile). Returns
+        (job, created). body_hash: the submitted config's, which a replay must match."""
         store = self._jobstore
-        body_hash = sha256(canonical(cfg.model_dump(mode="json")))
 
         def insert(db: Session) -> tuple[Job, bool]:
             if idempotency_key:
@@ -223,11 +221,12 @@ class Service:
 
     async def submit_job(self, cfg: JobConfig, who: Token, idempotency_key: str | None) -> tuple[Job, bool]:
         """Admit and store the job, then submit it now; if Ray is not reachable the reconciler retries."""
-        replay = await run_in_threadpool(self.replay_of, cfg, who.owner, idempotency_key)
+        body_hash = sha256(canonical(cfg.model_dump(mode="json")))
+        replay = await run_in_threadpool(self.replay_of, who.owner, idempotency_key, body_hash)
         if replay is not None:  # answered as the first time, before any limit: it takes no new room
             return await run_in_threadpool(self.get_job, replay.id, who), False
         await run_in_threadpool(self.admit, cfg, who)
-        job, created = await run_in_threadpool(self.create_job, cfg, who.owner, idempotency_key)
+        job, created = await run_in_threadpool(self.create_job, cfg, who.owner, idempotency_key, body_hash)
         if not created:
             return job, False
         self.telemetry.jobs_submitted.inc()
