@@ -23,13 +23,16 @@ class Completion:
     """One sample from the rollout engine.
 
     token_ids: [R] response token ids; logprobs: [R] the engine's log-probs of those tokens under
-    the sampling distribution (after temperature/top-p); finish_reason: "stop" or "length".
+    the sampling distribution (after temperature/top-p); finish_reason: "stop" or "length";
+    versions: (first, last) policy version of the weights that generated it (asynchronous mode; the
+    two differ when new weights arrived mid-generation), None in synchronous mode.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     text: str
     finish_reason: str | None = None
+    versions: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

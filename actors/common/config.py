@@ -149,6 +149,20 @@ class RolloutConfig(StrictModel):
     engine_restart_timeout_s: float = Field(
         600, gt=0, le=86400, description="A dead engine not replaced and synced within this fails the step, naming it."
     )
+    inflight_weight_updates: bool = Field(
+        False,
+        description="Asynchronous mode (trainer.max_staleness >= 1): new weights reach the engines mid-generation "
+        "(generation pauses, keeping its requests and their KV cache, reloads, resumes), so a completion may span "
+        "two policy versions (recorded per completion). False: each engine first finishes the requests it is "
+        "running (new ones wait), then reloads.",
+    )
+    max_inflight_groups: int | None = Field(
+        None,
+        ge=1,
+        le=65536,
+        description="Asynchronous mode: groups being generated at once over the pool at most. None = "
+        "data.prompts_per_step per engine.",
+    )
 
 
 class RewardConfig(StrictModel):
@@ -281,6 +295,16 @@ class TrainerConfig(StrictModel):
         "the control plane: a checkpoint of one of the owner's own jobs).",
     )
     export_hf: bool = Field(True, description="Write a Hugging Face checkpoint at the end.")
+    max_staleness: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="0: synchronous, on-policy steps (generate, verify, learn, sync, in order). k >= 1: asynchronous - "
+        "the engines generate continuously into a bounded buffer while the learner trains; a completion "
+        "generated with policy version v is trained at version v + k at most (older ones are dropped and "
+        "counted, async/dropped_stale), the engine's log-probs are the behaviour policy of the importance "
+        "weight (algorithm.tis_cap). Larger k keeps engines and learner busier and trains on staler data.",
+    )
     max_restarts: int = Field(
         2,
         ge=0,
@@ -349,6 +373,12 @@ class JobConfig(StrictModel):
             raise ValueError(
                 f"algorithm.ppo_mini_batch={mini} must be <= data.prompts_per_step={self.data.prompts_per_step} "
                 "(a mini-batch is a part of the rollout batch)"
+            )
+        if self.trainer.max_staleness and self.algorithm.tis_cap is None:
+            raise ValueError(
+                f"trainer.max_staleness={self.trainer.max_staleness} trains on completions of older policies: "
+                "algorithm.tis_cap must be set (the truncated importance weight between the learner's policy and "
+                "the engine's that corrects them); accepted: a number > 0, e.g. 2.0"
             )
         if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
             raise ValueError(

@@ -20,7 +20,7 @@ class CheckpointError(OSError):
 
 
 def save_checkpoint(
-    learners: Any, run: RunDir, step: int, sampler_state: dict[str, int], keep: int, commit: bool = True
+    learners: Any, run: RunDir, step: int, sampler_state: dict[str, Any], keep: int, commit: bool = True
 ) -> Path:
     """Save the learners' state for `step`; with commit (default) also write its marker, which makes it
     count. The driver commits after it has logged the step's metrics: a checkpoint that counts never
@@ -42,7 +42,7 @@ def save_checkpoint(
     return run.checkpoint(step)
 
 
-def commit_checkpoint(run: RunDir, step: int, sampler_state: dict[str, int], keep: int) -> None:
+def commit_checkpoint(run: RunDir, step: int, sampler_state: dict[str, Any], keep: int) -> None:
     """Write the marker of a saved checkpoint (whole or not at all: written aside, flushed, then renamed
     into place) and prune the oldest complete ones past `keep`."""
     state = {"step": step, "sampler": sampler_state}

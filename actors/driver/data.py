@@ -132,14 +132,24 @@ class PromptSampler:
         return order
 
     def next(self) -> list[Example]:
-        out: list[Example] = []
-        while len(out) < self.batch:
-            if self.pos >= len(self._order):
-                self.epoch, self.pos = self.epoch + 1, 0
-                self._order = self._make_order()
-            out.append(self.examples[self._order[self.pos]])
-            self.pos += 1
-        return out
+        return [self.draw() for _ in range(self.batch)]
+
+    def draw(self) -> Example:
+        """The next example of the order."""
+        if self.pos >= len(self._order):
+            self.epoch, self.pos = self.epoch + 1, 0
+            self._order = self._make_order()
+        self.pos += 1
+        return self.examples[self._order[self.pos - 1]]
+
+    @property
+    def serial(self) -> int:
+        """How many examples the order has given so far (the serial number of the next one)."""
+        return self.epoch * len(self.examples) + self.pos
+
+    def seek(self, serial: int) -> None:
+        """Continue the order at `serial` (the same examples follow as after `serial` draws)."""
+        self.load_state({"epoch": serial // len(self.examples), "pos": serial % len(self.examples)})
 
     def state(self) -> dict[str, int]:
         return {"epoch": self.epoch, "pos": self.pos}

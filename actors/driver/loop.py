@@ -31,6 +31,7 @@ from actors.common.config import JobConfig
 from actors.common.contract import RunDir
 
 if TYPE_CHECKING:  # the pools import Ray and vLLM: loaded when a run starts
+    from actors.driver.stream import GroupStream
     from actors.learner.group import LearnerGroup
     from actors.reward.pool import RewardPool
     from actors.rollout.pool import RolloutPool
@@ -55,8 +56,9 @@ class Pools:
     dtype: str
     sync_timeout_s: float
 
-    def sync_weights(self) -> None:  # learner -> every rollout engine, through a file in shared memory
-        self.rollout.load_weights(self.learners.export_weights(self.dtype), self.sync_timeout_s)
+    def sync_weights(self, version: int) -> None:
+        """Learner -> every rollout engine, through a file in shared memory; version: the trained steps."""
+        self.rollout.load_weights(self.learners.export_weights(self.dtype, version), self.sync_timeout_s)
 
 
 def one_step(
@@ -87,8 +89,51 @@ def one_step(
     m["batch/empty_step"] = float(not groups)
     with timed(m, "weight_sync"):  # sync weights learner -> every rollout engine
         if groups:
-            pools.sync_weights()
+            pools.sync_weights(step)
     m["timing/step"] = time.perf_counter() - t_step  # log
+    return m, samples
+
+
+def async_step(
+    cfg: JobConfig, step: int, pools: Pools, stream: GroupStream, tokenizer: Any
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """One step of asynchronous mode: the step's groups from the stream (generated from policy versions
+    step - 1 - max_staleness .. step - 1), then learning and the weight sync while the engines keep
+    generating the next steps' groups."""
+    from actors.driver.sampling import forking_tokens, sample_records, training_groups
+
+    algo = cfg.algorithm
+    t_step = time.perf_counter()
+    busy0 = pools.rollout.busy_seconds()
+    got = stream.take(step - 1)
+    m: dict[str, Any] = dict(got.metrics)
+    m["rollout/engine_replacements"] = float(pools.rollout.replacements)
+    with timed(m, "advantages"):
+        groups, batch_metrics = training_groups(cfg, got.groups)
+        m.update(batch_metrics)
+    samples: list[dict[str, Any]] = []
+
+    def learn_and_sync() -> None:
+        nonlocal samples
+        with timed(m, "learn"):
+            if groups:
+                step_metrics, traces = pools.learners.train_rollout(groups, algo.ppo_mini_batch, algo.ppo_epochs)
+                m.update(step_metrics)
+                samples = sample_records(got.groups, traces, tokenizer, cfg.rollout.group_size)
+                m["forking_tokens"] = forking_tokens(step_metrics, tokenizer)
+            else:
+                log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
+        with timed(m, "weight_sync"):
+            if groups:
+                pools.sync_weights(step)
+
+    stream.while_running(learn_and_sync)
+    m["batch/empty_step"] = float(not groups)
+    wall = time.perf_counter() - t_step
+    busy = [max(0.0, b - a) for a, b in zip(busy0, pools.rollout.busy_seconds(), strict=True)]
+    m["timing/learner_idle"] = m["timing/generate"]  # the learner waited for groups; it never waits on the engines
+    m["timing/engine_idle"] = sum(max(0.0, wall - b) for b in busy)  # summed over engines
+    m["timing/step"] = wall
     return m, samples
 
 
@@ -103,9 +148,11 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     from tqdm import tqdm
 
     from actors.common.models import resolve_dtype, resolve_model_path
+    from actors.driver.buffer import StreamOrder
     from actors.driver.checkpoint import commit_checkpoint, latest_checkpoint, save_checkpoint
     from actors.driver.data import PromptSampler, load_eval_examples, load_examples, render_prompt
     from actors.driver.runtime import init_ray, load_tokenizer
+    from actors.driver.stream import GroupStream
     from actors.driver.summary import summarize
     from actors.driver.tracking import Tracker
     from actors.learner.group import LearnerGroup
@@ -120,7 +167,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(model_path)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
-    rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed)
+    streaming = cfg.trainer.max_staleness > 0  # asynchronous mode
+    rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed, streaming=streaming)
     learners = None
     try:  # the engines' vLLM processes end with the run, whatever ends it
         rewards = RewardPool(cfg.reward)
@@ -130,13 +178,14 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
         eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
         eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
 
+        order = StreamOrder(sampler)  # asynchronous mode: serials and finished prompts of the order
         start = 0
         ckpt = latest_checkpoint(run, cfg.trainer.resume)
         if ckpt is not None:  # resume: weights, optimizer, scheduler, RNG, data position
             state = learners.load_checkpoint(str(ckpt.parent), ckpt.name)
             start = int(state["step"])
-            sampler.load_state(state["sampler"])
-            pools.sync_weights()
+            order.load_state(state["sampler"])
+            pools.sync_weights(start)
             log.info("resumed from %s at step %d", ckpt, start)
             tracker.backfill(start)  # what W&B / MLflow lost with the previous attempt's queues
 
@@ -144,15 +193,19 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
         bar = tqdm(
             range(start + 1, cfg.trainer.steps + 1), desc="GRPO", unit="step", initial=start, total=cfg.trainer.steps
         )
+        stream = GroupStream(cfg, order, tokenizer, rollout, rewards) if streaming else None
         for step in bar:
-            m, samples = one_step(cfg, step, pools, sampler, tokenizer)
+            if stream is not None:
+                m, samples = async_step(cfg, step, pools, stream, tokenizer)
+            else:
+                m, samples = one_step(cfg, step, pools, sampler, tokenizer)
             if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
                 with timed(m, "eval"):
                     m["eval/reward_mean"] = evaluate(pools, eval_prompts, eval_set)
             saved = None
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
                 with timed(m, "checkpoint"):
-                    data_state = sampler.state()
+                    data_state = order.state() if streaming else sampler.state()
                     saved = save_checkpoint(learners, run, step, data_state, keep, commit=False)
             tracker.log(step, m, samples)
             if saved is not None:  # it counts once the step's metrics are stored: a kill never skips them

@@ -251,9 +251,10 @@ class Learner:
         with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
             return {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
 
-    def export_weights(self, dtype: str) -> WeightsFile | None:
+    def export_weights(self, dtype: str, version: int | None = None) -> WeightsFile | None:
         """The full model in the rollout dtype as a weights file in shared memory (rank 0; None
-        elsewhere; `actors.common.weight_sync`). Every rank takes part (ZeRO-3 gathers the parameters)."""
+        elsewhere; `actors.common.weight_sync`), labelled with the policy version (the driver's trained
+        steps; None: this learner's optimizer steps). Every rank takes part (ZeRO-3 gathers the parameters)."""
         import deepspeed
 
         module = self.engine.module
@@ -262,7 +263,8 @@ class Learner:
                 return None
             if self._weights_dir is None:
                 self._weights_dir = shm_dir("forkrl-learner-")
-            return write_weights(module.state_dict().items(), dtype, self._weights_dir, int(self.engine.global_steps))
+            label = int(self.engine.global_steps) if version is None else version
+            return write_weights(module.state_dict().items(), dtype, self._weights_dir, label)
 
     def read_weights(self, path: str) -> bytes:
         """The bytes of a weights file this learner wrote (for an engine on another node)."""

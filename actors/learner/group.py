@@ -85,9 +85,10 @@ class LearnerGroup:
                 traces.setdefault(t.sample_id, t)
         return merge_step_metrics([m for m, _ in steps]), sorted(traces.values(), key=lambda t: t.sample_id)
 
-    def export_weights(self, dtype: str) -> Any:
-        """ObjectRef of rank 0's `WeightsFile` in shared memory (every rank takes part when ZeRO-3 gathers)."""
-        refs = [a.export_weights.remote(dtype) for a in self.pool.actors]
+    def export_weights(self, dtype: str, version: int | None = None) -> Any:
+        """ObjectRef of rank 0's `WeightsFile` in shared memory, labelled `version` (every rank takes part
+        when ZeRO-3 gathers)."""
+        refs = [a.export_weights.remote(dtype, version) for a in self.pool.actors]
         return self.pool.gather(refs, list(range(len(refs))), fetch=False)[0]
 
     def drop_weights(self) -> None:

@@ -11,12 +11,45 @@ from __future__ import annotations
 
 import os
 import time
+from typing import Any
 
 from actors.common.batch import Completion
 from actors.common.config import RolloutConfig
 from actors.common.weight_sync import WeightsFile, local_copy, shm_dir
 
-__all__ = ["RolloutEngine"]
+__all__ = ["RolloutEngine", "completions", "sampling_params"]
+
+
+def sampling_params(
+    rollout: RolloutConfig, n: int, seed: int | None, temperature: float | None, max_tokens: int | None
+) -> Any:
+    """vLLM's SamplingParams of a rollout request: the sampled token's log-prob with each token."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=n,
+        temperature=rollout.temperature if temperature is None else temperature,
+        top_p=rollout.top_p,
+        max_tokens=max_tokens or rollout.max_new_tokens,
+        logprobs=0,
+        seed=seed,
+        output_kind=RequestOutputKind.FINAL_ONLY,  # AsyncLLM: one output, with every sample of the request
+    )
+
+
+def completions(out: Any, versions: tuple[int, int] | None = None) -> list[Completion]:
+    """A vLLM RequestOutput's samples, each with the log-probs of its sampled tokens."""
+    samples = []
+    for c in out.outputs:
+        ids = list(c.token_ids)
+        lps = []  # logprobs=0 asks for the sampled token's log-prob only: one entry per step
+        for step, t in zip(c.logprobs or [], ids, strict=True):
+            if step is None:
+                raise RuntimeError("vLLM returned no log-prob for a sampled token (logprobs=0 was asked)")
+            lps.append(float(step[t].logprob))
+        samples.append(Completion(ids, lps, c.text, c.finish_reason, versions))
+    return samples
 
 
 class RolloutEngine:
@@ -49,32 +82,12 @@ class RolloutEngine:
         max_tokens: int | None = None,
     ) -> list[list[Completion]]:
         """For each prompt, n samples."""
-        from vllm import SamplingParams
-
-        params = SamplingParams(
-            n=n,
-            temperature=self.rollout.temperature if temperature is None else temperature,
-            top_p=self.rollout.top_p,
-            max_tokens=max_tokens or self.rollout.max_new_tokens,
-            logprobs=0,
-            seed=seed,
-        )
         from vllm.inputs import TokensPrompt
 
+        params = sampling_params(self.rollout, n, seed, temperature, max_tokens)
+
         outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-        result = []
-        for out in outs:
-            samples = []
-            for c in out.outputs:
-                ids = list(c.token_ids)
-                lps = []  # logprobs=0 asks for the sampled token's log-prob only: one entry per step
-                for step, t in zip(c.logprobs or [], ids, strict=True):
-                    if step is None:
-                        raise RuntimeError("vLLM returned no log-prob for a sampled token (logprobs=0 was asked)")
-                    lps.append(float(step[t].logprob))
-                samples.append(Completion(ids, lps, c.text, c.finish_reason))
-            result.append(samples)
-        return result
+        return [completions(out) for out in outs]
 
     def load_weights(self, weights: WeightsFile) -> dict[str, float]:
         """Reload all weights in place from the learner's file; returns timing and the policy version."""

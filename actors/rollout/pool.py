@@ -15,6 +15,7 @@ from actors.common.batch import Completion
 from actors.common.config import RolloutConfig
 from actors.common.pool import ActorPool, shard
 from actors.rollout.engine import RolloutEngine
+from actors.rollout.stream_engine import StreamingEngine
 
 log = logging.getLogger("forkrl.rollout")
 
@@ -22,10 +23,13 @@ __all__ = ["RolloutPool"]
 
 
 class RolloutPool:
-    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+    """streaming: `StreamingEngine` actors (asynchronous mode: one request per group, `submit`), else
+    `RolloutEngine` (batch calls)."""
+
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int, streaming: bool = False) -> None:
         self.rollout = rollout
         self.pool = ActorPool(
-            RolloutEngine,
+            StreamingEngine if streaming else RolloutEngine,
             rollout.num_engines,
             lambda i: (model_path, rollout, dtype, seed + i),
             num_cpus=rollout.num_cpus_per_engine,
@@ -52,6 +56,18 @@ class RolloutPool:
             timeout_setting="rollout.generate_timeout_s",
         )  # fmt: skip
         return [group for result in results for group in result]
+
+    def submit(self, i: int, prompt: list[int], n: int) -> Any:
+        """Start one group (n samples of one prompt) on engine i (streaming engines): its ObjectRef."""
+        return self.pool.actors[i].generate_group.remote(prompt, n)
+
+    def replace(self, i: int, error: Exception) -> None:
+        """Engine i died: wait for its replacement and give it the current weights (else raise)."""
+        self._replace(i, error)
+
+    def busy_seconds(self) -> list[float]:
+        """Each streaming engine's seconds with a request running, since it started."""
+        return [float(x) for x in self.pool.all(lambda e: e.busy_seconds.remote())]
 
     def load_weights(self, weights: Any, timeout_s: float) -> list[dict[str, float]]:
         """Push the learner's weights (an ObjectRef of a `WeightsFile`) to every engine; raise if not

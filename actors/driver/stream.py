@@ -1,0 +1,202 @@
+"""Asynchronous mode's rollout side (trainer.max_staleness >= 1): the engines generate continuously,
+one request per group, and the learner trains on what is ready.
+
+`GroupStream.pump` keeps the streaming engines fed within the admission bound (`actors.driver.buffer`),
+verifies each group as it finishes, and puts the groups with signal in the buffer (DAPO dynamic
+sampling: "keep generating until the step is full"). `take` waits until a step's P groups are ready,
+or until `algorithm.dynamic_sampling_max_rounds` x P groups finished since the previous step without
+filling it (the step then trains on what it has, `batch/sampling_bound_hit`). `while_running` runs
+the learner's step and the weight sync in a thread and pumps meanwhile: generation overlaps learning.
+
+An engine that dies mid-stream is replaced (with the current weights) and its groups are generated
+again there; an engine that finishes nothing for rollout.generate_timeout_s while it has groups fails
+the step, naming it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+
+from actors.algo.advantages import groups_with_signal
+from actors.common.config import JobConfig
+from actors.driver.buffer import GroupBuffer, StreamOrder, Waiting
+from actors.driver.data import Example, render_prompt
+from actors.driver.sampling import Group, StepRollout, batch_fingerprint
+
+log = logging.getLogger("forkrl.stream")
+
+__all__ = ["GroupStream"]
+
+T = TypeVar("T")
+POLL_S = 0.05  # how long one pump waits for a group to finish
+
+
+@dataclass
+class _InFlight:
+    serial: int
+    example: Example
+    prompt_ids: list[int]
+    engine: int
+    incarnation: int  # the engine's replacements when the group started
+
+
+class GroupStream:
+    def __init__(self, cfg: JobConfig, order: StreamOrder, tokenizer: Any, rollout: Any, rewards: Any) -> None:
+        self.cfg, self.order, self.tokenizer, self.rollout, self.rewards = cfg, order, tokenizer, rollout, rewards
+        self.need, self.g = cfg.data.prompts_per_step, cfg.rollout.group_size
+        self.buffer = GroupBuffer(self.need, cfg.trainer.max_staleness)
+        engines = cfg.rollout.num_engines
+        self.max_inflight = cfg.rollout.max_inflight_groups or self.need * engines
+        self.inflight: dict[Any, _InFlight] = {}  # ObjectRef -> the group it generates
+        self.per_engine = [0] * engines
+        self.incarnation = [0] * engines
+        self.learning = False
+        self.last_progress = time.monotonic()
+        self._reset_step()
+
+    def _reset_step(self) -> None:
+        self.finished = self.discarded = 0
+        self.scores: list[float] = []
+        self.lengths: list[int] = []
+        self.verify_s = 0.0
+        self.reward_parts: list[dict[str, float]] = []
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def _start(self, serial: int, example: Example, prompt: list[int]) -> None:
+        i = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])  # the least busy engine
+        ref = self.rollout.submit(i, prompt, self.g)
+        self.inflight[ref] = _InFlight(serial, example, prompt, i, self.incarnation[i])
+        self.per_engine[i] += 1
+
+    def _fill(self) -> None:
+        room = min(self.buffer.room(len(self.inflight), self.learning), self.max_inflight - len(self.inflight))
+        for _ in range(room):
+            serial, ex = self.order.draw()
+            self._start(serial, ex, render_prompt(self.tokenizer, ex, self.cfg.data))
+
+    def pump(self, wait_s: float = POLL_S) -> None:
+        """Start what the bound allows, then take in the groups that finished (waiting up to wait_s)."""
+        import ray
+
+        self._fill()
+        if not self.inflight:
+            time.sleep(wait_s)
+            return
+        done, _ = ray.wait(list(self.inflight), num_returns=1, timeout=wait_s)
+        if done:  # and whatever else is ready by now
+            done, _ = ray.wait(list(self.inflight), num_returns=len(self.inflight), timeout=0)
+        for ref in done:
+            self._finished(ref)
+        if not done and time.monotonic() - self.last_progress > self.cfg.rollout.generate_timeout_s:
+            busy = sorted({f.engine for f in self.inflight.values()})
+            raise TimeoutError(
+                f"rollout engine(s) {busy} finished no group within {self.cfg.rollout.generate_timeout_s:.0f} s "
+                "(rollout.generate_timeout_s)"
+            )
+
+    def _finished(self, ref: Any) -> None:
+        import ray
+        from ray.exceptions import RayActorError
+
+        f = self.inflight.pop(ref)
+        self.per_engine[f.engine] -= 1
+        try:
+            completions = ray.get(ref)
+        except RayActorError as e:  # the engine died: its groups run again on its replacement
+            if self.incarnation[f.engine] == f.incarnation:  # the first of its groups to report it
+                self.rollout.replace(f.engine, e)
+                self.incarnation[f.engine] += 1
+            self._start(f.serial, f.example, f.prompt_ids)
+            return
+        self.last_progress = time.monotonic()
+        t0 = time.perf_counter()
+        scores, reward_metrics = self.rewards.score([(c.text, f.example.answer, f.example.prompt) for c in completions])
+        self.verify_s += time.perf_counter() - t0
+        self.reward_parts.append(reward_metrics)
+        self.finished += 1
+        self.scores += scores
+        self.lengths += [len(c.token_ids) for c in completions]
+        signal = (
+            bool(groups_with_signal(torch.tensor(scores), self.g)[0]) if self.cfg.algorithm.dynamic_sampling else True
+        )
+        if signal:
+            first = min(c.versions[0] for c in completions if c.versions is not None)
+            self.buffer.add(Waiting(f.serial, first, Group(f.example, f.prompt_ids, completions, scores)))
+        else:
+            self.discarded += 1
+            self.order.finish(f.serial)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def take(self, version: int) -> StepRollout:
+        """The groups of the step at policy `version`, waiting for them; with the step's metrics."""
+        algo = self.cfg.algorithm
+        budget = algo.dynamic_sampling_max_rounds * self.need if algo.dynamic_sampling else None
+        t0 = time.perf_counter()
+        while self.buffer.fresh(version) < self.need:
+            if budget is not None and self.finished >= budget:
+                break  # the bound: train on what there is (perhaps nothing: the step is empty)
+            self.pump()
+        waited = time.perf_counter() - t0
+        taken, stale = self.buffer.take(version)
+        for w in taken + stale:
+            self.order.finish(w.serial)
+        if stale:
+            log.warning("%d group(s) dropped: generated more than %d version(s) ago", len(stale), self.buffer.k)
+        lags = [version - w.version for w in taken]
+        spans = [c.versions[1] - c.versions[0] for w in taken for c in w.group.completions if c.versions]
+        kept = [w.group for w in taken]
+        m = self._metrics(kept, lags, spans, len(stale), waited)
+        self._reset_step()
+        return StepRollout(kept, m)
+
+    def _metrics(
+        self, kept: list[Group], lags: list[int], spans: list[int], stale: int, waited: float
+    ) -> dict[str, Any]:
+        from actors.algo.metrics import combine_parts
+
+        m = combine_parts([{"reward/errors": 0.0, "reward/timeouts": 0.0}, *self.reward_parts])
+        m.update(
+            {
+                "data/batch_crc": batch_fingerprint([g.example for g in kept]),
+                "reward/mean": float(torch.tensor(self.scores).mean()) if self.scores else 0.0,
+                "reward/trained_mean": float(torch.tensor([s for g in kept for s in g.scores]).mean()) if kept else 0.0,
+                "response/length_mean": float(torch.tensor(self.lengths, dtype=torch.float32).mean())
+                if self.lengths
+                else 0.0,
+                "batch/rounds": self.finished / self.need,
+                "batch/groups_kept": float(len(kept)),
+                "batch/groups_discarded": float(self.discarded),
+                "batch/sampling_bound_hit": float(len(kept) < self.need),
+                "timing/generate": waited,  # the learner waited this long for the step's groups
+                "timing/verify": self.verify_s,
+                "async/staleness_min": float(min(lags, default=0)),
+                "async/staleness_mean": sum(lags) / len(lags) if lags else 0.0,
+                "async/staleness_max": float(max(lags, default=0)),
+                "async/version_span_max": float(max(spans, default=0)),
+                "async/dropped_stale": float(stale),
+                "async/buffer_depth": float(len(self.buffer.waiting)),
+                "async/in_flight": float(len(self.inflight)),
+            }
+        )
+        return m
+
+    def while_running(self, fn: Callable[[], T]) -> T:
+        """fn() in a thread (the learner's step, the weight sync) while this stream keeps generating."""
+        self.learning = True
+        try:
+            with ThreadPoolExecutor(1, thread_name_prefix="forkrl-learn") as pool:
+                future = pool.submit(fn)
+                while not future.done():
+                    self.pump()
+                return future.result()
+        finally:
+            self.learning = False

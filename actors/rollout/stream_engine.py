@@ -1,0 +1,125 @@
+"""A streaming rollout engine for asynchronous mode: vLLM's `AsyncLLM` in an async Ray actor.
+
+Each group (one prompt, n samples) is its own request, so the engine batches whatever is running
+continuously and a group comes back as soon as it is done, not with a whole batch. New weights
+arrive as a `WeightsFile` (`actors.common.weight_sync`) without stopping the actor:
+  in flight (rollout.inflight_weight_updates): generation pauses with its requests and their KV cache
+    kept, the weights reload, generation resumes; a request then spans two policy versions;
+  between requests (default): the engine finishes what it is running (new requests wait), reloads,
+    then takes the waiting ones.
+Every completion carries the (first, last) policy version that generated it. The engine counts the
+seconds it had at least one request running (`busy_seconds`): the driver's engine-idle metric.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import time
+from typing import Any
+
+from actors.common.batch import Completion
+from actors.common.config import RolloutConfig
+from actors.common.weight_sync import WeightsFile, local_copy, shm_dir
+from actors.rollout.engine import completions, sampling_params
+
+__all__ = ["StreamingEngine"]
+
+
+class StreamingEngine:
+    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        self.model_path, self.rollout, self.dtype, self.seed = model_path, rollout, dtype, seed
+        self.llm: Any = None  # AsyncLLM needs the actor's event loop: built by the first call (ready)
+        self.version = 0  # the policy version of the loaded weights (0: the initial model)
+        self._ids = itertools.count()
+        self._running = 0
+        self._busy = 0.0  # seconds with at least one request running, up to _since
+        self._since = time.monotonic()
+        self._shm = shm_dir("forkrl-weights-")
+
+    async def ready(self) -> bool:
+        if self.llm is None:
+            from vllm.engine.arg_utils import AsyncEngineArgs
+            from vllm.v1.engine.async_llm import AsyncLLM
+
+            args = AsyncEngineArgs(
+                model=self.model_path,
+                dtype=self.dtype,  # type: ignore[arg-type]
+                max_model_len=self.rollout.max_model_len,
+                gpu_memory_utilization=self.rollout.gpu_memory_utilization,
+                enforce_eager=True,
+                seed=self.seed,
+                logprobs_mode="processed_logprobs",
+                worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
+            )
+            self.llm = AsyncLLM.from_engine_args(args)
+        return True
+
+    def _mark(self, delta: int) -> None:
+        now = time.monotonic()
+        if self._running:
+            self._busy += now - self._since
+        self._since, self._running = now, self._running + delta
+
+    def busy_seconds(self) -> float:
+        """Seconds this engine had at least one request running, since it started."""
+        self._mark(0)
+        return self._busy
+
+    async def generate_group(
+        self, prompt: list[int], n: int, seed: int | None = None, temperature: float | None = None
+    ) -> list[Completion]:
+        """n samples of one prompt, each tagged with the (first, last) policy version that produced it."""
+        from vllm.inputs import TokensPrompt
+
+        await self.ready()
+        params = sampling_params(self.rollout, n, seed, temperature, None)
+        first = self.version
+        self._mark(+1)
+        try:
+            final = None
+            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), params, str(next(self._ids))):
+                final = out
+        finally:
+            self._mark(-1)
+        if final is None:
+            raise RuntimeError("vLLM ended a request without an output")
+        return completions(final, (first, self.version))
+
+    async def generate(
+        self, prompts: list[list[int]], n: int, seed: int | None = None, temperature: float | None = None
+    ) -> list[list[Completion]]:
+        """For each prompt, n samples (the pool's batch call: evaluation)."""
+        return list(await asyncio.gather(*(self.generate_group(p, n, seed, temperature) for p in prompts)))
+
+    async def load_weights(self, weights: WeightsFile) -> dict[str, float]:
+        """Reload all weights from the learner's file without ending the requests that are running."""
+        await self.ready()
+        t0 = time.perf_counter()
+        path, own = local_copy(weights, self._shm)
+        mode = "keep" if self.rollout.inflight_weight_updates else "wait"
+        try:
+            await self.llm.pause_generation(mode=mode, clear_cache=False)
+            try:
+                counts = await self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
+                await self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
+            finally:
+                await self.llm.resume_generation()
+        finally:
+            if own:
+                os.unlink(own)
+        tensors, version = counts[0]
+        self.version = int(version)
+        return {
+            "tensors": float(tensors),
+            "seconds": time.perf_counter() - t0,
+            "local": float(own is None),
+            "version": float(version),
+        }
+
+    def shutdown(self) -> None:
+        if self.llm is not None:
+            self.llm.shutdown()
