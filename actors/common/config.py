@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, Resources, StrictModel
+from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, CpuCores, Resources, StrictModel
 from actors.common.verifier_config import Verifier, default_verifiers
 
 __all__ = [
@@ -131,6 +131,11 @@ class RolloutConfig(StrictModel):
     cpu_kv_cache_gib: int = Field(2, ge=1, le=1024, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
     num_cpus_per_engine: float = Field(1, gt=0, le=1024, description="Ray CPUs reserved per engine actor.")
     num_gpus_per_engine: float = Field(0, ge=0, le=64, description="Ray GPUs per engine actor (0 on CPU).")
+    cpu_cores: CpuCores | None = Field(
+        None,
+        description='CPU only: the cores the engines\' vLLM threads run on, a Linux CPU list ("0", "0-3", "0,2"); '
+        "None = every core. With learner.cpu_cores, the pools get cores of their own (asynchronous mode).",
+    )
     ray_resources: Resources = Field(
         default_factory=dict,
         description='Extra Ray resources each engine actor requests, e.g. {"forkrl_rollout": 1} to place it on the '
@@ -257,6 +262,11 @@ class LearnerConfig(StrictModel):
     )
     num_cpus_per_learner: float = Field(1, gt=0, le=1024, description="Ray CPUs per learner actor.")
     num_gpus_per_learner: float = Field(0, ge=0, le=64, description="Ray GPUs per learner actor (0 on CPU).")
+    cpu_cores: CpuCores | None = Field(
+        None,
+        description='CPU only: the cores the learners\' torch threads run on, a Linux CPU list ("1", "2-3"), one '
+        "thread per core (shared by the learners of a node); None = every core, split over the learners.",
+    )
     ray_resources: Resources = Field(
         default_factory=dict,
         description='Extra Ray resources each learner actor requests, e.g. {"forkrl_learner": 1} to place it on the '

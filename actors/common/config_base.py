@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-__all__ = ["KEY_LEN", "MAX_SEED", "PATH_LEN", "Resources", "StrictModel"]
+__all__ = ["CpuCores", "KEY_LEN", "MAX_SEED", "PATH_LEN", "Resources", "StrictModel", "parse_cores"]
 
 
 class StrictModel(BaseModel):
@@ -23,3 +23,21 @@ Resources = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[float, Field(ge=0, le=1e6)]],
     Field(max_length=16),
 ]
+
+
+# a CPU list as Linux writes one ("0", "0-3", "0,2-3"): where a pool's threads run
+def _core_list(v: object) -> object:  # YAML reads a single core ("0") as a number
+    return str(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
+CPU_LIST = r"^\d{1,4}(-\d{1,4})?(,\d{1,4}(-\d{1,4})?){0,63}$"
+CpuCores = Annotated[str, BeforeValidator(_core_list), Field(pattern=CPU_LIST, max_length=400)]
+
+
+def parse_cores(cores: str) -> list[int]:
+    """The cores of a CPU list: "0,2-3" -> [0, 2, 3]."""
+    out: list[int] = []
+    for part in cores.split(","):
+        lo, _, hi = part.partition("-")
+        out += range(int(lo), int(hi or lo) + 1)
+    return sorted(set(out))

@@ -96,9 +96,9 @@ class GroupStream:
         for ref in done:
             self._finished(ref)
         if not done and time.monotonic() - self.last_progress > self.cfg.rollout.generate_timeout_s:
-            busy = sorted({f.engine for f in self.inflight.values()})
+            busy = ", ".join(f"rollout engine {i}" for i in sorted({f.engine for f in self.inflight.values()}))
             raise TimeoutError(
-                f"rollout engine(s) {busy} finished no group within {self.cfg.rollout.generate_timeout_s:.0f} s "
+                f"{busy} did not finish a group within {self.cfg.rollout.generate_timeout_s:.0f} s "
                 "(rollout.generate_timeout_s)"
             )
 

@@ -26,6 +26,7 @@ from actors.algo.entropy_filter import StepPlan
 from actors.algo.metrics import combine_parts
 from actors.common.batch import MicroBatch, TokenTrace, TrainSequence, collate
 from actors.common.config import AlgorithmConfig, LearnerConfig, RolloutConfig
+from actors.common.config_base import parse_cores
 from actors.common.weight_sync import WeightsFile, read_weights, shm_dir, write_weights
 from actors.learner.deepspeed_config import deepspeed_config
 
@@ -80,7 +81,12 @@ class Learner:
     def setup(self, rank: int, world: int, addr: str, port: int) -> int:
         import torch
 
-        torch.set_num_threads(max(1, self.cpus))
+        threads = max(1, self.cpus)
+        if self.cfg.cpu_cores and not torch.cuda.is_available():
+            cores = parse_cores(self.cfg.cpu_cores)
+            os.sched_setaffinity(0, cores)
+            threads = len(cores) // max(1, min(len(cores), self.cfg.num_learners))
+        torch.set_num_threads(max(1, threads))
         self.cuda = torch.cuda.is_available()
         if not self.cuda:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")

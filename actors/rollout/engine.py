@@ -17,7 +17,17 @@ from actors.common.batch import Completion
 from actors.common.config import RolloutConfig
 from actors.common.weight_sync import WeightsFile, local_copy, shm_dir
 
-__all__ = ["RolloutEngine", "completions", "sampling_params"]
+__all__ = ["RolloutEngine", "completions", "engine_env", "sampling_params"]
+
+
+def engine_env(rollout: RolloutConfig) -> None:
+    """vLLM's CPU settings, before it starts: the KV cache size, and the cores its threads bind to
+    (rollout.cpu_cores; else every core - vLLM's default reserves one, and a 2-core box then decodes on one)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
+    if rollout.cpu_cores:
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout.cpu_cores
+    else:
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
 
 
 def sampling_params(
@@ -54,10 +64,7 @@ def completions(out: Any, versions: tuple[int, int] | None = None) -> list[Compl
 
 class RolloutEngine:
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
-        # bind vLLM's CPU threads to every core: its default reserves one of them (2-core boxes
-        # then decode on one thread)
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        engine_env(rollout)
         from vllm import LLM
 
         self.rollout = rollout

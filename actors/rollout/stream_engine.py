@@ -22,15 +22,14 @@ from typing import Any
 from actors.common.batch import Completion
 from actors.common.config import RolloutConfig
 from actors.common.weight_sync import WeightsFile, local_copy, shm_dir
-from actors.rollout.engine import completions, sampling_params
+from actors.rollout.engine import completions, engine_env, sampling_params
 
 __all__ = ["StreamingEngine"]
 
 
 class StreamingEngine:
     def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
-        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+        engine_env(rollout)
         self.model_path, self.rollout, self.dtype, self.seed = model_path, rollout, dtype, seed
         self.llm: Any = None  # AsyncLLM needs the actor's event loop: built by the first call (ready)
         self.version = 0  # the policy version of the loaded weights (0: the initial model)

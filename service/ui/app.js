@@ -174,10 +174,18 @@ function timeChart(el, records) {
     step: r.step, v: Math.max(0, r["timing/step"] - PHASES.reduce((a, p) => a + (r[`timing/${p}`] || 0), 0)),
   }));
   traces.push({ ...series(other.map((o) => ({ step: o.step, x: o.v })), "x"), name: "other" });
+  const data = traces.map((t) => ({ x: t.xs, y: t.ys, name: plotText(t.name), type: "bar" }));
+  // asynchronous mode: the bars are the learner's time (generate = waiting for groups); the line is the engines'
+  // seconds generating in the same step - where it rises above the generate bar, generation overlapped learning
+  const busy = series(records, "timing/engine_busy");
+  if (busy.xs.length) {
+    traces.push(busy);
+    data.push({ x: busy.xs, y: busy.ys, name: "engines generating (async)", type: "scatter", mode: "lines+markers" });
+  }
   el.dataset.traces = String(traces.filter((t) => t.xs.length).length);
   el.dataset.points = String(traces.reduce((a, t) => a + t.xs.length, 0));
-  window.Plotly.react(el, traces.map((t) => ({ x: t.xs, y: t.ys, name: plotText(t.name), type: "bar" })),
-    { ...LAYOUT, barmode: "stack", title: { text: "Step time (s)", font: { size: 13 } } }, PLOT_OPTS);
+  window.Plotly.react(el, data, { ...LAYOUT, barmode: "stack", title: { text: "Step time (s)", font: { size: 13 } } },
+    PLOT_OPTS);
 }
 
 const CURVES = [

@@ -1,0 +1,104 @@
+"""Asynchronous mode (trainer.max_staleness >= 1) on a real local Ray, with real vLLM AsyncLLM engines (CPU),
+DeepSpeed (gloo) and the tiny random Llama. Minutes, not seconds: marked slow."""
+
+import contextlib
+import json
+import math
+import os
+import signal
+import time
+
+import pytest
+
+from actors.common.contract import RunDir
+from actors.driver.loop import train
+
+from .conftest import tiny_config
+from .test_runtime import _actors_after_step, _every_metric_has_a_rule, _rows, _run_and_stall, _start_tiny
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tmp_path):
+    # two learners and two micro-batches each: the threshold is global over 4 micro-batches of 2 ranks
+    cfg = tiny_config(
+        tmp_path,
+        "trainer.max_staleness=1",
+        "trainer.steps=5",
+        "trainer.save_every=2",
+        "trainer.eval_every=5",
+        "trainer.eval_prompts=4",
+        "learner.micro_batch_size=2",
+        "rollout.inflight_weight_updates=true",
+    )
+    train(cfg)
+    rows = _rows(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    learned = [r for r in rows if "entropy/kept_tokens" in r]
+    assert len(learned) >= 4
+    for r in learned:  # exactly ceil(rho N) of the step's tokens, whatever the mode
+        assert r["entropy/kept_tokens"] == math.ceil(0.2 * r["entropy/num_valid"])
+        assert r["entropy/kept_frac"] == pytest.approx(r["entropy/kept_tokens"] / r["entropy/num_valid"])
+    # the first step can only train on the initial policy's groups; the second on groups generated while the
+    # first learned (version 0, trained at version 1): one step off. Never more than max_staleness.
+    assert rows[0]["async/staleness_max"] == 0.0
+    assert rows[1]["async/staleness_min"] == 1.0
+    assert all(r["async/staleness_max"] <= 1.0 for r in rows)
+    assert sum(r["async/dropped_stale"] for r in rows) >= 0.0
+    for r in rows[1:]:  # the learner got its groups ready more often than not; the engines' idle time is counted
+        assert r["timing/engine_idle"] >= 0.0 and r["timing/learner_idle"] == r["timing/generate"]
+    assert "eval/reward_mean" in rows[-1]  # evaluation runs on the streaming engines
+    _every_metric_has_a_rule(rows)
+    # the checkpoint records which prompts are finished: the lowest not finished, and the finished ones above
+    from actors.driver.data import load_examples
+
+    state = json.loads((RunDir(tmp_path).checkpoint(4) / "driver.json").read_text())["sampler"]
+    assert set(state) == {"epoch", "pos", "done"}
+    low = state["epoch"] * len(load_examples(cfg.data)) + state["pos"]
+    assert low + len(state["done"]) >= 4 * 4 and all(s > low for s in state["done"])  # 4 steps x 4 groups trained
+
+
+def test_async_run_survives_a_killed_engine_and_resumes_after_a_killed_driver(tmp_path):
+    """SIGKILL the streaming engine mid-stream: its groups run again on the replacement, the job goes on.
+    Then SIGKILL the driver: a new driver resumes from the newest checkpoint and each step is logged once."""
+    run = tmp_path / "run"
+    settings = ["trainer.max_staleness=2", "trainer.save_every=2", "rollout.engine_restarts=1"]
+    proc = _start_tiny(run, 60, settings)
+    try:
+        (engine,) = _actors_after_step(run, proc, 2, "StreamingEngine")
+        engine.kill()
+        deadline = time.time() + 300  # two steps after the replacement
+        while not [r for r in _rows(run) if r.get("rollout/engine_replacements") == 1.0][1:]:
+            assert time.time() < deadline and proc.poll() is None, "the job did not go on after the replacement"
+            time.sleep(0.2)
+        while not RunDir(run).complete_checkpoints():
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
+        proc.wait()
+    last = int(RunDir(run).complete_checkpoints()[-1].name.rsplit("_", 1)[-1])
+    logged = max(r["step"] for r in _rows(run))
+    resumed = _start_tiny(run, logged + 2, settings)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out.decode(errors="replace")[-3000:]
+    steps = [r["step"] for r in _rows(run)]
+    assert steps == list(range(1, logged + 3)), (last, steps)  # each step once: the lost ones again
+    assert f"at step {last}" in out.decode(errors="replace")
+
+
+def test_a_stalled_streaming_engine_fails_the_step_after_its_timeout_naming_it(tmp_path):
+    settings = ["trainer.max_staleness=1", "rollout.generate_timeout_s=15", "learner.weight_sync_timeout_s=15"]
+    out, took = _run_and_stall(tmp_path, "StreamingEngine", settings, 15)
+    assert "rollout engine 0 did not finish" in out and "within 15 s" in out, out[-3000:]
+    assert took < 15 + 90, took
