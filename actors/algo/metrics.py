@@ -88,6 +88,14 @@ RULES: dict[str, Rule] = {
     "batch/truncated_masked": _WHOLE,
     "batch/empty_step": _WHOLE,
     "rollout/engine_replacements": _WHOLE,
+    # asynchronous mode (actors.driver.stream): the step's groups and the stream's state when it took them
+    "async/staleness_min": _WHOLE,
+    "async/staleness_mean": _WHOLE,
+    "async/staleness_max": _WHOLE,
+    "async/version_span_max": _WHOLE,
+    "async/dropped_stale": _WHOLE,
+    "async/buffer_depth": _WHOLE,
+    "async/in_flight": _WHOLE,
     "eval/reward_mean": _WHOLE,
     "forking_tokens": _WHOLE,  # entropy/top_forking_tokens decoded
     "tracking/errors": _WHOLE,

@@ -111,6 +111,7 @@ class ActorPool(Generic[T]):
         cls = ray.remote(**options)(role)
         # how errors name an actor: "<name> <index>" (the role's class name unless given)
         self.role, self.call_timeout_s, self.timeout_setting = name or role.__name__, call_timeout_s, timeout_setting
+        self.role_class = role.__name__
         self.actors: list[Any] = [cls.remote(*args(i)) for i in range(n)]
         if wait_ready:
             self.all(lambda a: a.ready.remote())

@@ -44,7 +44,6 @@ class _InFlight:
     example: Example
     prompt_ids: list[int]
     engine: int
-    incarnation: int  # the engine's replacements when the group started
 
 
 class GroupStream:
@@ -56,7 +55,6 @@ class GroupStream:
         self.max_inflight = cfg.rollout.max_inflight_groups or self.need * engines
         self.inflight: dict[Any, _InFlight] = {}  # ObjectRef -> the group it generates
         self.per_engine = [0] * engines
-        self.incarnation = [0] * engines
         self.learning = False
         self.last_progress = time.monotonic()
         self._reset_step()
@@ -73,7 +71,7 @@ class GroupStream:
     def _start(self, serial: int, example: Example, prompt: list[int]) -> None:
         i = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])  # the least busy engine
         ref = self.rollout.submit(i, prompt, self.g)
-        self.inflight[ref] = _InFlight(serial, example, prompt, i, self.incarnation[i])
+        self.inflight[ref] = _InFlight(serial, example, prompt, i)
         self.per_engine[i] += 1
 
     def _fill(self) -> None:
@@ -111,9 +109,7 @@ class GroupStream:
         try:
             completions = ray.get(ref)
         except RayActorError as e:  # the engine died: its groups run again on its replacement
-            if self.incarnation[f.engine] == f.incarnation:  # the first of its groups to report it
-                self.rollout.replace(f.engine, e)
-                self.incarnation[f.engine] += 1
+            self.rollout.replace(f.engine, e)  # waits for it once; then it returns at once for its other groups
             self._start(f.serial, f.example, f.prompt_ids)
             return
         self.last_progress = time.monotonic()

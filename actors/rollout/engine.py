@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from typing import Any
 
 from actors.common.batch import Completion
@@ -79,6 +80,7 @@ class RolloutEngine:
             worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
         )
         self._shm = shm_dir("forkrl-weights-")
+        self._incarnation = uuid.uuid4().hex
 
     def generate(
         self,
@@ -116,6 +118,10 @@ class RolloutEngine:
 
     def ready(self) -> bool:
         return True
+
+    def incarnation(self) -> str:
+        """This process's id: a replacement started by Ray has a new one."""
+        return self._incarnation
 
     def shutdown(self) -> None:
         """Stop vLLM's engine-core processes: they outlive an actor that is killed rather than shut down."""

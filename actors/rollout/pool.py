@@ -8,6 +8,7 @@ within `rollout.engine_restart_timeout_s`: the step fails with an error naming t
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -41,6 +42,10 @@ class RolloutPool:
         )
         self.weights: Any = None  # the ObjectRef of the last weights pushed (kept for replacements)
         self.replacements = 0
+        # each engine's process id as last seen: a death is handled once, whichever thread sees it first
+        # (asynchronous mode: the stream and the weight sync may both find an engine dead)
+        self._seen: list[str] = self.pool.all(lambda e: e.incarnation.remote())
+        self._lock = threading.Lock()
 
     def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[Completion]]:
         """For each prompt, n samples; a dead engine's shard is generated again on its replacement."""
@@ -94,7 +99,7 @@ class RolloutPool:
         import ray
 
         engine, timeout = self.pool.actors[i], self.rollout.engine_restart_timeout_s
-        name = f"rollout engine {i} (RolloutEngine actor {engine._actor_id.hex()})"
+        name = f"rollout engine {i} ({self.pool.role_class} actor {engine._actor_id.hex()})"
         log.warning("%s died (%s); waiting for its replacement", name, type(error).__name__)
         t0 = time.monotonic()
         while True:
@@ -106,8 +111,13 @@ class RolloutPool:
                 ) from error
             try:  # calls to a restarting actor wait for it; a dead one (no restarts left) raises at once
                 ray.get(engine.ready.remote(), timeout=left)
-                if self.weights is not None:
-                    ray.get(engine.load_weights.remote(self.weights), timeout=max(1.0, left))
+                with self._lock:
+                    now = ray.get(engine.incarnation.remote(), timeout=left)
+                    if now == self._seen[i]:
+                        return  # handled already (another thread), or it was only unreachable for a moment
+                    if self.weights is not None:
+                        ray.get(engine.load_weights.remote(self.weights), timeout=max(1.0, left))
+                    self._seen[i] = now
                 break
             except ray.exceptions.GetTimeoutError:
                 continue

@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import os
 import time
+import uuid
 from typing import Any
 
 from actors.common.batch import Completion
@@ -38,6 +39,7 @@ class StreamingEngine:
         self._busy = 0.0  # seconds with at least one request running, up to _since
         self._since = time.monotonic()
         self._shm = shm_dir("forkrl-weights-")
+        self._incarnation = uuid.uuid4().hex
 
     async def ready(self) -> bool:
         if self.llm is None:
@@ -56,6 +58,10 @@ class StreamingEngine:
             )
             self.llm = AsyncLLM.from_engine_args(args)
         return True
+
+    def incarnation(self) -> str:
+        """This process's id: a replacement started by Ray has a new one."""
+        return self._incarnation
 
     def _mark(self, delta: int) -> None:
         now = time.monotonic()

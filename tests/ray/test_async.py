@@ -53,9 +53,9 @@ def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tm
     assert rows[0]["async/staleness_max"] == 0.0
     assert rows[1]["async/staleness_min"] == 1.0
     assert all(r["async/staleness_max"] <= 1.0 for r in rows)
-    assert sum(r["async/dropped_stale"] for r in rows) >= 0.0
-    for r in rows[1:]:  # the learner got its groups ready more often than not; the engines' idle time is counted
-        assert r["timing/engine_idle"] >= 0.0 and r["timing/learner_idle"] == r["timing/generate"]
+    for r in rows:  # one engine: its busy and idle seconds make up the step; the learner waited only for groups
+        assert r["timing/engine_busy"] + r["timing/engine_idle"] == pytest.approx(r["timing/step"], abs=1e-6)
+        assert r["timing/learner_idle"] == r["timing/generate"] < r["timing/step"]
     assert "eval/reward_mean" in rows[-1]  # evaluation runs on the streaming engines
     _every_metric_has_a_rule(rows)
     # the checkpoint records which prompts are finished: the lowest not finished, and the finished ones above
@@ -93,7 +93,9 @@ def test_async_run_survives_a_killed_engine_and_resumes_after_a_killed_driver(tm
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out.decode(errors="replace")[-3000:]
     steps = [r["step"] for r in _rows(run)]
-    assert steps == list(range(1, logged + 3)), (last, steps)  # each step once: the lost ones again
+    # the killed attempt's steps, then the resumed one's from its checkpoint on (run directly, the driver
+    # appends; through the control plane the rows past the checkpoint are dropped first)
+    assert steps == list(range(1, logged + 1)) + list(range(last + 1, logged + 3)), (last, steps)
     assert f"at step {last}" in out.decode(errors="replace")
 
 
