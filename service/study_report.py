@@ -117,6 +117,17 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _trained_sequences(runs: list[list[dict[str, Any]]]) -> dict[int, float]:
+    """Step -> the sequences trained up to and including it, mean over the runs that reached it."""
+    per: dict[int, list[float]] = {}
+    for rows in runs:
+        total = 0.0
+        for r in sorted(rows, key=lambda r: r["step"]):
+            total += float(r.get("batch/sequences", 0.0))
+            per.setdefault(r["step"], []).append(total)
+    return {step: statistics.fmean(v) for step, v in per.items()}
+
+
 def _plots(spec: StudySpec, out: Path) -> None:
     import matplotlib
 
@@ -139,16 +150,18 @@ def _plots(spec: StudySpec, out: Path) -> None:
         ]
         if not runs:
             continue
+        trained = _trained_sequences(runs)
         for ax, (key, title) in zip(axes, panels, strict=True):
             steps = sorted({r["step"] for rows in runs for r in rows if key in r})
             per = [[r[key] for rows in runs for r in rows if r["step"] == s and key in r] for s in steps]
             mean = [statistics.fmean(v) for v in per]
             lo = [min(v) for v in per]
             hi = [max(v) for v in per]
-            (line,) = ax.plot(steps, mean, label=f"{arm.label or arm.name} (n={len(runs)})")
-            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
+            xs = [trained[s] for s in steps] if spec.x == "sequences" else steps
+            (line,) = ax.plot(xs, mean, label=f"{arm.label or arm.name} (n={len(runs)})")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
             ax.set_title(title)
-            ax.set_xlabel("step")
+            ax.set_xlabel("trained sequences" if spec.x == "sequences" else "step")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{spec.name}: mean over seeds, band = min..max")
     fig.tight_layout()

@@ -5,7 +5,7 @@ one run, keyed `<arm>-s<seed>`."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -30,6 +30,9 @@ class StudySpec(BaseModel):
     arms: list[Arm] = Field(..., min_length=1)
     seeds: list[int] = Field(..., min_length=1)
     reference: dict[str, Any] = Field(default_factory=dict, description="Published figures shown beside ours.")
+    x: Literal["step", "sequences"] = Field(
+        "step", description="The curves' x axis: the step, or the trained sequences so far (mean over seeds)."
+    )
 
 
 def load_spec(path: str) -> tuple[StudySpec, Path]:

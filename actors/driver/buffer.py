@@ -90,10 +90,15 @@ class GroupBuffer:
         """Waiting groups a step at `version` may train on."""
         return sum(w.version >= version - self.k for w in self.waiting)
 
+    def drop_stale(self, version: int) -> list[Waiting]:
+        """Remove the groups a step at `version` may not train on (they hold room new groups need)."""
+        stale = [w for w in self.waiting if w.version < version - self.k]
+        self.waiting = [w for w in self.waiting if w.version >= version - self.k]
+        return stale
+
     def take(self, version: int) -> tuple[list[Waiting], list[Waiting]]:
         """For a step at policy version `version`: (the first P groups by serial within the bound,
         the groups dropped as too stale). The rest keep waiting."""
-        stale = [w for w in self.waiting if w.version < version - self.k]
-        fresh = [w for w in self.waiting if w.version >= version - self.k]
-        taken, self.waiting = fresh[: self.per_step], fresh[self.per_step :]
+        stale = self.drop_stale(version)
+        taken, self.waiting = self.waiting[: self.per_step], self.waiting[self.per_step :]
         return taken, stale

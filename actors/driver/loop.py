@@ -131,7 +131,7 @@ def async_step(
     m["batch/empty_step"] = float(not groups)
     wall = time.perf_counter() - t_step
     busy = [max(0.0, b - a) for a, b in zip(busy0, pools.rollout.busy_seconds(), strict=True)]
-    m["timing/learner_idle"] = m["timing/generate"]  # the learner waited for groups; it never waits on the engines
+    m["timing/learner_idle"] = m["timing/generate"]  # the learner waited for groups (weight sync: timed apart)
     m["timing/engine_idle"] = sum(max(0.0, wall - b) for b in busy)  # summed over engines
     m["timing/engine_busy"] = sum(min(wall, b) for b in busy)  # the dashboard's step-time chart shows the overlap
     m["timing/step"] = wall

@@ -69,6 +69,8 @@ class GroupStream:
     # -- generation ----------------------------------------------------------------------------
 
     def _start(self, serial: int, example: Example, prompt: list[int]) -> None:
+        if not self.inflight:  # the generate timeout counts from here when nothing was running
+            self.last_progress = time.monotonic()
         i = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])  # the least busy engine
         ref = self.rollout.submit(i, prompt, self.g)
         self.inflight[ref] = _InFlight(serial, example, prompt, i)
@@ -137,12 +139,14 @@ class GroupStream:
         algo = self.cfg.algorithm
         budget = algo.dynamic_sampling_max_rounds * self.need if algo.dynamic_sampling else None
         t0 = time.perf_counter()
+        stale = self.buffer.drop_stale(version)  # first: too old for this step, they would hold the room it needs
         while self.buffer.fresh(version) < self.need:
             if budget is not None and self.finished >= budget:
                 break  # the bound: train on what there is (perhaps nothing: the step is empty)
             self.pump()
         waited = time.perf_counter() - t0
-        taken, stale = self.buffer.take(version)
+        taken, late = self.buffer.take(version)
+        stale += late
         for w in taken + stale:
             self.order.finish(w.serial)
         if stale:

@@ -72,7 +72,14 @@ class RolloutPool:
 
     def busy_seconds(self) -> list[float]:
         """Each streaming engine's seconds with a request running, since it started."""
-        return [float(x) for x in self.pool.all(lambda e: e.busy_seconds.remote())]
+        import ray
+
+        def replaced(i: int, error: Exception) -> Any:
+            self._replace(i, error)
+            return ray.put(0.0)  # a replacement counts from 0 again (the step's difference is clamped at 0)
+
+        refs = [e.busy_seconds.remote() for e in self.pool.actors]
+        return [float(x) for x in self.pool.gather(refs, list(range(len(refs))), on_death=replaced, timeout_s=60)]
 
     def load_weights(self, weights: Any, timeout_s: float) -> list[dict[str, float]]:
         """Push the learner's weights (an ObjectRef of a `WeightsFile`) to every engine; raise if not

@@ -38,6 +38,17 @@ def test_a_step_takes_the_first_groups_by_serial_within_the_bound_and_drops_olde
     assert [w.serial for w in buf.waiting] == [5]
 
 
+def test_stale_groups_give_their_room_back_before_a_step_waits():
+    # k = 1, P = 4: 5 groups of version 0 and 3 of version 1 fill the room; a step at version 2 may train
+    # only the 3 - it must not wait with the room held by groups it will drop
+    buf = GroupBuffer(per_step=4, max_staleness=1)
+    for s in range(8):
+        buf.add(Waiting(s, 0 if s < 5 else 1, None))
+    assert buf.room(in_flight=0, learning=False) == 0 and buf.fresh(version=2) == 3
+    assert [w.serial for w in buf.drop_stale(version=2)] == [0, 1, 2, 3, 4]
+    assert buf.room(in_flight=0, learning=False) == 5
+
+
 def test_the_buffer_is_for_asynchronous_mode_only():
     with pytest.raises(ValueError, match="max_staleness=0"):
         GroupBuffer(per_step=2, max_staleness=0)

@@ -67,3 +67,29 @@ def test_a_spec_with_a_bad_field_or_repeated_arms_is_refused(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_spec(str(p))
     assert "arms.0.sett" in str(e.value) and "seeds" in str(e.value)
+
+
+def test_trained_sequences_add_up_per_run_and_average_over_runs():
+    from service.study_report import _trained_sequences
+
+    runs = [
+        [{"step": 2, "batch/sequences": 60.0}, {"step": 1, "batch/sequences": 64.0}],  # 64, then 124
+        [{"step": 1, "batch/sequences": 32.0}, {"step": 2}, {"step": 3, "batch/sequences": 8.0}],  # 32, 32, 40
+    ]
+    assert _trained_sequences(runs) == {1: 48.0, 2: 78.0, 3: 40.0}
+
+
+@pytest.mark.parametrize("path", ["examples/study.yaml", "examples/study_async.yaml"])
+def test_every_run_of_the_committed_studies_is_a_valid_job(path):
+    from actors.common.config_load import load_config
+    from service.study_spec import job_overrides
+
+    spec, base = load_spec(path)
+    for arm in spec.arms:
+        for seed in spec.seeds:
+            cfg = load_config(str(base), job_overrides(spec, arm, seed))
+            assert cfg.trainer.seed == seed and cfg.trainer.steps == 80
+    if path.endswith("async.yaml"):
+        assert spec.x == "sequences"
+        stale = {a.name: load_config(str(base), job_overrides(spec, a, 1)).trainer.max_staleness for a in spec.arms}
+        assert stale == {"sync-top20": 0, "async1-top20": 1, "sync-all": 0, "async1-all": 1}
