@@ -13,7 +13,7 @@ idle share, and the learn / generate / weight-sync seconds per step.
 
     python bench/async_rl.py                  # every arm not yet in the results file (resumable)
     python bench/async_rl.py --again --steps 6 --only async1-split
-Results: bench/results/async_rl.json (per arm) and a table on stdout.
+Results: bench/results/async_rl.json (per arm), async_rl.png, and a table on stdout.
 """
 
 from __future__ import annotations
@@ -94,6 +94,32 @@ def table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def plot(results: dict[str, Any], path: Path) -> None:
+    """Seconds per step of each arm, split into the learner's phases, with the throughput on each bar."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in ARMS if n in results]
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.4))
+    left = [0.0] * len(names)
+    for key, label in [("timing/generate", "generate (sync) or wait for groups (async)"), ("timing/learn", "learn"),
+                       ("timing/weight_sync", "weight sync")]:  # fmt: skip
+        vals = [results[n]["per_step"][key] for n in names]
+        ax.barh(names, vals, left=left, label=label)
+        left = [a + b for a, b in zip(left, vals, strict=True)]
+    for i, n in enumerate(names):
+        ax.text(left[i], i, f"  {results[n]['sequences_per_s']:.2f} seq/s", va="center", fontsize=8)
+    ax.set_xlabel("seconds per step (the learner's view; mean over the measured steps)")
+    ax.invert_yaxis()
+    fig.legend(fontsize=8, loc="upper center", ncol=3, frameon=False)
+    ax.set_xlim(0, max(left) * 1.35)
+    fig.tight_layout(rect=(0, 0, 1, 0.9))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=12)
@@ -116,6 +142,8 @@ def main() -> int:
         out.write_text(json.dumps(doc, indent=1))  # each arm is kept as soon as it ends: resumable
         print(f"{name}: {results[name]['sequences_per_s']:.2f} sequences/s", flush=True)
     print(table(results))
+    if results:
+        plot(results, out.with_suffix(".png"))
     return 0
 
 

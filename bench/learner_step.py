@@ -49,7 +49,9 @@ def demo_learner(cfg: Any) -> tuple[Any, list[list[int]], list[Any]]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    learner = Learner(model_path, cfg.learner, cfg.algorithm, cfg.rollout, 0, dtype, os.cpu_count() or 1)
+    learner = Learner(
+        model_path, cfg.learner, cfg.algorithm, cfg.rollout, 0, dtype, os.cpu_count() or 1, cfg.model.lora
+    )
     learner.setup(0, 1, "127.0.0.1", port)
     return learner, prompts, batch
 

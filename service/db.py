@@ -84,6 +84,9 @@ class Job(Base):
     restarts: Mapped[int] = mapped_column(Integer, default=0)  # resubmissions after a failure (trainer.max_restarts)
     # each failed attempt: at, step, reason, resumed_from
     failures: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    # the model's parameters, trainable (LoRA: the adapters) and all, from the run's first metric record
+    trainable_params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     @property
     def ray_id(self) -> str:

@@ -7,7 +7,7 @@ import datetime as dt
 import json
 from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 from actors.common.config_load import UNION_TAGS, show_value
 from actors.common.contract import JobState
@@ -22,6 +22,12 @@ class FailureOut(BaseModel):
     step: int = Field(description="the last step stored when it failed")
     reason: str = Field(description="Ray's account of the failure: the end of the driver's error")
     resumed_from: int | None = Field(None, description="the checkpoint step the next attempt resumed from; null: none")
+
+
+class LoraOut(BaseModel):
+    rank: int
+    alpha: int
+    sync: str = Field(description="adapter: the engines get the adapter alone; merged: the merged weights")
 
 
 class JobOut(BaseModel):
@@ -41,6 +47,23 @@ class JobOut(BaseModel):
     restarts: int = Field(0, description="how often the control plane resubmitted it after a failure")
     failures: list[FailureOut] = Field(default_factory=list, description="each failed attempt, oldest first")
     config: dict[str, Any] | None = None
+    lora: LoraOut | None = Field(None, description="the job trains LoRA adapters (model.lora); null: every parameter")
+    trainable_params: int | None = Field(
+        None, description="parameters the job trains (LoRA: the adapters), as its run reports; null until then"
+    )
+    params: int | None = Field(None, description="all parameters of the model, as the run reports")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def training(self) -> str:
+        """What the job trains, in words: "LoRA rank 8 (alpha 16, adapter sync): 0.92 M of 134.5 M
+        parameters" or "full fine-tuning" (the counts once the run reported them)."""
+        what = "full fine-tuning"
+        if self.lora is not None:
+            what = f"LoRA rank {self.lora.rank} (alpha {self.lora.alpha}, {self.lora.sync} sync)"
+        if self.trainable_params and self.params:
+            what += f": {self.trainable_params / 1e6:.2f} M of {self.params / 1e6:.1f} M parameters"
+        return what
 
 
 class JobList(BaseModel):
@@ -230,4 +253,11 @@ def job_out(job: Job, with_config: bool = False) -> JobOut:
         total_steps=job.total_steps, last_step=job.last_step, run_dir=job.run_dir,
         cancel_requested=job.cancel_requested, restarts=job.restarts or 0,
         failures=[FailureOut(**f) for f in job.failures or []], config=job.config if with_config else None,
+        lora=_lora(job.config), trainable_params=job.trainable_params, params=job.params,
     )  # fmt: skip
+
+
+def _lora(config: dict[str, Any] | None) -> LoraOut | None:
+    """model.lora of a stored (validated) config."""
+    lora = ((config or {}).get("model") or {}).get("lora")
+    return LoraOut(rank=lora["rank"], alpha=lora["alpha"], sync=lora["sync"]) if isinstance(lora, dict) else None

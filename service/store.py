@@ -48,6 +48,14 @@ class Conflict(RuntimeError):
     """The request contradicts what is stored (409)."""
 
 
+def _parameter_counts(record: dict[str, Any]) -> tuple[int, int] | None:
+    """(trainable, all) parameters a metric record reports (model/trainable_params, model/params), if sane."""
+    pair = record.get("model/trainable_params"), record.get("model/params")
+    if all(isinstance(v, int | float) and not isinstance(v, bool) and 0 <= v <= 10**15 for v in pair):
+        return int(pair[0]), int(pair[1])  # type: ignore[arg-type]
+    return None
+
+
 class JobStore:
     def __init__(self, url: str) -> None:
         self._store = Store(url)
@@ -237,6 +245,9 @@ class JobStore:
         added = self._insert_new(db, Metric, list(rows.values()))
         top = max(rows)
         db.execute(update(Job).where(Job.id == job.id, Job.last_step < top).values(last_step=top))
+        counts = [_parameter_counts(r["data"]) for r in rows.values()]
+        if (found := next((c for c in counts if c is not None), None)) is not None:
+            db.execute(update(Job).where(Job.id == job.id).values(trainable_params=found[0], params=found[1]))
         return added
 
     def metrics(self, db: Session, job_id: str, after_step: int, limit: int, max_bytes: int) -> list[StepJSON]:

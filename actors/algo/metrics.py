@@ -88,6 +88,9 @@ RULES: dict[str, Rule] = {
     "batch/truncated_masked": _WHOLE,
     "batch/empty_step": _WHOLE,
     "rollout/engine_replacements": _WHOLE,
+    # the model being trained (with LoRA, the adapters are the trainable parameters)
+    "model/trainable_params": _WHOLE,
+    "model/params": _WHOLE,
     # asynchronous mode (actors.driver.stream): the step's groups and the stream's state when it took them
     "async/staleness_min": _WHOLE,
     "async/staleness_mean": _WHOLE,

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, model_validator
+from pydantic import Field, model_validator
 
-from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, CpuCores, Resources, StrictModel
+from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, CpuCores, NoNul, Resources, StrictModel
+from actors.common.model_config import LoraConfig, ModelConfig
 from actors.common.verifier_config import Verifier, default_verifiers
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "JobConfig",
     "JsonlData",
     "LearnerConfig",
+    "LoraConfig",
     "ModelConfig",
     "ParquetData",
     "RewardConfig",
@@ -30,29 +32,6 @@ __all__ = [
     "TrainerConfig",
     "Verifier",
 ]
-
-
-def _no_nul(path: str) -> str:
-    if "\x00" in path:  # no file system has such a name, and os calls raise on it
-        raise ValueError("a path cannot hold a NUL byte (\\x00)")
-    return path
-
-
-NoNul = AfterValidator(_no_nul)
-
-
-class ModelConfig(StrictModel):
-    path: Annotated[str, NoNul] = Field(
-        "smollm2-135m-instruct",
-        min_length=1,
-        max_length=PATH_LEN,
-        description="A built-in model name (smollm2-135m-instruct) or a local Hugging Face checkpoint directory.",
-    )
-    dtype: Literal["auto", "bfloat16", "float32"] = Field(
-        "auto",
-        description="Compute dtype of rollout and learner; auto = bfloat16 on GPU or CPUs with AMX/AVX512-BF16, "
-        "else float32 (bf16 is several times slower than fp32 on AVX2-only CPUs).",
-    )
 
 
 class BuiltinData(StrictModel):

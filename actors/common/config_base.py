@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-__all__ = ["CpuCores", "KEY_LEN", "MAX_SEED", "PATH_LEN", "Resources", "StrictModel", "parse_cores"]
+__all__ = ["CpuCores", "KEY_LEN", "MAX_SEED", "NoNul", "PATH_LEN", "Resources", "StrictModel", "parse_cores"]
 
 
 class StrictModel(BaseModel):
@@ -19,6 +19,15 @@ class StrictModel(BaseModel):
 PATH_LEN = 4096
 KEY_LEN = 256
 MAX_SEED = 2**31 - 1
+
+
+def _no_nul(path: str) -> str:
+    if "\x00" in path:  # no file system has such a name, and os calls raise on it
+        raise ValueError("a path cannot hold a NUL byte (\\x00)")
+    return path
+
+
+NoNul = AfterValidator(_no_nul)
 Resources = Annotated[
     dict[Annotated[str, Field(min_length=1, max_length=64)], Annotated[float, Field(ge=0, le=1e6)]],
     Field(max_length=16),

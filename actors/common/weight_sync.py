@@ -5,7 +5,9 @@ Format: the learner's full model in the rollout dtype as one safetensors file in
 lm_head) are stored once; the metadata names their aliases (`ALIASES`), because vLLM's in-place
 reload on CPU keeps a tied head at its old weights unless it is sent under its own name. The
 metadata also carries the protocol number (`PROTOCOL`) and the policy version (the learner's
-optimizer steps so far), which the receiver checks and reports.
+optimizer steps so far), which the receiver checks and reports. With LoRA (`model.lora.sync:
+adapter`) the file is the adapter alone, PEFT's adapter_model.safetensors beside its
+adapter_config.json (the folder vLLM's LoRA loader reads); the engine loads it as its LoRA adapter.
 
 Send (the learner, rank 0): `write_weights` writes the file and returns its `WeightsFile`; an
 engine on another node asks the owner for the bytes (`read_weights`).
@@ -25,10 +27,13 @@ from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ADAPTER_CONFIG",
+    "ADAPTER_FILE",
     "ALIASES",
     "PROTOCOL",
     "WeightSyncExtension",
     "WeightsFile",
+    "file_header",
     "local_copy",
     "node_id",
     "read_weights",
@@ -40,6 +45,7 @@ PROTOCOL = "1"
 ALIASES = "forkrl_aliases"  # metadata: {name: stored name} of tensors that share storage
 _PROTOCOL_KEY, _VERSION_KEY = "forkrl_protocol", "forkrl_version"
 FILE_NAME = "weights.safetensors"
+ADAPTER_FILE, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"  # PEFT's names
 
 
 @dataclass(frozen=True)
@@ -49,13 +55,15 @@ class WeightsFile:
     `owner` is the learner actor that wrote it: an engine on another node asks it for the bytes
     (`read_weights`). The file is replaced at the next export, so a late reader gets the newest
     weights, which is what an engine replaced mid-run must load anyway. `version`: the learner's
-    optimizer steps when it was written."""
+    optimizer steps when it was written. `adapter_config`: a LoRA adapter's adapter_config.json (the
+    file then holds the adapter alone); None: the full model."""
 
     path: str
     node_id: str
     nbytes: int
     owner: Any = None
     version: int = 0
+    adapter_config: str | None = None
 
 
 def node_id() -> str:
@@ -76,8 +84,12 @@ def shm_dir(prefix: str) -> str:
 # -- send ------------------------------------------------------------------------------------------
 
 
-def write_weights(state: Iterable[tuple[str, Any]], dtype: str, directory: str, version: int) -> WeightsFile:
-    """Write a model's state (name, tensor) pairs in `dtype` to `directory`/weights.safetensors.
+def write_weights(
+    state: Iterable[tuple[str, Any]], dtype: str, directory: str, version: int, name: str = FILE_NAME,
+    adapter_config: str | None = None,
+) -> WeightsFile:  # fmt: skip
+    """Write a model's state (name, tensor) pairs in `dtype` to `directory`/`name` (a LoRA adapter: with
+    its adapter_config.json beside it).
 
     No copy where the dtype and device already match: the tensors are written out before anything
     changes them. The owner is this Ray actor (None outside one)."""
@@ -95,13 +107,21 @@ def write_weights(state: Iterable[tuple[str, Any]], dtype: str, directory: str, 
         first[v.data_ptr()] = k
         out[k] = v.detach().to(tdtype).contiguous().cpu()
     meta = {ALIASES: json.dumps(aliases), _PROTOCOL_KEY: PROTOCOL, _VERSION_KEY: str(version)}
-    path = os.path.join(directory, FILE_NAME)
+    path = os.path.join(directory, name)
+    if adapter_config is not None:
+        _write_text(os.path.join(directory, ADAPTER_CONFIG), adapter_config)
     save_file(out, path + ".tmp", metadata=meta)
     os.replace(path + ".tmp", path)
     import ray
 
     owner = ray.get_runtime_context().current_actor if ray.is_initialized() else None
-    return WeightsFile(path, node_id(), os.path.getsize(path), owner, version)
+    return WeightsFile(path, node_id(), os.path.getsize(path), owner, version, adapter_config)
+
+
+def _write_text(path: str, text: str) -> None:
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
 
 
 def read_weights(path: str, directory: str | None) -> bytes:
@@ -117,13 +137,16 @@ def read_weights(path: str, directory: str | None) -> bytes:
 
 def local_copy(weights: WeightsFile, scratch: str) -> tuple[str, str | None]:
     """(a path to these weights on this node, the copy made here to remove afterwards or None):
-    the learner's own file on its node; elsewhere its bytes, asked of the owner, written to scratch."""
+    the learner's own file on its node; elsewhere its bytes, asked of the owner, written to scratch
+    (an adapter's with its adapter_config.json)."""
     if weights.node_id == node_id() and os.path.exists(weights.path):
         return weights.path, None
     import ray
 
     blob: bytes = ray.get(weights.owner.read_weights.remote(weights.path))
-    own = os.path.join(scratch, FILE_NAME)
+    own = os.path.join(scratch, os.path.basename(weights.path))
+    if weights.adapter_config is not None:
+        _write_text(os.path.join(scratch, ADAPTER_CONFIG), weights.adapter_config)
     with open(own, "wb") as f:
         f.write(blob)
     return own, own
@@ -137,6 +160,15 @@ def _named_tensors(f: Any) -> tuple[list[tuple[str, str]], int]:
     aliases = json.loads(meta.get(ALIASES, "{}"))  # e.g. a tied lm_head
     names = [(k, k) for k in f.keys()] + list(aliases.items())  # noqa: SIM118 (a safe_open handle, not a dict)
     return names, int(meta.get(_VERSION_KEY, "0"))
+
+
+def file_header(path: str) -> tuple[int, int]:
+    """(tensors, policy version) of a weights file (its protocol checked), read from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        names, version = _named_tensors(f)
+        return len(names), version
 
 
 class WeightSyncExtension:

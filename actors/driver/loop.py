@@ -169,12 +169,14 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     tokenizer = load_tokenizer(model_path)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     streaming = cfg.trainer.max_staleness > 0  # asynchronous mode
-    rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed, streaming=streaming)
+    lora = cfg.model.lora
+    rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed, streaming=streaming, lora=lora)
     learners = None
     try:  # the engines' vLLM processes end with the run, whatever ends it
         rewards = RewardPool(cfg.reward)
-        learners = LearnerGroup(model_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, dtype)
+        learners = LearnerGroup(model_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, dtype, lora)
         pools = Pools(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s)
+        trainable, params = learners.parameter_counts()
         tracker = Tracker(run, cfg)
         eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
         eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
@@ -200,6 +202,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
                 m, samples = async_step(cfg, step, pools, stream, tokenizer)
             else:
                 m, samples = one_step(cfg, step, pools, sampler, tokenizer)
+            m.update({"model/trainable_params": trainable, "model/params": params})
             if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
                 with timed(m, "eval"):
                     m["eval/reward_mean"] = evaluate(pools, eval_prompts, eval_set)

@@ -25,10 +25,11 @@ from typing import Any
 from actors.algo.entropy_filter import StepPlan
 from actors.algo.metrics import combine_parts
 from actors.common.batch import MicroBatch, TokenTrace, TrainSequence, collate
-from actors.common.config import AlgorithmConfig, LearnerConfig, RolloutConfig
+from actors.common.config import AlgorithmConfig, LearnerConfig, LoraConfig, RolloutConfig
 from actors.common.config_base import parse_cores
-from actors.common.weight_sync import WeightsFile, read_weights, shm_dir, write_weights
+from actors.common.weight_sync import ADAPTER_FILE, WeightsFile, read_weights, shm_dir, write_weights
 from actors.learner.deepspeed_config import deepspeed_config
+from actors.learner.lora import adapter_config_json, adapter_state, apply_lora, merged_state, unwrap
 
 __all__ = ["Learner", "RankStep"]
 
@@ -63,8 +64,9 @@ class Learner:
         seed: int,
         dtype: str,
         cpus: int,
+        lora: LoraConfig | None = None,
     ) -> None:
-        self.model_path, self.dtype, self.cpus, self.seed = model_path, dtype, cpus, seed
+        self.model_path, self.dtype, self.cpus, self.seed, self.lora = model_path, dtype, cpus, seed, lora
         # rollout: the sampling temperature the learner's log-probs and entropies use, and the
         # longest response (the Dr.GRPO normaliser)
         self.cfg, self.algo, self.sampling = learner, algorithm, rollout
@@ -109,11 +111,17 @@ class Learner:
         model = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32)
         if learner.gradient_checkpointing:
             model.gradient_checkpointing_enable()
+        if self.lora is not None:
+            model = apply_lora(model, self.lora)  # the adapters are the only trainable parameters
+            if learner.gradient_checkpointing:
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         ds_config = deepspeed_config(learner, self.dtype)
         self.ds_config = ds_config  # kept for reports (bench/learner_step.py)
-        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds_config)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # optimizer state for these only
+        self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
         self.ref = None
-        if self.algo.kl_coef > 0:  # frozen initial policy for the k3 KL term
+        # the frozen initial policy for the k3 KL term; with LoRA, the base model (adapters off) is that policy
+        if self.algo.kl_coef > 0 and self.lora is None:
             self.ref = AutoModelForCausalLM.from_pretrained(self.model_path, dtype=torch.float32).to(self.engine.device)
             self.ref.eval().requires_grad_(False)
         return rank
@@ -132,7 +140,7 @@ class Learner:
         from actors.learner.forward import response_hidden_full, response_hidden_shared
         from actors.learner.logits import token_logprobs_and_entropy
 
-        model = self.engine.module if model is None else model
+        model = unwrap(self.engine.module if model is None else model)  # under PEFT: the adapted model
         base = getattr(model, model.base_model_prefix)
         if self.cfg.share_prompt and not self.cfg.gradient_checkpointing:
             hidden = response_hidden_shared(base, mb)  # [B, T, H], one forward per prompt
@@ -207,6 +215,9 @@ class Learner:
         if self.ref is not None:
             with torch.no_grad():
                 refs = [self._logprobs_entropy(mb, self.ref)[0] for mb in mbs]
+        elif self.algo.kl_coef > 0:  # LoRA: the reference is the base model, the adapters switched off
+            with torch.no_grad(), self.engine.module.disable_adapter():
+                refs = [self._logprobs_entropy(mb)[0] for mb in mbs]
         self.engine.train()
         parts = []
         for i, (mb, old, mask) in enumerate(zip(mbs, olds, plan.masks, strict=True)):
@@ -250,17 +261,18 @@ class Learner:
     # -- weights, checkpoints ----------------------------------------------------------------
 
     def _full_state(self) -> dict[str, Any] | None:
+        """Every tensor of the module's state, gathered and copied (rank 0; None elsewhere)."""
         import deepspeed
 
         module = self.engine.module
-        params = list(module.parameters())
-        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
             return {k: v.detach().clone() for k, v in module.state_dict().items()} if self.rank == 0 else None
 
     def export_weights(self, dtype: str, version: int | None = None) -> WeightsFile | None:
-        """The full model in the rollout dtype as a weights file in shared memory (rank 0; None
-        elsewhere; `actors.common.weight_sync`), labelled with the policy version (the driver's trained
-        steps; None: this learner's optimizer steps). Every rank takes part (ZeRO-3 gathers the parameters)."""
+        """The policy in the rollout dtype as a weights file in shared memory (rank 0; None elsewhere;
+        `actors.common.weight_sync`), labelled with the policy version (the driver's trained steps; None:
+        this learner's optimizer steps): the full model, or with LoRA the adapter alone or the merged
+        model (model.lora.sync). Every rank takes part (ZeRO-3 gathers the parameters)."""
         import deepspeed
 
         module = self.engine.module
@@ -270,7 +282,13 @@ class Learner:
             if self._weights_dir is None:
                 self._weights_dir = shm_dir("forkrl-learner-")
             label = int(self.engine.global_steps) if version is None else version
-            return write_weights(module.state_dict().items(), dtype, self._weights_dir, label)
+            if self.lora is None:
+                return write_weights(module.state_dict().items(), dtype, self._weights_dir, label)
+            if self.lora.sync == "merged":
+                return write_weights(merged_state(module), dtype, self._weights_dir, label)
+            state = adapter_state(module).items()
+            config = adapter_config_json(module)
+            return write_weights(state, dtype, self._weights_dir, label, name=ADAPTER_FILE, adapter_config=config)
 
     def read_weights(self, path: str) -> bytes:
         """The bytes of a weights file this learner wrote (for an engine on another node)."""
@@ -296,31 +314,69 @@ class Learner:
         return out
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's checkpoint: the trainable parameters and their optimizer state (with LoRA the
+        adapters only: the frozen base comes from model.path again), the client state, the RNG."""
         import torch
 
         state = dict(client_state, torch_rng=torch.get_rng_state())
-        self.engine.save_checkpoint(directory, tag=tag, client_state=state)
+        lora = self.lora is not None
+        module = self.engine.module
+        trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+
+        def trainable_only(_: Any, sd: dict[str, Any], *__: Any) -> None:
+            # DeepSpeed's exclude_frozen_parameters misses a frozen tensor's second name (a tied LM head)
+            for key in [k for k in sd if k not in trainable]:
+                del sd[key]
+
+        hook = module.register_state_dict_post_hook(trainable_only) if lora else None
+        try:
+            self.engine.save_checkpoint(directory, tag=tag, client_state=state, exclude_frozen_parameters=lora)
+        finally:
+            if hook is not None:
+                hook.remove()
 
     def load_checkpoint(self, directory: str, tag: str) -> dict[str, Any]:
         import torch
 
-        _, client_state = self.engine.load_checkpoint(directory, tag=tag)
+        # with LoRA the checkpoint holds no frozen weights: the module's own (the base) stay
+        _, client_state = self.engine.load_checkpoint(directory, tag=tag, load_module_strict=self.lora is None)
         if client_state is None:
             raise RuntimeError(f"checkpoint {directory}/{tag} could not be loaded")
         torch.set_rng_state(client_state.pop("torch_rng"))
         return dict(client_state)
 
     def export_hf(self, directory: str) -> str | None:
-        state = self._full_state()
-        if state is None:
-            return None
-        from transformers import AutoTokenizer
+        """The trained model as a Hugging Face checkpoint in `directory` (rank 0). With LoRA: the merged
+        model there, and the PEFT adapter in `directory`/adapter (`PeftModel.from_pretrained`)."""
+        import deepspeed
 
-        self.engine.module.save_pretrained(directory, state_dict=state, safe_serialization=True)
-        AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
-        return directory
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), enabled=self.cfg.zero_stage == 3):
+            if self.rank != 0:
+                return None
+            from transformers import AutoTokenizer
 
-    def weights_digest(self) -> float:
-        """Sum of |w| over all parameters: a cheap fingerprint for 'the weights changed'."""
-        state = self._full_state()
-        return float(sum(v.double().abs().sum() for v in state.values())) if state is not None else 0.0
+            if self.lora is None:
+                module.save_pretrained(directory, state_dict=module.state_dict(), safe_serialization=True)
+            else:
+                merged = {k: v.detach().clone() for k, v in merged_state(module)}
+                unwrap(module).save_pretrained(directory, state_dict=merged, safe_serialization=True)
+                module.save_pretrained(os.path.join(directory, "adapter"), safe_serialization=True)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(directory)
+            return directory
+
+    def weights_digest(self, frozen: bool = False) -> float:
+        """Sum of |w| over all parameters (frozen: over the frozen ones only, e.g. the base under LoRA):
+        a cheap fingerprint for 'the weights changed'."""
+        import deepspeed
+
+        module = self.engine.module
+        params = [p for p in module.parameters() if not (frozen and p.requires_grad)]
+        with deepspeed.zero.GatheredParameters(params, enabled=self.cfg.zero_stage == 3):
+            return float(sum(p.detach().double().abs().sum() for p in params)) if self.rank == 0 else 0.0
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters)."""
+        from actors.learner.lora import trainable_parameters
+
+        return trainable_parameters(self.engine.module)

@@ -14,7 +14,7 @@ from typing import Any
 from actors.algo.batching import mini_batches
 from actors.algo.metrics import combine_parts, merge_step_metrics
 from actors.common.batch import TokenTrace, TrainSequence
-from actors.common.config import AlgorithmConfig, LearnerConfig, RolloutConfig
+from actors.common.config import AlgorithmConfig, LearnerConfig, LoraConfig, RolloutConfig
 from actors.common.pool import ActorPool
 from actors.learner.actor import Learner, RankStep
 
@@ -28,7 +28,7 @@ class LearnerGroup:
 
     def __init__(
         self, model_path: str, learner: LearnerConfig, algorithm: AlgorithmConfig, rollout: RolloutConfig, seed: int,
-        dtype: str,
+        dtype: str, lora: LoraConfig | None = None,
     ) -> None:  # fmt: skip
 
         k = learner.num_learners
@@ -37,7 +37,7 @@ class LearnerGroup:
         self.pool = ActorPool(
             Learner,
             k,
-            lambda i: (model_path, learner, algorithm, rollout, seed, dtype, cpus),
+            lambda i: (model_path, learner, algorithm, rollout, seed, dtype, cpus, lora),
             num_cpus=learner.num_cpus_per_learner,
             num_gpus=gpus,
             resources=learner.ray_resources,
@@ -115,5 +115,10 @@ class LearnerGroup:
     def export_hf(self, directory: str) -> str:
         return str(self.pool.all(lambda a: a.export_hf.remote(directory))[0])
 
-    def weights_digest(self) -> float:
-        return float(self.pool.all(lambda a: a.weights_digest.remote())[0])
+    def weights_digest(self, frozen: bool = False) -> float:
+        return float(self.pool.all(lambda a: a.weights_digest.remote(frozen))[0])
+
+    def parameter_counts(self) -> tuple[int, int]:
+        """(trainable parameters, all parameters) of the model (with LoRA: the adapters are trainable)."""
+        trainable, total = self.pool.all(lambda a: a.parameter_counts.remote())[0]
+        return int(trainable), int(total)

@@ -4,7 +4,9 @@
 Prompts arrive as token ids (the driver applies the chat template once), so the learner scores
 exactly the tokens the engine saw. Sampled-token log-probs are returned after temperature/top-p
 (`processed_logprobs`), the distribution the learner's ratio compares against. New weights arrive
-as a `WeightsFile` and are reloaded in place (`actors.common.weight_sync`, the receive side).
+as a `WeightsFile` and are reloaded in place (`actors.common.weight_sync`, the receive side). With
+LoRA (`model.lora`, sync: adapter) the engine serves the unchanged base with the policy's adapter:
+every request names it, and a new one is reloaded in place into its slot (`load_inplace`, one id).
 """
 
 from __future__ import annotations
@@ -15,10 +17,28 @@ import uuid
 from typing import Any
 
 from actors.common.batch import Completion
-from actors.common.config import RolloutConfig
-from actors.common.weight_sync import WeightsFile, local_copy, shm_dir
+from actors.common.config import LoraConfig, RolloutConfig
+from actors.common.model_config import vllm_max_lora_rank
+from actors.common.weight_sync import WeightsFile, file_header, local_copy, shm_dir
 
-__all__ = ["RolloutEngine", "completions", "engine_env", "sampling_params"]
+__all__ = ["RolloutEngine", "adapter_request", "completions", "engine_env", "lora_args", "sampling_params"]
+
+ADAPTER_NAME, ADAPTER_ID = "forkrl-policy", 1  # the one adapter an engine serves: reloaded in place
+
+
+def lora_args(lora: LoraConfig | None) -> dict[str, Any]:
+    """vLLM's engine arguments for serving the policy's LoRA adapter (none: full weights are synced)."""
+    if lora is None or lora.sync == "merged":
+        return {}
+    return {"enable_lora": True, "max_lora_rank": vllm_max_lora_rank(lora.rank), "max_loras": 1}
+
+
+def adapter_request(path: str, reload: bool = False) -> Any:
+    """The LoRARequest of the adapter whose adapter_model.safetensors is at `path`; reload: load its
+    tensors again into the slot of the same id (vLLM otherwise keeps an adapter it already has)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(ADAPTER_NAME, ADAPTER_ID, os.path.dirname(path), load_inplace=reload)
 
 
 def engine_env(rollout: RolloutConfig) -> None:
@@ -64,11 +84,14 @@ def completions(out: Any, versions: tuple[int, int] | None = None) -> list[Compl
 
 
 class RolloutEngine:
-    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+    def __init__(
+        self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int, lora: LoraConfig | None = None
+    ) -> None:
         engine_env(rollout)
         from vllm import LLM
 
         self.rollout = rollout
+        self.adapter: Any = None  # the LoRARequest every generation names, once an adapter was loaded
         self.llm = LLM(
             model=model_path,
             dtype=dtype,  # type: ignore[arg-type]
@@ -78,6 +101,7 @@ class RolloutEngine:
             seed=seed,
             logprobs_mode="processed_logprobs",
             worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
+            **lora_args(lora),
         )
         self._shm = shm_dir("forkrl-weights-")
         self._incarnation = uuid.uuid4().hex
@@ -95,7 +119,9 @@ class RolloutEngine:
 
         params = sampling_params(self.rollout, n, seed, temperature, max_tokens)
 
-        outs = self.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+        outs = self.llm.generate(
+            [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.adapter
+        )
         return [completions(out) for out in outs]
 
     def load_weights(self, weights: WeightsFile) -> dict[str, float]:
@@ -103,12 +129,17 @@ class RolloutEngine:
         t0 = time.perf_counter()
         path, own = local_copy(weights, self._shm)
         try:
-            counts = self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
+            if weights.adapter_config is not None:  # LoRA: the adapter alone, into its slot
+                tensors, version = file_header(path)
+                self.llm.llm_engine.add_lora(adapter_request(path, reload=True))
+                self.adapter = adapter_request(path)
+            else:
+                tensors, version = self.llm.collective_rpc("forkrl_reload_weights", args=(path,))[0]
         finally:
             if own:
                 os.unlink(own)
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-        tensors, version = counts[0]  # the policy version read from the file: a late reader gets the newest
+        # the policy version is read from the file: a late reader gets the newest
         return {
             "tensors": float(tensors),
             "seconds": time.perf_counter() - t0,

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from actors.common.batch import Completion
-from actors.common.config import RolloutConfig
+from actors.common.config import LoraConfig, RolloutConfig
 from actors.common.pool import ActorPool, shard
 from actors.rollout.engine import RolloutEngine
 from actors.rollout.stream_engine import StreamingEngine
@@ -27,12 +27,15 @@ class RolloutPool:
     """streaming: `StreamingEngine` actors (asynchronous mode: one request per group, `submit`), else
     `RolloutEngine` (batch calls)."""
 
-    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int, streaming: bool = False) -> None:
+    def __init__(
+        self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int, streaming: bool = False,
+        lora: LoraConfig | None = None,
+    ) -> None:  # fmt: skip
         self.rollout = rollout
         self.pool = ActorPool(
             StreamingEngine if streaming else RolloutEngine,
             rollout.num_engines,
-            lambda i: (model_path, rollout, dtype, seed + i),
+            lambda i: (model_path, rollout, dtype, seed + i, lora),
             num_cpus=rollout.num_cpus_per_engine,
             num_gpus=rollout.num_gpus_per_engine,
             resources=rollout.ray_resources,

@@ -21,17 +21,20 @@ import uuid
 from typing import Any
 
 from actors.common.batch import Completion
-from actors.common.config import RolloutConfig
-from actors.common.weight_sync import WeightsFile, local_copy, shm_dir
-from actors.rollout.engine import completions, engine_env, sampling_params
+from actors.common.config import LoraConfig, RolloutConfig
+from actors.common.weight_sync import WeightsFile, file_header, local_copy, shm_dir
+from actors.rollout.engine import adapter_request, completions, engine_env, lora_args, sampling_params
 
 __all__ = ["StreamingEngine"]
 
 
 class StreamingEngine:
-    def __init__(self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int) -> None:
+    def __init__(
+        self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int, lora: LoraConfig | None = None
+    ) -> None:
         engine_env(rollout)
-        self.model_path, self.rollout, self.dtype, self.seed = model_path, rollout, dtype, seed
+        self.model_path, self.rollout, self.dtype, self.seed, self.lora = model_path, rollout, dtype, seed, lora
+        self.adapter: Any = None  # the LoRARequest every request names, once an adapter was loaded
         self.llm: Any = None  # AsyncLLM needs the actor's event loop: built by the first call (ready)
         self.version = 0  # the policy version of the loaded weights (0: the initial model)
         self._ids = itertools.count()
@@ -55,6 +58,7 @@ class StreamingEngine:
                 seed=self.seed,
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
+                **lora_args(self.lora),
             )
             self.llm = AsyncLLM.from_engine_args(args)
         return True
@@ -86,7 +90,8 @@ class StreamingEngine:
         self._mark(+1)
         try:
             final = None
-            async for out in self.llm.generate(TokensPrompt(prompt_token_ids=prompt), params, str(next(self._ids))):
+            request = TokensPrompt(prompt_token_ids=prompt)
+            async for out in self.llm.generate(request, params, str(next(self._ids)), lora_request=self.adapter):
                 final = out
         finally:
             self._mark(-1)
@@ -109,7 +114,11 @@ class StreamingEngine:
         try:
             await self.llm.pause_generation(mode=mode, clear_cache=False)
             try:
-                counts = await self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
+                if weights.adapter_config is not None:  # LoRA: the adapter alone, into its slot
+                    await self.llm.add_lora(adapter_request(path, reload=True))
+                    self.adapter, counts = adapter_request(path), [file_header(path)]
+                else:
+                    counts = await self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
                 await self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
             finally:
                 await self.llm.resume_generation()

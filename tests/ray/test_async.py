@@ -19,15 +19,6 @@ from .test_runtime import _actors_after_step, _every_metric_has_a_rule, _rows, _
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False)
-    yield
-    ray.shutdown()
-
-
 def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tmp_path):
     # two learners and two micro-batches each: the threshold is global over 4 micro-batches of 2 ranks
     cfg = tiny_config(
@@ -67,9 +58,10 @@ def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tm
     assert low + len(state["done"]) >= 4 * 4 and all(s > low for s in state["done"])  # 4 steps x 4 groups trained
 
 
-def test_async_run_survives_a_killed_engine_and_resumes_after_a_killed_driver(tmp_path):
+def test_async_run_survives_a_killed_engine_and_resumes_after_a_killed_driver_or_learner(tmp_path):
     """SIGKILL the streaming engine mid-stream: its groups run again on the replacement, the job goes on.
-    Then SIGKILL the driver: a new driver resumes from the newest checkpoint and each step is logged once."""
+    Then SIGKILL the driver: a new driver resumes from the newest checkpoint. Then SIGKILL a learner: the
+    driver fails at once naming it (no hang while the stream runs), and a new driver resumes again."""
     run = tmp_path / "run"
     settings = ["trainer.max_staleness=2", "trainer.save_every=2", "rollout.engine_restarts=1"]
     proc = _start_tiny(run, 60, settings)
@@ -87,16 +79,47 @@ def test_async_run_survives_a_killed_engine_and_resumes_after_a_killed_driver(tm
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the driver and everything it started
         proc.wait()
-    last = int(RunDir(run).complete_checkpoints()[-1].name.rsplit("_", 1)[-1])
-    logged = max(r["step"] for r in _rows(run))
-    resumed = _start_tiny(run, logged + 2, settings)
-    out, _ = resumed.communicate(timeout=600)
-    assert resumed.returncode == 0, out.decode(errors="replace")[-3000:]
-    steps = [r["step"] for r in _rows(run)]
-    # the killed attempt's steps, then the resumed one's from its checkpoint on (run directly, the driver
-    # appends; through the control plane the rows past the checkpoint are dropped first)
-    assert steps == list(range(1, logged + 1)) + list(range(last + 1, logged + 3)), (last, steps)
+    expected = _resumed_steps(run, [])
+    # the second attempt: a learner dies after its first new step
+    second = _start_tiny(run, 60, settings)
+    try:
+        first_new = max(r["step"] for r in _rows(run)) + 1
+        learners = _actors_after_step(run, second, first_new, "Learner")
+        learners[0].kill()
+        out, _ = second.communicate(timeout=180)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(second.pid, signal.SIGKILL)
+    log = out.decode(errors="replace")
+    assert second.returncode != 0 and "Learner" in log and "ActorDiedError" in log, log[-3000:]
+    expected = _resumed_steps(run, expected)
+    # the third attempt runs to the end: two steps past the furthest logged
+    target = max(r["step"] for r in _rows(run)) + 2
+    last = _last_checkpoint(run)
+    third = _start_tiny(run, target, settings)
+    out, _ = third.communicate(timeout=600)
+    assert third.returncode == 0, out.decode(errors="replace")[-3000:]
     assert f"at step {last}" in out.decode(errors="replace")
+    steps = [r["step"] for r in _rows(run)]
+    # each attempt's steps in turn, each attempt from its checkpoint on (run directly, the driver appends;
+    # through the control plane the rows past the checkpoint are dropped first)
+    assert steps == expected + list(range(last + 1, target + 1)), (expected, steps)
+
+
+def _last_checkpoint(run) -> int:
+    return int(RunDir(run).complete_checkpoints()[-1].name.rsplit("_", 1)[-1])
+
+
+def _resumed_steps(run, expected: list[int]) -> list[int]:
+    """The steps logged so far, checked against what the earlier attempts logged plus this attempt's."""
+    steps = [r["step"] for r in _rows(run)]
+    assert steps[: len(expected)] == expected, (expected, steps)
+    new = steps[len(expected) :]
+    if expected:  # a resumed attempt starts right after a checkpoint the previous attempt completed
+        assert new and new == list(range(new[0], new[0] + len(new))) and new[0] - 1 in {0, *expected}, new
+    else:
+        assert new == list(range(1, len(new) + 1)), new
+    return steps
 
 
 def test_a_stalled_streaming_engine_fails_the_step_after_its_timeout_naming_it(tmp_path):

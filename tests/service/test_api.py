@@ -202,6 +202,25 @@ def test_ingest_metrics_checkpoints_and_events(api_server, database_url):
         assert events[-1] == ("end", {"state": "CANCELLED", "last_step": 2})
 
 
+def test_a_lora_job_says_so_with_its_rank_and_trainable_parameters(api_server, database_url):
+    with api_server.client() as c:
+        job = submit(c, {**TINY, "model": {**TINY["model"], "lora": {"rank": 8, "alpha": 16}}}).json()
+        assert job["lora"] == {"rank": 8, "alpha": 16, "sync": "adapter"} and job["trainable_params"] is None
+        assert job["training"] == "LoRA rank 8 (alpha 16, adapter sync)"  # the counts come with the run
+        full = submit(c).json()
+        assert full["lora"] is None and full["training"] == "full fine-tuning"
+        token = arm_ingest(database_url, job["id"])
+        record = {"step": 1, "model/trainable_params": 921_600, "model/params": 135_436_608}
+        r = c.post(
+            f"/v1/jobs/{job['id']}/ingest", json={"metrics": [record]}, headers={"Authorization": f"Bearer {token}"}
+        )
+        assert r.status_code == 202, r.text
+        got = c.get(f"/v1/jobs/{job['id']}").json()
+        assert (got["trainable_params"], got["params"]) == (921_600, 135_436_608)  # a BIGINT column: any model
+    status = cli(api_server, "status", job["id"])
+    assert "trains: LoRA rank 8 (alpha 16, adapter sync): 0.92 M of 135.4 M parameters" in status.stdout, status.stdout
+
+
 def test_jobs_survive_a_restart(api_server):
     with api_server.client() as c:
         job = submit(c).json()

@@ -271,7 +271,9 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
     server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", UNREACHABLE_RAY).start()
     try:
         with server.client() as c:
-            job = c.post("/v1/jobs", json=tiny("long", 900, 0.2)).json()["id"]
+            body = tiny("long", 900, 0.2)
+            body["model"]["lora"] = {"rank": 8, "alpha": 16}  # the page says what the job trains
+            job = c.post("/v1/jobs", json=body).json()["id"]
             token = arm_ingest(f"sqlite:///{tmp_path / 'jobs.db'}", job)
             sample = {"prompt": "2+2", "answer": "4", "reward": 1.0, "tokens": [" 4", "<"], "entropy": [0.9, 0.001],
                       "kept": [1, 0], "truncated": False}  # fmt: skip
@@ -279,6 +281,8 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
                 records = [
                     {"step": s, "reward/mean": s / 900, "entropy/mean": 1 - s / 1800, "entropy/kept_frac": 0.2,
                      "timing/step": 1.0, "timing/generate": 0.5, "timing/learn": 0.4, "actor/grad_norm": 1.0,
+                     "timing/engine_busy": 0.8,  # asynchronous mode: the engines generated while the learner learned
+                     "model/trainable_params": 921_600, "model/params": 135_436_608,
                      **({"samples": [sample], "forking_tokens": [{"id": 1, "text": " 4", "kept": 1, "dropped": 0}]}
                         if s % 100 == 0 else {})}
                     for s in range(start, start + 300)
@@ -302,6 +306,14 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
         )
         assert max(n for chart in points for n in chart) == 450, points
         assert page.evaluate("document.getElementById('chart-reward').data[0].y.at(-1)") == pytest.approx(899.5 / 900)
+        # the step-time chart: the learner's phases as stacked bars, the engines' busy seconds as a line over them
+        time_chart = page.evaluate("document.getElementById('chart-time').data.map(t => [t.name, t.type, t.y.at(-1)])")
+        assert ["engines generating (async)", "scatter", 0.8] in time_chart, time_chart
+        assert ["learn", "bar", 0.4] in time_chart, time_chart
+        assert (
+            page.locator("#job-params").inner_text()
+            == "LoRA rank 8 (alpha 16, adapter sync): 0.92 M of 135.4 M parameters"
+        )
         assert page.get_by_label("Step to show").locator("option").count() == 9  # the steps that hold samples
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # the job page fits too
         unnamed = page.evaluate(
