@@ -6,8 +6,9 @@
   sync     one weight sync, learner -> engine (export, then the engine's load), in one process with
            vLLM: the full model; the adapter reloaded in place into the engine's one slot (what forkrl
            does); the adapter as a new adapter id per version (the old one removed); the merged model.
-  demo     40 steps of the demo, full parameters and LoRA, held-out greedy accuracy every 10 steps on
-           128 prompts; the same seed and data.
+  demo     40 steps of the demo, full parameters and LoRA (the engine serving the adapter, and the
+           engine getting merged weights), held-out greedy accuracy every 10 steps on 128 prompts;
+           the same seed and data.
 
     python bench/lora.py                      # every part not yet in the results file (resumable)
     python bench/lora.py --only sync --again
@@ -31,9 +32,14 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-LORA = ["model.lora={rank: 16, alpha: 32}"]
+LORA = ["model.lora={rank: 16, alpha: 32, sync: adapter}"]
+MERGED = ["model.lora={rank: 16, alpha: 32, sync: merged}"]
 # LoRA's update is low-rank and starts from B = 0: it wants a larger step than full training (10x here)
-DEMO_ARMS = {"full": ["learner.lr=2e-5"], "lora": [*LORA, "learner.lr=2e-4"]}
+DEMO_ARMS = {
+    "full": ["learner.lr=2e-5"],
+    "lora-adapter": [*LORA, "learner.lr=2e-4"],  # the engine serves the adapter (vLLM's CPU LoRA kernels)
+    "lora-merged": [*MERGED, "learner.lr=2e-4"],  # the engine gets merged weights (sync auto on CPU)
+}
 DEMO = ["trainer.steps=40", "trainer.eval_every=10", "trainer.eval_prompts=128", "trainer.save_every=0",
         "trainer.export_hf=false", "tracking.tensorboard=false", "trainer.resume=never"]  # fmt: skip
 SYNC_MODES = ("full", "adapter-inplace", "adapter-new-id", "merged")
@@ -78,7 +84,7 @@ def sync_mode(config: str, mode: str, rounds: int) -> dict[str, Any]:
     from actors.rollout.engine import RolloutEngine
     from bench.learner_step import demo_learner
 
-    sets = {"full": [], "merged": ["model.lora={rank: 16, alpha: 32, sync: merged}"]}.get(mode, LORA)
+    sets = {"full": [], "merged": MERGED}.get(mode, LORA)
     cfg = _cfg(config, sets)
     learner, _, batch = demo_learner(cfg)
     learner.train_step(batch)  # a trained adapter (B != 0)
@@ -126,6 +132,7 @@ def demo_arm(config: str, name: str) -> dict[str, Any]:
         "reward": [r["reward/mean"] for r in rows],
         "s_per_step": statistics.mean(r["timing/step"] for r in rows),
         "learn_s": statistics.mean(r.get("timing/learn", 0.0) for r in rows),
+        "generate_s": statistics.mean(r.get("timing/generate", 0.0) for r in rows),
         "weight_sync_s": statistics.mean(r.get("timing/weight_sync", 0.0) for r in rows),
         "trainable_params": rows[-1].get("model/trainable_params"),
         "wall_s": time.perf_counter() - t0,

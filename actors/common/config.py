@@ -369,6 +369,10 @@ class JobConfig(StrictModel):
                 "algorithm.tis_cap must be set (the truncated importance weight between the learner's policy and "
                 "the engine's that corrects them); accepted: a number > 0, e.g. 2.0"
             )
+        lora = self.model.lora
+        if lora is not None and lora.sync == "auto":  # resolved here: what is stored and shown is the choice
+            sync = "adapter" if self.rollout.num_gpus_per_engine > 0 else "merged"
+            self.model.lora = lora.model_copy(update={"sync": sync})
         if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
             raise ValueError(
                 f"algorithm.overlong_buffer={self.algorithm.overlong_buffer} must be < rollout.max_new_tokens="

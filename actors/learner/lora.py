@@ -66,10 +66,11 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
 
 
 def adapter_state(model: Any) -> dict[str, Any]:
-    """The adapter's tensors under PEFT's saved names (base_model.model.<layer>.lora_A.weight ...)."""
-    from peft import get_peft_model_state_dict
-
-    return dict(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    """The adapter's tensors under PEFT's saved names (base_model.model.<layer>.lora_A.weight ...): its
+    parameters, renamed as PEFT's get_peft_model_state_dict names them (the adapter's name dropped), without
+    that function's walk over the whole model's state (0.03 s of each sync at 135M)."""
+    infix = f".{ADAPTER}."
+    return {name.replace(infix, "."): p for name, p in model.named_parameters() if ".lora_" in name}
 
 
 def adapter_config_json(model: Any) -> str:

@@ -71,7 +71,7 @@ def test_lora_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path,
 
 
 def test_a_lora_job_trains_asynchronously_resumes_and_its_export_serves(ray_local, tiny_path, tmp_path):
-    settings = ["model.lora={rank: 8, alpha: 16}", "learner.lr=5e-2", "trainer.max_staleness=1",
+    settings = ["model.lora={rank: 8, alpha: 16, sync: adapter}", "learner.lr=5e-2", "trainer.max_staleness=1",
                 "trainer.save_every=2", "trainer.steps=2"]  # fmt: skip
     train(tiny_config(tmp_path, *settings))
     summary = train(tiny_config(tmp_path, *settings[:-1], "trainer.steps=3"))  # resumes at step 2

@@ -205,8 +205,9 @@ def test_ingest_metrics_checkpoints_and_events(api_server, database_url):
 def test_a_lora_job_says_so_with_its_rank_and_trainable_parameters(api_server, database_url):
     with api_server.client() as c:
         job = submit(c, {**TINY, "model": {**TINY["model"], "lora": {"rank": 8, "alpha": 16}}}).json()
-        assert job["lora"] == {"rank": 8, "alpha": 16, "sync": "adapter"} and job["trainable_params"] is None
-        assert job["training"] == "LoRA rank 8 (alpha 16, adapter sync)"  # the counts come with the run
+        # sync auto, stored as what it chose: merged weights for engines on CPU
+        assert job["lora"] == {"rank": 8, "alpha": 16, "sync": "merged"} and job["trainable_params"] is None
+        assert job["training"] == "LoRA rank 8 (alpha 16, merged sync)"  # the counts come with the run
         full = submit(c).json()
         assert full["lora"] is None and full["training"] == "full fine-tuning"
         token = arm_ingest(database_url, job["id"])
@@ -218,7 +219,7 @@ def test_a_lora_job_says_so_with_its_rank_and_trainable_parameters(api_server, d
         got = c.get(f"/v1/jobs/{job['id']}").json()
         assert (got["trainable_params"], got["params"]) == (921_600, 135_436_608)  # a BIGINT column: any model
     status = cli(api_server, "status", job["id"])
-    assert "trains: LoRA rank 8 (alpha 16, adapter sync): 0.92 M of 135.4 M parameters" in status.stdout, status.stdout
+    assert "trains: LoRA rank 8 (alpha 16, merged sync): 0.92 M of 135.4 M parameters" in status.stdout, status.stdout
 
 
 def test_jobs_survive_a_restart(api_server):

@@ -272,7 +272,7 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
     try:
         with server.client() as c:
             body = tiny("long", 900, 0.2)
-            body["model"]["lora"] = {"rank": 8, "alpha": 16}  # the page says what the job trains
+            body["model"]["lora"] = {"rank": 8, "alpha": 16, "sync": "adapter"}  # the page says what the job trains
             job = c.post("/v1/jobs", json=body).json()["id"]
             token = arm_ingest(f"sqlite:///{tmp_path / 'jobs.db'}", job)
             sample = {"prompt": "2+2", "answer": "4", "reward": 1.0, "tokens": [" 4", "<"], "entropy": [0.9, 0.001],

@@ -13,12 +13,15 @@ from actors.common.model_config import vllm_max_lora_rank
 def test_lora_is_off_by_default_and_its_errors_name_field_value_and_accepted():
     assert load_config(None, []).model.lora is None
     cfg = load_config(None, ["model.lora={rank: 4}"])
-    assert cfg.model.lora is not None and cfg.model.lora.alpha == 32 and cfg.model.lora.sync == "adapter"
+    assert cfg.model.lora is not None and cfg.model.lora.alpha == 32
+    assert cfg.model.lora.sync == "merged"  # auto, with CPU engines: vLLM's CPU LoRA kernels are slow
+    gpu = load_config(None, ["model.lora={rank: 4}", "rollout.num_gpus_per_engine=1"])
+    assert gpu.model.lora is not None and gpu.model.lora.sync == "adapter"
     assert "down_proj" in cfg.model.lora.target_modules and cfg.model.lora.dropout == 0.0
     for override, needle in [
         ("model.lora={rank: 0}", "model.lora.rank = 0: Input should be greater than or equal to 1"),
         ("model.lora={rank: 600}", "model.lora.rank = 600: Input should be less than or equal to 512"),
-        ("model.lora={sync: full}", "model.lora.sync = 'full': Input should be 'adapter' or 'merged'"),
+        ("model.lora={sync: full}", "model.lora.sync = 'full': Input should be 'auto', 'adapter' or 'merged'"),
         ("model.lora={target_modules: ['a.b']}", "model.lora.target_modules.0 = 'a.b': String should match"),
         ("model.lora={target_modules: []}", "model.lora.target_modules = [...]: List should have at least 1 item"),
         ("model.lora={dropout: 1}", "model.lora.dropout = 1: Input should be less than 1"),
@@ -76,7 +79,7 @@ def test_merged_state_is_pefts_merge_without_touching_the_model(tie):
 
 
 def test_the_adapter_file_is_a_peft_adapter(tmp_path):
-    from peft import PeftModel
+    from peft import PeftModel, get_peft_model_state_dict
     from transformers import LlamaForCausalLM
 
     from actors.common.weight_sync import ADAPTER_FILE, file_header, write_weights
@@ -84,6 +87,8 @@ def test_the_adapter_file_is_a_peft_adapter(tmp_path):
 
     model = _model(tie=True)
     state = adapter_state(model)
+    peft_own = get_peft_model_state_dict(model)
+    assert state.keys() == peft_own.keys() and all(torch.equal(state[k], peft_own[k]) for k in state)
     assert all(k.startswith("base_model.model.model.layers.") and ".lora_" in k for k in state), sorted(state)[:3]
     assert len(state) == 2 * 7 * 2  # A and B of 7 projections in 2 layers
     out = write_weights(state.items(), "float32", str(tmp_path), 5, name=ADAPTER_FILE,
