@@ -41,17 +41,23 @@ ARMS: dict[str, list[str]] = {
 COMMON = ["trainer.eval_every=0", "trainer.save_every=0", "trainer.export_hf=false", "tracking.tensorboard=false"]
 
 
-def run_arm(name: str, steps: int, warmup: int, config: str) -> dict[str, Any]:
+def train_rows(name: str, config: str, sets: list[str]) -> tuple[list[dict[str, Any]], float]:
+    """Run `python -m actors.train` on config with the overrides in a fresh output folder: its metric
+    records and the wall seconds it took."""
     with tempfile.TemporaryDirectory(prefix=f"forkrl-bench-{name}-") as out:
-        sets = [*ARMS[name], *COMMON, f"trainer.steps={steps}", f"trainer.output_dir={out}", "trainer.resume=never"]
         cmd = [sys.executable, "-m", "actors.train", "--config", config]
-        for s in sets:
+        for s in [*sets, f"trainer.output_dir={out}", "trainer.resume=never"]:
             cmd += ["--set", s]
         t0 = time.perf_counter()
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode:
-            raise RuntimeError(f"arm {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise RuntimeError(f"{name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
         rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return rows, time.perf_counter() - t0
+
+
+def run_arm(name: str, steps: int, warmup: int, config: str) -> dict[str, Any]:
+    rows, wall_s = train_rows(name, config, [*ARMS[name], *COMMON, f"trainer.steps={steps}"])
     timed = rows[warmup:]
     total = sum(r["timing/step"] for r in timed)
     per_step = {k: sum(r.get(k, 0.0) for r in timed) / len(timed) for k in (
@@ -67,7 +73,7 @@ def run_arm(name: str, steps: int, warmup: int, config: str) -> dict[str, Any]:
         "learner_idle_share": per_step["timing/learner_idle"] / per_step["timing/step"],
         "per_step": per_step,
         "reward_first_last": [rows[0]["reward/mean"], rows[-1]["reward/mean"]],
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
     }
 
 

@@ -25,7 +25,6 @@ import resource
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,7 @@ DEMO_ARMS = {
     "lora-merged": [*MERGED, "learner.lr=2e-4"],  # the engine gets merged weights (sync auto on CPU)
 }
 DEMO = ["trainer.steps=40", "trainer.eval_every=10", "trainer.eval_prompts=128", "trainer.save_every=0",
-        "trainer.export_hf=false", "tracking.tensorboard=false", "trainer.resume=never"]  # fmt: skip
+        "trainer.export_hf=false", "tracking.tensorboard=false"]  # fmt: skip
 SYNC_MODES = ("full", "adapter-inplace", "adapter-new-id", "merged")
 
 
@@ -117,15 +116,9 @@ def sync_mode(config: str, mode: str, rounds: int) -> dict[str, Any]:
 
 
 def demo_arm(config: str, name: str) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix=f"forkrl-bench-lora-{name}-") as out:
-        cmd = [sys.executable, "-m", "actors.train", "--config", config]
-        for s in [*DEMO_ARMS[name], *DEMO, f"trainer.output_dir={out}"]:
-            cmd += ["--set", s]
-        t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"demo {name} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-        rows = [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    from bench.async_rl import train_rows
+
+    rows, wall_s = train_rows(f"lora-{name}", config, [*DEMO_ARMS[name], *DEMO])
     return {
         "settings": DEMO_ARMS[name],
         "eval": {r["step"]: r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r},
@@ -135,7 +128,7 @@ def demo_arm(config: str, name: str) -> dict[str, Any]:
         "generate_s": statistics.mean(r.get("timing/generate", 0.0) for r in rows),
         "weight_sync_s": statistics.mean(r.get("timing/weight_sync", 0.0) for r in rows),
         "trainable_params": rows[-1].get("model/trainable_params"),
-        "wall_s": time.perf_counter() - t0,
+        "wall_s": wall_s,
     }
 
 

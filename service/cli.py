@@ -203,8 +203,7 @@ def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
             for f in j.failures:
                 reason = f.reason.splitlines()[-1] if f.reason else ""
                 typer.echo(escape_line(f"  failed at step {f.step} ({f.at}): {reason}"))
-        typer.echo(f"run dir: {escape_line(j.run_dir)}")
-        typer.echo(f"trains: {j.training}")
+        typer.echo(escape_line(f"run dir: {j.run_dir}") + "\n" + escape_line(f"trains: {j.training}"))
         m = api.metrics(job_id, after_step=max(0, j.last_step - 1))
     if m.metrics:
         last = m.metrics[-1]

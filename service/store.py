@@ -245,9 +245,14 @@ class JobStore:
         added = self._insert_new(db, Metric, list(rows.values()))
         top = max(rows)
         db.execute(update(Job).where(Job.id == job.id, Job.last_step < top).values(last_step=top))
-        counts = [_parameter_counts(r["data"]) for r in rows.values()]
-        if (found := next((c for c in counts if c is not None), None)) is not None:
-            db.execute(update(Job).where(Job.id == job.id).values(trainable_params=found[0], params=found[1]))
+        # every record carries them; stored once, from the first batch that has them
+        found = None if job.trainable_params is not None else _parameter_counts(rows[min(rows)]["data"])
+        if found is not None:
+            db.execute(
+                update(Job)
+                .where(Job.id == job.id, Job.trainable_params.is_(None))
+                .values(trainable_params=found[0], params=found[1])
+            )
         return added
 
     def metrics(self, db: Session, job_id: str, after_step: int, limit: int, max_bytes: int) -> list[StepJSON]:
