@@ -4,6 +4,7 @@ trains asynchronously, resumes, and its export serves in vLLM. Marked slow."""
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -65,9 +66,30 @@ def test_lora_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path,
             remote = rollout.load_weights(other, 60)[0]
             assert remote["local"] == 0.0 and remote["version"] == 3.0
             assert _gap(rollout, learners, prompt) < 2e-2
+            _a_stalled_engine_fails_the_adapter_sync_naming_it(rollout, learners.export_weights("float32", 4))
     finally:
         rollout.shutdown()
         learners.drop_weights()
+
+
+def _a_stalled_engine_fails_the_adapter_sync_naming_it(rollout, ref) -> None:
+    """SIGSTOP the engine (alive, holding its connections, doing nothing): the adapter's load fails after
+    the timeout naming the engine and the setting, never a hang."""
+    import time
+
+    import psutil
+
+    (engine,) = [p for p in psutil.process_iter(["cmdline"]) if "ray::RolloutEngine" in " ".join(p.cmdline())]
+    engine.suspend()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(TimeoutError) as failed:
+            rollout.load_weights(ref, 5)
+    finally:
+        engine.resume()
+    message = str(failed.value)
+    assert re.search(r"weight sync to rollout engine 0 .*did not finish .*within 5 s", message), message
+    assert "learner.weight_sync_timeout_s" in message and time.monotonic() - t0 < 5 + 30
 
 
 def test_a_lora_job_trains_asynchronously_resumes_and_its_export_serves(ray_local, tiny_path, tmp_path):
