@@ -79,7 +79,8 @@ def _a_stalled_engine_fails_the_adapter_sync_naming_it(rollout, ref) -> None:
 
     import psutil
 
-    (engine,) = [p for p in psutil.process_iter(["cmdline"]) if "ray::RolloutEngine" in " ".join(p.cmdline())]
+    procs = psutil.process_iter(["cmdline"])
+    (engine,) = [p for p in procs if "ray::RolloutEngine" in " ".join(p.info["cmdline"] or [])]
     engine.suspend()
     t0 = time.monotonic()
     try:
