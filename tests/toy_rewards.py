@@ -7,3 +7,20 @@ def lowercase_fraction(completion: str, answer: str, prompt: object) -> float:
     if not completion:
         return 0.0
     return sum("a" <= c <= "z" for c in completion) / len(completion)
+
+
+def moody_environment(state):
+    """A plugin environment that fails in each way a user's may (the reward worker contains each):
+    it raises, hangs, answers well, or returns something that is not an Observation."""
+    import time
+
+    from actors.common.episode import Observation
+
+    action = state.actions[-1]
+    if action == "raise":
+        raise RuntimeError("the tool broke")
+    if action == "hang":
+        time.sleep(5)
+    if action == "hello":
+        return Observation("HELLO", reward=0.5)
+    return "not an observation"

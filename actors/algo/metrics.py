@@ -99,6 +99,24 @@ RULES: dict[str, Rule] = {
     "async/dropped_stale": _WHOLE,
     "async/buffer_depth": _WHOLE,
     "async/in_flight": _WHOLE,
+    # multi-turn episodes (actors.driver.episodes): counts add up over workers and rounds, rates per step
+    **{
+        f"env/{name}": _ROUNDS_SUM
+        for name in (
+            "episodes",
+            "turns",
+            "tool_calls",
+            "tool_errors",
+            "tool_timeouts",
+            "truncated",
+            "observation_tokens",
+            "context_tokens",
+        )  # fmt: skip
+    },
+    **{
+        f"env/{name}": _WHOLE
+        for name in ("turns_mean", "tool_calls_mean", "tool_error_rate", "truncated_frac", "observation_share")
+    },
     "eval/reward_mean": _WHOLE,
     "forking_tokens": _WHOLE,  # entropy/top_forking_tokens decoded
     "tracking/errors": _WHOLE,

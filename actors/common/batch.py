@@ -1,6 +1,7 @@
 """The batches that cross roles, and the collation that builds the learner's micro-batches.
 
     RolloutEngine.generate -> Completion          one sampled response of one prompt
+    driver/episodes        -> Completion          multi-turn: a trajectory, model turns and observations
     driver                 -> TrainSequence       a completion with its prompt and advantage
     Learner                -> MicroBatch          padded tensors of up to micro_batch_size sequences
 
@@ -15,6 +16,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from actors.common.episode import Episode
+
 __all__ = ["Completion", "TrainSequence", "TokenTrace", "MicroBatch", "collate", "prompt_runs"]
 
 
@@ -26,6 +29,9 @@ class Completion:
     the sampling distribution (after temperature/top-p); finish_reason: "stop" or "length";
     versions: (first, last) policy version of the weights that generated it (asynchronous mode; the
     two differ when new weights arrived mid-generation), None in synchronous mode.
+    A multi-turn trajectory (`environment`): token_ids interleave the model's turns and the observations,
+    exactly the ids the engine saw; model_mask [R] is True on the model's tokens (logprobs holds 0.0 on
+    the others); text is the model's turns alone (what the verifiers score); episode its counts.
     """
 
     token_ids: list[int]
@@ -33,6 +39,8 @@ class Completion:
     text: str
     finish_reason: str | None = None
     versions: tuple[int, int] | None = None
+    model_mask: list[bool] | None = None
+    episode: Episode | None = None
 
 
 @dataclass(frozen=True)
@@ -44,7 +52,8 @@ class TrainSequence:
     whose tokens count nowhere; old_logprobs: [R] the learner's log-probs before the rollout's first
     update (PPO mini-batches), None = this update's own (detached) log-probs are the old policy.
     sample_id: set on the few sequences the driver shows per step; their per-token entropy and kept
-    flags come back as TokenTrace.
+    flags come back as TokenTrace. loss_mask: [R] False on tokens that are context only (a multi-turn
+    trajectory's observations): no loss, and the entropy filter never counts them; None = all tokens.
     """
 
     prompt_ids: list[int]
@@ -54,6 +63,7 @@ class TrainSequence:
     weight: float = 1.0
     old_logprobs: list[float] | None = None
     sample_id: int | None = None
+    loss_mask: list[bool] | None = None
 
     def padding_copy(self) -> TrainSequence:
         return replace(self, weight=0.0)
@@ -79,7 +89,8 @@ class MicroBatch:
     attention_mask: [B, L]
     gather_pos:     [B, T] position in input_ids whose hidden state predicts response token j
     resp_ids:       [B, T] response tokens, right-padded
-    valid:          [B, T] True on real response tokens of non-padding sequences
+    valid:          [B, T] True on real response tokens of non-padding sequences that get a loss
+                    (not a trajectory's observations)
     rollout_lp:     [B, T] the engine's log-probs
     adv:            [B] advantages (fp32)
     old_lp:         [B, T] old-policy log-probs, or None (the update's own log-probs, detached)
@@ -129,6 +140,8 @@ def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.devi
             attn[i, : len(p) + len(r)] = 1
             resp_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
             valid[i, : len(r)] = s.weight > 0
+            if s.loss_mask is not None:
+                valid[i, : len(r)] &= torch.tensor(s.loss_mask[: len(r)], dtype=torch.bool)
             rollout_lp[i, : len(r)] = torch.tensor(s.rollout_logprobs[: len(r)])
             if s.old_logprobs is not None:
                 old_lp[i, : len(r)] = torch.tensor(s.old_logprobs[: len(r)])

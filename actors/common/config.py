@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import Field, model_validator
 
 from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, CpuCores, NoNul, Resources, StrictModel
+from actors.common.env_config import EnvironmentConfig
 from actors.common.model_config import LoraConfig, ModelConfig
 from actors.common.verifier_config import Verifier, default_verifiers
 
@@ -20,6 +21,7 @@ __all__ = [
     "AlgorithmConfig",
     "BuiltinData",
     "DataConfig",
+    "EnvironmentConfig",
     "JobConfig",
     "JsonlData",
     "LearnerConfig",
@@ -344,6 +346,9 @@ class JobConfig(StrictModel):
     learner: LearnerConfig = Field(default_factory=LearnerConfig)  # type: ignore[arg-type]
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)  # type: ignore[arg-type]
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)  # type: ignore[arg-type]
+    environment: EnvironmentConfig | None = Field(
+        None, description="Multi-turn, tool-using episodes (actors.common.env_config); None = single-turn."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> JobConfig:
@@ -369,6 +374,7 @@ class JobConfig(StrictModel):
                 "algorithm.tis_cap must be set (the truncated importance weight between the learner's policy and "
                 "the engine's that corrects them); accepted: a number > 0, e.g. 2.0"
             )
+        self._environment_fits()
         lora = self.model.lora
         if lora is not None and lora.sync == "auto":  # resolved here: what is stored and shown is the choice
             sync = "adapter" if self.rollout.num_gpus_per_engine > 0 else "merged"
@@ -379,3 +385,18 @@ class JobConfig(StrictModel):
                 f"{self.rollout.max_new_tokens}"
             )
         return self
+
+    def _environment_fits(self) -> None:
+        env = self.environment
+        if env is None:
+            return
+        if env.max_tokens >= self.rollout.max_model_len:
+            raise ValueError(
+                f"environment.max_tokens={env.max_tokens} must be < rollout.max_model_len={self.rollout.max_model_len} "
+                "(the prompt and the whole episode share the engine's context)"
+            )
+        if self.trainer.max_staleness:
+            raise ValueError(
+                f"environment is set with trainer.max_staleness={self.trainer.max_staleness}: multi-turn episodes run "
+                "in synchronous mode only for now; accepted: trainer.max_staleness=0"
+            )

@@ -138,9 +138,11 @@ def async_step(
     return m, samples
 
 
-def evaluate(pools: Pools, prompts: list[list[int]], examples: list[Any]) -> float:
-    """Greedy answers on the held-out set: the mean verifier score."""
-    outs = pools.rollout.generate(prompts, 1, temperature=0.0)
+def evaluate(cfg: JobConfig, pools: Pools, prompts: list[list[int]], examples: list[Any], tokenizer: Any) -> float:
+    """Greedy answers on the held-out set (with `environment`: greedy episodes): the mean verifier score."""
+    from actors.driver.episodes import generate_groups
+
+    outs, _ = generate_groups(cfg, examples, prompts, 1, pools.rollout, pools.rewards, tokenizer, temperature=0.0)
     right, _ = pools.rewards.score([(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, examples, strict=True)])
     return sum(right) / len(right)
 
@@ -173,7 +175,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed, streaming=streaming, lora=lora)
     learners = None
     try:  # the engines' vLLM processes end with the run, whatever ends it
-        rewards = RewardPool(cfg.reward)
+        rewards = RewardPool(cfg.reward, cfg.environment)
         learners = LearnerGroup(model_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, dtype, lora)
         pools = Pools(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s)
         trainable, params = learners.parameter_counts()
@@ -205,7 +207,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             m.update({"model/trainable_params": trainable, "model/params": params})
             if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
                 with timed(m, "eval"):
-                    m["eval/reward_mean"] = evaluate(pools, eval_prompts, eval_set)
+                    m["eval/reward_mean"] = evaluate(cfg, pools, eval_prompts, eval_set, tokenizer)
             saved = None
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
                 with timed(m, "checkpoint"):

@@ -25,6 +25,7 @@ from actors.algo.metrics import combine_parts
 from actors.common.batch import Completion, TokenTrace, TrainSequence
 from actors.common.config import JobConfig
 from actors.driver.data import Example, PromptSampler, render_prompt
+from actors.driver.episodes import episode_rates, generate_groups
 
 log = logging.getLogger("forkrl.sampling")
 
@@ -35,6 +36,7 @@ __all__ = [
     "collect",
     "training_groups",
     "sample_records",
+    "score_groups",
     "forking_tokens",
 ]
 
@@ -81,12 +83,14 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
         examples = sampler.next()
         prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in examples]
         t1 = time.perf_counter()
-        outs = rollout.generate(prompts, g)
+        outs, episode_counts = generate_groups(cfg, examples, prompts, g, rollout, rewards, tokenizer)
         t2 = time.perf_counter()
-        items = [(c.text, ex.answer, ex.prompt) for ex, group in zip(examples, outs, strict=True) for c in group]
-        scores, reward_metrics = rewards.score(items)
+        scores, reward_metrics = score_groups(rewards, examples, outs)
         t3 = time.perf_counter()
-        parts.append({"timing/sample": t1 - t0, "timing/generate": t2 - t1, "timing/verify": t3 - t2, **reward_metrics})
+        parts.append({
+            "timing/sample": t1 - t0, "timing/generate": t2 - t1, "timing/verify": t3 - t2, **reward_metrics,
+            **episode_counts,
+        })  # fmt: skip
         seen += examples
         scores_all += scores
         lengths_all += [len(c.token_ids) for group in outs for c in group]
@@ -105,6 +109,7 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
     kept = kept[:need]
     lengths = torch.tensor(lengths_all, dtype=torch.float32)
     m = combine_parts(parts)
+    m.update(episode_rates(m))
     m.update(
         {
             "data/batch_crc": batch_fingerprint(seen),
@@ -120,9 +125,21 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
     return StepRollout(kept, m)
 
 
+def score_groups(
+    rewards: Any, examples: list[Example], outs: list[list[Completion]]
+) -> tuple[list[float], dict[str, float]]:
+    """The verifiers' score of each completion (of a trajectory: its model turns), plus an episode's own
+    reward terms (the observations' and environment.call_reward)."""
+    items = [(c.text, ex.answer, ex.prompt) for ex, group in zip(examples, outs, strict=True) for c in group]
+    scores, metrics = rewards.score(items)
+    extra = [c.episode.reward if c.episode is not None else 0.0 for group in outs for c in group]
+    return [s + e for s, e in zip(scores, extra, strict=True)], metrics
+
+
 def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[TrainSequence]], dict[str, float]]:
     """Advantages (from the shaped reward) and the sequences of each group that enter the loss."""
-    algo, g, max_new = cfg.algorithm, cfg.rollout.group_size, cfg.rollout.max_new_tokens
+    algo, g = cfg.algorithm, cfg.rollout.group_size
+    max_new = cfg.environment.max_tokens if cfg.environment is not None else cfg.rollout.max_new_tokens
     if not groups:
         return [], {"reward/shaped_mean": 0.0, "batch/sequences": 0.0, "batch/truncated_masked": 0.0}
     raw = torch.tensor([s for gr in groups for s in gr.scores])  # [P*G]
@@ -141,7 +158,8 @@ def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[Trai
                 continue
             # the first trained completion of each of the first groups is shown (tracking.samples_per_step)
             shown = i * g + j if not seqs and i < cfg.tracking.samples_per_step else None
-            seqs.append(TrainSequence(gr.prompt_ids, c.token_ids, c.logprobs, float(adv[i * g + j]), sample_id=shown))
+            seqs.append(TrainSequence(gr.prompt_ids, c.token_ids, c.logprobs, float(adv[i * g + j]), sample_id=shown,
+                                      loss_mask=c.model_mask))  # fmt: skip
         if seqs:
             out.append(seqs)
     n = sum(len(s) for s in out)
@@ -172,6 +190,8 @@ def sample_records(
             "entropy": [round(float(h), 4) for h in t.entropy[:n]],
             "kept": [int(k) for k in t.kept[:n]],
             "truncated": len(c.token_ids) > n,
+            # a trajectory's observation tokens (context, never trained): 1 where the environment wrote
+            **({"observation": [int(not k) for k in c.model_mask[:n]]} if c.model_mask is not None else {}),
         })  # fmt: skip
     return out
 

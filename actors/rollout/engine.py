@@ -52,9 +52,11 @@ def engine_env(rollout: RolloutConfig) -> None:
 
 
 def sampling_params(
-    rollout: RolloutConfig, n: int, seed: int | None, temperature: float | None, max_tokens: int | None
-) -> Any:
-    """vLLM's SamplingParams of a rollout request: the sampled token's log-prob with each token."""
+    rollout: RolloutConfig, n: int, seed: int | None, temperature: float | None, max_tokens: int | None,
+    stop: list[str] | None = None,
+) -> Any:  # fmt: skip
+    """vLLM's SamplingParams of a rollout request: the sampled token's log-prob with each token. stop:
+    strings that end a sample (a multi-turn episode's tool call), kept in its text as in its tokens."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -65,6 +67,8 @@ def sampling_params(
         max_tokens=max_tokens or rollout.max_new_tokens,
         logprobs=0,
         seed=seed,
+        stop=stop,
+        include_stop_str_in_output=bool(stop),
         output_kind=RequestOutputKind.FINAL_ONLY,  # AsyncLLM: one output, with every sample of the request
     )
 
@@ -112,13 +116,17 @@ class RolloutEngine:
         n: int,
         seed: int | None = None,
         temperature: float | None = None,
-        max_tokens: int | None = None,
+        max_tokens: int | list[int] | None = None,
+        stop: list[str] | None = None,
     ) -> list[list[Completion]]:
-        """For each prompt, n samples."""
+        """For each prompt, n samples; max_tokens: one for all or one per prompt (a multi-turn episode's
+        remaining budget); stop: strings that end a sample."""
         from vllm.inputs import TokensPrompt
 
-        params = sampling_params(self.rollout, n, seed, temperature, max_tokens)
-
+        if isinstance(max_tokens, list):
+            params: Any = [sampling_params(self.rollout, n, seed, temperature, m, stop) for m in max_tokens]
+        else:
+            params = sampling_params(self.rollout, n, seed, temperature, max_tokens, stop)
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.adapter
         )

@@ -50,17 +50,26 @@ class RolloutPool:
         self._seen: list[str] = self.pool.all(lambda e: e.incarnation.remote())
         self._lock = threading.Lock()
 
-    def generate(self, prompts: list[list[int]], n: int, **kw: Any) -> list[list[Completion]]:
-        """For each prompt, n samples; a dead engine's shard is generated again on its replacement."""
-        parts = [(i, part) for i, part in enumerate(shard(prompts, len(self.pool))) if part]
+    def generate(
+        self, prompts: list[list[int]], n: int, max_tokens: int | list[int] | None = None, **kw: Any
+    ) -> list[list[Completion]]:
+        """For each prompt, n samples (max_tokens: one for all, or one per prompt); a dead engine's shard
+        is generated again on its replacement."""
+        k = len(self.pool)
+        budgets = shard(max_tokens, k) if isinstance(max_tokens, list) else [max_tokens] * k
+        parts = [(i, part, budgets[i]) for i, part in enumerate(shard(prompts, k)) if part]
+
+        def call(i: int) -> Any:
+            _, part, budget = next(p for p in parts if p[0] == i)
+            return self.pool.actors[i].generate.remote(part, n, max_tokens=budget, **kw)
 
         def again(i: int, error: Exception) -> Any:
             self._replace(i, error)
-            return self.pool.actors[i].generate.remote(dict(parts)[i], n, **kw)
+            return call(i)
 
-        refs = [self.pool.actors[i].generate.remote(part, n, **kw) for i, part in parts]
+        refs = [call(i) for i, _, _ in parts]
         results = self.pool.gather(
-            refs, [i for i, _ in parts], on_death=again, timeout_s=self.rollout.generate_timeout_s,
+            refs, [i for i, _, _ in parts], on_death=again, timeout_s=self.rollout.generate_timeout_s,
             timeout_setting="rollout.generate_timeout_s",
         )  # fmt: skip
         return [group for result in results for group in result]

@@ -1,0 +1,100 @@
+"""Multi-turn environments: what answers a model's tool call (`environment.tool`).
+
+Each is a function `step(state: EpisodeState) -> Observation` (actors.common.episode) built once per
+reward worker. A tool's failure - a program that raises, loops, floods its output, forks or reaches
+for the network; an expression that does not parse - is an answer with `ok=False` the model sees,
+never an exception; the worker's own time limit (`environment.timeout_s`) and error count cover a
+plugin that hangs or raises (`RewardWorker.env_step`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+
+from actors.common.env_config import CalculatorTool, EnvironmentConfig, PluginEnvironment, PythonTool
+from actors.common.episode import EpisodeState, Observation
+from actors.reward.sandbox import SandboxLimits, check_sandbox, run_python
+
+__all__ = ["Environment", "build_environment", "calculator", "python_tool"]
+
+Environment = Callable[[EpisodeState], Observation]
+
+_PYTHON_BLOCK = re.compile(r"```[ \t]*(?:python3?|py)[ \t]*\n(.*?)```", re.DOTALL | re.IGNORECASE)
+_CALC = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
+MAX_EXPRESSION = 200  # characters of one calculator expression
+
+
+def python_tool(spec: PythonTool, wall_s: float) -> Environment:
+    """The turn's last ```python block runs in the sandbox; its output (stdout and stderr) is the answer.
+    No block: the turn was not a call, the episode ends."""
+    limits = SandboxLimits(
+        wall_s=wall_s, cpu_s=spec.cpu_s, memory_mb=spec.memory_mb, max_processes=spec.max_processes,
+        max_output_bytes=spec.max_output_bytes,
+    )  # fmt: skip
+
+    def step(state: EpisodeState) -> Observation:
+        blocks = _PYTHON_BLOCK.findall(state.actions[-1])
+        if not blocks:
+            return Observation("", done=True)
+        result = run_python(blocks[-1], limits)
+        text = result.output.rstrip()
+        if result.timed_out:
+            return Observation(f"{text}\nTimeoutError: stopped after {wall_s:g} s".strip(), ok=False, timed_out=True)
+        if result.output_exceeded:
+            return Observation(f"{text}\n... output cut at {spec.max_output_bytes} bytes", ok=False)
+        if result.exit_code != 0:
+            return Observation(text or f"exit status {result.exit_code}", ok=False)
+        return Observation(text)
+
+    return step
+
+
+def calculator(spec: CalculatorTool) -> Environment:
+    """The turn's last <calc>expression</calc>, evaluated by simpleeval: numbers, + - * / // % ** and
+    parentheses (no names, no functions; simpleeval bounds powers and lengths)."""
+    from simpleeval import SimpleEval
+
+    evaluator = SimpleEval(functions={}, names={})
+
+    def step(state: EpisodeState) -> Observation:
+        calls = _CALC.findall(state.actions[-1])
+        if not calls:
+            return Observation("", done=True)
+        expression = calls[-1].strip()
+        if len(expression) > MAX_EXPRESSION:
+            return Observation(f"error: expression longer than {MAX_EXPRESSION} characters", ok=False)
+        try:
+            value = evaluator.eval(expression)
+        except Exception as e:  # noqa: BLE001 - whatever the expression does wrong is the model's answer
+            return Observation(f"error: {type(e).__name__}: {e}"[:300], ok=False)
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            return Observation(f"error: not a number: {type(value).__name__}", ok=False)
+        return Observation(f"{value:g}" if isinstance(value, float) else str(value))
+
+    return step
+
+
+def _plugin(path: str) -> Environment:
+    module, _, name = path.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"environment.tool.function={path!r} cannot be imported: {e}") from None
+    if not callable(fn):
+        raise ValueError(f"environment.tool.function={path!r} is not callable")
+    env: Environment = fn
+    return env
+
+
+def build_environment(cfg: EnvironmentConfig) -> Environment:
+    match cfg.tool:
+        case PythonTool():
+            check_sandbox()  # a worker that cannot sandbox fails at start, naming why
+            return python_tool(cfg.tool, cfg.timeout_s)
+        case CalculatorTool():
+            return calculator(cfg.tool)
+        case PluginEnvironment():
+            return _plugin(cfg.tool.function)
+    raise TypeError(f"environment.tool {cfg.tool!r} is not one of actors.common.env_config.Tool")
