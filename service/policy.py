@@ -2,8 +2,8 @@
 
 A job config is valid JobConfig before it gets here; this decides whether *this owner* may run it.
 In `tenancy: shared` (the default) a non-admin owner's job
-- names only the plugin verifiers the operator allowed (`allowed_plugins`): a plugin is code that
-  runs in the reward workers, so `os:system` would be code execution on the cluster;
+- names only the plugin verifiers and plugin environments the operator allowed (`allowed_plugins`): a
+  plugin is code that runs in the reward workers, so `os:system` would be code execution on the cluster;
 - reads data, evaluation data and model directories only inside the operator's `data_roots`,
   after `..` and symlinks are resolved (a built-in model or task needs no path); a path that cannot be
   resolved (a symlink loop, an unreadable component) is not inside, and a leading `~` is refused before
@@ -25,6 +25,7 @@ from pathlib import Path
 
 from actors.common.config import JobConfig, JsonlData, ParquetData
 from actors.common.config_load import show_value
+from actors.common.env_config import PluginEnvironment
 from actors.common.models import BUILTIN_MODELS, TINY
 from actors.common.verifier_config import PluginVerifier
 from service.settings import Settings
@@ -62,12 +63,14 @@ def check_job(
     owner of a stored job, or None."""
     if is_admin or s.tenancy == "single_user":
         return
-    for i, v in enumerate(cfg.reward.verifiers):
-        if isinstance(v, PluginVerifier) and not any(fnmatch.fnmatchcase(v.function, p) for p in s.allowed_plugins):
+    plugins = [(f"reward.verifiers.{i}.function", v.function) for i, v in enumerate(cfg.reward.verifiers)
+               if isinstance(v, PluginVerifier)]  # fmt: skip
+    if cfg.environment is not None and isinstance(cfg.environment.tool, PluginEnvironment):
+        plugins.append(("environment.tool.function", cfg.environment.tool.function))
+    for field, function in plugins:
+        if not any(fnmatch.fnmatchcase(function, p) for p in s.allowed_plugins):
             allowed = ", ".join(s.allowed_plugins) or "none"
-            raise PolicyRefused(
-                f"reward.verifiers.{i}.function", v.function, f"not an operator-approved plugin (allowed: {allowed})"
-            )
+            raise PolicyRefused(field, function, f"not an operator-approved plugin (allowed: {allowed})")
     roots = s.data_root_paths
     where = "inside " + ", ".join(str(r) for r in roots)
     for field, source in (("data.source", cfg.data.source), ("data.eval_source", cfg.data.eval_source)):

@@ -24,3 +24,10 @@ def moody_environment(state):
     if action == "hello":
         return Observation("HELLO", reward=0.5)
     return "not an observation"
+
+
+def counting_environment(state):
+    """Answers every call with how many it has answered before (a short observation)."""
+    from actors.common.episode import Observation
+
+    return Observation(f"#{len(state.observations)}")

@@ -52,6 +52,8 @@ def test_the_tenancy_policy_refuses_code_foreign_files_and_foreign_checkpoints(s
         refused = [
             *[({**TINY, "reward": {"verifiers": [{"type": "plugin", "function": f}]}}, "reward.verifiers.0.function")
               for f in ("os:system", "subprocess:getoutput", "builtins:exec", "timeit:timeit")],
+            ({**TINY, "environment": {"tool": {"type": "plugin", "function": "os:system"}, "max_tokens": 64}},
+             "environment.tool.function"),
             (jsonl_job("/etc/passwd"), "data.source.path"),
             (jsonl_job(f"{root}/../../../etc/passwd"), "data.source.path"),
             (jsonl_job(str(root / "escape.jsonl")), "data.source.path"),  # a symlink out of the root
