@@ -116,7 +116,10 @@ class ConfigCheck(BaseModel):
 class SamplesOut(BaseModel):
     job_id: str
     step: int
-    samples: list[dict[str, Any]] = Field(description="sampled completions: per token its text, entropy, kept flag")
+    samples: list[dict[str, Any]] = Field(
+        description="sampled completions: per token its text, entropy, kept flag; a multi-turn trajectory also "
+        "observation flags (1: the environment's tokens, never trained)"
+    )
     forking_tokens: list[dict[str, Any]] = Field(description="the most frequent kept tokens: text, kept, dropped")
 
 

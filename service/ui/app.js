@@ -512,22 +512,46 @@ function jobView(id) {
   cleanup.push(() => { stopped = true; if (abort) abort.abort(); });
 }
 
+// Runs of consecutive model tokens (obs false) and observation tokens (obs true): [{obs, items: [index]}]
+function segments(tokens, observation) {
+  const out = [];
+  tokens.forEach((_, j) => {
+    const obs = Boolean(observation[j]);
+    const last = out.at(-1);
+    if (last && last.obs === obs) last.items.push(j); else out.push({ obs, items: [j] });
+  });
+  return out;
+}
+
 // The paper's view: completions with each token shaded by its entropy, kept tokens boxed, and the
 // step's most frequent kept tokens with how often the filter dropped them.
 function forkingView(s, rec, stepPick) {
   const all = s.samples.flatMap((x) => x.entropy);
   const top = Math.max(1e-6, ...all); // the darkest shade is the step's highest entropy shown
   const visible = (t) => t.replace(/ /g, "·").replace(/\n/g, "↵");
-  const cards = s.samples.map((x, i) => h("article", { class: "sample", "aria-label": `Sample ${i + 1}` },
-    h("div", { class: "toolbar small" }, h("b", {}, `Sample ${i + 1}`), h("span", {}, `reward ${fmt(x.reward)}`),
-      h("span", {}, `${x.kept.filter(Boolean).length} of ${x.tokens.length} tokens kept`), x.truncated ? h("span", {}, "(truncated)") : ""),
-    h("details", {}, h("summary", { class: "small muted" }, "prompt"), h("pre", {}, x.prompt)),
-    h("div", { class: "tokens" }, ...x.tokens.map((t, j) => h("span", {
-      class: `tok${x.kept[j] ? " kept" : ""}`,
-      style: `background: rgba(36,86,200,${(0.85 * x.entropy[j] / top).toFixed(3)})`,
-      title: `entropy ${x.entropy[j]}${x.kept[j] ? " · kept" : ""}`,
-      "data-entropy": x.entropy[j],
-    }, balanced(t))))));
+  const tok = (x, t, j) => h("span", {
+    class: `tok${x.kept[j] ? " kept" : ""}`,
+    style: `background: rgba(36,86,200,${(0.85 * x.entropy[j] / top).toFixed(3)})`,
+    title: `entropy ${x.entropy[j]}${x.kept[j] ? " · kept" : ""}`,
+    "data-entropy": x.entropy[j],
+  }, balanced(t));
+  const cards = s.samples.map((x, i) => {
+    // a multi-turn trajectory: the model's turns token by token, each observation set apart as one block
+    const turns = segments(x.tokens, x.observation || []);
+    const modelTokens = x.tokens.length - (x.observation || []).filter(Boolean).length;
+    const shown = turns.map((seg) => seg.obs
+      ? [h("div", { class: "obs", title: "observation: the environment's answer (context: no loss, not counted by the filter)" },
+        h("span", { class: "obs-label" }, "tool"), balanced(seg.items.map((j) => x.tokens[j]).join("")))]
+      : seg.items.map((j) => tok(x, x.tokens[j], j)));
+    const nTurns = turns.filter((seg) => !seg.obs).length;
+    return h("article", { class: "sample", "aria-label": `Sample ${i + 1}` },
+      h("div", { class: "toolbar small" }, h("b", {}, `Sample ${i + 1}`), h("span", {}, `reward ${fmt(x.reward)}`),
+        h("span", {}, `${x.kept.filter(Boolean).length} of ${modelTokens} tokens kept`),
+        x.observation ? h("span", { class: "turns" }, `${nTurns} turn${nTurns === 1 ? "" : "s"}`) : "",
+        x.truncated ? h("span", {}, "(truncated)") : ""),
+      h("details", {}, h("summary", { class: "small muted" }, "prompt"), h("pre", {}, x.prompt)),
+      h("div", { class: "tokens" }, ...shown.flat()));
+  });
   const dropped = (rec["entropy/num_valid"] || 0) - (rec["entropy/kept_tokens"] || 0);
   const table = h("table", { id: "forking-table", "aria-label": "Most frequent kept tokens" },
     h("thead", {}, h("tr", {}, h("th", {}, "#"), h("th", {}, "Token"), h("th", {}, "Kept"), h("th", {}, "Dropped"),

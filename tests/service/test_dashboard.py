@@ -275,8 +275,11 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
             body["model"]["lora"] = {"rank": 8, "alpha": 16, "sync": "adapter"}  # the page says what the job trains
             job = c.post("/v1/jobs", json=body).json()["id"]
             token = arm_ingest(f"sqlite:///{tmp_path / 'jobs.db'}", job)
-            sample = {"prompt": "2+2", "answer": "4", "reward": 1.0, "tokens": [" 4", "<"], "entropy": [0.9, 0.001],
-                      "kept": [1, 0], "truncated": False}  # fmt: skip
+            # a multi-turn trajectory: a tool call, the tool's answer (observation: never trained), the answer
+            sample = {"prompt": "2+2", "answer": "4", "reward": 1.0,
+                      "tokens": ["```python\n", "print(2+2)", "\n```\n", "```output\n", "4", "\n```\n", " 4", "<"],
+                      "entropy": [0.2, 0.5, 0.1, 0.0, 0.0, 0.0, 0.9, 0.001], "kept": [0, 1, 0, 0, 0, 0, 1, 0],
+                      "observation": [0, 0, 0, 1, 1, 1, 0, 0], "truncated": False}  # fmt: skip
             for start in range(1, 901, 300):
                 records = [
                     {"step": s, "reward/mean": s / 900, "entropy/mean": 1 - s / 1800, "entropy/kept_frac": 0.2,
@@ -300,6 +303,11 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
         page.get_by_role("link", name="long").click()
         page.locator("#chart-reward .scatterlayer .trace").first.wait_for()
         page.locator("#forking .tok").first.wait_for()
+        # the trajectory as turns: model tokens shaded and boxed, the observation set apart as one block
+        card = page.locator("#forking article").first
+        assert card.locator(".tok").count() == 5 and card.locator(".tok.kept").count() == 2
+        assert card.locator(".obs").count() == 1 and card.locator(".obs").text_content() == "tool```output\n4\n```\n"
+        assert "2 of 5 tokens kept" in card.inner_text() and card.locator(".turns").inner_text() == "2 turns"
         # 900 steps averaged into buckets of 2: 450 points per curve
         points = page.evaluate(
             "Array.from(document.querySelectorAll('.chart')).map(c => (c.data || []).map(t => t.x.length))"
