@@ -47,12 +47,23 @@ def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
             "eval_best_by_seed": {s: max(v for _, v in e) for s, e in sorted(evals.items()) if e},
             "step_s": _mean_sd(step_s),
             "entropy": _entropy_pattern(runs),
+            "last_steps": _last_steps(spec, runs),
         }
     results = {"study": spec.name, "seeds": spec.seeds, "arms": arms, "reference": spec.reference}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     (out / "table.md").write_text(_table(spec, arms))
     _plots(spec, out)
     return results
+
+
+def _last_steps(spec: StudySpec, runs: dict[int, list[dict[str, Any]]], window: int = 5) -> dict[str, Any]:
+    """Each panel's metric over each run's last `window` steps that have it: mean ± sd over the seeds."""
+    out: dict[str, Any] = {}
+    for key, _ in spec.panels:
+        per_run = [[r[key] for r in rows if key in r][-window:] for rows in runs.values()]
+        means = [statistics.fmean(v) for v in per_run if v]
+        out[key] = _mean_sd(means) if means else None
+    return out
 
 
 def _entropy_pattern(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
@@ -97,6 +108,15 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
             f"| {_fmt(a['step_s'], 1)} |"
         )
     lines += ["", "\\* at step trainer.eval_every: none is made before the first update.", ""]
+    keys = [k for k, _ in spec.panels if k != "eval/reward_mean"]
+    lines += [
+        "Over each run's last 5 steps (mean ± sd over seeds):\n",
+        "| arm | " + " | ".join(f"`{k}`" for k in keys) + " |",
+        "| --- |" + " --- |" * len(keys),
+    ]
+    for a in arms.values():
+        lines.append(f"| {a['label']} | " + " | ".join(_fmt(a["last_steps"].get(k)) for k in keys) + " |")
+    lines.append("")
     lines += [
         "| arm | step | share of tokens with H < 0.01 (mean over seeds) | p80 of H "
         "| 20 tokens kept most often, over the seeds (the forking tokens under highest) |",
@@ -134,13 +154,7 @@ def _plots(spec: StudySpec, out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [
-        ("eval/reward_mean", "held-out greedy accuracy"),
-        ("reward/mean", "train reward"),
-        ("entropy/mean", "entropy, mean"),
-        ("entropy/p80", "entropy, p80"),
-        ("response/length_mean", "response length (tokens)"),
-    ]
+    panels = spec.panels
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
     for arm in spec.arms:
         runs = [

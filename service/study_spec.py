@@ -22,6 +22,15 @@ class Arm(BaseModel):
     set: list[str] = Field(default_factory=list, description="Overrides of this arm, KEY=VALUE.")
 
 
+DEFAULT_PANELS = [
+    ("eval/reward_mean", "held-out greedy accuracy"),
+    ("reward/mean", "train reward"),
+    ("entropy/mean", "entropy, mean"),
+    ("entropy/p80", "entropy, p80"),
+    ("response/length_mean", "response length (tokens)"),
+]
+
+
 class StudySpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,40}$")
@@ -32,6 +41,12 @@ class StudySpec(BaseModel):
     reference: dict[str, Any] = Field(default_factory=dict, description="Published figures shown beside ours.")
     x: Literal["step", "sequences"] = Field(
         "step", description="The curves' x axis: the step, or the trained sequences so far (mean over seeds)."
+    )
+    panels: list[tuple[str, str]] = Field(
+        default_factory=lambda: list(DEFAULT_PANELS),
+        min_length=1,
+        max_length=8,
+        description="The curves drawn, [metric, title] each; the table adds each one's mean over the last 5 steps.",
     )
 
 

@@ -395,8 +395,3 @@ class JobConfig(StrictModel):
                 f"environment.max_tokens={env.max_tokens} must be < rollout.max_model_len={self.rollout.max_model_len} "
                 "(the prompt and the whole episode share the engine's context)"
             )
-        if self.trainer.max_staleness:
-            raise ValueError(
-                f"environment is set with trainer.max_staleness={self.trainer.max_staleness}: multi-turn episodes run "
-                "in synchronous mode only for now; accepted: trainer.max_staleness=0"
-            )

@@ -26,7 +26,15 @@ from actors.common.env_config import EnvironmentConfig
 from actors.common.episode import Episode, EpisodeState, Observation
 from actors.driver.data import Example
 
-__all__ = ["EPISODE_COUNTS", "episode_rates", "generate_groups"]
+__all__ = [
+    "EPISODE_COUNTS",
+    "Trajectory",
+    "answer_call",
+    "episode_counts",
+    "episode_rates",
+    "generate_groups",
+    "take_turns",
+]
 
 # counted per round and added up over the step (actors.algo.metrics); episode_rates divides them
 EPISODE_COUNTS = (
@@ -36,7 +44,7 @@ EPISODE_COUNTS = (
 
 
 @dataclass
-class _Trajectory:
+class Trajectory:
     prompt_ids: list[int]
     example: Example
     ids: list[int] = field(default_factory=list)
@@ -45,12 +53,23 @@ class _Trajectory:
     actions: list[str] = field(default_factory=list)
     observations: list[Observation] = field(default_factory=list)
     finish: str | None = None
+    versions: tuple[int, int] | None = None  # asynchronous mode: the first turn's first policy, the last's last
 
     def add_turn(self, c: Completion) -> None:
         self.ids += c.token_ids
         self.logprobs += c.logprobs
         self.mask += [True] * len(c.token_ids)
         self.actions.append(c.text)
+        if c.versions is not None:
+            self.versions = c.versions if self.versions is None else (self.versions[0], c.versions[1])
+
+    def context(self) -> list[int]:
+        """The ids the next turn continues from: the prompt, the model's turns and the observations."""
+        return self.prompt_ids + self.ids
+
+    def budget(self, env: EnvironmentConfig, per_turn: int) -> int:
+        """The next turn's token cap: the per-turn cap, or what is left of the episode's budget."""
+        return min(per_turn, env.max_tokens - len(self.ids))
 
     def add_observation(self, ids: list[int]) -> None:
         self.ids += ids
@@ -68,7 +87,9 @@ class _Trajectory:
             tool_timeouts=sum(o.timed_out for o in calls), observation_tokens=self.mask.count(False),
             reward=reward, truncated=self.finish in ("length", "turns"),
         )  # fmt: skip
-        return Completion(self.ids, self.logprobs, "".join(self.actions), self.finish, None, self.mask, episode)
+        return Completion(
+            self.ids, self.logprobs, "".join(self.actions), self.finish, self.versions, self.mask, episode
+        )
 
 
 def _observation_ids(env: EnvironmentConfig, obs: Observation, tokenizer: Any) -> list[int]:
@@ -92,26 +113,25 @@ def generate_groups(
     if env is None:
         return rollout.generate(prompts, n, **({} if temperature is None else {"temperature": temperature})), {}
     stop, per_turn = env.stop_strings(), cfg.rollout.max_new_tokens
-    trajs = [_Trajectory(p, ex) for p, ex in zip(prompts, examples, strict=True) for _ in range(n)]
+    trajs = [Trajectory(p, ex) for p, ex in zip(prompts, examples, strict=True) for _ in range(n)]
     first = rollout.generate(prompts, n, max_tokens=min(per_turn, env.max_tokens), stop=stop, temperature=temperature)
     outs = [c for group in first for c in group]
     active = list(range(len(trajs)))
     while active:
-        calls = _take_turns([trajs[i] for i in active], outs, active, stop, env.max_turns)
+        calls = take_turns([trajs[i] for i in active], outs, active, stop, env.max_turns)
         answers = rewards.env_step([trajs[i].state() for i in calls]) if calls else []
-        active = [i for i, obs in zip(calls, answers, strict=True) if _answer(trajs[i], obs, env, tokenizer)]
+        active = [i for i, obs in zip(calls, answers, strict=True) if answer_call(trajs[i], obs, env, tokenizer)]
         if active:
-            budgets = [min(per_turn, env.max_tokens - len(trajs[i].ids)) for i in active]
-            contexts = [trajs[i].prompt_ids + trajs[i].ids for i in active]
+            budgets = [trajs[i].budget(env, per_turn) for i in active]
+            contexts = [trajs[i].context() for i in active]
             nxt = rollout.generate(contexts, 1, max_tokens=budgets, stop=stop, temperature=temperature)
             outs = [group[0] for group in nxt]
     done = [t.completion(env.call_reward) for t in trajs]
-    counts = _counts(trajs, done)
-    return [done[i * n : (i + 1) * n] for i in range(len(prompts))], counts
+    return [done[i * n : (i + 1) * n] for i in range(len(prompts))], episode_counts(trajs, done)
 
 
-def _take_turns(
-    trajs: list[_Trajectory], outs: list[Completion], ids: list[int], stop: list[str], max_turns: int
+def take_turns(
+    trajs: list[Trajectory], outs: list[Completion], ids: list[int], stop: list[str], max_turns: int
 ) -> list[int]:
     """Append each trajectory's new turn; the ids of those whose turn is a call the environment answers."""
     calls = []
@@ -127,7 +147,7 @@ def _take_turns(
     return calls
 
 
-def _answer(t: _Trajectory, obs: Observation, env: EnvironmentConfig, tokenizer: Any) -> bool:
+def answer_call(t: Trajectory, obs: Observation, env: EnvironmentConfig, tokenizer: Any) -> bool:
     """Record the environment's answer; True when the episode goes on with the observation appended."""
     t.observations.append(obs)
     if obs.done:
@@ -141,7 +161,7 @@ def _answer(t: _Trajectory, obs: Observation, env: EnvironmentConfig, tokenizer:
     return True
 
 
-def _counts(trajs: list[_Trajectory], done: list[Completion]) -> dict[str, float]:
+def episode_counts(trajs: list[Trajectory], done: list[Completion]) -> dict[str, float]:
     eps = [c.episode for c in done if c.episode is not None]
     return {
         "env/episodes": float(len(eps)),

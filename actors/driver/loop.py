@@ -231,4 +231,4 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     finally:
         rollout.shutdown()
         if learners is not None:
-            learners.drop_weights()
+            learners.shutdown()

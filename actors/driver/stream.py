@@ -8,6 +8,10 @@ or until `algorithm.dynamic_sampling_max_rounds` x P groups finished since the p
 filling it (the step then trains on what it has, `batch/sampling_bound_hit`). `while_running` runs
 the learner's step and the weight sync in a thread and pumps meanwhile: generation overlaps learning.
 
+Multi-turn episodes (`environment`) stream too: a group's first request samples its G trajectories,
+each call is answered as soon as its turn finishes and the trajectory's next turn is its own request,
+so short and long episodes never wait for each other; the group is verified when its last episode ends.
+
 An engine that dies mid-stream is replaced (with the current weights) and its groups are generated
 again there; an engine that finishes nothing for rollout.generate_timeout_s while it has groups fails
 the step, naming it.
@@ -25,10 +29,12 @@ from typing import Any, TypeVar
 import torch
 
 from actors.algo.advantages import groups_with_signal
+from actors.common.batch import Completion
 from actors.common.config import JobConfig
 from actors.driver.buffer import GroupBuffer, StreamOrder, Waiting
 from actors.driver.data import Example, render_prompt
-from actors.driver.sampling import Group, StepRollout, batch_fingerprint
+from actors.driver.episodes import Trajectory, answer_call, episode_counts, episode_rates, take_turns
+from actors.driver.sampling import Group, StepRollout, batch_fingerprint, score_groups
 
 log = logging.getLogger("forkrl.stream")
 
@@ -44,6 +50,8 @@ class _InFlight:
     example: Example
     prompt_ids: list[int]
     engine: int
+    episodes: list[Trajectory] | None = None  # multi-turn (environment): the group's trajectories
+    turn_of: int | None = None  # a request for trajectory `turn_of`'s next turn, not the group's first
 
 
 class GroupStream:
@@ -65,22 +73,37 @@ class GroupStream:
         self.lengths: list[int] = []
         self.verify_s = 0.0
         self.reward_parts: list[dict[str, float]] = []
+        self.episode_parts: list[dict[str, float]] = []
 
     # -- generation ----------------------------------------------------------------------------
 
-    def _start(self, serial: int, example: Example, prompt: list[int]) -> None:
+    def _groups_inflight(self) -> int:
+        return len({f.serial for f in self.inflight.values()})
+
+    def _start(self, f: _InFlight) -> None:
+        """Submit f's request (a group, or a trajectory's next turn) to the least busy engine."""
         if not self.inflight:  # the generate timeout counts from here when nothing was running
             self.last_progress = time.monotonic()
-        i = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])  # the least busy engine
-        ref = self.rollout.submit(i, prompt, self.g)
-        self.inflight[ref] = _InFlight(serial, example, prompt, i)
-        self.per_engine[i] += 1
+        f.engine = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])
+        env, kw = self.cfg.environment, {}
+        context, n = f.prompt_ids, self.g
+        if env is not None:
+            per_turn = self.cfg.rollout.max_new_tokens
+            kw = {"stop": env.stop_strings(), "max_tokens": min(per_turn, env.max_tokens)}
+            if f.turn_of is not None and f.episodes is not None:
+                t = f.episodes[f.turn_of]
+                context, n, kw["max_tokens"] = t.context(), 1, t.budget(env, per_turn)
+        self.inflight[self.rollout.submit(f.engine, context, n, **kw)] = f
+        self.per_engine[f.engine] += 1
 
     def _fill(self) -> None:
-        room = min(self.buffer.room(len(self.inflight), self.learning), self.max_inflight - len(self.inflight))
+        groups = self._groups_inflight()
+        room = min(self.buffer.room(groups, self.learning), self.max_inflight - groups)
         for _ in range(room):
             serial, ex = self.order.draw()
-            self._start(serial, ex, render_prompt(self.tokenizer, ex, self.cfg.data))
+            prompt = render_prompt(self.tokenizer, ex, self.cfg.data)
+            episodes = None if self.cfg.environment is None else [Trajectory(prompt, ex) for _ in range(self.g)]
+            self._start(_InFlight(serial, ex, prompt, 0, episodes))
 
     def pump(self, wait_s: float = POLL_S) -> None:
         """Start what the bound allows, then take in the groups that finished (waiting up to wait_s)."""
@@ -110,13 +133,18 @@ class GroupStream:
         self.per_engine[f.engine] -= 1
         try:
             completions = ray.get(ref)
-        except RayActorError as e:  # the engine died: its groups run again on its replacement
+        except RayActorError as e:  # the engine died: its groups (and turns) run again on its replacement
             self.rollout.replace(f.engine, e)  # waits for it once; then it returns at once for its other groups
-            self._start(f.serial, f.example, f.prompt_ids)
+            self._start(f)
             return
         self.last_progress = time.monotonic()
+        if f.episodes is not None:
+            ended = self._turn(f, completions)
+            if ended is None:
+                return  # the group's episodes go on
+            completions = ended
         t0 = time.perf_counter()
-        scores, reward_metrics = self.rewards.score([(c.text, f.example.answer, f.example.prompt) for c in completions])
+        scores, reward_metrics = score_groups(self.rewards, [f.example], [completions])
         self.verify_s += time.perf_counter() - t0
         self.reward_parts.append(reward_metrics)
         self.finished += 1
@@ -131,6 +159,23 @@ class GroupStream:
         else:
             self.discarded += 1
             self.order.finish(f.serial)
+
+    def _turn(self, f: _InFlight, turns: list[Completion]) -> list[Completion] | None:
+        """A multi-turn group's finished request: answer its calls, start the next turns; the group's
+        finished trajectories once every episode has ended, else None."""
+        env, trajs = self.cfg.environment, f.episodes
+        assert env is not None and trajs is not None
+        idx = list(range(self.g)) if f.turn_of is None else [f.turn_of]
+        calls = take_turns([trajs[i] for i in idx], turns, idx, env.stop_strings(), env.max_turns)
+        answers = self.rewards.env_step([trajs[i].state() for i in calls]) if calls else []
+        for i, obs in zip(calls, answers, strict=True):
+            if answer_call(trajs[i], obs, env, self.tokenizer):
+                self._start(_InFlight(f.serial, f.example, f.prompt_ids, 0, trajs, i))
+        if any(t.finish is None for t in trajs):
+            return None
+        done = [t.completion(env.call_reward) for t in trajs]
+        self.episode_parts.append(episode_counts(trajs, done))
+        return done
 
     # -- steps ---------------------------------------------------------------------------------
 
@@ -163,7 +208,8 @@ class GroupStream:
     ) -> dict[str, Any]:
         from actors.algo.metrics import combine_parts
 
-        m = combine_parts([{"reward/errors": 0.0, "reward/timeouts": 0.0}, *self.reward_parts])
+        m = combine_parts([{"reward/errors": 0.0, "reward/timeouts": 0.0}, *self.reward_parts, *self.episode_parts])
+        m.update(episode_rates(m))
         m.update(
             {
                 "data/batch_crc": batch_fingerprint([g.example for g in kept]),
@@ -184,7 +230,7 @@ class GroupStream:
                 "async/version_span_max": float(max(spans, default=0)),
                 "async/dropped_stale": float(stale),
                 "async/buffer_depth": float(len(self.buffer.waiting)),
-                "async/in_flight": float(len(self.inflight)),
+                "async/in_flight": float(self._groups_inflight()),
             }
         )
         return m

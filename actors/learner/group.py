@@ -101,6 +101,17 @@ class LearnerGroup:
         except Exception as e:  # noqa: BLE001 - never hide why the run ended
             log.warning("could not remove the learner's weights file: %s", e)
 
+    def shutdown(self) -> None:
+        """Remove the weights file, then end every learner actor (idempotent): a run that ends, even with
+        an error, leaves no learner behind in a cluster that outlives it."""
+        import ray
+
+        if self.pool.actors:
+            self.drop_weights()
+        learners, self.pool.actors = self.pool.actors, []
+        for a in learners:
+            ray.kill(a)
+
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
         """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""
         parts = self.pool.sharded(self._padded(seqs), lambda a, part: a.score.remote(part))

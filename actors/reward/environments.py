@@ -9,13 +9,13 @@ plugin that hangs or raises (`RewardWorker.env_step`).
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections.abc import Callable
 
 from actors.common.env_config import CalculatorTool, EnvironmentConfig, PluginEnvironment, PythonTool
 from actors.common.episode import EpisodeState, Observation
 from actors.reward.sandbox import SandboxLimits, check_sandbox, run_python
+from actors.reward.verifiers import load_plugin
 
 __all__ = ["Environment", "build_environment", "calculator", "python_tool"]
 
@@ -76,18 +76,6 @@ def calculator(spec: CalculatorTool) -> Environment:
     return step
 
 
-def _plugin(path: str) -> Environment:
-    module, _, name = path.partition(":")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"environment.tool.function={path!r} cannot be imported: {e}") from None
-    if not callable(fn):
-        raise ValueError(f"environment.tool.function={path!r} is not callable")
-    env: Environment = fn
-    return env
-
-
 def build_environment(cfg: EnvironmentConfig) -> Environment:
     match cfg.tool:
         case PythonTool():
@@ -96,5 +84,6 @@ def build_environment(cfg: EnvironmentConfig) -> Environment:
         case CalculatorTool():
             return calculator(cfg.tool)
         case PluginEnvironment():
-            return _plugin(cfg.tool.function)
+            env: Environment = load_plugin(cfg.tool.function, "environment.tool.function")
+            return env
     raise TypeError(f"environment.tool {cfg.tool!r} is not one of actors.common.env_config.Tool")

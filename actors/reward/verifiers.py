@@ -63,15 +63,20 @@ def _regex(pattern: str) -> Score:
     return lambda completion, answer, prompt: float(rx.search(completion) is not None)
 
 
-def _plugin(path: str) -> Score:
+def load_plugin(path: str, field: str) -> Callable[..., Any]:
+    """The function at `module:name` (a plugin verifier or environment); ValueError naming `field`."""
     module, _, name = path.partition(":")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward.verifiers[].function={path!r} cannot be imported: {e}") from None
+        raise ValueError(f"{field}={path!r} cannot be imported: {e}") from None
     if not callable(fn):
-        raise ValueError(f"reward.verifiers[].function={path!r} is not callable")
-    score: Score = fn
+        raise ValueError(f"{field}={path!r} is not callable")
+    return fn  # type: ignore[no-any-return]
+
+
+def _plugin(path: str) -> Score:
+    score: Score = load_plugin(path, "reward.verifiers[].function")
     return score
 
 

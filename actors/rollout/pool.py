@@ -74,9 +74,10 @@ class RolloutPool:
         )  # fmt: skip
         return [group for result in results for group in result]
 
-    def submit(self, i: int, prompt: list[int], n: int) -> Any:
-        """Start one group (n samples of one prompt) on engine i (streaming engines): its ObjectRef."""
-        return self.pool.actors[i].generate_group.remote(prompt, n)
+    def submit(self, i: int, prompt: list[int], n: int, **kw: Any) -> Any:
+        """Start one group (n samples of one prompt; or a trajectory's next turn) on engine i (streaming
+        engines): its ObjectRef. kw: max_tokens, stop."""
+        return self.pool.actors[i].generate_group.remote(prompt, n, **kw)
 
     def replace(self, i: int, error: Exception) -> None:
         """Engine i died: wait for its replacement and give it the current weights (else raise)."""

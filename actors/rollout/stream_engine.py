@@ -79,13 +79,15 @@ class StreamingEngine:
         return self._busy
 
     async def generate_group(
-        self, prompt: list[int], n: int, seed: int | None = None, temperature: float | None = None
-    ) -> list[Completion]:
-        """n samples of one prompt, each tagged with the (first, last) policy version that produced it."""
+        self, prompt: list[int], n: int, seed: int | None = None, temperature: float | None = None,
+        max_tokens: int | None = None, stop: list[str] | None = None,
+    ) -> list[Completion]:  # fmt: skip
+        """n samples of one prompt (or a multi-turn trajectory's next turn: its context, n = 1), each tagged
+        with the (first, last) policy version that produced it."""
         from vllm.inputs import TokensPrompt
 
         await self.ready()
-        params = sampling_params(self.rollout, n, seed, temperature, None)
+        params = sampling_params(self.rollout, n, seed, temperature, max_tokens, stop)
         first = self.version
         self._mark(+1)
         try:
@@ -100,10 +102,13 @@ class StreamingEngine:
         return completions(final, (first, self.version))
 
     async def generate(
-        self, prompts: list[list[int]], n: int, seed: int | None = None, temperature: float | None = None
-    ) -> list[list[Completion]]:
-        """For each prompt, n samples (the pool's batch call: evaluation)."""
-        return list(await asyncio.gather(*(self.generate_group(p, n, seed, temperature) for p in prompts)))
+        self, prompts: list[list[int]], n: int, seed: int | None = None, temperature: float | None = None,
+        max_tokens: int | list[int] | None = None, stop: list[str] | None = None,
+    ) -> list[list[Completion]]:  # fmt: skip
+        """For each prompt, n samples (the pool's batch call: evaluation); max_tokens: one or one per prompt."""
+        caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+        calls = (self.generate_group(p, n, seed, temperature, m, stop) for p, m in zip(prompts, caps, strict=True))
+        return list(await asyncio.gather(*calls))
 
     async def load_weights(self, weights: WeightsFile) -> dict[str, float]:
         """Reload all weights from the learner's file without ending the requests that are running."""

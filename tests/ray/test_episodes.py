@@ -47,18 +47,25 @@ def test_the_learner_scores_a_multi_turn_trajectory_as_the_engine_sampled_it(ray
         )
         gaps = []
         for (_, c), lp in zip(multi, scored, strict=True):
-            engine = [x for x, m in zip(c.logprobs, c.model_mask, strict=True) if m]
+            engine = _model_lp(c)
             assert len(lp) == len(engine)  # the model's tokens, in order; observations are not scored
             gaps += [abs(a - b) for a, b in zip(lp, engine, strict=True)]
         assert max(gaps) < 2e-2, max(gaps)
-        # the control: without the observations in its context the learner scores the same tokens otherwise
-        p, c = multi[0]
-        model_ids = [t for t, m in zip(c.token_ids, c.model_mask, strict=True) if m]
-        (stripped,) = learners.score([TrainSequence(p, model_ids, [0.0] * len(model_ids), 0.0)])
-        engine = [x for x, m in zip(c.logprobs, c.model_mask, strict=True) if m]
-        assert max(abs(a - b) for a, b in zip(stripped, engine, strict=True)) > 0.1
+        # the control: without the observations in their context the learner scores the same tokens otherwise
+        kept = [[t for t, m in zip(c.token_ids, c.model_mask, strict=True) if m] for _, c in multi]
+        plain = [TrainSequence(p, ids, [0.0] * len(ids), 0.0) for (p, _), ids in zip(multi, kept, strict=True)]
+        stripped = learners.score(plain)
+        pairs = [zip(lp, _model_lp(c), strict=True) for (_, c), lp in zip(multi, stripped, strict=True)]
+        off = [abs(a - b) for pair in pairs for a, b in pair]
+        assert max(off) > max(0.05, 10 * max(gaps)), (max(off), max(gaps))
     finally:
         rollout.shutdown()
+        learners.shutdown()
+
+
+def _model_lp(c) -> list[float]:
+    """The engine's log-probs of a trajectory's model tokens."""
+    return [x for x, m in zip(c.logprobs, c.model_mask, strict=True) if m]
 
 
 def test_a_job_with_an_environment_trains_evaluates_and_resumes_in_the_same_order(ray_local, tmp_path):
@@ -77,3 +84,15 @@ def test_a_job_with_an_environment_trains_evaluates_and_resumes_in_the_same_orde
     assert "eval/reward_mean" in rows[1]
     shown = [s for r in rows for s in r.get("samples", [])]
     assert any(1 in s.get("observation", []) for s in shown)  # the dashboard can set observations apart
+
+
+def test_episodes_stream_in_asynchronous_mode(ray_local, tmp_path):
+    """max_staleness 1: each trajectory's turns are requests of their own; the group is trained once its
+    last episode ended, within the staleness bound, with its turns' policy versions."""
+    train(tiny_config(tmp_path, ENV, "trainer.max_staleness=1", "algorithm.tis_cap=2.0",
+                                "trainer.steps=3", "trainer.save_every=0", "trainer.export_hf=false"))  # fmt: skip
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    for r in rows:
+        assert r["async/staleness_max"] <= 1 and r["batch/sequences"] > 0, r
+        assert r["env/tool_calls"] > 0 and r["env/turns_mean"] > 1, r

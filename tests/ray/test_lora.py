@@ -69,7 +69,7 @@ def test_lora_sync_makes_the_engine_score_like_the_learner(ray_local, tiny_path,
             _a_stalled_engine_fails_the_adapter_sync_naming_it(rollout, learners.export_weights("float32", 4))
     finally:
         rollout.shutdown()
-        learners.drop_weights()
+        learners.shutdown()
 
 
 def _a_stalled_engine_fails_the_adapter_sync_naming_it(rollout, ref) -> None:
