@@ -6,17 +6,19 @@ the `stop` strings is a tool call, which the environment answers with an observa
 when a turn ends otherwise (end of sequence: the model answered), when the environment says `done`,
 after `max_turns` model turns, or when the episode's response would pass `max_tokens` (model and
 observation tokens together). Only the model's tokens get a loss and count for the entropy filter.
+`format` chooses how calls and answers are written: these delimiters, or the model's chat template's
+tool format (actors.driver.tool_format).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
 from actors.common.config_base import StrictModel
 
-__all__ = ["CalculatorTool", "EnvironmentConfig", "PluginEnvironment", "PythonTool", "Tool"]
+__all__ = ["TOOL_SCHEMAS", "CalculatorTool", "EnvironmentConfig", "PluginEnvironment", "PythonTool", "Tool"]
 
 
 class PythonTool(StrictModel):
@@ -60,8 +62,33 @@ TOOL_DEFAULTS: dict[str, tuple[list[str], str]] = {
 }
 
 
+def _schema(name: str, description: str, argument: str, what: str) -> dict[str, Any]:
+    """A tool as a chat template's `tools=` lists it (JSON schema of its one string argument)."""
+    parameters = {"type": "object", "properties": {argument: {"type": "string", "description": what}}}
+    return {
+        "type": "function",
+        "function": {"name": name, "description": description, "parameters": {**parameters, "required": [argument]}},
+    }
+
+
+# the built-in tools as the chat template's format offers them (environment.format chat_template)
+TOOL_SCHEMAS: dict[str, dict[str, Any]] = {
+    "python": _schema("python", "Run a Python program; its stdout and stderr come back.", "code", "The program."),
+    "calculator": _schema(
+        "calculator", "Evaluate arithmetic: numbers, + - * / // % ** and parentheses.", "expression", "The expression."
+    ),
+}
+
+
 class EnvironmentConfig(StrictModel):
     tool: Tool = Field(default_factory=PythonTool)  # type: ignore[arg-type]
+    format: Literal["auto", "chat_template", "delimiters"] = Field(
+        "auto",
+        description="How calls and answers are written. chat_template: the model's chat template's tool format "
+        "(Hermes style: the prompt lists the tool, the model writes <tool_call>{...}</tool_call>, the answer is "
+        "the template's tool message); delimiters: the tool's own markers (stop, observation_template); auto: "
+        "chat_template when the template has a tool format and neither stop nor observation_template is set.",
+    )
     max_turns: int = Field(4, ge=1, le=64, description="Most model turns of one episode.")
     max_tokens: int = Field(
         256, ge=2, le=131072, description="Most response tokens of one episode: model turns and observations."
@@ -87,6 +114,11 @@ class EnvironmentConfig(StrictModel):
 
     @model_validator(mode="after")
     def _template(self) -> EnvironmentConfig:
+        if self.observation_template is not None and self.format == "chat_template":
+            raise ValueError(
+                f"environment.observation_template={self.observation_template!r} is for format 'delimiters': with "
+                "format 'chat_template' the answer is the template's tool message; accepted: one of the two"
+            )
         if self.observation_template is not None:
             if "{output}" not in self.observation_template:
                 raise ValueError(

@@ -11,10 +11,29 @@ replaced worker loses nothing.
 
 from __future__ import annotations
 
+import json
+import re
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Episode", "EpisodeState", "Observation"]
+__all__ = ["TOOL_CALL", "Episode", "EpisodeState", "Observation", "tool_call_arguments"]
+
+# a chat template's tool call, Hermes style (environment.format chat_template)
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+
+
+def tool_call_arguments(action: str, name: str) -> dict[str, Any] | None:
+    """The arguments of the turn's last <tool_call> naming `name`, or None (no such call, or not JSON
+    with a name and an arguments object)."""
+    for raw in reversed(TOOL_CALL.findall(action)):
+        try:
+            call = json.loads(raw)
+        except ValueError:
+            continue
+        if isinstance(call, dict) and call.get("name") == name and isinstance(call.get("arguments"), dict):
+            args: dict[str, Any] = call["arguments"]
+            return args
+    return None
 
 
 @dataclass(frozen=True)

@@ -101,8 +101,11 @@ def load_eval_examples(cfg: DataConfig, n: int) -> list[Example]:
     return load_examples(cfg)[:n]
 
 
-def render_prompt(tokenizer: Any, example: Example, cfg: DataConfig) -> list[int]:
-    """Token ids of the prompt, through the chat template when configured."""
+def render_prompt(
+    tokenizer: Any, example: Example, cfg: DataConfig, tools: list[dict[str, Any]] | None = None
+) -> list[int]:
+    """Token ids of the prompt, through the chat template when configured; tools: the schemas the
+    template lists (a multi-turn environment in the template's tool format, actors.driver.tool_format)."""
     if not cfg.use_chat_template:
         text = example.prompt if isinstance(example.prompt, str) else "\n".join(m["content"] for m in example.prompt)
         return list(tokenizer(text)["input_ids"])
@@ -111,7 +114,8 @@ def render_prompt(tokenizer: Any, example: Example, cfg: DataConfig) -> list[int
     )
     if cfg.system_prompt and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": cfg.system_prompt}, *messages]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    extra = {} if tools is None else {"tools": tools}
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):  # BatchEncoding in newer transformers
         ids = ids["input_ids"]
     return list(ids)

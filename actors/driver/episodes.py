@@ -8,8 +8,9 @@ model's tokens are the engine's ids, an observation is tokenised once when it is
 lives in the driver, beside the synchronous rounds, because it alternates between two pools (the
 rollout engines and the reward workers that host the environment).
 
-A turn that ends on one of `environment.stop` is a tool call: the environment answers it (or says
-`done`). A turn that ends otherwise - end of sequence, the per-turn cap `rollout.max_new_tokens` -
+A turn that is a tool call (it ends on one of `environment.stop`, or with the chat template's format
+holds a <tool_call>: actors.driver.tool_format) is answered by the environment (or it says `done`). A
+turn that ends otherwise - end of sequence, the per-turn cap `rollout.max_new_tokens` -
 ends the episode, as do `max_turns` model turns (`finish_reason` "turns": the last call goes
 unanswered) and a response that would pass `environment.max_tokens` ("length": truncated, as a
 single-turn completion at its cap, and masked the same way by `algorithm.overlong_mask`).
@@ -25,6 +26,7 @@ from actors.common.config import JobConfig
 from actors.common.env_config import EnvironmentConfig
 from actors.common.episode import Episode, EpisodeState, Observation
 from actors.driver.data import Example
+from actors.driver.tool_format import TurnFormat, turn_format
 
 __all__ = [
     "EPISODE_COUNTS",
@@ -54,8 +56,10 @@ class Trajectory:
     observations: list[Observation] = field(default_factory=list)
     finish: str | None = None
     versions: tuple[int, int] | None = None  # asynchronous mode: the first turn's first policy, the last's last
+    last_turn: list[int] = field(default_factory=list)  # the model's last turn's ids
 
     def add_turn(self, c: Completion) -> None:
+        self.last_turn = c.token_ids
         self.ids += c.token_ids
         self.logprobs += c.logprobs
         self.mask += [True] * len(c.token_ids)
@@ -92,17 +96,6 @@ class Trajectory:
         )
 
 
-def _observation_ids(env: EnvironmentConfig, obs: Observation, tokenizer: Any) -> list[int]:
-    """The observation as the model sees it: the tool's output (cut at max_observation_tokens) in the
-    template, tokenised once."""
-    out = tokenizer.encode(obs.text, add_special_tokens=False)
-    text = obs.text if len(out) <= env.max_observation_tokens else tokenizer.decode(out[: env.max_observation_tokens])
-    if len(out) > env.max_observation_tokens:
-        text += f"\n... ({len(out) - env.max_observation_tokens} more tokens cut)"
-    ids: list[int] = tokenizer.encode(env.template().format(output=text), add_special_tokens=False)
-    return ids
-
-
 def generate_groups(
     cfg: JobConfig, examples: list[Example], prompts: list[list[int]], n: int, rollout: Any, rewards: Any,
     tokenizer: Any, temperature: float | None = None,
@@ -112,15 +105,16 @@ def generate_groups(
     env = cfg.environment
     if env is None:
         return rollout.generate(prompts, n, **({} if temperature is None else {"temperature": temperature})), {}
-    stop, per_turn = env.stop_strings(), cfg.rollout.max_new_tokens
+    fmt, per_turn = turn_format(env, tokenizer, cfg.data.use_chat_template), cfg.rollout.max_new_tokens
+    stop = fmt.stop
     trajs = [Trajectory(p, ex) for p, ex in zip(prompts, examples, strict=True) for _ in range(n)]
     first = rollout.generate(prompts, n, max_tokens=min(per_turn, env.max_tokens), stop=stop, temperature=temperature)
     outs = [c for group in first for c in group]
     active = list(range(len(trajs)))
     while active:
-        calls = take_turns([trajs[i] for i in active], outs, active, stop, env.max_turns)
+        calls = take_turns([trajs[i] for i in active], outs, active, fmt)
         answers = rewards.env_step([trajs[i].state() for i in calls]) if calls else []
-        active = [i for i, obs in zip(calls, answers, strict=True) if answer_call(trajs[i], obs, env, tokenizer)]
+        active = [i for i, obs in zip(calls, answers, strict=True) if answer_call(trajs[i], obs, fmt)]
         if active:
             budgets = [trajs[i].budget(env, per_turn) for i in active]
             contexts = [trajs[i].context() for i in active]
@@ -130,31 +124,28 @@ def generate_groups(
     return [done[i * n : (i + 1) * n] for i in range(len(prompts))], episode_counts(trajs, done)
 
 
-def take_turns(
-    trajs: list[Trajectory], outs: list[Completion], ids: list[int], stop: list[str], max_turns: int
-) -> list[int]:
+def take_turns(trajs: list[Trajectory], outs: list[Completion], ids: list[int], fmt: TurnFormat) -> list[int]:
     """Append each trajectory's new turn; the ids of those whose turn is a call the environment answers."""
     calls = []
     for i, t, c in zip(ids, trajs, outs, strict=True):
         t.add_turn(c)
-        called = c.finish_reason == "stop" and any(c.text.endswith(s) for s in stop)
-        if not called:
+        if not fmt.is_call(c):
             t.finish = c.finish_reason or "stop"
-        elif len(t.actions) >= max_turns:
+        elif len(t.actions) >= fmt.env.max_turns:
             t.finish = "turns"  # no model turn is left to read the answer
         else:
             calls.append(i)
     return calls
 
 
-def answer_call(t: Trajectory, obs: Observation, env: EnvironmentConfig, tokenizer: Any) -> bool:
+def answer_call(t: Trajectory, obs: Observation, fmt: TurnFormat) -> bool:
     """Record the environment's answer; True when the episode goes on with the observation appended."""
     t.observations.append(obs)
     if obs.done:
         t.finish = "stop"
         return False
-    ids = _observation_ids(env, obs, tokenizer)
-    if len(t.ids) + len(ids) >= env.max_tokens:  # no room left for the model to read it and answer
+    ids = fmt.observation_ids(obs.text, t.last_turn)
+    if len(t.ids) + len(ids) >= fmt.env.max_tokens:  # no room left for the model to read it and answer
         t.finish = "length"
         return False
     t.add_observation(ids)

@@ -157,6 +157,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     from actors.driver.runtime import init_ray, load_tokenizer
     from actors.driver.stream import GroupStream
     from actors.driver.summary import summarize
+    from actors.driver.tool_format import prompt_tools
     from actors.driver.tracking import Tracker
     from actors.learner.group import LearnerGroup
     from actors.reward.pool import RewardPool
@@ -169,6 +170,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     init_ray(cfg)
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(model_path)
+    tools = prompt_tools(cfg, tokenizer)  # before the pools start: a wrong environment.format fails here
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     streaming = cfg.trainer.max_staleness > 0  # asynchronous mode
     lora = cfg.model.lora
@@ -181,7 +183,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
         trainable, params = learners.parameter_counts()
         tracker = Tracker(run, cfg)
         eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
-        eval_prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in eval_set]
+        eval_prompts = [render_prompt(tokenizer, ex, cfg.data, tools) for ex in eval_set]
 
         order = StreamOrder(sampler)  # asynchronous mode: serials and finished prompts of the order
         start = 0

@@ -26,6 +26,7 @@ from actors.common.batch import Completion, TokenTrace, TrainSequence
 from actors.common.config import JobConfig
 from actors.driver.data import Example, PromptSampler, render_prompt
 from actors.driver.episodes import episode_rates, generate_groups
+from actors.driver.tool_format import prompt_tools
 
 log = logging.getLogger("forkrl.sampling")
 
@@ -77,11 +78,12 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
     zero = ("timing/sample", "timing/generate", "timing/verify", "reward/errors", "reward/timeouts")
     parts: list[dict[str, Any]] = [dict.fromkeys(zero, 0.0)]
     rounds = discarded = 0
+    tools = prompt_tools(cfg, tokenizer)
     while rounds < rounds_max and len(kept) < need:
         rounds += 1
         t0 = time.perf_counter()
         examples = sampler.next()
-        prompts = [render_prompt(tokenizer, ex, cfg.data) for ex in examples]
+        prompts = [render_prompt(tokenizer, ex, cfg.data, tools) for ex in examples]
         t1 = time.perf_counter()
         outs, episode_counts = generate_groups(cfg, examples, prompts, g, rollout, rewards, tokenizer)
         t2 = time.perf_counter()

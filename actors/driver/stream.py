@@ -35,6 +35,7 @@ from actors.driver.buffer import GroupBuffer, StreamOrder, Waiting
 from actors.driver.data import Example, render_prompt
 from actors.driver.episodes import Trajectory, answer_call, episode_counts, episode_rates, take_turns
 from actors.driver.sampling import Group, StepRollout, batch_fingerprint, score_groups
+from actors.driver.tool_format import job_format
 
 log = logging.getLogger("forkrl.stream")
 
@@ -57,6 +58,8 @@ class _InFlight:
 class GroupStream:
     def __init__(self, cfg: JobConfig, order: StreamOrder, tokenizer: Any, rollout: Any, rewards: Any) -> None:
         self.cfg, self.order, self.tokenizer, self.rollout, self.rewards = cfg, order, tokenizer, rollout, rewards
+        self.fmt = job_format(cfg, tokenizer)
+        self.tools = None if self.fmt is None else self.fmt.tools
         self.need, self.g = cfg.data.prompts_per_step, cfg.rollout.group_size
         self.buffer = GroupBuffer(self.need, cfg.trainer.max_staleness)
         engines = cfg.rollout.num_engines
@@ -89,7 +92,7 @@ class GroupStream:
         context, n = f.prompt_ids, self.g
         if env is not None:
             per_turn = self.cfg.rollout.max_new_tokens
-            kw = {"stop": env.stop_strings(), "max_tokens": min(per_turn, env.max_tokens)}
+            kw = {"stop": self.fmt.stop if self.fmt else [], "max_tokens": min(per_turn, env.max_tokens)}
             if f.turn_of is not None and f.episodes is not None:
                 t = f.episodes[f.turn_of]
                 context, n, kw["max_tokens"] = t.context(), 1, t.budget(env, per_turn)
@@ -101,7 +104,7 @@ class GroupStream:
         room = min(self.buffer.room(groups, self.learning), self.max_inflight - groups)
         for _ in range(room):
             serial, ex = self.order.draw()
-            prompt = render_prompt(self.tokenizer, ex, self.cfg.data)
+            prompt = render_prompt(self.tokenizer, ex, self.cfg.data, self.tools)
             episodes = None if self.cfg.environment is None else [Trajectory(prompt, ex) for _ in range(self.g)]
             self._start(_InFlight(serial, ex, prompt, 0, episodes))
 
@@ -163,17 +166,17 @@ class GroupStream:
     def _turn(self, f: _InFlight, turns: list[Completion]) -> list[Completion] | None:
         """A multi-turn group's finished request: answer its calls, start the next turns; the group's
         finished trajectories once every episode has ended, else None."""
-        env, trajs = self.cfg.environment, f.episodes
-        assert env is not None and trajs is not None
+        fmt, trajs = self.fmt, f.episodes
+        assert fmt is not None and trajs is not None
         idx = list(range(self.g)) if f.turn_of is None else [f.turn_of]
-        calls = take_turns([trajs[i] for i in idx], turns, idx, env.stop_strings(), env.max_turns)
+        calls = take_turns([trajs[i] for i in idx], turns, idx, fmt)
         answers = self.rewards.env_step([trajs[i].state() for i in calls]) if calls else []
         for i, obs in zip(calls, answers, strict=True):
-            if answer_call(trajs[i], obs, env, self.tokenizer):
+            if answer_call(trajs[i], obs, fmt):
                 self._start(_InFlight(f.serial, f.example, f.prompt_ids, 0, trajs, i))
         if any(t.finish is None for t in trajs):
             return None
-        done = [t.completion(env.call_reward) for t in trajs]
+        done = [t.completion(fmt.env.call_reward) for t in trajs]
         self.episode_parts.append(episode_counts(trajs, done))
         return done
 

@@ -13,7 +13,7 @@ import re
 from collections.abc import Callable
 
 from actors.common.env_config import CalculatorTool, EnvironmentConfig, PluginEnvironment, PythonTool
-from actors.common.episode import EpisodeState, Observation
+from actors.common.episode import EpisodeState, Observation, tool_call_arguments
 from actors.reward.sandbox import SandboxLimits, check_sandbox, run_python
 from actors.reward.verifiers import load_plugin
 
@@ -26,19 +26,29 @@ _CALC = re.compile(r"<calc>(.*?)</calc>", re.DOTALL)
 MAX_EXPRESSION = 200  # characters of one calculator expression
 
 
+def _call(action: str, name: str, argument: str, blocks: re.Pattern[str]) -> str | None:
+    """The turn's call: the `argument` of its last <tool_call> naming `name` (the chat template's format),
+    else its last delimited block, else None."""
+    args = tool_call_arguments(action, name)
+    if args is not None:
+        return str(args.get(argument, ""))
+    found = blocks.findall(action)
+    return str(found[-1]) if found else None
+
+
 def python_tool(spec: PythonTool, wall_s: float) -> Environment:
-    """The turn's last ```python block runs in the sandbox; its output (stdout and stderr) is the answer.
-    No block: the turn was not a call, the episode ends."""
+    """The turn's last ```python block (or <tool_call> of "python" with its "code") runs in the sandbox;
+    its output (stdout and stderr) is the answer. No call: the episode ends."""
     limits = SandboxLimits(
         wall_s=wall_s, cpu_s=spec.cpu_s, memory_mb=spec.memory_mb, max_processes=spec.max_processes,
         max_output_bytes=spec.max_output_bytes,
     )  # fmt: skip
 
     def step(state: EpisodeState) -> Observation:
-        blocks = _PYTHON_BLOCK.findall(state.actions[-1])
-        if not blocks:
+        code = _call(state.actions[-1], "python", "code", _PYTHON_BLOCK)
+        if code is None:
             return Observation("", done=True)
-        result = run_python(blocks[-1], limits)
+        result = run_python(code, limits)
         text = result.output.rstrip()
         if result.timed_out:
             return Observation(f"{text}\nTimeoutError: stopped after {wall_s:g} s".strip(), ok=False, timed_out=True)
@@ -52,17 +62,18 @@ def python_tool(spec: PythonTool, wall_s: float) -> Environment:
 
 
 def calculator(spec: CalculatorTool) -> Environment:
-    """The turn's last <calc>expression</calc>, evaluated by simpleeval: numbers, + - * / // % ** and
-    parentheses (no names, no functions; simpleeval bounds powers and lengths)."""
+    """The turn's last <calc>expression</calc> (or <tool_call> of "calculator" with its "expression"),
+    evaluated by simpleeval: numbers, + - * / // % ** and parentheses (no names, no functions; simpleeval
+    bounds powers and lengths)."""
     from simpleeval import SimpleEval
 
     evaluator = SimpleEval(functions={}, names={})
 
     def step(state: EpisodeState) -> Observation:
-        calls = _CALC.findall(state.actions[-1])
-        if not calls:
+        call = _call(state.actions[-1], "calculator", "expression", _CALC)
+        if call is None:
             return Observation("", done=True)
-        expression = calls[-1].strip()
+        expression = call.strip()
         if len(expression) > MAX_EXPRESSION:
             return Observation(f"error: expression longer than {MAX_EXPRESSION} characters", ok=False)
         try:
