@@ -88,14 +88,14 @@ class GroupStream:
         if not self.inflight:  # the generate timeout counts from here when nothing was running
             self.last_progress = time.monotonic()
         f.engine = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])
-        env, kw = self.cfg.environment, {}
+        fmt, kw = self.fmt, {}
         context, n = f.prompt_ids, self.g
-        if env is not None:
+        if fmt is not None:  # multi-turn: the turn's stop strings and token cap
             per_turn = self.cfg.rollout.max_new_tokens
-            kw = {"stop": self.fmt.stop if self.fmt else [], "max_tokens": min(per_turn, env.max_tokens)}
+            kw = {"stop": fmt.stop, "max_tokens": min(per_turn, fmt.env.max_tokens)}
             if f.turn_of is not None and f.episodes is not None:
                 t = f.episodes[f.turn_of]
-                context, n, kw["max_tokens"] = t.context(), 1, t.budget(env, per_turn)
+                context, n, kw["max_tokens"] = t.context(), 1, t.budget(fmt.env, per_turn)
         self.inflight[self.rollout.submit(f.engine, context, n, **kw)] = f
         self.per_engine[f.engine] += 1
 
