@@ -56,6 +56,53 @@ class Pools:
     dtype: str
     sync_timeout_s: float
 
+    @classmethod
+    def start(cls, cfg: JobConfig, model_path: str, dtype: str) -> Pools:
+        """The three pools, started side by side: the learners load the model and join their process group
+        while vLLM starts (whose start-up is three processes importing vLLM one after another, each on one
+        core). If one pool fails to start, those that started are stopped before the error goes on."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from actors.learner.group import LearnerGroup
+        from actors.reward.pool import RewardPool
+        from actors.rollout.pool import RolloutPool
+
+        t0 = time.perf_counter()
+
+        def start_learners() -> tuple[LearnerGroup, float]:
+            group = LearnerGroup(
+                model_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, dtype, cfg.model.lora
+            )
+            return group, time.perf_counter() - t0
+
+        with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as ex:
+            learning = ex.submit(start_learners)
+            rollout = None
+            try:
+                streaming = cfg.trainer.max_staleness > 0  # asynchronous mode
+                rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed, streaming, cfg.model.lora)
+                t_rollout = time.perf_counter() - t0
+                rewards = RewardPool(cfg.reward, cfg.environment)
+                learners, t_learners = learning.result()
+            except BaseException:
+                if rollout is not None:
+                    rollout.shutdown()
+                if learning.exception() is None:  # (waits for the learners' start to end either way)
+                    learning.result()[0].shutdown()
+                raise
+        log.info(
+            "pools started in %.1f s, side by side: rollout engines %.1f s, learners %.1f s",
+            time.perf_counter() - t0, t_rollout, t_learners,
+        )  # fmt: skip
+        return cls(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s)
+
+    def shutdown(self) -> None:
+        """The engines' vLLM processes and the learners end with the run, whatever ends it."""
+        try:
+            self.rollout.shutdown()
+        finally:
+            self.learners.shutdown()
+
     def sync_weights(self, version: int) -> None:
         """Learner -> every rollout engine, through a file in shared memory; version: the trained steps."""
         self.rollout.load_weights(self.learners.export_weights(self.dtype, version), self.sync_timeout_s)
@@ -159,9 +206,6 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     from actors.driver.summary import summarize
     from actors.driver.tool_format import prompt_tools
     from actors.driver.tracking import Tracker
-    from actors.learner.group import LearnerGroup
-    from actors.reward.pool import RewardPool
-    from actors.rollout.pool import RolloutPool
 
     run = RunDir(Path(cfg.trainer.output_dir).resolve())
     run.path.mkdir(parents=True, exist_ok=True)
@@ -173,13 +217,9 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     tools = prompt_tools(cfg, tokenizer)  # before the pools start: a wrong environment.format fails here
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     streaming = cfg.trainer.max_staleness > 0  # asynchronous mode
-    lora = cfg.model.lora
-    rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed, streaming=streaming, lora=lora)
-    learners = None
-    try:  # the engines' vLLM processes end with the run, whatever ends it
-        rewards = RewardPool(cfg.reward, cfg.environment)
-        learners = LearnerGroup(model_path, cfg.learner, cfg.algorithm, cfg.rollout, cfg.trainer.seed, dtype, lora)
-        pools = Pools(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s)
+    pools = Pools.start(cfg, model_path, dtype)
+    rollout, rewards, learners = pools.rollout, pools.rewards, pools.learners
+    try:
         trainable, params = learners.parameter_counts()
         tracker = Tracker(run, cfg)
         eval_set = load_eval_examples(cfg.data, cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []
@@ -231,6 +271,4 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
         shutil.rmtree(run.scratch, ignore_errors=True)
         return summary
     finally:
-        rollout.shutdown()
-        if learners is not None:
-            learners.shutdown()
+        pools.shutdown()

@@ -175,25 +175,39 @@ def _stop_ray(temp_dir: Path) -> None:
     psutil.wait_procs(mine, timeout=30)
 
 
-@pytest.mark.parametrize("machine", ["fresh", "forkrl ran before"])
-def test_readme_ray_job_submit_recipe(machine, tmp_path):
-    """The README's recipe, line by line, with ports of its own (another Ray runs beside it): on a
-    machine with no ~/.ray/auth_token, and on one where a local ray.init() (an earlier forkrl run) left
-    one - which makes `ray start --head` turn token authentication on."""
-    venv_bin = Path(sys.executable).parent
-    home = tmp_path / "home"
+def _recipe_machine(home: Path, ran_before: bool, export: str, token: str) -> dict[str, str]:
+    """A HOME of its own, fresh or where a local ray.init() (an earlier forkrl run) left a token, after the
+    recipe's first two lines: they leave exactly one token there, the earlier one if there was one. The
+    environment to go on with."""
     home.mkdir()
+    venv_bin = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", HOME=str(home))
     env["FORKRL_MODEL_CACHE"] = str(resolve_cache())  # the models built for the suite, not a new HOME's
     for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         env.pop(var, None)
-    if machine == "forkrl ran before":
+    before = None
+    if ran_before:
         probe = "import ray; ray.init(address='local', num_cpus=1, include_dashboard=False); ray.shutdown()"
         subprocess.run([sys.executable, "-c", probe], env=env, check=True, capture_output=True, timeout=180)
-        assert (home / ".ray" / "auth_token").is_file()  # the condition this case is about
+        before = (home / ".ray" / "auth_token").read_text()  # the condition this case is about
     else:
         assert not (home / ".ray").exists()
+    out = subprocess.run(["bash", "-c", f"{export} && {token}"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=180)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    made = (home / ".ray" / "auth_token").read_text()
+    assert made.strip() and made == (before or made), (before, made)
+    return env
+
+
+def test_readme_ray_job_submit_recipe(tmp_path):
+    """The README's recipe, line by line, with ports of its own (another Ray runs beside it), on a machine
+    with no ~/.ray/auth_token. On one where an earlier forkrl run left a token (which makes `ray start
+    --head` turn token authentication on), its first two lines keep that token and set the mode: `ray
+    start` and `ray job submit` then meet what they meet on the fresh machine, so the job runs there once."""
     export, token, start, submit = _readme_recipe()
+    _recipe_machine(tmp_path / "ran-before", True, export, token)
+    env = _recipe_machine(tmp_path / "fresh", False, export, token)
     port, dash, agent = _free_port(), _free_port(), _free_port()
     temp_dir = Path(f"/tmp/fk-ray-{port}")  # short: Ray's socket paths must stay under 108 bytes
     start += (
@@ -204,10 +218,9 @@ def test_readme_ray_job_submit_recipe(machine, tmp_path):
     submit += f" --set trainer.steps=2 --set trainer.export_hf=false --set trainer.output_dir={tmp_path / 'run'}"
     run_dir = tmp_path / "run"
     try:
-        for line in (token, start):
-            out = subprocess.run(["bash", "-c", f"{export} && {line}"], cwd=ROOT, env=env, capture_output=True,
-                                 text=True, timeout=180)  # fmt: skip
-            assert out.returncode == 0, (line, out.stderr[-3000:])
+        out = subprocess.run(["bash", "-c", f"{export} && {start}"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=180)  # fmt: skip
+        assert out.returncode == 0, (start, out.stderr[-3000:])
         for _ in range(10):  # the dashboard's job agent registers a few seconds after `ray start`
             out = subprocess.run(["bash", "-c", f"{export} && {submit}"], cwd=ROOT, env=env, capture_output=True,
                                  text=True, timeout=600)  # fmt: skip
