@@ -4,7 +4,7 @@ as `JobState`.
 
     with ForkrlClient("http://127.0.0.1:8000", token) as api:
         job = api.submit(cfg)
-        page = api.metrics(job.id, after_step=0)
+        page = api.metrics(job.id)  # from step 0: the evaluation before training
 
 An answer of 400 or more raises `ApiError` (an httpx.HTTPStatusError whose text names the call, the
 status and the service's message); an unreachable service raises httpx.TransportError.
@@ -99,8 +99,8 @@ class ForkrlClient:
     def delete(self, job_id: str) -> None:
         self._call("DELETE", f"/v1/jobs/{job_id}")
 
-    def metrics(self, job_id: str, after_step: int = 0) -> MetricsPage:
-        """The step records after `after_step`, one page (the service's default size)."""
+    def metrics(self, job_id: str, after_step: int = -1) -> MetricsPage:
+        """The step records after `after_step` (-1: from the first, step 0), one page (the service's default size)."""
         r = self._call("GET", f"/v1/jobs/{job_id}/metrics", params={"after_step": after_step})
         return MetricsPage.model_validate(r.json())
 
@@ -114,7 +114,7 @@ class ForkrlClient:
         with self.http.stream("GET", f"/v1/jobs/{job_id}/logs", params={"follow": True}, timeout=None) as r:
             yield from _checked(r).iter_text()
 
-    def events(self, job_id: str, after_step: int = 0) -> Iterator[tuple[str, dict[str, Any]]]:
+    def events(self, job_id: str, after_step: int = -1) -> Iterator[tuple[str, dict[str, Any]]]:
         """The job's server-sent events as (event, data): `state`, `metrics`, and `end` last."""
         event = ""
         params = {"after_step": after_step}

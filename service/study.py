@@ -44,6 +44,7 @@ log = logging.getLogger("forkrl.study")
 KEEP = (
     "reward/mean",
     "eval/reward_mean",
+    "eval/reward_stderr",
     "entropy/mean",
     "entropy/p80",
     "entropy/frac_below_0.01",
@@ -117,7 +118,7 @@ def run_service(
         _wait(api, key, job)
         rows: list[dict[str, Any]] = []
         while True:  # pages of at most 1000 steps
-            page = api.metrics(job, after_step=rows[-1]["step"] if rows else 0).metrics
+            page = api.metrics(job, after_step=rows[-1]["step"] if rows else -1).metrics
             if not page:
                 break
             rows += page

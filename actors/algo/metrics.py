@@ -118,6 +118,8 @@ RULES: dict[str, Rule] = {
         for name in ("turns_mean", "tool_calls_mean", "tool_error_rate", "truncated_frac", "observation_share")
     },
     "eval/reward_mean": _WHOLE,
+    "eval/reward_stderr": _WHOLE,
+    "eval/prompts": _WHOLE,
     "forking_tokens": _WHOLE,  # entropy/top_forking_tokens decoded
     "tracking/errors": _WHOLE,
     "tracking/dropped": _WHOLE,

@@ -185,13 +185,24 @@ def async_step(
     return m, samples
 
 
-def evaluate(cfg: JobConfig, pools: Pools, prompts: list[list[int]], examples: list[Any], tokenizer: Any) -> float:
-    """Greedy answers on the held-out set (with `environment`: greedy episodes): the mean verifier score."""
+def evaluate(
+    cfg: JobConfig, pools: Pools, prompts: list[list[int]], examples: list[Any], tokenizer: Any
+) -> dict[str, float]:
+    """Greedy answers on the held-out set (with `environment`: greedy episodes): the mean verifier score and
+    its standard error over the prompts (sample standard deviation / sqrt(n))."""
     from actors.driver.episodes import generate_groups
 
     outs, _ = generate_groups(cfg, examples, prompts, 1, pools.rollout, pools.rewards, tokenizer, temperature=0.0)
     right, _ = pools.rewards.score([(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, examples, strict=True)])
-    return sum(right) / len(right)
+    return eval_metrics(right)
+
+
+def eval_metrics(scores: list[float]) -> dict[str, float]:
+    """The mean of the held-out scores and its standard error (0 with fewer than two prompts)."""
+    n = len(scores)
+    mean = sum(scores) / n
+    var = sum((x - mean) ** 2 for x in scores) / (n - 1) if n > 1 else 0.0
+    return {"eval/reward_mean": mean, "eval/reward_stderr": (var / n) ** 0.5, "eval/prompts": float(n)}
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as one story (setup, resume, steps, end)
@@ -203,7 +214,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     from actors.driver.data import PromptSampler, load_eval_examples, load_examples, render_prompt
     from actors.driver.runtime import init_ray, load_tokenizer
     from actors.driver.stream import GroupStream
-    from actors.driver.summary import summarize
+    from actors.driver.summary import read_evals, summarize
     from actors.driver.tool_format import prompt_tools
     from actors.driver.tracking import Tracker
 
@@ -235,6 +246,12 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             pools.sync_weights(start)
             log.info("resumed from %s at step %d", ckpt, start)
             tracker.backfill(start)  # what W&B / MLflow lost with the previous attempt's queues
+        if eval_set and start == 0:  # the policy before any update: what every later evaluation is read against
+            m0: dict[str, Any] = {}
+            with timed(m0, "eval"):
+                m0.update(evaluate(cfg, pools, eval_prompts, eval_set, tokenizer))
+            tracker.log(0, m0)
+            log.info("step 0 | eval %.3f +- %.3f before any update", m0["eval/reward_mean"], m0["eval/reward_stderr"])
 
         history: list[dict[str, Any]] = []
         bar = tqdm(
@@ -249,7 +266,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             m.update({"model/trainable_params": trainable, "model/params": params})
             if eval_set and (step % cfg.trainer.eval_every == 0 or step == cfg.trainer.steps):
                 with timed(m, "eval"):
-                    m["eval/reward_mean"] = evaluate(cfg, pools, eval_prompts, eval_set, tokenizer)
+                    m.update(evaluate(cfg, pools, eval_prompts, eval_set, tokenizer))
             saved = None
             if cfg.trainer.save_every and step % cfg.trainer.save_every == 0 or step == cfg.trainer.steps:
                 with timed(m, "checkpoint"):
@@ -265,7 +282,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             timings = " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/"))
             log.info("step %d | reward %.3f | %s", step, m["reward/mean"], timings)
         export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
-        summary = summarize(history, run.path, export)
+        summary = summarize(history, run.path, export, read_evals(run.metrics))
         summary.update(tracker.close(summary, export))  # W&B / MLflow runs end with the summary and the export
         run.summary.write_text(json.dumps(summary, indent=1))
         shutil.rmtree(run.scratch, ignore_errors=True)

@@ -1,4 +1,6 @@
-"""The run's summary: reward and entropy first against last, phase timings; written to summary.json and printed."""
+"""The run's summary, written to summary.json and printed: held-out accuracy before training and at the end
+with its standard error, the train reward curve, what the filter kept (share, threshold, the tokens it kept
+most), entropy first against last, phase timings, and where the run's files are."""
 
 from __future__ import annotations
 
@@ -6,14 +8,61 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["print_summary", "summarize"]
+from actors.common.contract import parse_metric_line
+
+__all__ = ["print_summary", "read_evals", "sparkline", "summarize"]
+
+BARS = "▁▂▃▄▅▆▇█"
 
 
-def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) -> dict[str, Any]:
+def read_evals(metrics_path: Path) -> list[dict[str, float]]:
+    """Every held-out evaluation the run's metrics file holds, over all its attempts (a step logged twice:
+    the last record counts), in step order: [{"step", "mean", "stderr", "prompts"}]."""
+    found: dict[int, dict[str, float]] = {}
+    lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
+    for rec in filter(None, map(parse_metric_line, lines)):
+        if isinstance(rec.get("eval/reward_mean"), int | float):
+            found[int(rec["step"])] = {
+                "step": int(rec["step"]),
+                "mean": float(rec["eval/reward_mean"]),
+                "stderr": float(rec.get("eval/reward_stderr", 0.0)),
+                "prompts": float(rec.get("eval/prompts", 0.0)),
+            }
+    return [found[s] for s in sorted(found)]
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    """values as one line of block characters (bucket means when longer than width), low to high."""
+    if not values:
+        return ""
+    k = -(-len(values) // width)  # ceil: values per character
+    pts = [sum(values[i : i + k]) / len(values[i : i + k]) for i in range(0, len(values), k)]
+    lo, hi = min(pts), max(pts)
+    span = hi - lo or 1.0
+    return "".join(BARS[min(len(BARS) - 1, int((v - lo) / span * len(BARS)))] for v in pts)
+
+
+def _top_kept(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, Any]]:
+    """The tokens the filter kept most over the run (per step: entropy/top_forking_tokens decoded), with
+    how often they were kept and dropped."""
+    kept: dict[str, list[int]] = {}
+    for r in history:
+        for t in r.get("forking_tokens") or []:
+            k = kept.setdefault(t["text"], [0, 0])
+            k[0] += int(t["kept"])
+            k[1] += int(t.get("dropped", 0))
+    top = sorted(kept.items(), key=lambda kv: -kv[1][0])[:n]
+    return [{"text": text, "kept": k, "dropped": d} for text, (k, d) in top]
+
+
+def summarize(
+    history: list[dict[str, Any]], run_dir: Path, export: str | None, evals: list[dict[str, float]] | None = None
+) -> dict[str, Any]:
     def mean(key: str, rows: list[dict[str, Any]]) -> float | None:
         vals = [r[key] for r in rows if key in r]
         return sum(vals) / len(vals) if vals else None
 
+    evals = evals or []
     k = max(1, min(5, len(history) // 4 or 1))
     first, last = history[:k], history[-k:]
     keys = ["entropy/mean", "entropy/p80", "entropy/threshold", "entropy/frac_below_0.01", "entropy/kept_mean"]
@@ -24,10 +73,15 @@ def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) 
         "window": k,
         "reward_first": mean("reward/mean", first),
         "reward_last": mean("reward/mean", last),
+        "reward_curve": [r["reward/mean"] for r in history if "reward/mean" in r],
         "entropy_first": {key: first[0].get(key) for key in keys} if history else {},
         "entropy_last": {key: last[-1].get(key) for key in keys} if history else {},
-        "eval_first": next((r["eval/reward_mean"] for r in history if "eval/reward_mean" in r), None),
-        "eval_last": next((r["eval/reward_mean"] for r in reversed(history) if "eval/reward_mean" in r), None),
+        "kept_frac": mean("entropy/kept_frac", history),
+        "threshold_last": next((r["entropy/threshold"] for r in reversed(history) if "entropy/threshold" in r), None),
+        "top_kept_tokens": _top_kept(history),
+        "evals": evals,
+        "eval_first": evals[0]["mean"] if evals else None,
+        "eval_last": evals[-1]["mean"] if evals else None,
         "seconds_per_step": mean("timing/step", history),
         "rounds_per_step": mean("batch/rounds", history),
         "sequences_per_step": mean("batch/sequences", history),
@@ -37,25 +91,47 @@ def summarize(history: list[dict[str, Any]], run_dir: Path, export: str | None) 
     }
 
 
-def print_summary(s: dict[str, Any]) -> None:
-    out = sys.stdout
+def _fmt(v: Any) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
 
-    def fmt(v: Any) -> str:
-        return "n/a" if v is None else f"{v:.3f}"
 
-    out.write("\n== forkrl run summary ==\n")
-    out.write(f"steps run: {s['steps_run']}   seconds/step: {fmt(s['seconds_per_step'])}\n")
-    out.write(
-        f"generation rounds/step: {fmt(s['rounds_per_step'])}   sequences trained/step: "
-        f"{fmt(s['sequences_per_step'])}\n"
+def _eval_line(evals: list[dict[str, float]]) -> str:
+    a, b = evals[0], evals[-1]
+    line = (
+        f"held-out accuracy (greedy, {int(b['prompts'])} prompts): step {a['step']} {a['mean']:.3f} ± {a['stderr']:.3f}"
     )
+    if len(evals) > 1:
+        diff, err = b["mean"] - a["mean"], (a["stderr"] ** 2 + b["stderr"] ** 2) ** 0.5
+        sigmas = f", {diff / err:+.1f} standard errors" if err > 0 else ""
+        line += f" -> step {b['step']} {b['mean']:.3f} ± {b['stderr']:.3f} ({diff:+.3f}{sigmas})"
+    return line + "\n"
+
+
+def print_summary(s: dict[str, Any], out: Any = None) -> None:
+    out = out or sys.stdout
+    out.write("\n== forkrl run summary ==\n")
+    if s.get("evals"):
+        out.write(_eval_line(s["evals"]))
     w = s["window"]
-    out.write(f"mean reward: first {w} step(s) {fmt(s['reward_first'])} -> last {w} {fmt(s['reward_last'])}\n")
-    if s["eval_first"] is not None:
-        out.write(f"greedy eval reward: first {fmt(s['eval_first'])} -> last {fmt(s['eval_last'])}\n")
+    out.write(f"train reward: first {w} step(s) {_fmt(s['reward_first'])} -> last {w} {_fmt(s['reward_last'])}")
+    out.write(f"   {sparkline(s.get('reward_curve') or [])}\n")
+    if s.get("kept_frac") is not None:
+        out.write(
+            f"filter: kept {s['kept_frac']:.1%} of the response tokens, last threshold {_fmt(s['threshold_last'])}\n"
+        )
+    if s.get("top_kept_tokens"):
+        out.write(
+            "kept most (forking tokens): "
+            + "  ".join(f"{t['text']!r}×{t['kept']}" for t in s["top_kept_tokens"])
+            + "\n"
+        )
+    out.write(
+        f"steps run: {s['steps_run']}   seconds/step: {_fmt(s['seconds_per_step'])}   generation rounds/step: "
+        f"{_fmt(s['rounds_per_step'])}   sequences trained/step: {_fmt(s['sequences_per_step'])}\n"
+    )
     for label, ent in (("first step", s["entropy_first"]), ("last step", s["entropy_last"])):
-        out.write(f"entropy, {label}: " + "  ".join(f"{k[8:]}={fmt(v)}" for k, v in ent.items()) + "\n")
-    out.write("phase seconds: " + "  ".join(f"{k}={fmt(v)}" for k, v in s["phase_seconds"].items()) + "\n")
+        out.write(f"entropy, {label}: " + "  ".join(f"{k[8:]}={_fmt(v)}" for k, v in ent.items()) + "\n")
+    out.write("phase seconds: " + "  ".join(f"{k}={_fmt(v)}" for k, v in s["phase_seconds"].items()) + "\n")
     out.write(f"run directory: {s['run_dir']}  (metrics.jsonl, tensorboard/, checkpoints/, summary.json)\n")
     if s["export"]:
         out.write(f"Hugging Face export: {s['export']}\n")

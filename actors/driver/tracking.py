@@ -155,7 +155,7 @@ class _WandB(_Backend):
     def __init__(self, cfg: JobConfig, run: RunDir, state: dict[str, Any], sent: Callable[[str, int], None]) -> None:
         self.cfg, self.run_dir, self.state = cfg, run.path, state
         self.run: Any = None
-        super().__init__(int(state.get(f"{self.name}_last_step", 0)), sent)
+        super().__init__(int(state.get(f"{self.name}_last_step", -1)), sent)
         self.submit(self._start)
 
     def _start(self) -> None:
@@ -200,7 +200,7 @@ class _MLflow(_Backend):
         self.cfg, self.state = cfg, state
         self.client: Any = None
         self.run_id = ""
-        super().__init__(int(state.get(f"{self.name}_last_step", 0)), sent)
+        super().__init__(int(state.get(f"{self.name}_last_step", -1)), sent)
         self.submit(self._start)
 
     def _start(self) -> None:
@@ -270,7 +270,9 @@ class Tracker:
         self._lock = threading.Lock()
         self.jsonl = run.metrics.open("a", buffering=1)
         self.tb: Any = None
-        self.tb_last_step = int(self.state.get("tensorboard_last_step", 0))
+        self.tb_last_step = int(
+            self.state.get("tensorboard_last_step", -1)
+        )  # -1: none yet (0 is the evaluation before training)
         if tr.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -312,7 +314,7 @@ class Tracker:
         for line in self.run.metrics.read_text().splitlines():
             rec = parse_metric_line(line)
             step = rec.get("step") if rec else None
-            if rec is not None and isinstance(step, int) and not isinstance(step, bool) and 0 < step <= upto:
+            if rec is not None and isinstance(step, int) and not isinstance(step, bool) and 0 <= step <= upto:
                 records[step] = rec
         queued = 0
         for step in sorted(records):

@@ -22,6 +22,10 @@ from service.schemas import CheckpointList, CheckpointOut, JobList, JobOut, Metr
 from service.store import StepJSON
 from service.streams import held_stream
 
+AFTER_STEP = (
+    "the records of the steps after this one; -1 (the default): all, the evaluation before training (step 0) first"
+)
+
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 
@@ -85,7 +89,7 @@ async def get_metrics(
     job_id: JobId,
     who: Principal,
     svc: ServiceDep,
-    after_step: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    after_step: Annotated[int, Query(ge=-1, le=2**31, description=AFTER_STEP)] = -1,
     limit: Annotated[int, Query(ge=1, le=2**31, description="at most FORKRL_METRICS_READ_MAX (10,000)")] = 1000,
     view: Annotated[
         Literal["full", "scalars"],
@@ -193,7 +197,7 @@ async def events(
     job_id: JobId,
     who: Principal,
     svc: ServiceDep,
-    after_step: Annotated[int, Query(ge=0, le=2**31)] = 0,
+    after_step: Annotated[int, Query(ge=-1, le=2**31, description=AFTER_STEP)] = -1,
 ) -> StreamingResponse:
     """Server-sent events: `state` (each state change, the current one first), `metrics` (each new
     step's record; from after_step on, a long history a page at a time) and `end`: once the job is finished

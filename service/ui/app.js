@@ -456,7 +456,7 @@ function jobView(id) {
       abort = new AbortController();
       try {
         let ended = null;
-        const after = records.length ? records[records.length - 1].step : 0;
+        const after = records.length ? records[records.length - 1].step : -1; // -1: step 0 (the evaluation before training) too
         setConn("Live");
         await readEvents(jobUrl(id, `/events?after_step=${after}`), (kind, data, eid) => {
           delay = 1000;

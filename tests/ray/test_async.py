@@ -32,7 +32,8 @@ def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tm
         "rollout.inflight_weight_updates=true",
     )
     train(cfg)
-    rows = _rows(tmp_path)
+    evaluated, *rows = _rows(tmp_path)
+    assert evaluated["step"] == 0 and 0 <= evaluated["eval/reward_mean"] <= 1  # before training
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     learned = [r for r in rows if "entropy/kept_tokens" in r]
     assert len(learned) >= 4

@@ -74,7 +74,9 @@ def test_a_job_with_an_environment_trains_evaluates_and_resumes_in_the_same_orde
     train(tiny_config(tmp_path, *settings, "trainer.steps=1"))
     train(tiny_config(tmp_path, *settings, "trainer.steps=2"))  # resumes at step 1
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
+    assert [r["step"] for r in rows] == [0, 1, 2]  # 0: the evaluation before training, once
+    assert set(rows[0]) >= {"eval/reward_mean", "eval/reward_stderr"} and "reward/mean" not in rows[0]
+    rows = rows[1:]
     cfg = tiny_config(tmp_path, *settings)
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     assert [r["data/batch_crc"] for r in rows] == [batch_fingerprint(sampler.next()) for _ in range(2)]

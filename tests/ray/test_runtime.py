@@ -183,6 +183,11 @@ def _recipe_machine(home: Path, ran_before: bool, export: str, token: str) -> di
     venv_bin = Path(sys.executable).parent
     env = dict(os.environ, PATH=f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}", HOME=str(home))
     env["FORKRL_MODEL_CACHE"] = str(resolve_cache())  # the models built for the suite, not a new HOME's
+    # DeepSpeed's CPU ops as the suite built them (a new HOME would compile them again: a minute, 3 GB)
+    build = f"py{sys.version_info.major}{sys.version_info.minor}_cpu"
+    env["TORCH_EXTENSIONS_DIR"] = os.environ.get(
+        "TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" / build)
+    )
     for var in ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN"):
         env.pop(var, None)
     before = None

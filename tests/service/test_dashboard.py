@@ -146,15 +146,15 @@ def test_a_finished_job_shows_its_curves_and_forking_tokens(page, site):
     with server.client(site["token"]) as c:
         metrics = c.get(f"/v1/jobs/{site['filtered']}/metrics").json()["metrics"]
         newest = c.get(f"/v1/jobs/{site['filtered']}/samples").json()
-    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    assert [m["step"] for m in metrics] == [0, 1, 2, 3, 4]  # 0: the evaluation before training
     sign_in(page, site)
     page.get_by_role("link", name="filter-0.2").click()
     page.get_by_role("heading", name=re.compile("filter-0.2")).wait_for()
     # every curve drawn from the job's own records: the reward chart has a point per step (train) and
-    # the held-out evals (steps 2 and 4); the step-time breakdown has its phases
+    # the held-out evals (steps 0, 2 and 4); the step-time breakdown has its phases
     reward = page.locator("#chart-reward")
     reward.locator(".scatterlayer .trace").first.wait_for()
-    assert reward.get_attribute("data-points") == str(4 + 2)
+    assert reward.get_attribute("data-points") == str(4 + 3)
     for key in ("entropy", "shares", "length", "clip", "kl", "gradnorm"):
         assert int(page.locator(f"#chart-{key}").get_attribute("data-traces") or 0) >= 1, key
     assert int(page.locator("#chart-time").get_attribute("data-traces") or 0) >= 4

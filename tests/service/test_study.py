@@ -65,7 +65,8 @@ def test_a_study_runs_its_arms_through_the_control_plane_and_resumes(ray_head, t
         for name in ("top", "rand"):
             arm = results["arms"][name]
             rows = [json.loads(x) for x in (out / "runs" / f"{name}-s3.jsonl").read_text().splitlines()]
-            assert [r["step"] for r in rows] == [1, 2]
+            assert [r["step"] for r in rows] == [0, 1, 2]  # 0: the evaluation before training
+            assert arm["eval_first"][0] == rows[0]["eval/reward_mean"] and "reward/mean" not in rows[0]
             assert arm["eval_final"][0] == rows[-1]["eval/reward_mean"] and arm["eval_final"][1] == 0.0  # one seed
             assert arm["eval_best"][0] == max(r["eval/reward_mean"] for r in rows)
             assert arm["entropy"]["first"]["p80"] == rows[0]["entropy/p80"]

@@ -42,6 +42,7 @@ def test_mlflow_and_wandb_keep_one_run_per_job_across_a_resume(tmp_path, monkeyp
     (export / "config.json").write_text('{"model_type": "llama"}')
 
     first = Tracker(run, cfg)
+    first.log(0, {"eval/reward_mean": 0.25})  # the evaluation before training: step 0, in every sink
     _steps(first, range(1, 4))  # steps 1-3, then the job dies after its checkpoint at step 1 ...
     assert first.close() == {"tracking/errors": 0.0, "tracking/dropped": 0.0}
     held = json.loads((run.path / "tracking.json").read_text())
@@ -58,6 +59,7 @@ def test_mlflow_and_wandb_keep_one_run_per_job_across_a_resume(tmp_path, monkeyp
     (mrun,) = client.search_runs([exp.experiment_id])  # one run for the job, resumed
     assert mrun.info.status == "FINISHED" and mrun.data.tags["forkrl.run_dir"] == str(run.path)
     assert [m.step for m in client.get_metric_history(mrun.info.run_id, "reward_mean")] == [1, 2, 3, 4, 5]
+    assert [(m.step, m.value) for m in client.get_metric_history(mrun.info.run_id, "eval_reward_mean")] == [(0, 0.25)]
     params = mrun.data.params
     assert params["algorithm.top_entropy_quantile"] == "0.2" and params["trainer.steps"] == "20"
     assert params == flat_params(cfg)
@@ -76,6 +78,7 @@ def test_mlflow_and_wandb_keep_one_run_per_job_across_a_resume(tmp_path, monkeyp
     assert run_ids(run.path) == {json.loads((run.path / "tracking.json").read_text())["wandb_run_id"]}
     steps = [r["_step"] for r in history(run.path) if "reward/mean" in r]
     assert steps == [1, 2, 3, 4, 5]
+    assert [r["_step"] for r in history(run.path) if "eval/reward_mean" in r] == [0]
     (row,) = [r for r in history(run.path) if any(k.startswith("samples") for k in r)]  # the table of step 2
     assert row["_step"] == 2
     tables = list((run.path / "wandb").glob("offline-run-*/files/media/table/samples_2_*.table.json"))
@@ -95,8 +98,8 @@ def test_mlflow_and_wandb_keep_one_run_per_job_across_a_resume(tmp_path, monkeyp
     # the run directory's own record keeps what happened, resumed steps included (the control plane drops
     # a failed attempt's steps after its checkpoint and stores the next attempt's)
     lines = [json.loads(ln) for ln in run.metrics.read_text().splitlines()]
-    assert [r["step"] for r in lines] == [1, 2, 3, 2, 3, 4, 5]
-    assert lines[1]["samples"] == [SAMPLE] and "samples" not in lines[0]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3, 2, 3, 4, 5]
+    assert lines[2]["samples"] == [SAMPLE] and "samples" not in lines[1]
 
 
 def test_tracking_failures_are_counted_and_never_stall_the_loop(tmp_path, monkeypatch):
