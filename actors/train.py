@@ -2,7 +2,7 @@
 
     python -m actors.train --config examples/demo.yaml [--set trainer.steps=3] [--resume]
     ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml -- \
-        python -m actors.train --config examples/tiny.yaml
+        python -m actors.train --config examples/tiny.yaml --set trainer.output_dir=$PWD/runs/tiny
 
 Reads and validates the config, runs the driver (`actors.driver.loop.train`), prints the summary.
 """
@@ -16,6 +16,7 @@ import os
 import sys
 
 from actors.common.config_load import ConfigError, load_config, validate_config
+from actors.driver.location import with_run_location
 from actors.driver.summary import print_summary
 
 __all__ = ["main"]
@@ -48,11 +49,13 @@ def main(argv: list[str] | None = None) -> int:
             cfg = validate_config(data, overrides)
         else:
             cfg = load_config(args.config, overrides)
+        cfg = with_run_location(cfg)  # an absolute run directory, never Ray's temporary working directory
     except ConfigError as e:
         sys.stderr.write(f"forkrl: invalid config:\n{e}\n")
         return 2
     from actors.driver.loop import train
 
+    logging.getLogger("forkrl.train").info("run directory: %s", cfg.trainer.output_dir)
     summary = train(cfg)
     print_summary(summary)
     return 0

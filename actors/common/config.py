@@ -274,8 +274,9 @@ class TrainerConfig(StrictModel):
     save_every: int = Field(10, ge=0, le=10_000_000, description="Checkpoint every K steps; 0 = only at the end.")
     keep_checkpoints: int = Field(2, ge=1, le=1000, description="Newest checkpoints kept on disk.")
     eval_every: int = Field(
-        0, ge=0, le=10_000_000, description="Greedy evaluation before training (step 0), every K steps and at the end; 0 = off."
-    )
+        0, ge=0, le=10_000_000,
+        description="Greedy evaluation before training (step 0), every K steps and at the end; 0 = off.",
+    )  # fmt: skip
     eval_prompts: int = Field(32, ge=1, le=100_000, description="Prompts in the evaluation set.")
     output_dir: Annotated[str, NoNul] = Field(
         "runs/forkrl", min_length=1, max_length=PATH_LEN, description="Run directory: metrics, checkpoints, export."

@@ -2,7 +2,7 @@
 
     python -m actors.train --config examples/demo.yaml [--set trainer.steps=3] [--resume]
     ray job submit --working-dir . --runtime-env deploy/runtime_env.yaml -- \
-        python -m actors.train --config examples/tiny.yaml
+        python -m actors.train --config examples/tiny.yaml --set trainer.output_dir=$PWD/runs/tiny
 
 Departures from plain GRPO, on purpose: the policy gradient flows only through the
 top `algorithm.top_entropy_quantile` highest-entropy response tokens of each optimizer step

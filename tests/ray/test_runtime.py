@@ -233,11 +233,16 @@ def test_readme_ray_job_submit_recipe(tmp_path):
                 break
             time.sleep(3)
         assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
-        assert "succeeded" in out.stdout.lower()
+        assert "succeeded" in out.stdout.lower() and f"run directory: {run_dir}" in out.stdout
         rows = _rows(run_dir)
         assert [r["step"] for r in rows] == [1, 2]
         # the tiny example learns something: its format reward gives a random model groups with signal
         assert sum(r["batch/sequences"] for r in rows) > 0 and all("entropy/mean" in r for r in rows)
+        # a relative output_dir would land in Ray's temporary copy of the working directory: refused at once
+        relative = submit.split(" --set trainer.output_dir=")[0]
+        out = subprocess.run(["bash", "-c", f"{export} && {relative}"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=300)  # fmt: skip
+        assert out.returncode != 0 and "trainer.output_dir = 'runs/tiny' is relative" in out.stdout, out.stdout[-3000:]
     finally:
         _stop_ray(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
