@@ -122,11 +122,11 @@ def demo_arm(config: str, name: str) -> dict[str, Any]:
     return {
         "settings": DEMO_ARMS[name],
         "eval": {r["step"]: r["eval/reward_mean"] for r in rows if "eval/reward_mean" in r},
-        "reward": [r["reward/mean"] for r in rows],
-        "s_per_step": statistics.mean(r["timing/step"] for r in rows),
-        "learn_s": statistics.mean(r.get("timing/learn", 0.0) for r in rows),
-        "generate_s": statistics.mean(r.get("timing/generate", 0.0) for r in rows),
-        "weight_sync_s": statistics.mean(r.get("timing/weight_sync", 0.0) for r in rows),
+        "reward": [r["reward/mean"] for r in rows if "reward/mean" in r],  # (step 0: the evaluation only)
+        "s_per_step": statistics.mean(r["timing/step"] for r in rows if "timing/step" in r),
+        "learn_s": statistics.mean(r.get("timing/learn", 0.0) for r in rows if r["step"] > 0),
+        "generate_s": statistics.mean(r.get("timing/generate", 0.0) for r in rows if r["step"] > 0),
+        "weight_sync_s": statistics.mean(r.get("timing/weight_sync", 0.0) for r in rows if r["step"] > 0),
         "trainable_params": rows[-1].get("model/trainable_params"),
         "wall_s": wall_s,
     }

@@ -84,7 +84,7 @@ def _scalars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run_direct(spec: StudySpec, base: Path, arm: Arm, seed: int, runs_dir: Path) -> list[dict[str, Any]]:
-    run_dir = runs_dir / spec.name / run_key(arm, seed)
+    run_dir = (runs_dir / spec.name / run_key(arm, seed)).resolve()
     cfg = load_config(str(base), [*job_overrides(spec, arm, seed), f"trainer.output_dir={run_dir}"])
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = run_dir / "study-config.yaml"

@@ -39,7 +39,7 @@ def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
         arms[arm.name] = {
             "label": arm.label or arm.name,
             "seeds": sorted(runs),
-            "steps": max(len(rows) for rows in runs.values()),
+            "steps": max(max((r["step"] for r in rows), default=0) for rows in runs.values()),
             "eval_first": _mean_sd(first) if first else None,
             "eval_final": _mean_sd(final) if final else None,
             "eval_best": _mean_sd(best) if best else None,
@@ -70,8 +70,9 @@ def _entropy_pattern(runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     """First and last step of every seed: share below 0.01 and p80 (mean over seeds), and the 20 tokens
     kept most often, their kept counts summed over the seeds (ties: first seen first)."""
     pat: dict[str, Any] = {}
+    trained = [[r for r in rs if r["step"] > 0] for rs in runs.values()]  # (step 0: the evaluation before training)
     for which, pick in (("first", 0), ("last", -1)):
-        rows = [rs[pick] for rs in runs.values() if rs]
+        rows = [rs[pick] for rs in trained if rs]
         below = [r["entropy/frac_below_0.01"] for r in rows if "entropy/frac_below_0.01" in r]
         p80 = [r["entropy/p80"] for r in rows if "entropy/p80" in r]
         kept: dict[int, list[Any]] = {}  # token id -> [text, kept count over seeds]
@@ -107,7 +108,11 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
             f"| {_by_seed(a['eval_final_by_seed'])} | {_fmt(a['eval_best'])} | {_by_seed(a['eval_best_by_seed'])} "
             f"| {_fmt(a['step_s'], 1)} |"
         )
-    lines += ["", "\\* at step trainer.eval_every: none is made before the first update.", ""]
+    lines += [
+        "",
+        "\\* at step 0, before any update (in runs from before step-0 evaluations: at step trainer.eval_every).",
+        "",
+    ]
     keys = [k for k, _ in spec.panels if k != "eval/reward_mean"]
     lines += [
         "Over each run's last 5 steps (mean ± sd over seeds):\n",

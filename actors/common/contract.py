@@ -48,7 +48,8 @@ REPORT_TOKEN_ENV = "FORKRL_REPORT_TOKEN"
 # Environment of every driver and actor process (the service's Ray job and a local Ray alike).
 JOB_ENV_VARS = {"TOKENIZERS_PARALLELISM": "false", "PYTHONWARNINGS": "ignore::FutureWarning"}
 
-# One line of metrics.jsonl and one element of an ingest body: {"step": int >= 1, "<ns>/<name>": value, ...}
+# One line of metrics.jsonl and one element of an ingest body: {"step": int >= 0, "<ns>/<name>": value, ...}
+# (step 0: the held-out evaluation before training; steps 1.. the optimizer steps)
 MetricRecord = dict[str, Any]
 
 

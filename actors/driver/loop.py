@@ -17,6 +17,7 @@ local Ray itself.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -75,24 +76,28 @@ class Pools:
             )
             return group, time.perf_counter() - t0
 
+        # a fraction of a GPU each (engine and learner may share one): vLLM profiles the device's free memory
+        # while it starts and must not see the learner allocate meanwhile, so the learners start after it
+        shared = any(0 < g < 1 for g in (cfg.rollout.num_gpus_per_engine, cfg.learner.num_gpus_per_learner))
         with ThreadPoolExecutor(1, thread_name_prefix="learner-start") as ex:
-            learning = ex.submit(start_learners)
+            learning = None if shared else ex.submit(start_learners)
             rollout = None
             try:
                 streaming = cfg.trainer.max_staleness > 0  # asynchronous mode
                 rollout = RolloutPool(model_path, cfg.rollout, dtype, cfg.trainer.seed, streaming, cfg.model.lora)
                 t_rollout = time.perf_counter() - t0
                 rewards = RewardPool(cfg.reward, cfg.environment)
-                learners, t_learners = learning.result()
+                learners, t_learners = learning.result() if learning else start_learners()
             except BaseException:
                 if rollout is not None:
                     rollout.shutdown()
-                if learning.exception() is None:  # (waits for the learners' start to end either way)
-                    learning.result()[0].shutdown()
+                if learning is not None and learning.exception() is None:  # (waits for the learners' start)
+                    with contextlib.suppress(Exception):  # the error that stopped the start is the one to see
+                        learning.result()[0].shutdown()
                 raise
         log.info(
-            "pools started in %.1f s, side by side: rollout engines %.1f s, learners %.1f s",
-            time.perf_counter() - t0, t_rollout, t_learners,
+            "pools started in %.1f s (%s): rollout engines %.1f s, learners %.1f s",
+            time.perf_counter() - t0, "in turn: they share GPUs" if shared else "side by side", t_rollout, t_learners,
         )  # fmt: skip
         return cls(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s)
 
@@ -247,7 +252,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             log.info("resumed from %s at step %d", ckpt, start)
             tracker.backfill(start)  # what W&B / MLflow lost with the previous attempt's queues
         if eval_set and start == 0:  # the policy before any update: what every later evaluation is read against
-            m0: dict[str, Any] = {}
+            m0: dict[str, Any] = {"model/trainable_params": trainable, "model/params": params}
             with timed(m0, "eval"):
                 m0.update(evaluate(cfg, pools, eval_prompts, eval_set, tokenizer))
             tracker.log(0, m0)
@@ -282,7 +287,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             timings = " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/"))
             log.info("step %d | reward %.3f | %s", step, m["reward/mean"], timings)
         export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
-        summary = summarize(history, run.path, export, read_evals(run.metrics))
+        summary = summarize(history, run.path, export, read_evals(run.metrics, cfg.trainer.steps))
         summary.update(tracker.close(summary, export))  # W&B / MLflow runs end with the summary and the export
         run.summary.write_text(json.dumps(summary, indent=1))
         shutil.rmtree(run.scratch, ignore_errors=True)

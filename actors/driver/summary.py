@@ -15,13 +15,13 @@ __all__ = ["print_summary", "read_evals", "sparkline", "summarize"]
 BARS = "▁▂▃▄▅▆▇█"
 
 
-def read_evals(metrics_path: Path) -> list[dict[str, float]]:
-    """Every held-out evaluation the run's metrics file holds, over all its attempts (a step logged twice:
-    the last record counts), in step order: [{"step", "mean", "stderr", "prompts"}]."""
+def read_evals(metrics_path: Path, last_step: int | None = None) -> list[dict[str, float]]:
+    """Every held-out evaluation the run's metrics file holds up to last_step, over all its attempts (a step
+    logged twice: the last record counts), in step order: [{"step", "mean", "stderr", "prompts"}]."""
     found: dict[int, dict[str, float]] = {}
     lines = metrics_path.read_text().splitlines() if metrics_path.is_file() else []
     for rec in filter(None, map(parse_metric_line, lines)):
-        if isinstance(rec.get("eval/reward_mean"), int | float):
+        if isinstance(rec.get("eval/reward_mean"), int | float) and (last_step is None or rec["step"] <= last_step):
             found[int(rec["step"])] = {
                 "step": int(rec["step"]),
                 "mean": float(rec["eval/reward_mean"]),

@@ -250,7 +250,8 @@ def test_streams_end_and_log_reads_are_bounded(tmp_path):
             t0 = time.monotonic()
             with c.stream("GET", f"/v1/jobs/{job}/events", timeout=30) as r:
                 lines = [line for line in r.iter_lines() if line.startswith("data:")]
-            assert json.loads(lines[-1][5:]) == {"reason": "idle", "last_step": 0}
+            # last_step: the last step sent, -1 for none yet (reconnect with after_step = last_step to go on)
+            assert json.loads(lines[-1][5:]) == {"reason": "idle", "last_step": -1}
             with c.stream("GET", f"/v1/jobs/{job}/logs", params={"follow": True}, timeout=30) as r:
                 text = "".join(r.iter_text())
             assert "reconnect" in text and time.monotonic() - t0 < 20

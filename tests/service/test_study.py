@@ -69,7 +69,7 @@ def test_a_study_runs_its_arms_through_the_control_plane_and_resumes(ray_head, t
             assert arm["eval_first"][0] == rows[0]["eval/reward_mean"] and "reward/mean" not in rows[0]
             assert arm["eval_final"][0] == rows[-1]["eval/reward_mean"] and arm["eval_final"][1] == 0.0  # one seed
             assert arm["eval_best"][0] == max(r["eval/reward_mean"] for r in rows)
-            assert arm["entropy"]["first"]["p80"] == rows[0]["entropy/p80"]
+            assert arm["entropy"]["first"]["p80"] == rows[1]["entropy/p80"]  # the first training step's
         table = (out / "table.md").read_text()
         assert "rho 0.2 random" in table and "paper, Qwen3-8B" in table and "0.672" in table
         assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
