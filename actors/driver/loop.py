@@ -287,7 +287,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             timings = " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/"))
             log.info("step %d | reward %.3f | %s", step, m["reward/mean"], timings)
         export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
-        summary = summarize(history, run.path, export, read_evals(run.metrics, cfg.trainer.steps))
+        summary = summarize(history, run.path, export, read_evals(run.metrics, cfg.trainer.steps), cfg.trainer.steps)
         summary.update(tracker.close(summary, export))  # W&B / MLflow runs end with the summary and the export
         run.summary.write_text(json.dumps(summary, indent=1))
         shutil.rmtree(run.scratch, ignore_errors=True)

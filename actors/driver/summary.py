@@ -56,8 +56,9 @@ def _top_kept(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, Any]
 
 
 def summarize(
-    history: list[dict[str, Any]], run_dir: Path, export: str | None, evals: list[dict[str, float]] | None = None
-) -> dict[str, Any]:
+    history: list[dict[str, Any]], run_dir: Path, export: str | None, evals: list[dict[str, float]] | None = None,
+    steps: int | None = None,
+) -> dict[str, Any]:  # fmt: skip
     def mean(key: str, rows: list[dict[str, Any]]) -> float | None:
         vals = [r[key] for r in rows if key in r]
         return sum(vals) / len(vals) if vals else None
@@ -69,6 +70,12 @@ def summarize(
     return {
         "run_dir": str(run_dir),
         "export": export,
+        # the same run, twice as long: it resumes from its newest checkpoint (trainer.resume = auto)
+        "extend_command": (
+            f"python -m actors.train --config {run_dir / 'config.json'} --set trainer.steps={2 * steps}"
+            if steps
+            else None
+        ),
         "steps_run": len(history),
         "window": k,
         "reward_first": mean("reward/mean", first),
@@ -133,5 +140,7 @@ def print_summary(s: dict[str, Any], out: Any = None) -> None:
         out.write(f"entropy, {label}: " + "  ".join(f"{k[8:]}={_fmt(v)}" for k, v in ent.items()) + "\n")
     out.write("phase seconds: " + "  ".join(f"{k}={_fmt(v)}" for k, v in s["phase_seconds"].items()) + "\n")
     out.write(f"run directory: {s['run_dir']}  (metrics.jsonl, tensorboard/, checkpoints/, summary.json)\n")
+    if s.get("extend_command"):
+        out.write(f"go on from the newest checkpoint: {s['extend_command']}\n")
     if s["export"]:
         out.write(f"Hugging Face export: {s['export']}\n")

@@ -42,7 +42,7 @@ def test_the_summary_reads_step_0_and_the_last_evaluation_across_attempts(tmp_pa
     metrics.write_text("".join(json.dumps(r) + "\n" for r in rows))
     evals = read_evals(metrics)
     assert [(e["step"], e["mean"]) for e in evals] == [(0, 0.25), (2, 0.5)]
-    s = summarize([rows[1], rows[3]], tmp_path, None, evals)
+    s = summarize([rows[1], rows[3]], tmp_path, None, evals, steps=2)
     assert (s["eval_first"], s["eval_last"], s["reward_curve"]) == (0.25, 0.5, [0.1, 0.4])
     assert s["kept_frac"] == pytest.approx(0.2) and s["threshold_last"] == 1.25
     assert s["top_kept_tokens"] == [{"text": " so", "kept": 5, "dropped": 1}, {"text": "=", "kept": 4, "dropped": 0}]
@@ -53,3 +53,5 @@ def test_the_summary_reads_step_0_and_the_last_evaluation_across_attempts(tmp_pa
     assert "step 0 0.250 ± 0.100 -> step 2 0.500 ± 0.100 (+0.250, +1.8 standard errors)" in text, text
     assert "64 prompts" in text and "kept 20.0% of the response tokens, last threshold 1.250" in text
     assert "' so'×5" in text and "▁█" in text
+    extend = f"python -m actors.train --config {tmp_path / 'config.json'} --set trainer.steps=4"
+    assert f"go on from the newest checkpoint: {extend}" in text
