@@ -270,9 +270,8 @@ class Tracker:
         self._lock = threading.Lock()
         self.jsonl = run.metrics.open("a", buffering=1)
         self.tb: Any = None
-        self.tb_last_step = int(
-            self.state.get("tensorboard_last_step", -1)
-        )  # -1: none yet (0 is the evaluation before training)
+        # the newest step a sink holds: -1 for none yet (step 0 is the evaluation before training)
+        self.tb_last_step = int(self.state.get("tensorboard_last_step", -1))
         if tr.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
