@@ -221,6 +221,7 @@ def test_readme_ray_job_submit_recipe(tmp_path):
     )
     submit = submit.replace("http://127.0.0.1:8265", f"http://127.0.0.1:{dash}")
     submit += f" --set trainer.steps=2 --set trainer.export_hf=false --set trainer.output_dir={tmp_path / 'run'}"
+    submit += " --set trainer.eval_every=2 --set trainer.eval_prompts=4"  # this door records step 0 and the end too
     run_dir = tmp_path / "run"
     try:
         out = subprocess.run(["bash", "-c", f"{export} && {start}"], cwd=ROOT, env=env, capture_output=True,
@@ -234,7 +235,8 @@ def test_readme_ray_job_submit_recipe(tmp_path):
             time.sleep(3)
         assert out.returncode == 0, (out.stdout[-3000:], out.stderr[-3000:])
         assert "succeeded" in out.stdout.lower() and f"run directory: {run_dir}" in out.stdout
-        rows = _rows(run_dir)
+        evaluated, *rows = _rows(run_dir)
+        assert evaluated["step"] == 0 and "eval/reward_stderr" in evaluated and "eval/reward_mean" in rows[-1]
         assert [r["step"] for r in rows] == [1, 2]
         # the tiny example learns something: its format reward gives a random model groups with signal
         assert sum(r["batch/sequences"] for r in rows) > 0 and all("entropy/mean" in r for r in rows)
