@@ -19,9 +19,11 @@ after loading, so a plain `load_weights` fails there; NOTES.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -173,6 +175,35 @@ def file_header(path: str) -> tuple[int, int]:
 
 class WeightSyncExtension:
     """Mixed into vLLM's worker class (`worker_extension_cls`)."""
+
+    def forkrl_watch_engine(self, pid: int) -> bool:
+        """End this worker and its engine-core process once the engine actor (process `pid`) is gone: vLLM's
+        processes outlive an actor that is killed rather than shut down, holding the memory its replacement
+        needs. A thread polls once a second; the processes are named by psutil (never a reused pid)."""
+        import threading
+
+        import psutil
+
+        if pid == os.getpid():  # vLLM runs in the actor's own process: it ends with it
+            return False
+        engine, core = psutil.Process(pid), psutil.Process(os.getppid())
+
+        def alive() -> bool:
+            try:
+                return bool(engine.is_running() and engine.status() != psutil.STATUS_ZOMBIE)
+            except psutil.Error:
+                return False
+
+        def watch() -> None:
+            while alive():
+                time.sleep(1.0)
+            for p in (core, psutil.Process()):  # the engine core (this worker's parent, if not the actor), then us
+                if p.pid not in (1, pid) and p.is_running():
+                    with contextlib.suppress(psutil.Error):
+                        p.kill()
+
+        threading.Thread(target=watch, name="forkrl-engine-watch", daemon=True).start()
+        return True
 
     def forkrl_reload_weights(self, path: str) -> tuple[int, int]:
         """Reload every tensor of the file in place: (tensors loaded, the file's policy version)."""

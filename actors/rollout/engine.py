@@ -109,6 +109,7 @@ class RolloutEngine:
         )
         self._shm = shm_dir("forkrl-weights-")
         self._incarnation = uuid.uuid4().hex
+        self.llm.collective_rpc("forkrl_watch_engine", args=(os.getpid(),))  # vLLM's processes end with this one
 
     def generate(
         self,

@@ -61,6 +61,7 @@ class StreamingEngine:
                 **lora_args(self.lora),
             )
             self.llm = AsyncLLM.from_engine_args(args)
+            await self.llm.collective_rpc("forkrl_watch_engine", args=(os.getpid(),))  # they end with this process
         return True
 
     def incarnation(self) -> str:

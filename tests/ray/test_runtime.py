@@ -347,6 +347,15 @@ def _cmdline(p) -> str:
         return ""
 
 
+def _running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def test_a_killed_engine_is_replaced_with_the_current_weights_and_one_past_its_restarts_fails(tmp_path):
     """SIGKILL the vLLM engine actor mid-job: Ray starts it again, it gets the weights the learner last
     pushed before it generates, the lost generation runs there again, and the job goes on with each
@@ -356,11 +365,15 @@ def test_a_killed_engine_is_replaced_with_the_current_weights_and_one_past_its_r
     try:
         engines = _actors_after_step(run, proc, 3, "RolloutEngine")
         assert len(engines) == 1
+        vllm = engines[0].children(recursive=True)  # vLLM's engine-core and worker processes
+        assert len(vllm) >= 2, vllm
         engines[0].kill()
         deadline = time.time() + 300  # three steps after the replacement
         while not [r for r in _rows(run) if r.get("rollout/engine_replacements") == 1.0][2:]:
             assert time.time() < deadline and proc.poll() is None, "the job did not go on after the replacement"
             time.sleep(0.2)
+        # the killed engine's vLLM processes ended with it (they would hold the memory the replacement needs)
+        assert not [p for p in vllm if _running(p)], [(p.pid, _cmdline(p)) for p in vllm if _running(p)]
         (replacement,) = _actors_after_step(run, proc, 1, "RolloutEngine")
         replacement.kill()
         out, _ = proc.communicate(timeout=300)
