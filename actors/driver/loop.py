@@ -204,10 +204,11 @@ def evaluate(
 
 def eval_metrics(scores: list[float]) -> dict[str, float]:
     """The mean of the held-out scores and its standard error (0 with fewer than two prompts)."""
+    import statistics
+
     n = len(scores)
-    mean = sum(scores) / n
-    var = sum((x - mean) ** 2 for x in scores) / (n - 1) if n > 1 else 0.0
-    return {"eval/reward_mean": mean, "eval/reward_stderr": (var / n) ** 0.5, "eval/prompts": float(n)}
+    stderr = statistics.stdev(scores) / n**0.5 if n > 1 else 0.0
+    return {"eval/reward_mean": statistics.fmean(scores), "eval/reward_stderr": stderr, "eval/prompts": float(n)}
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as one story (setup, resume, steps, end)
