@@ -22,6 +22,8 @@ __all__ = ["LearnerGroup"]
 
 log = logging.getLogger("forkrl.learner")
 
+START_TIMEOUT_S = 600.0  # the learners' start-up, or learner.collective_timeout_s when that is longer
+
 
 class LearnerGroup:
     """K Learner actors in one process group; the batch is sharded contiguously by rank."""
@@ -44,10 +46,11 @@ class LearnerGroup:
             call_timeout_s=learner.collective_timeout_s,
             timeout_setting="learner.collective_timeout_s",
         )
-        addr, port = self.pool.gather([self.pool.actors[0].address.remote()], [0])[0]
-        self.pool.gather(
-            [a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)], list(range(k))
-        )
+        # start-up (model load, DeepSpeed init, perhaps beside a starting vLLM) is not a step: its own bound
+        bound, name = max(learner.collective_timeout_s, START_TIMEOUT_S), "learner start-up"
+        addr, port = self.pool.gather([self.pool.actors[0].address.remote()], [0], timeout_s=bound, timeout_setting=name)[0]
+        setups = [a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)]
+        self.pool.gather(setups, list(range(k)), timeout_s=bound, timeout_setting=name)
 
     def _padded(self, seqs: list[TrainSequence]) -> list[TrainSequence]:
         """At least one sequence per rank (every rank takes part in the collectives): weight-0 copies."""

@@ -332,10 +332,17 @@ def _actors_after_step(run: Path, proc: subprocess.Popen[bytes], step: int, role
 
     deadline = time.time() + 300
     while not any(r["step"] >= step for r in (_rows(run) if RunDir(run).metrics.is_file() else [])):
-        assert time.time() < deadline and proc.poll() is None, f"no step {step}"
+        if proc.poll() is not None:  # the driver ended first: its output says why
+            raise AssertionError(f"no step {step}: the driver exited {proc.returncode}\n{_tail(proc)}")
+        assert time.time() < deadline, f"no step {step} within 300 s"
         time.sleep(0.2)
     # only this driver's own actors (its Ray node's workers): a shared test cluster may hold others
     return [p for p in psutil.Process(proc.pid).children(recursive=True) if f"ray::{role}" in _cmdline(p)]
+
+
+def _tail(proc: subprocess.Popen[bytes]) -> str:
+    assert proc.stdout is not None
+    return proc.stdout.read().decode(errors="replace")[-3000:]
 
 
 def _cmdline(p) -> str:
