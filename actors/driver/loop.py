@@ -220,7 +220,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     from actors.driver.data import PromptSampler, load_eval_examples, load_examples, render_prompt
     from actors.driver.runtime import init_ray, load_tokenizer
     from actors.driver.stream import GroupStream
-    from actors.driver.summary import read_evals, summarize
+    from actors.driver.summary import dashboard_page, read_evals, summarize
     from actors.driver.tool_format import prompt_tools
     from actors.driver.tracking import Tracker
 
@@ -288,7 +288,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             timings = " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/"))
             log.info("step %d | reward %.3f | %s", step, m["reward/mean"], timings)
         export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
-        summary = summarize(history, run.path, export, read_evals(run.metrics, cfg.trainer.steps), cfg.trainer.steps)
+        evals, page = read_evals(run.metrics, cfg.trainer.steps), dashboard_page(cfg.tracking.report_url)
+        summary = summarize(history, run.path, export, evals, cfg.trainer.steps, page)
         summary.update(tracker.close(summary, export))  # W&B / MLflow runs end with the summary and the export
         run.summary.write_text(json.dumps(summary, indent=1))
         shutil.rmtree(run.scratch, ignore_errors=True)

@@ -1,16 +1,17 @@
 """The run's summary, written to summary.json and printed: held-out accuracy before training and at the end
 with its standard error, the train reward curve, what the filter kept (share, threshold, the tokens it kept
-most), entropy first against last, phase timings, and where the run's files are."""
+most), entropy first against last, phase timings, where the run's files and its dashboard page are."""
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
 
 from actors.common.contract import parse_metric_line
 
-__all__ = ["print_summary", "read_evals", "sparkline", "summarize"]
+__all__ = ["dashboard_page", "print_summary", "read_evals", "sparkline", "summarize"]
 
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -55,9 +56,16 @@ def _top_kept(history: list[dict[str, Any]], n: int = 10) -> list[dict[str, Any]
     return [{"text": text, "kept": k, "dropped": d} for text, (k, d) in top]
 
 
+def dashboard_page(report_url: str | None) -> str | None:
+    """The job's dashboard page, from the ingestion URL the control plane gave the driver
+    (<base>/v1/jobs/<id>/ingest -> <base>/#/jobs/<id>); None for a run not submitted through it."""
+    m = re.fullmatch(r"(.*)/v1/jobs/([^/]+)/ingest", report_url or "")
+    return f"{m[1]}/#/jobs/{m[2]}" if m else None
+
+
 def summarize(
     history: list[dict[str, Any]], run_dir: Path, export: str | None, evals: list[dict[str, float]] | None = None,
-    steps: int | None = None,
+    steps: int | None = None, dashboard: str | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     def mean(key: str, rows: list[dict[str, Any]]) -> float | None:
         vals = [r[key] for r in rows if key in r]
@@ -69,6 +77,7 @@ def summarize(
     keys = ["entropy/mean", "entropy/p80", "entropy/threshold", "entropy/frac_below_0.01", "entropy/kept_mean"]
     return {
         "run_dir": str(run_dir),
+        "dashboard": dashboard,
         "export": export,
         # the same run, twice as long: it resumes from its newest checkpoint (trainer.resume = auto)
         "extend_command": (
@@ -140,6 +149,10 @@ def print_summary(s: dict[str, Any], out: Any = None) -> None:
         out.write(f"entropy, {label}: " + "  ".join(f"{k[8:]}={_fmt(v)}" for k, v in ent.items()) + "\n")
     out.write("phase seconds: " + "  ".join(f"{k}={_fmt(v)}" for k, v in s["phase_seconds"].items()) + "\n")
     out.write(f"run directory: {s['run_dir']}  (metrics.jsonl, tensorboard/, checkpoints/, summary.json)\n")
+    if s.get("dashboard"):
+        out.write(f"dashboard page: {s['dashboard']}\n")
+    else:
+        out.write("dashboard page: none (a job submitted with `forkrl submit` to `make serve` has one, live)\n")
     if s.get("extend_command"):
         out.write(f"go on from the newest checkpoint: {s['extend_command']}\n")
     if s["export"]:

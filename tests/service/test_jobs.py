@@ -53,13 +53,14 @@ def _ingest_hash(db: Path, job_id: str) -> str:
 
 
 def first_metrics_event(server: Server, job_id: str, timeout: float) -> dict:
+    """The first training step's metrics event (after the step-0 evaluation's, if any)."""
     with server.client() as c, c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=timeout) as r:
         kind = None
         for line in r.iter_lines():
             if line.startswith("event:"):
                 kind = line[6:].strip()
-            elif line.startswith("data:") and kind == "metrics":
-                return json.loads(line[5:])
+            elif line.startswith("data:") and kind == "metrics" and (record := json.loads(line[5:]))["step"] >= 1:
+                return record
             elif kind == "end":
                 break
     raise AssertionError("the event stream ended without a metrics event")
@@ -69,12 +70,17 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
     server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", ray_head.address, ray_head.token)
     server.start()
     try:
+        env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
+        # the `forkrl submit` door against the service `make serve` runs, evaluating at step 0 and the end
+        cli = [sys.executable, "-m", "service.cli", "submit", "examples/tiny.yaml", "--set", "trainer.steps=6",
+               "--set", "trainer.eval_every=3", "--set", "trainer.eval_prompts=4"]  # fmt: skip
+        submitted = subprocess.run(cli, cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert submitted.returncode == 0, submitted.stderr
+        a = {"id": submitted.stdout.split()[1]}  # "submitted forkrl-... (PENDING)"
         with server.client() as c:
-            a = c.post("/v1/jobs", json=tiny(6)).json()
             b = c.post("/v1/jobs", json=tiny(50)).json()
             # a valid config whose driver cannot start, submitted and followed with the CLI (what make demo
             # runs): live states, then the final one, exit 1 as it did not succeed
-            env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
             cli = [sys.executable, "-m", "service.cli", "submit", "examples/tiny.yaml", "--set", "trainer.steps=2",
                    "--set", f"model.path={tmp_path / 'no-such-model'}", "--follow"]  # fmt: skip
             follow = subprocess.Popen(cli, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -107,13 +113,17 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
             done = wait_for(c, a["id"], {"SUCCEEDED", "FAILED", "CANCELLED"}, 400)
             assert done["state"] == "SUCCEEDED", done
             metrics = c.get(f"/v1/jobs/{a['id']}/metrics").json()["metrics"]
-            # every step recorded, including those logged while the service was down
-            assert [m["step"] for m in metrics] == list(range(1, 7))
+            # every step recorded, including those logged while the service was down; the evaluation at step 0
+            # (before any update), step 3 and the end, with its standard error
+            assert [m["step"] for m in metrics] == list(range(0, 7))
+            evaluated = [m["step"] for m in metrics if "eval/reward_mean" in m and "eval/reward_stderr" in m]
+            assert evaluated == [0, 3, 6], evaluated
             ckpts = [x["step"] for x in c.get(f"/v1/jobs/{a['id']}/checkpoints").json()["checkpoints"]]
             assert 6 in ckpts
             assert done["started_at"] and done["ended_at"] and done["last_step"] == 6
             logs = c.get(f"/v1/jobs/{a['id']}/logs").text
-            assert "forkrl run summary" in logs
+            assert "forkrl run summary" in logs and "held-out accuracy" in logs, logs[-3000:]
+            assert f"dashboard page: {server.url}/#/jobs/{a['id']}" in logs, logs[-3000:]
             tail = c.get(f"/v1/jobs/{a['id']}/logs", params={"lines": 3}).text
             assert 0 < len(tail.splitlines()) <= 3 and logs.endswith(tail)  # a bounded read is the log's end
             # the ingest token appears in no log: no token-shaped string hashes to the stored hash

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 
 from actors.driver.loop import eval_metrics
-from actors.driver.summary import print_summary, read_evals, sparkline, summarize
+from actors.driver.summary import dashboard_page, print_summary, read_evals, sparkline, summarize
 
 
 def test_eval_metrics_give_the_mean_and_its_standard_error():
@@ -55,3 +56,17 @@ def test_the_summary_reads_step_0_and_the_last_evaluation_across_attempts(tmp_pa
     assert "' so'×5" in text and "▁█" in text
     extend = f"python -m actors.train --config {tmp_path / 'config.json'} --set trainer.steps=4"
     assert f"go on from the newest checkpoint: {extend}" in text
+    assert "dashboard page: none (a job submitted with `forkrl submit` to `make serve` has one, live)" in text
+
+
+def test_the_dashboard_page_comes_from_the_ingestion_url_the_service_gave():
+    assert (
+        dashboard_page("http://10.0.0.5:8000/v1/jobs/forkrl-ab12/ingest") == "http://10.0.0.5:8000/#/jobs/forkrl-ab12"
+    )
+    assert (
+        dashboard_page("https://rl.example.org/forkrl/v1/jobs/j1/ingest") == "https://rl.example.org/forkrl/#/jobs/j1"
+    )
+    assert dashboard_page(None) is None and dashboard_page("http://x/v1/jobs/j1/metrics") is None
+    out = io.StringIO()
+    print_summary(summarize([], Path("/runs/x"), None, dashboard="http://h:8000/#/jobs/j1"), out)
+    assert "dashboard page: http://h:8000/#/jobs/j1\n" in out.getvalue()
