@@ -7,13 +7,14 @@ exactly whatever the split. Shapes: B = sequences in a micro-batch, T = response
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
 
 from actors.common.config import AlgorithmConfig
 
-__all__ = ["LossAgg", "loss_normalizer", "policy_loss"]
+__all__ = ["LossAgg", "loss_normalizer", "mismatch_weight", "policy_loss"]
 
 LossAgg = Literal["token_mean", "token_mean_selected", "seq_mean_token_mean", "token_sum_norm"]
 
@@ -60,6 +61,50 @@ def _clipped_surrogate(
     return pg, clipped, dual_clipped
 
 
+def _sequence_log_ratio(log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """GSPO's sequence-level log-ratio, as a per-token tensor [B, T]: its value is the mean token
+    log-ratio of the sequence (over its valid tokens), its gradient that of each token's own log-prob
+    (the GSPO-token form: s_i,t = sg[s_i] * pi(y_t) / sg[pi(y_t)])."""
+    v = valid.to(log_ratio.dtype)
+    seq = (log_ratio * v).sum(-1, keepdim=True) / v.sum(-1, keepdim=True).clamp(min=1)  # [B, 1]
+    return (log_ratio - log_ratio.detach() + seq.detach()).clamp(max=20.0)  # [B, T]
+
+
+def _surrogate(
+    logprobs: torch.Tensor, log_ratio: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor,
+    algo: AlgorithmConfig,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The per-token policy term of `algo.policy_loss` and its clip flags (kept tokens only):
+    ppo_clip  max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r the token ratio (dual clip optional);
+    gspo      the same with r = s_i = exp(mean_t log r_t), one ratio per sequence, clipped per sequence;
+    cispo     -sg(min(r, cispo_max_weight)) A log pi: no token loses its gradient, the weight is capped."""
+    if algo.policy_loss == "gspo":
+        return _clipped_surrogate(_sequence_log_ratio(log_ratio, valid), adv, keep, algo)
+    if algo.policy_loss == "cispo":
+        ratio = torch.exp(log_ratio).detach()  # [B, T]
+        weight = ratio.clamp(max=algo.cispo_max_weight)
+        return -adv * weight * logprobs, (ratio > algo.cispo_max_weight) & keep, torch.zeros_like(keep)
+    return _clipped_surrogate(log_ratio, adv, keep, algo)
+
+
+def mismatch_weight(
+    old_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, valid: torch.Tensor, algo: AlgorithmConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The importance weight w = pi_old / pi_engine that corrects the engine / learner mismatch (no
+    gradient), per token or per sequence (`mismatch_level`: the product of the sequence's token ratios),
+    truncated at C = tis_cap (TIS) or zero above C (MIS, `mismatch_mode`): (w [B, T], limited [B, T],
+    the tokens whose weight was truncated or masked)."""
+    cap = float(algo.tis_cap or math.inf)
+    log_w = (old_logprobs - rollout_logprobs).detach() * valid  # [B, T]
+    if algo.mismatch_level == "sequence":
+        log_w = log_w.sum(-1, keepdim=True).expand_as(log_w)  # [B, T]: the sequence's weight on each token
+    w = torch.exp(log_w.clamp(-20.0, 20.0))  # [B, T]
+    limited = (w > cap) & valid
+    if algo.mismatch_mode == "mask":
+        return torch.where(limited, torch.zeros_like(w), w), limited
+    return w.clamp(max=cap), limited
+
+
 def _kl_term(
     logprobs: torch.Tensor,
     ref_logprobs: torch.Tensor,
@@ -82,6 +127,22 @@ def _kl_term(
     return (k3 * weight).sum() / max(count, 1.0)
 
 
+def _entropy_bonus(
+    entropy: torch.Tensor | None, valid: torch.Tensor, keep: torch.Tensor, algo: AlgorithmConfig,
+    num_kept_step: int | None, num_valid_step: int | None,
+) -> torch.Tensor:  # fmt: skip
+    """This micro-batch's share of the step's mean entropy (with gradient) over its valid tokens, or
+    its kept ones (`entropy_bonus_tokens`); 0 when the bonus is off."""
+    if algo.entropy_coef == 0:
+        return torch.zeros((), dtype=torch.float32 if entropy is None else entropy.dtype)
+    if entropy is None:
+        raise ValueError("algorithm.entropy_coef > 0 needs the entropy (with its gradient) in policy_loss")
+    kept = algo.entropy_bonus_tokens == "kept"
+    mask, step_count = (keep, num_kept_step) if kept else (valid, num_valid_step)
+    count = float(mask.sum()) if step_count is None else float(step_count)
+    return (entropy * mask.to(entropy.dtype)).sum() / max(count, 1.0)
+
+
 def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the aggregation modes)
     logprobs: torch.Tensor,
     old_logprobs: torch.Tensor,
@@ -96,20 +157,25 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
     num_valid_step: int | None = None,
     ref_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
+    entropy: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """Entropy-masked PPO-clip surrogate with clip-higher (DAPO).
+    """The entropy-masked policy loss: PPO-clip with clip-higher (DAPO), GSPO or CISPO on the kept tokens.
 
     logprobs: [B, T] learner log-probs with gradient; old_logprobs, ref_logprobs,
     rollout_logprobs: [B, T] without gradient; advantages: [B] (or [B, T]);
     valid_mask: [B, T] valid response tokens; entropy_mask: [B, T] kept tokens (None = all valid).
 
-    algo: the algorithm settings (clip_eps_low/high, dual_clip_c, tis_cap, kl_coef,
-    mask_kl_by_entropy, loss_agg); None = the defaults of AlgorithmConfig.
+    entropy: [B, T] with gradient, needed when entropy_coef > 0.
+    algo: the algorithm settings (policy_loss, clip_eps_low/high, dual_clip_c, tis_cap, mismatch_*,
+    kl_coef, mask_kl_by_entropy, entropy_coef, loss_agg); None = the defaults of AlgorithmConfig.
 
-    Per token: r = exp(logp - old), pg = max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)); for
-    A < 0 and dual_clip_c, pg = min(pg, -A c). With rollout_logprobs and tis_cap, pg is scaled by
-    the truncated importance weight min(exp(old - rollout), cap) that corrects the rollout engine /
-    learner mismatch. KL (k3 estimator, kl_coef > 0) is a separate term, kl_coef x the mean k3 over
+    Per token (`_surrogate`), r = exp(logp - old): ppo_clip pg = max(-A r, -A clip(r, 1 - eps_low,
+    1 + eps_high)), and for A < 0 with dual_clip_c, pg = min(pg, -A c); gspo the same with the
+    sequence's ratio s = exp(mean log r) in place of r; cispo pg = -sg(min(r, cispo_max_weight)) A logp.
+    With rollout_logprobs and tis_cap, pg is scaled by the mismatch weight (`mismatch_weight`: token or
+    sequence, truncated or masked at tis_cap) that corrects the rollout engine / learner mismatch. The
+    entropy bonus subtracts entropy_coef x the mean entropy over the step's valid (or kept) tokens.
+    KL (k3 estimator, kl_coef > 0) is a separate term, kl_coef x the mean k3 over
     the step's valid tokens (`num_valid_step`; this micro-batch's when None), or over its kept tokens
     (`num_kept_step`) when mask_kl_by_entropy: it does not grow when the filter keeps fewer tokens,
     whatever `loss_agg` is.
@@ -120,8 +186,9 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
       token_mean_selected (default): mean over kept tokens, the paper's own code. Each kept token
         gets the gradient it would get in plain GRPO, so learning rates tuned for GRPO carry over;
         with rho = 1 it equals token_mean.
-      token_mean: mean over all valid tokens (TRL/ms-swift). The gradient shrinks by about rho,
-        i.e. an implicitly lower learning rate.
+      token_mean: mean over all valid tokens (TRL/ms-swift). The gradient shrinks by about rho; Adam
+        divides a constant scale out, so the step changes only where grad_clip or Adam's eps bite
+        (algorithm.lr_scale is the knob that changes the step).
       seq_mean_token_mean: per-sequence mean over its kept tokens, then mean over sequences.
       token_sum_norm: sum over kept tokens / (num sequences x max_response_len) (Dr.GRPO).
 
@@ -139,15 +206,17 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
         adv = adv[:, None]  # [B, 1]
 
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # [B, T]
-    pg, clipped, dual_clipped = _clipped_surrogate(log_ratio, adv, keep, algo)  # [B, T] each
+    pg, clipped, dual_clipped = _surrogate(logprobs, log_ratio, adv, valid, keep, algo)  # [B, T] each
+    w, limited = torch.ones_like(pg), torch.zeros_like(keep)
     if rollout_logprobs is not None and algo.tis_cap is not None:
-        tis = torch.exp((old_logprobs - rollout_logprobs).clamp(-20.0, 20.0)).clamp(max=algo.tis_cap)
-        pg = pg * tis.detach()  # [B, T]
+        w, limited = mismatch_weight(old_logprobs, rollout_logprobs, valid, algo)
+        pg = pg * w  # [B, T]
 
     per_token = pg * keep_f  # [B, T]
     kl_loss = torch.zeros((), device=logprobs.device, dtype=logprobs.dtype)
     if ref_logprobs is not None and algo.kl_coef > 0:
         kl_loss = _kl_term(logprobs, ref_logprobs, valid, keep, algo, num_kept_step, num_valid_step)
+    bonus = _entropy_bonus(entropy, valid, keep, algo, num_kept_step, num_valid_step)
 
     if normalizer is None:
         normalizer = loss_normalizer(
@@ -162,7 +231,7 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
         loss = per_seq.sum() / normalizer
     else:
         loss = per_token.sum() / normalizer
-    loss = loss + algo.kl_coef * kl_loss
+    loss = loss + algo.kl_coef * kl_loss - algo.entropy_coef * bonus
 
     with torch.no_grad():
         # fractions over kept tokens; with a step-global num_kept_step they add up over the step
@@ -174,5 +243,8 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
             "actor/ratio_mean": float((torch.exp(log_ratio) * keep_f).sum()) * per_kept,
             "actor/approx_kl_old": float(((-log_ratio) * keep_f).sum()) * per_kept,
             "actor/kl_ref": float(kl_loss),
+            "actor/entropy_bonus": float(bonus),
+            "mismatch/weight_mean": float((w * keep_f).sum()) * per_kept,
+            "mismatch/limited_frac": float((limited & keep).sum()) * per_kept,
         }
     return loss, metrics

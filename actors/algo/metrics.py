@@ -45,6 +45,9 @@ RULES: dict[str, Rule] = {
     "actor/ratio_mean": _LEARNER_SUM,
     "actor/approx_kl_old": _LEARNER_SUM,
     "actor/kl_ref": _LEARNER_SUM,
+    "actor/entropy_bonus": _LEARNER_SUM,
+    "mismatch/weight_mean": _LEARNER_SUM,  # the engine/learner importance weight, per kept token
+    "mismatch/limited_frac": _LEARNER_SUM,  # kept tokens whose weight was truncated or masked at tis_cap
     "actor/grad_norm": _GLOBAL,
     "actor/lr": _GLOBAL,
     "actor/optimizer_steps": _WHOLE,  # written by merge_steps

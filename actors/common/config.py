@@ -192,7 +192,45 @@ class AlgorithmConfig(StrictModel):
     kl_coef: float = Field(0.0, ge=0, le=1e3, description="k3 KL to the initial policy; 0 = no reference model (DAPO).")
     mask_kl_by_entropy: bool = Field(False, description="Apply the entropy mask to the KL term too.")
     tis_cap: float | None = Field(
-        2.0, gt=0, le=1e6, description="Truncated importance weight cap for rollout mismatch."
+        2.0,
+        gt=0,
+        le=1e6,
+        description="Cap C of the importance weight w = pi_learner_old / pi_engine that corrects the rollout engine / "
+        "learner mismatch (and, with trainer.max_staleness, the staleness); None = no correction.",
+    )
+    mismatch_level: Literal["token", "sequence"] = Field(
+        "token",
+        description="The mismatch weight per token, or one per sequence (the product of its tokens' ratios, every "
+        "token of the sequence gets it).",
+    )
+    mismatch_mode: Literal["truncate", "mask"] = Field(
+        "truncate",
+        description="truncate (TIS): w -> min(w, C); mask (MIS): w where w <= C, 0 where above (the token or the "
+        "sequence is dropped from the gradient).",
+    )
+    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = Field(
+        "ppo_clip",
+        description="The surrogate: ppo_clip (token ratio, clip-higher: DAPO); gspo (one length-normalised ratio "
+        "per sequence, clipped per sequence: arXiv 2507.18071; GSPO's own clip ranges are about 3e-4 / 4e-4); "
+        "cispo (every token keeps its gradient, weighted by the stop-gradient ratio capped at cispo_max_weight: "
+        "MiniMax-M1, arXiv 2506.13585). See actors.algo.loss.",
+    )
+    cispo_max_weight: float = Field(
+        4.0, gt=1, le=1e3, description="CISPO: the cap of its stop-gradient importance weight (no lower bound)."
+    )
+    entropy_coef: float = Field(
+        0.0, ge=0, le=10, description="Entropy bonus: the loss minus this x the mean entropy (0 = off)."
+    )
+    entropy_bonus_tokens: Literal["valid", "kept"] = Field(
+        "valid",
+        description="The tokens the entropy bonus averages over: every valid response token, or the kept (forking) "
+        "tokens only.",
+    )
+    lr_scale: Literal["none", "inverse_rho"] = Field(
+        "none",
+        description="inverse_rho: the learning rate is learner.lr / top_entropy_quantile. The kept tokens carry a "
+        "fifth of the signal at rho 0.2; rescaling the loss would not change Adam's step (it is scale-free), "
+        "the learning rate does.",
     )
     dynamic_sampling: bool = Field(
         True,
@@ -218,6 +256,15 @@ class AlgorithmConfig(StrictModel):
         "None = one optimizer step per rollout.",
     )
     ppo_epochs: int = Field(1, ge=1, le=100, description="Passes over the rollout batch's mini-batches.")
+
+    @model_validator(mode="after")
+    def _methods_compose(self) -> AlgorithmConfig:
+        if self.dual_clip_c is not None and self.policy_loss != "ppo_clip":
+            raise ValueError(
+                f"algorithm.dual_clip_c={self.dual_clip_c} bounds the token ratio of ppo_clip; with "
+                f"algorithm.policy_loss={self.policy_loss!r} accepted is null"
+            )
+        return self
 
 
 class LearnerConfig(StrictModel):

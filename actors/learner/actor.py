@@ -115,7 +115,7 @@ class Learner:
             model = apply_lora(model, self.lora)  # the adapters are the only trainable parameters
             if learner.gradient_checkpointing:
                 model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
-        ds_config = deepspeed_config(learner, self.dtype)
+        ds_config = deepspeed_config(learner, self.dtype, self.algo)
         self.ds_config = ds_config  # kept for reports (bench/learner_step.py)
         trainable = [p for p in model.parameters() if p.requires_grad]  # optimizer state for these only
         self.engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=ds_config)
@@ -137,8 +137,10 @@ class Learner:
         The LM head runs on the response positions only: the prompt's logits are never built. With
         learner.share_prompt each prompt runs once for all its completions (actors.learner.forward).
         """
+        import torch
+
         from actors.learner.forward import response_hidden_full, response_hidden_shared
-        from actors.learner.logits import token_logprobs_and_entropy
+        from actors.learner.logits import token_entropy_with_grad, token_logprobs_and_entropy
 
         model = unwrap(self.engine.module if model is None else model)  # under PEFT: the adapted model
         base = getattr(model, model.base_model_prefix)
@@ -150,6 +152,8 @@ class Learner:
         keep = mb.valid
         logits = model.get_output_embeddings()(hidden[keep])
         lp, ent = token_logprobs_and_entropy(logits, mb.resp_ids[keep], self.sampling.temperature)
+        if self.algo.entropy_coef > 0 and torch.is_grad_enabled():  # the entropy bonus needs its gradient
+            ent = token_entropy_with_grad(logits, self.sampling.temperature)
         # back to [B, T]; padding holds 0 (the valid mask drops it everywhere)
         return lp.new_zeros(keep.shape).masked_scatter(keep, lp), ent.new_zeros(keep.shape).masked_scatter(keep, ent)
 
@@ -189,7 +193,7 @@ class Learner:
             num_sequences=plan.num_sequences,
             max_response_len=self.sampling.max_new_tokens,
         )
-        metrics = combine_parts(self._backward(mbs, olds, list(lps) if fused else None, plan, norm))
+        metrics = combine_parts(self._backward(mbs, olds, list(lps) if fused else None, list(ents), plan, norm))
         own_norm = None if hasattr(self.engine.optimizer, "_global_grad_norm") else self._grad_norm()
         self.engine.step()
         ds_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed skipped the norm: logged as NaN
@@ -202,10 +206,12 @@ class Learner:
         )
 
     def _backward(
-        self, mbs: list[MicroBatch], olds: list[Any], lps: list[Any] | None, plan: StepPlan, norm: float
-    ) -> list[dict[str, float]]:
+        self, mbs: list[MicroBatch], olds: list[Any], lps: list[Any] | None, ents: list[Any], plan: StepPlan,
+        norm: float,
+    ) -> list[dict[str, float]]:  # fmt: skip
         """The masked loss of each micro-batch and its backward; DeepSpeed reduces the gradients once,
-        at the last. lps: the log-probs of the first pass when it kept the graph (entropy_pass fused).
+        at the last. lps, ents: the log-probs and entropies of the first pass when it kept the graph
+        (entropy_pass fused; lps None otherwise).
         Returns each micro-batch's metric contributions."""
         import torch
 
@@ -222,11 +228,11 @@ class Learner:
         parts = []
         for i, (mb, old, mask) in enumerate(zip(mbs, olds, plan.masks, strict=True)):
             self.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
-            logp = lps[i] if lps is not None else self._logprobs_entropy(mb)[0]
+            logp, ent = (lps[i], ents[i]) if lps is not None else self._logprobs_entropy(mb)
             loss, m = policy_loss(
                 logp, old, mb.adv, mb.valid, mask, self.algo, normalizer=norm, num_kept_step=plan.num_kept,
                 num_valid_step=plan.num_valid, max_response_len=self.sampling.max_new_tokens,
-                ref_logprobs=refs[i], rollout_logprobs=mb.rollout_lp,
+                ref_logprobs=refs[i], rollout_logprobs=mb.rollout_lp, entropy=ent,
             )  # fmt: skip
             # the forwards ran on the engine's modules, not through engine.forward(), which is where
             # ZeRO starts a new micro-step; without this, ZeRO-3 overwrites (does not add) the gradient

@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from actors.common.config import LearnerConfig
+from actors.common.config import AlgorithmConfig, LearnerConfig
 
-__all__ = ["deepspeed_config"]
+__all__ = ["deepspeed_config", "learning_rate"]
 
 
-def deepspeed_config(learner: LearnerConfig, dtype: str) -> dict[str, Any]:
+def learning_rate(learner: LearnerConfig, algorithm: AlgorithmConfig | None = None) -> float:
+    """learner.lr, divided by top_entropy_quantile under algorithm.lr_scale = inverse_rho."""
+    if algorithm is not None and algorithm.lr_scale == "inverse_rho":
+        return learner.lr / algorithm.top_entropy_quantile
+    return learner.lr
+
+
+def deepspeed_config(learner: LearnerConfig, dtype: str, algorithm: AlgorithmConfig | None = None) -> dict[str, Any]:
     """ZeRO stage, bf16, torch's fused AdamW and a linear warm-up, for `deepspeed.initialize`."""
-    warm = learner.warmup_steps
+    warm, lr = learner.warmup_steps, learning_rate(learner, algorithm)
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": learner.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -21,7 +28,7 @@ def deepspeed_config(learner: LearnerConfig, dtype: str) -> dict[str, Any]:
         "optimizer": {
             "type": "AdamW",
             "params": {
-                "lr": learner.lr,
+                "lr": lr,
                 "weight_decay": learner.weight_decay,
                 "betas": [0.9, 0.999],
                 # torch's AdamW everywhere: DeepSpeed's own Adam kernels compile on first use (a ~2-minute
@@ -35,8 +42,8 @@ def deepspeed_config(learner: LearnerConfig, dtype: str) -> dict[str, Any]:
         "scheduler": {  # linear warm-up, then constant; no warm-up = constant from the first step
             "type": "WarmupLR",
             "params": {
-                "warmup_min_lr": 0 if warm else learner.lr,
-                "warmup_max_lr": learner.lr,
+                "warmup_min_lr": 0 if warm else lr,
+                "warmup_max_lr": lr,
                 "warmup_num_steps": max(warm, 1),
                 "warmup_type": "linear",
             },

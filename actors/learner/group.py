@@ -48,7 +48,9 @@ class LearnerGroup:
         )
         # start-up (model load, DeepSpeed init, perhaps beside a starting vLLM) is not a step: its own bound
         bound, name = max(learner.collective_timeout_s, START_TIMEOUT_S), "learner start-up"
-        addr, port = self.pool.gather([self.pool.actors[0].address.remote()], [0], timeout_s=bound, timeout_setting=name)[0]
+        addr, port = self.pool.gather(
+            [self.pool.actors[0].address.remote()], [0], timeout_s=bound, timeout_setting=name
+        )[0]
         setups = [a.setup.remote(rank, k, addr, port) for rank, a in enumerate(self.pool.actors)]
         self.pool.gather(setups, list(range(k)), timeout_s=bound, timeout_setting=name)
 

@@ -20,7 +20,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["token_entropy", "token_logprobs", "token_logprobs_and_entropy", "DEFAULT_CHUNK_ELEMS"]
+__all__ = [
+    "token_entropy",
+    "token_entropy_with_grad",
+    "token_logprobs",
+    "token_logprobs_and_entropy",
+    "DEFAULT_CHUNK_ELEMS",
+]
 
 # fp32 elements per CPU chunk: 2^19 * 4 B = 2 MiB (measured at V = 32768, N = 2048 on 2 AVX2 cores:
 # 1 MiB chunks 139 ms, 2 MiB 114 ms, 4 MiB 106 ms; larger chunks pay less per-op overhead).
@@ -175,6 +181,15 @@ def token_logprobs_and_entropy(
     ids = token_ids.reshape(-1).long()
     logp, ent = _LogprobEntropy.apply(z, ids, float(temperature), chunk_size, _use_triton(z))  # type: ignore[no-untyped-call]
     return logp.reshape(lead), ent.reshape(lead)
+
+
+def token_entropy_with_grad(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / T) [...] fp32 (fp64 for fp64 logits) with its gradient (for algorithm.entropy_coef): plain
+    torch, the [..., V] probabilities kept for backward (the fused path above keeps none)."""
+    _check(logits, temperature)
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    logp = torch.log_softmax(z / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def token_logprobs(

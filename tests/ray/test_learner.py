@@ -36,20 +36,26 @@ def _batch() -> list[TrainSequence]:
     return out
 
 
-def _step(tiny_path, port, stage, grad_clip=1.0, entropy_pass="fused", **learner):
-    """(grad_norm, update of every weight) of one step on 6 sequences in 2 micro-batches."""
+def _step(tiny_path, port, stage, grad_clip=1.0, entropy_pass="fused", algo=None, **learner):
+    """(grad_norm, update of every weight) of one step on 6 sequences in 2 micro-batches; algo: settings
+    of `algorithm` beside rho = 1."""
+    norm, update, _ = _step_metrics(tiny_path, port, stage, grad_clip, entropy_pass, algo, **learner)
+    return norm, update
+
+
+def _step_metrics(tiny_path, port, stage, grad_clip=1.0, entropy_pass="fused", algo=None, **learner):
     from actors.learner.actor import Learner
 
     learner_cfg = LearnerConfig(
         zero_stage=stage, lr=1e-3, grad_clip=grad_clip, micro_batch_size=4, entropy_pass=entropy_pass, **learner
     )
-    learner = Learner(tiny_path, learner_cfg, AlgorithmConfig(top_entropy_quantile=1.0), RolloutConfig(), 0,
-                      "float32", os.cpu_count() or 1)  # fmt: skip
+    algorithm = AlgorithmConfig(**{"top_entropy_quantile": 1.0, **(algo or {})})
+    learner = Learner(tiny_path, learner_cfg, algorithm, RolloutConfig(), 0, "float32", os.cpu_count() or 1)
     learner.setup(0, 1, "127.0.0.1", port)
     before = learner._full_state()
-    norm = learner.train_step(_batch()).metrics["actor/grad_norm"]
+    metrics = learner.train_step(_batch()).metrics
     after = learner._full_state()
-    return norm, {k: after[k] - before[k] for k in after}
+    return metrics["actor/grad_norm"], {k: after[k] - before[k] for k in after}, metrics
 
 
 def test_every_zero_stage_takes_the_same_step_and_reports_its_grad_norm(tiny_path, port):
@@ -84,6 +90,20 @@ def test_learner_variants_take_the_same_step(tiny_path, port, variant):
     assert norm == pytest.approx(norm0, rel=1e-4)
     for k in update0:
         torch.testing.assert_close(update[k], update0[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_gspo_with_an_entropy_bonus_takes_the_same_step_in_both_entropy_passes(tiny_path, port):
+    """The bonus's gradient reaches the weights whether the entropies come from the fused pass (kept
+    graph) or are recomputed with the loss; it changes the step; lr_scale divides the rate by rho."""
+    algo = {"policy_loss": "gspo", "entropy_coef": 0.5, "top_entropy_quantile": 0.5, "lr_scale": "inverse_rho"}
+    norm, update, metrics = _step_metrics(tiny_path, port, 0, algo=algo)
+    norm_s, update_s = _step(tiny_path, port, 0, entropy_pass="separate", algo=algo)
+    assert norm_s == pytest.approx(norm, rel=1e-4)
+    for k in update:
+        torch.testing.assert_close(update_s[k], update[k], atol=1e-6, rtol=0, msg=k)
+    assert metrics["actor/entropy_bonus"] > 0 and metrics["actor/lr"] == pytest.approx(2e-3)  # 1e-3 / 0.5
+    no_bonus, _ = _step(tiny_path, port, 0, algo={**algo, "entropy_coef": 0.0})
+    assert abs(no_bonus - norm) > 1e-3 * norm, (no_bonus, norm)
 
 
 def _optimizer_tensors(learner) -> dict[str, torch.Tensor]:

@@ -54,3 +54,30 @@ def clipped_loss(logp, old, adv, valid, kept, eps_low, eps_high, agg) -> float:
         return sum(seq_terms) / max(len(seq_terms), 1)
     # Dr.GRPO: sum / (sequences x longest response); a row with no valid token is padding, not a sequence
     return total / (sum(1 for row in valid if any(row)) * len(logp[0]))
+
+
+def method_loss(logp, old, adv, valid, kept, rollout, method, eps_low, eps_high, cispo_max, cap, level, mode) -> float:
+    """The policy loss of GSPO / CISPO / PPO-clip with the mismatch weight, token_mean_selected: loops.
+
+    Value only (CISPO's value is -w A logp; its gradient is what the learner uses)."""
+    total, n_sel = 0.0, 0
+    for b in range(len(logp)):
+        toks = [t for t in range(len(logp[b])) if valid[b][t]]
+        if not toks:
+            continue
+        seq_log_ratio = sum(logp[b][t] - old[b][t] for t in toks) / len(toks)
+        seq_log_w = sum(old[b][t] - rollout[b][t] for t in toks)
+        for t in toks:
+            if not kept[b][t]:
+                continue
+            r = math.exp(seq_log_ratio if method == "gspo" else logp[b][t] - old[b][t])
+            if method == "cispo":
+                term = -min(r, cispo_max) * adv[b] * logp[b][t]
+            else:
+                term = max(-adv[b] * r, -adv[b] * min(max(r, 1 - eps_low), 1 + eps_high))
+            w = math.exp(seq_log_w if level == "sequence" else old[b][t] - rollout[b][t])
+            if cap is not None:
+                w = (0.0 if w > cap else w) if mode == "mask" else min(w, cap)
+            total += term * w
+            n_sel += 1
+    return total / max(n_sel, 1)

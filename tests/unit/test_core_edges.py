@@ -63,7 +63,8 @@ def test_metric_names_and_per_kept_token_values():
     keep = torch.tensor([[True, True, True, True, False]])
     _, m = policy_loss(lr, old, torch.tensor([1.0]), valid, keep, A())
     assert set(m) == {"actor/loss", "actor/clipfrac", "actor/dual_clipfrac", "actor/ratio_mean",
-                      "actor/approx_kl_old", "actor/kl_ref"}  # fmt: skip
+                      "actor/approx_kl_old", "actor/kl_ref", "actor/entropy_bonus", "mismatch/weight_mean",
+                      "mismatch/limited_frac"}  # fmt: skip
     assert m["actor/clipfrac"] == pytest.approx(0.25)
     # ratio_mean over kept tokens only: (e^.5 + 1 + e^-.5 + e^.1) / 4; the dropped e^2 does not count
     assert m["actor/ratio_mean"] == pytest.approx((math.exp(0.5) + 1 + math.exp(-0.5) + math.exp(0.1)) / 4)
