@@ -23,7 +23,7 @@ import torch.distributed as dist
 from actors.algo.selection import EntropyThreshold, count_ties, entropy_threshold, high_entropy_mask, selection_values
 from actors.algo.stats import entropy_stats
 
-__all__ = ["StepPlan", "plan_step", "selection_keys"]
+__all__ = ["StepPlan", "all_gather_1d", "plan_step", "selection_keys", "world_rank_size"]
 
 
 @dataclass
@@ -36,15 +36,15 @@ class StepPlan:
     stats: dict[str, Any] = field(default_factory=dict)  # log_entropy metrics (identical on every rank)
 
 
-def _world() -> tuple[int, int]:
+def world_rank_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 
-def _all_gather_1d(x: torch.Tensor) -> list[torch.Tensor]:
+def all_gather_1d(x: torch.Tensor) -> list[torch.Tensor]:
     """All-gather 1-D tensors of different lengths, in rank order."""
-    _, world = _world()
+    _, world = world_rank_size()
     if world == 1:
         return [x]
     n = torch.tensor([x.numel()], dtype=torch.long, device=x.device)
@@ -71,7 +71,7 @@ def selection_keys(
         return [-h for h in entropies], [-g for g in gathered]
     if how != "random":
         raise ValueError(f"token selection {how!r} is not one of highest, random, lowest")
-    rank, _ = _world()
+    rank, _ = world_rank_size()
     n = sum(g.numel() for g in gathered)
     draws = torch.rand(n, generator=torch.Generator().manual_seed(seed), dtype=torch.float64, device="cpu")
     draws = draws.to(device=gathered[0].device, dtype=gathered[0].dtype)
@@ -98,12 +98,12 @@ def plan_step(
     entropies, valid_masks (and token_ids): this rank's micro-batches in order, each [B_i, T_i].
     selection: which rho share is kept (`selection_keys`); seed: the random selection's draw.
     """
-    rank, world = _world()
+    rank, world = world_rank_size()
     device = entropies[0].device  # every tensor of a collective lives here (NCCL takes no CPU tensor)
     local = torch.cat(
         [selection_values(h[m.bool()]).reshape(-1) for h, m in zip(entropies, valid_masks, strict=True)]
     )  # [n_r]
-    entropy_by_rank = _all_gather_1d(local)
+    entropy_by_rank = all_gather_1d(local)
     everything = torch.cat(entropy_by_rank)  # [N] in canonical order
     # the same exact top-k and tie rule whatever is ranked: entropy, minus entropy or a random draw
     keys, gathered = selection_keys(entropies, valid_masks, entropy_by_rank, selection, seed)
@@ -130,7 +130,7 @@ def plan_step(
         ids_all = None
         if token_ids is not None:
             ids_local = torch.cat([t[m.bool()].reshape(-1) for t, m in zip(token_ids, valid_masks, strict=True)])
-            ids_all = torch.cat(_all_gather_1d(ids_local.long()))
+            ids_all = torch.cat(all_gather_1d(ids_local.long()))
         # the entropy threshold where entropy ranks; else the lowest kept entropy (entropy_stats' default)
         stats = entropy_stats(
             everything, torch.ones_like(kept_all), kept_all, threshold if selection == "highest" else None, ids_all

@@ -72,12 +72,23 @@ def _sequence_log_ratio(log_ratio: torch.Tensor, valid: torch.Tensor) -> torch.T
 
 def _surrogate(
     logprobs: torch.Tensor, log_ratio: torch.Tensor, adv: torch.Tensor, valid: torch.Tensor, keep: torch.Tensor,
-    algo: AlgorithmConfig,
+    algo: AlgorithmConfig, cov_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
     """The per-token policy term of `algo.policy_loss` and its clip flags (kept tokens only):
-    ppo_clip  max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r the token ratio (dual clip optional);
-    gspo      the same with r = s_i = exp(mean_t log r_t), one ratio per sequence, clipped per sequence;
-    cispo     -sg(min(r, cispo_max_weight)) A log pi: no token loses its gradient, the weight is capped."""
+    - ppo_clip: max(-A r, -A clip(r, 1 - eps_low, 1 + eps_high)), r the token ratio (dual clip optional);
+    - gspo: the same with r = s_i = exp(mean_t log r_t), one ratio per sequence, clipped per sequence;
+    - cispo: -sg(min(r, cispo_max_weight)) A log pi: no token loses its gradient, the weight is capped;
+    - clip_cov: ppo_clip, 0 (no gradient) on the tokens of cov_mask (actors.algo.covariance);
+    - kl_cov: -A r unclipped, plus kl_cov_coef |log r| on the tokens of cov_mask."""
+    if algo.policy_loss in ("clip_cov", "kl_cov"):
+        if cov_mask is None:
+            raise ValueError(f"algorithm.policy_loss={algo.policy_loss!r} needs the step's covariance selection")
+        chosen = cov_mask.bool()
+        if algo.policy_loss == "kl_cov":
+            pg = -adv * torch.exp(log_ratio) + algo.kl_cov_coef * log_ratio.abs() * chosen
+            return pg, torch.zeros_like(keep), torch.zeros_like(keep)
+        pg, clipped, dual_clipped = _clipped_surrogate(log_ratio, adv, keep, algo)
+        return pg * ~chosen, clipped, dual_clipped
     if algo.policy_loss == "gspo":
         return _clipped_surrogate(_sequence_log_ratio(log_ratio, valid), adv, keep, algo)
     if algo.policy_loss == "cispo":
@@ -158,6 +169,7 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
     ref_logprobs: torch.Tensor | None = None,
     rollout_logprobs: torch.Tensor | None = None,
     entropy: torch.Tensor | None = None,
+    cov_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The entropy-masked policy loss: PPO-clip with clip-higher (DAPO), GSPO or CISPO on the kept tokens.
 
@@ -165,13 +177,15 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
     rollout_logprobs: [B, T] without gradient; advantages: [B] (or [B, T]);
     valid_mask: [B, T] valid response tokens; entropy_mask: [B, T] kept tokens (None = all valid).
 
-    entropy: [B, T] with gradient, needed when entropy_coef > 0.
+    entropy: [B, T] with gradient, needed when entropy_coef > 0; cov_mask: [B, T] the tokens Clip-Cov /
+    KL-Cov act on (actors.algo.covariance.plan_covariance), needed for those.
     algo: the algorithm settings (policy_loss, clip_eps_low/high, dual_clip_c, tis_cap, mismatch_*,
     kl_coef, mask_kl_by_entropy, entropy_coef, loss_agg); None = the defaults of AlgorithmConfig.
 
     Per token (`_surrogate`), r = exp(logp - old): ppo_clip pg = max(-A r, -A clip(r, 1 - eps_low,
     1 + eps_high)), and for A < 0 with dual_clip_c, pg = min(pg, -A c); gspo the same with the
-    sequence's ratio s = exp(mean log r) in place of r; cispo pg = -sg(min(r, cispo_max_weight)) A logp.
+    sequence's ratio s = exp(mean log r) in place of r; cispo pg = -sg(min(r, cispo_max_weight)) A logp;
+    clip_cov ppo_clip with the cov_mask tokens detached; kl_cov -A r + kl_cov_coef |log r| on cov_mask.
     With rollout_logprobs and tis_cap, pg is scaled by the mismatch weight (`mismatch_weight`: token or
     sequence, truncated or masked at tis_cap) that corrects the rollout engine / learner mismatch. The
     entropy bonus subtracts entropy_coef x the mean entropy over the step's valid (or kept) tokens.
@@ -206,7 +220,7 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
         adv = adv[:, None]  # [B, 1]
 
     log_ratio = (logprobs - old_logprobs).clamp(-20.0, 20.0)  # [B, T]
-    pg, clipped, dual_clipped = _surrogate(logprobs, log_ratio, adv, valid, keep, algo)  # [B, T] each
+    pg, clipped, dual_clipped = _surrogate(logprobs, log_ratio, adv, valid, keep, algo, cov_mask)  # [B, T] each
     w, limited = torch.ones_like(pg), torch.zeros_like(keep)
     if rollout_logprobs is not None and algo.tis_cap is not None:
         w, limited = mismatch_weight(old_logprobs, rollout_logprobs, valid, algo)

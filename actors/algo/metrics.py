@@ -73,6 +73,8 @@ RULES: dict[str, Rule] = {
             "frac_below_threshold",
         )  # fmt: skip
     },
+    # the log-prob/advantage covariance over the step's kept tokens (actors.algo.covariance, the same on every rank)
+    **{f"cov/{name}": _GLOBAL for name in ("mean", "p01", "p50", "p99", "max", "selected_frac")},
     "entropy/top_forking_tokens": Rule(Reduce.SAME, Reduce.COUNTS),
     "entropy/forking_tokens_dropped": Rule(Reduce.SAME, Reduce.COUNTS),  # follows the merged top tokens
     # the rollout side (actors.reward, actors.driver.sampling)

@@ -208,13 +208,27 @@ class AlgorithmConfig(StrictModel):
         description="truncate (TIS): w -> min(w, C); mask (MIS): w where w <= C, 0 where above (the token or the "
         "sequence is dropped from the gradient).",
     )
-    policy_loss: Literal["ppo_clip", "gspo", "cispo"] = Field(
+    policy_loss: Literal["ppo_clip", "gspo", "cispo", "clip_cov", "kl_cov"] = Field(
         "ppo_clip",
         description="The surrogate: ppo_clip (token ratio, clip-higher: DAPO); gspo (one length-normalised ratio "
         "per sequence, clipped per sequence: arXiv 2507.18071; GSPO's own clip ranges are about 3e-4 / 4e-4); "
         "cispo (every token keeps its gradient, weighted by the stop-gradient ratio capped at cispo_max_weight: "
-        "MiniMax-M1, arXiv 2506.13585). See actors.algo.loss.",
+        "MiniMax-M1, arXiv 2506.13585); clip_cov / kl_cov (ppo_clip with a few high log-prob/advantage "
+        "covariance tokens detached, or unclipped with those tokens KL-penalised: arXiv 2505.22617, taken over "
+        "the whole step). See actors.algo.loss and actors.algo.covariance.",
     )
+    clip_cov_ratio: float = Field(
+        2e-4, gt=0, le=1, description="Clip-Cov: the share of the step's kept tokens detached."
+    )
+    clip_cov_lb: float = Field(1.0, ge=-1e6, le=1e6, description="Clip-Cov: candidates have covariance above this.")
+    clip_cov_ub: float = Field(5.0, ge=-1e6, le=1e6, description="Clip-Cov: candidates have covariance below this.")
+    kl_cov_ratio: float = Field(
+        2e-3,
+        gt=0,
+        le=1,
+        description="KL-Cov: the share of the step's kept tokens, highest covariance first, penalised.",
+    )
+    kl_cov_coef: float = Field(1.0, ge=0, le=1e3, description="KL-Cov: the coefficient of |log r| on those tokens.")
     cispo_max_weight: float = Field(
         4.0, gt=1, le=1e3, description="CISPO: the cap of its stop-gradient importance weight (no lower bound)."
     )
@@ -259,9 +273,13 @@ class AlgorithmConfig(StrictModel):
 
     @model_validator(mode="after")
     def _methods_compose(self) -> AlgorithmConfig:
-        if self.dual_clip_c is not None and self.policy_loss != "ppo_clip":
+        if self.clip_cov_lb >= self.clip_cov_ub:
             raise ValueError(
-                f"algorithm.dual_clip_c={self.dual_clip_c} bounds the token ratio of ppo_clip; with "
+                f"algorithm.clip_cov_lb={self.clip_cov_lb} must be < algorithm.clip_cov_ub={self.clip_cov_ub}"
+            )
+        if self.dual_clip_c is not None and self.policy_loss not in ("ppo_clip", "clip_cov"):
+            raise ValueError(
+                f"algorithm.dual_clip_c={self.dual_clip_c} bounds the token ratio of ppo_clip and clip_cov; with "
                 f"algorithm.policy_loss={self.policy_loss!r} accepted is null"
             )
         return self

@@ -164,6 +164,7 @@ class Learner:
         is global), then the masked loss of each micro-batch, backward, and DeepSpeed's step."""
         import torch
 
+        from actors.algo.covariance import plan_covariance
         from actors.algo.entropy_filter import plan_step
         from actors.algo.loss import loss_normalizer
 
@@ -176,6 +177,8 @@ class Learner:
         # PPO mini-batches bring the old policy's log-probs (taken before the rollout's first update);
         # otherwise this update is the first: its own log-probs, detached, are the old policy
         olds = [lp.detach() if mb.old_lp is None else mb.old_lp for mb, lp in zip(mbs, lps, strict=True)]
+        # the random draws (selection control, Clip-Cov): the same on every rank, new at every optimizer step
+        seed = self.seed * 1_000_003 + int(self.engine.global_steps)
         plan = plan_step(
             list(ents),
             [mb.valid for mb in mbs],
@@ -183,9 +186,13 @@ class Learner:
             token_ids=[mb.resp_ids for mb in mbs],
             log_entropy=algo.log_entropy,
             selection=algo.token_selection,
-            # the random control's draw: the same on every rank, new at every optimizer step (resumes with it)
-            seed=self.seed * 1_000_003 + int(self.engine.global_steps),
+            seed=seed,
         )
+        cov_masks: list[Any] = [None] * len(mbs)
+        if algo.policy_loss in ("clip_cov", "kl_cov") or algo.log_entropy:  # the method, or its diagnostics
+            cov = plan_covariance(list(lps), olds, [mb.adv for mb in mbs], plan.masks, algo, seed)
+            plan.stats.update(cov.stats)
+            cov_masks = cov.masks if algo.policy_loss in ("clip_cov", "kl_cov") else cov_masks
         norm = loss_normalizer(
             algo.loss_agg,
             num_valid_tokens=plan.num_valid,
@@ -193,7 +200,9 @@ class Learner:
             num_sequences=plan.num_sequences,
             max_response_len=self.sampling.max_new_tokens,
         )
-        metrics = combine_parts(self._backward(mbs, olds, list(lps) if fused else None, list(ents), plan, norm))
+        metrics = combine_parts(
+            self._backward(mbs, olds, list(lps) if fused else None, list(ents), cov_masks, plan, norm)
+        )
         own_norm = None if hasattr(self.engine.optimizer, "_global_grad_norm") else self._grad_norm()
         self.engine.step()
         ds_norm = self.engine.get_global_grad_norm()  # None where DeepSpeed skipped the norm: logged as NaN
@@ -206,12 +215,12 @@ class Learner:
         )
 
     def _backward(
-        self, mbs: list[MicroBatch], olds: list[Any], lps: list[Any] | None, ents: list[Any], plan: StepPlan,
-        norm: float,
+        self, mbs: list[MicroBatch], olds: list[Any], lps: list[Any] | None, ents: list[Any], covs: list[Any],
+        plan: StepPlan, norm: float,
     ) -> list[dict[str, float]]:  # fmt: skip
         """The masked loss of each micro-batch and its backward; DeepSpeed reduces the gradients once,
         at the last. lps, ents: the log-probs and entropies of the first pass when it kept the graph
-        (entropy_pass fused; lps None otherwise).
+        (entropy_pass fused; lps None otherwise); covs: Clip-Cov / KL-Cov's token masks (or None).
         Returns each micro-batch's metric contributions."""
         import torch
 
@@ -232,7 +241,7 @@ class Learner:
             loss, m = policy_loss(
                 logp, old, mb.adv, mb.valid, mask, self.algo, normalizer=norm, num_kept_step=plan.num_kept,
                 num_valid_step=plan.num_valid, max_response_len=self.sampling.max_new_tokens,
-                ref_logprobs=refs[i], rollout_logprobs=mb.rollout_lp, entropy=ent,
+                ref_logprobs=refs[i], rollout_logprobs=mb.rollout_lp, entropy=ent, cov_mask=covs[i],
             )  # fmt: skip
             # the forwards ran on the engine's modules, not through engine.forward(), which is where
             # ZeRO starts a new micro-step; without this, ZeRO-3 overwrites (does not add) the gradient

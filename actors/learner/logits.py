@@ -184,8 +184,9 @@ def token_logprobs_and_entropy(
 
 
 def token_entropy_with_grad(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / T) [...] fp32 (fp64 for fp64 logits) with its gradient (for algorithm.entropy_coef): plain
-    torch, the [..., V] probabilities kept for backward (the fused path above keeps none)."""
+    """Entropy of softmax(logits / T) [...] fp32 (fp64 for fp64 logits) with its gradient, for
+    algorithm.entropy_coef: plain torch, the [..., V] probabilities kept for backward (the fused path
+    above keeps none)."""
     _check(logits, temperature)
     z = logits if logits.dtype == torch.float64 else logits.float()
     logp = torch.log_softmax(z / temperature, dim=-1)

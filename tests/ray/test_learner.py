@@ -106,6 +106,34 @@ def test_gspo_with_an_entropy_bonus_takes_the_same_step_in_both_entropy_passes(t
     assert abs(no_bonus - norm) > 1e-3 * norm, (no_bonus, norm)
 
 
+def test_kl_cov_takes_the_same_step_in_both_entropy_passes_and_reports_the_covariance(tiny_path, port):
+    """KL-Cov's penalty acts where the ratio to the old policy is not 1: the batch comes with old
+    log-probs (as a later PPO mini-batch does), so |log r| and its gradient are not 0."""
+    from dataclasses import replace
+
+    from actors.learner.actor import Learner
+
+    batch = [replace(s, old_logprobs=[-5.0] * len(s.response_ids)) for s in _batch()]
+
+    def step(entropy_pass: str, coef: float):
+        algo = AlgorithmConfig(top_entropy_quantile=0.5, policy_loss="kl_cov", kl_cov_ratio=0.2, kl_cov_coef=coef)
+        cfg = LearnerConfig(zero_stage=0, lr=1e-3, micro_batch_size=4, entropy_pass=entropy_pass)
+        learner = Learner(tiny_path, cfg, algo, RolloutConfig(), 0, "float32", os.cpu_count() or 1)
+        learner.setup(0, 1, "127.0.0.1", port)
+        before = learner._full_state()
+        result = learner.train_step(batch)
+        after = learner._full_state()
+        return result, {k: after[k] - before[k] for k in after}
+
+    (fused, update), (separate, update_s) = step("fused", 5.0), step("separate", 5.0)
+    assert fused.stats["cov/selected_frac"] == pytest.approx(separate.stats["cov/selected_frac"])
+    assert 0 < fused.stats["cov/selected_frac"] <= 0.2 and fused.stats["cov/max"] > fused.stats["cov/p50"]
+    for k in update:
+        torch.testing.assert_close(update_s[k], update[k], atol=1e-6, rtol=0, msg=k)
+    _, unpenalised = step("fused", 0.0)
+    assert any(not torch.allclose(unpenalised[k], update[k], atol=1e-7) for k in update)  # the penalty acted
+
+
 def _optimizer_tensors(learner) -> dict[str, torch.Tensor]:
     state = learner.engine.optimizer.state_dict()["state"]
     return {f"{i}.{k}": v.clone() for i, s in state.items() for k, v in s.items() if torch.is_tensor(v)}

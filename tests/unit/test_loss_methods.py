@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from actors.algo.covariance import plan_covariance, select_covariance
 from actors.algo.loss import mismatch_weight, policy_loss
 from actors.algo.selection import high_entropy_mask
 from actors.common.config import AlgorithmConfig as A
@@ -89,7 +90,7 @@ def test_the_mismatch_weight_scales_the_loss_and_is_reported():
                           rollout_logprobs=rollout)  # fmt: skip
     loss.backward()
     # r = 1: each token's term is -A w; the first is masked (w 0), the second weighs 0.5
-    assert float(loss) == pytest.approx(-0.5 / 2) and logp.grad[0].tolist() == pytest.approx([0.0, -0.25])
+    assert float(loss.detach()) == pytest.approx(-0.5 / 2) and logp.grad[0].tolist() == pytest.approx([0.0, -0.25])
     assert m["mismatch/weight_mean"] == pytest.approx(0.25) and m["mismatch/limited_frac"] == 0.5
     # tis_cap None: no correction at all, whatever the mode
     plain, m = policy_loss(old, old, torch.tensor([1.0], dtype=torch.float64), VALID2, None,
@@ -190,3 +191,74 @@ def test_methods_that_do_not_compose_are_refused_naming_the_fields():
         JobConfig.model_validate({"algorithm": {"policy_loss": "cispo", "entropy_coef": 0.01}}).algorithm.lr_scale
         == "none"
     )
+
+
+# -- Clip-Cov and KL-Cov (arXiv 2505.22617): the covariance selection, taken over the whole step --------
+
+
+def _cov_step():
+    """Two sequences: A = +1 with log-probs -1, -3; A = -1 with log-prob -2 (and a padding position).
+    Means over the 3 tokens: A 1/3, logp -2; cov = (A - 1/3)(logp + 2) = 2/3, -2/3, 0."""
+    lp = torch.tensor([[-1.0, -3.0], [-2.0, 0.0]], dtype=torch.float64)
+    valid = torch.tensor([[True, True], [True, False]])
+    return lp, torch.tensor([1.0, -1.0], dtype=torch.float64), valid
+
+
+def test_the_covariance_of_log_prob_and_advantage_is_taken_over_the_steps_tokens():
+    lp, adv, valid = _cov_step()
+    cov = plan_covariance([lp], [lp], [adv], [valid], A(policy_loss="kl_cov", kl_cov_ratio=0.5), seed=0)
+    # k = max(1, floor(0.5 x 3)) = 1: the largest covariance, 2/3 at (0, 0)
+    assert cov.masks[0].tolist() == [[True, False], [False, False]]
+    assert cov.stats["cov/mean"] == pytest.approx(0.0) and cov.stats["cov/max"] == pytest.approx(2 / 3)
+    assert cov.stats["cov/p01"] == pytest.approx(-2 / 3) and cov.stats["cov/p50"] == pytest.approx(0.0)
+    assert cov.stats["cov/selected_frac"] == pytest.approx(1 / 3)
+    # k = floor(0.7 x 3) = 2: 2/3, then 0 (above -2/3)
+    two = plan_covariance([lp], [lp], [adv], [valid], A(policy_loss="kl_cov", kl_cov_ratio=0.7), seed=0)
+    assert two.masks[0].tolist() == [[True, False], [True, False]]
+    # with the filter keeping two tokens, the means are over those: A 0, logp -1.5; cov 0.5 and 0.5, a
+    # tie: the earlier token in the step's order is taken
+    keep = torch.tensor([[True, False], [True, False]])
+    tied = plan_covariance([lp], [lp], [adv], [keep], A(policy_loss="kl_cov", kl_cov_ratio=0.5), seed=0)
+    assert tied.masks[0].tolist() == [[True, False], [False, False]]
+
+
+def test_clip_cov_draws_among_the_tokens_between_its_bounds_that_ppo_does_not_clip():
+    cov = torch.tensor([0.5, 2.0, 3.0, 4.0, 6.0, 1.5, 2.5, 0.9, 4.5, 1.2])
+    clipped = torch.zeros(10, dtype=torch.bool)
+    clipped[3] = True  # 4.0 is a candidate by value, but PPO already clips it
+    algo = A(policy_loss="clip_cov", clip_cov_ratio=0.25, clip_cov_lb=1.0, clip_cov_ub=5.0)
+    candidates = {1, 2, 5, 6, 8, 9}
+    draws = [set(torch.nonzero(select_covariance(cov, clipped, algo, seed)).reshape(-1).tolist()) for seed in range(8)]
+    assert all(len(d) == 2 and d <= candidates for d in draws)  # floor(0.25 x 10) = 2 of the candidates
+    assert len({frozenset(d) for d in draws}) > 1  # a draw, not a rule
+    assert draws[0] == set(torch.nonzero(select_covariance(cov, clipped, algo, 0)).reshape(-1).tolist())  # seeded
+    # a ratio that rounds to nothing still acts on one token (the paper's max(1, ...))
+    one = select_covariance(cov, clipped, A(policy_loss="clip_cov", clip_cov_ratio=1e-4), 0)
+    assert int(one.sum()) == 1 and int(torch.nonzero(one)) in candidates
+    assert not select_covariance(cov, clipped, A(), 0).any()  # other methods: nothing
+
+
+def test_clip_cov_detaches_its_tokens_and_kl_cov_penalises_them():
+    old = torch.tensor([[-1.0, -1.0]], dtype=torch.float64)
+    chosen = torch.tensor([[True, False]])
+    diff = torch.tensor([[0.1, 0.1]], dtype=torch.float64)
+
+    def run(method):
+        logp = (old + diff).requires_grad_()
+        algo = A(policy_loss=method, kl_cov_coef=2.0)
+        loss, _ = policy_loss(logp, old, torch.tensor([1.0], dtype=torch.float64), VALID2, None, algo,
+                              cov_mask=chosen)  # fmt: skip
+        loss.backward()
+        return float(loss.detach()), logp.grad[0].tolist()
+
+    r = math.exp(0.1)
+    # Clip-Cov: the chosen token contributes nothing and gets no gradient; the other is PPO's -A r / 2
+    loss, grad = run("clip_cov")
+    assert loss == pytest.approx(-r / 2) and grad == pytest.approx([0.0, -r / 2])
+    # KL-Cov: no clip; the chosen token's term is -A r + 2 |0.1|, its gradient (-r + 2) / 2
+    loss, grad = run("kl_cov")
+    assert loss == pytest.approx((-r + 0.2 - r) / 2) and grad == pytest.approx([(-r + 2.0) / 2, -r / 2])
+    with pytest.raises(ValueError, match="needs the step's covariance selection"):
+        policy_loss(old, old, torch.tensor([1.0]), VALID2, None, A(policy_loss="kl_cov"))
+    with pytest.raises(ValueError, match=r"algorithm.clip_cov_lb=5.0 must be < algorithm.clip_cov_ub=1.0"):
+        A(clip_cov_lb=5.0, clip_cov_ub=1.0)

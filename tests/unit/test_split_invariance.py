@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from actors.algo.covariance import plan_covariance
 from actors.algo.entropy_filter import plan_step
 from actors.algo.loss import loss_normalizer, policy_loss
 from actors.common.config import AlgorithmConfig as A
@@ -49,20 +50,32 @@ def test_the_fixture_really_has_ties_across_the_splits():
     assert {r // 2 for r, p in TIES[:5]} == {0, 1, 2} and {r // 4 for r, p in TIES} == {0, 1}
 
 
-def _step(rows: list[range], world: int = 1, agg="token_mean_selected", dtype=torch.float32, selection="highest"):
-    """Run one step over this rank's micro-batches; returns (loss, grad, masks, plan)."""
+# Clip-Cov / KL-Cov act on about a third of the 6 kept tokens here (the defaults: 2e-4 of a long step)
+COV = {"kl_cov_ratio": 0.34, "clip_cov_ratio": 0.34, "clip_cov_lb": -1e6, "clip_cov_ub": 1e6}
+
+
+def _step(
+    rows: list[range], world: int = 1, agg="token_mean_selected", dtype=torch.float32, selection="highest",
+    method="ppo_clip",
+):  # fmt: skip
+    """Run one step over this rank's micro-batches; returns (loss, grad, plan); with Clip-Cov / KL-Cov
+    the plan's masks are followed by the covariance selection's."""
     hidden, w0, ids, valid, adv = _problem()
     w = w0.clone().requires_grad_(True)
+    algo = A(loss_agg=agg, policy_loss=method, **COV)
     with torch.no_grad():
         # x (1 + 1e-9) moves float64 values off the float32 grid (a float32 input is unchanged): gathering
         # them as float32 would round them and move the threshold
         ents = [token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)[1].to(dtype) * (1 + 1e-9) for r in rows]
+        lps = [token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)[0] for r in rows]
     # the default device is "meta" inside plan_step: a tensor it creates without naming the data's device
     # (as a CPU tensor would be under NCCL) lands there and fails, in the collective or when read
     with torch.device("meta"):
         plan = plan_step(
             ents, [valid[r] for r in rows], RHO, [ids[r] for r in rows], log_entropy=True, selection=selection, seed=7
         )
+        cov = plan_covariance(lps, [lp + 0.1 for lp in lps], [adv[r] for r in rows], plan.masks, algo, seed=7)
+    plan.stats.update(cov.stats)
     norm = loss_normalizer(
         agg,
         num_valid_tokens=plan.num_valid,
@@ -71,12 +84,14 @@ def _step(rows: list[range], world: int = 1, agg="token_mean_selected", dtype=to
         max_response_len=T,
     )
     total = 0.0
-    for r, mask in zip(rows, plan.masks, strict=True):
+    for r, mask, chosen in zip(rows, plan.masks, cov.masks, strict=True):
         logp, _ = token_logprobs_and_entropy(hidden[r] @ w.T, ids[r], 0.7)
         old = logp.detach() + 0.1
-        loss, _ = policy_loss(logp, old, adv[r], valid[r], mask, A(loss_agg=agg), normalizer=norm)
+        loss, _ = policy_loss(logp, old, adv[r], valid[r], mask, algo, normalizer=norm, cov_mask=chosen)
         (loss * world).backward()  # data-parallel engines average gradients over ranks
         total += loss.item()
+    if method != "ppo_clip":
+        plan.masks = plan.masks + cov.masks  # the tests compare both selections
     return total, w.grad, plan
 
 
@@ -97,20 +112,35 @@ def test_micro_batches_do_not_change_the_step(agg, selection):
     torch.testing.assert_close(grad4, grad1, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["clip_cov", "kl_cov"])
+def test_clip_cov_and_kl_cov_choose_the_same_tokens_however_the_step_is_split(method):
+    loss1, grad1, plan1 = _step([range(0, B)], method=method)
+    loss4, grad4, plan4 = _step(_split(0, B, 4), method=method)
+    kept1, chosen1 = plan1.masks
+    chosen4 = torch.cat(plan4.masks[4:])
+    # floor(0.34 x 6 kept tokens) = 2 tokens chosen, all of them kept, the same ones in both splits
+    assert int(chosen1.sum()) == 2 and not (chosen1 & ~kept1).any() and torch.equal(chosen1, chosen4)
+    assert plan1.stats["cov/selected_frac"] == pytest.approx(2 / 6) and plan1.stats == plan4.stats
+    assert loss4 == pytest.approx(loss1, abs=1e-6)
+    torch.testing.assert_close(grad4, grad1, atol=1e-6, rtol=1e-5)
+    plain, grad_plain, _ = _step([range(0, B)])
+    assert not torch.allclose(grad_plain, grad1)  # the method changed the step
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _rank_main(rank, world, port, out_dir, dtype, selection):
+def _rank_main(rank, world, port, out_dir, dtype, selection, method="ppo_clip"):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     # a rank that fails leaves the other in a collective: a short timeout turns that into a failure
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         half = B // world
         loss, grad, plan = _step(
-            _split(rank * half, (rank + 1) * half, 2), world=world, dtype=dtype, selection=selection
+            _split(rank * half, (rank + 1) * half, 2), world=world, dtype=dtype, selection=selection, method=method
         )
         dist.all_reduce(grad)
         grad /= world  # what DDP / DeepSpeed do
@@ -132,19 +162,31 @@ def _rank_main(rank, world, port, out_dir, dtype, selection):
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize(  # float64 entropies travel as float64; the controls rank other keys the same way
-    ("dtype", "selection"),
-    [(torch.float32, "highest"), (torch.float64, "highest"), (torch.float32, "random"), (torch.float32, "lowest")],
+@pytest.mark.parametrize(  # float64 entropies travel as float64; the controls rank other keys the same way;
+    ("dtype", "selection", "method"),  # KL-Cov: the covariance selection over two ranks too
+    [
+        (torch.float32, "highest", "ppo_clip"),
+        (torch.float64, "highest", "ppo_clip"),
+        (torch.float32, "random", "ppo_clip"),
+        (torch.float32, "lowest", "ppo_clip"),
+        (torch.float32, "highest", "kl_cov"),
+    ],
 )
-def test_two_real_ranks_equal_one_process(tmp_path, dtype, selection):
-    loss1, grad1, plan1 = _step([range(0, B)], dtype=dtype, selection=selection)
-    args = (2, _free_port(), str(tmp_path), dtype, selection)
+def test_two_real_ranks_equal_one_process(tmp_path, dtype, selection, method):
+    loss1, grad1, plan1 = _step([range(0, B)], dtype=dtype, selection=selection, method=method)
+    args = (2, _free_port(), str(tmp_path), dtype, selection, method)
     mp.start_processes(_rank_main, args=args, nprocs=2, join=True, start_method="spawn")
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=False)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=False)
     assert r0["plan"] == r1["plan"] == plan1.threshold
     assert r0["num_sequences"] == r1["num_sequences"] == plan1.num_sequences == 7  # summed over the ranks
-    assert torch.equal(torch.cat([r0["masks"], r1["masks"]]), plan1.masks[0])
+    if method == "ppo_clip":
+        assert torch.equal(torch.cat([r0["masks"], r1["masks"]]), plan1.masks[0])
+    else:  # each rank's 4 rows of kept masks (2 micro-batches), then its 4 rows of covariance masks
+        half = B // 2
+        assert torch.equal(torch.cat([r0["masks"][:half], r1["masks"][:half]]), plan1.masks[0])
+        assert torch.equal(torch.cat([r0["masks"][half:], r1["masks"][half:]]), plan1.masks[1])
+        assert int(plan1.masks[1].sum()) == 2
     assert r0["loss"] == pytest.approx(loss1, abs=1e-6)
     torch.testing.assert_close(r0["grad"], grad1, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(r1["grad"], grad1, atol=1e-6, rtol=1e-5)
