@@ -190,10 +190,16 @@ function timeChart(el, records) {
 
 const CURVES = [
   ["reward", "Reward", [["reward/mean", "train (all completions)"], ["eval/reward_mean", "held-out eval (greedy)"]]],
-  ["entropy", "Entropy", [["entropy/mean", "mean"], ["entropy/p80", "p80"], ["entropy/threshold", "threshold τ"]]],
+  ["entropy", "Entropy", [["entropy/mean", "mean"], ["entropy/p80", "p80"], ["entropy/threshold", "threshold τ"],
+    ["entropy/kept_mean", "kept tokens' mean"], ["entropy/dropped_mean", "dropped tokens' mean"]]],
   ["shares", "Token shares", [["entropy/kept_frac", "kept by the filter"], ["entropy/frac_below_0.01", "entropy < 0.01"]]],
   ["length", "Response length (tokens)", [["response/length_mean", "mean"]]],
-  ["clip", "Clip fraction", [["actor/clipfrac", "clipped"], ["actor/dual_clipfrac", "dual-clipped"]]],
+  ["clip", "Clipped shares (of kept tokens)", [["actor/clipfrac", "clipped (policy loss)"], ["actor/dual_clipfrac", "dual-clipped"],
+    ["cov/selected_frac", "Clip-Cov / KL-Cov tokens"], ["mismatch/limited_frac", "mismatch weight capped"]]],
+  ["cov", "Log-prob × advantage covariance (kept tokens)", [["cov/p01", "p01"], ["cov/p50", "median"],
+    ["cov/p99", "p99"], ["cov/max", "max"]]],
+  ["mismatch", "Engine / learner mismatch", [["mismatch/weight_mean", "importance weight (mean)"],
+    ["rollout/logprob_abs_diff", "|log-prob gap| per token"]]],
   ["kl", "KL", [["actor/approx_kl_old", "to the rollout policy"], ["actor/kl_ref", "to the reference"]]],
   ["gradnorm", "Grad norm", [["actor/grad_norm", "grad norm"]]],
 ];

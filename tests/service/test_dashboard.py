@@ -155,7 +155,7 @@ def test_a_finished_job_shows_its_curves_and_forking_tokens(page, site):
     reward = page.locator("#chart-reward")
     reward.locator(".scatterlayer .trace").first.wait_for()
     assert reward.get_attribute("data-points") == str(4 + 3)
-    for key in ("entropy", "shares", "length", "clip", "kl", "gradnorm"):
+    for key in ("entropy", "shares", "length", "clip", "kl", "gradnorm", "cov", "mismatch"):
         assert int(page.locator(f"#chart-{key}").get_attribute("data-traces") or 0) >= 1, key
     assert int(page.locator("#chart-time").get_attribute("data-traces") or 0) >= 4
     # the state timeline, checkpoints and config
