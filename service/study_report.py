@@ -1,6 +1,7 @@
 """A study's report, from the finished runs under <out>/runs: `results.json` (mean and sample sd over the
 seeds of the first, final and best held-out accuracy, seconds per step, and the entropy pattern of the
-first and last steps), `table.md`, and the plots `curves.png` (mean over seeds, band = min..max)."""
+first and last steps), `table.md`, and the plots `curves.png` (mean over seeds, band = min..max; against spec.x, and
+`curves_by_step.png` when that is not the step)."""
 
 from __future__ import annotations
 
@@ -142,18 +143,30 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _trained_sequences(runs: list[list[dict[str, Any]]]) -> dict[int, float]:
-    """Step -> the sequences trained up to and including it, mean over the runs that reached it."""
+# what the x axis counts up to each step, when it is not the step itself
+X_KEYS = {"sequences": ("batch/sequences", "trained sequences"), "tokens": ("entropy/kept_tokens", "trained tokens")}
+
+
+def _trained_sequences(runs: list[list[dict[str, Any]]], key: str = "batch/sequences") -> dict[int, float]:
+    """Step -> the sequences (or another per-step count `key`, e.g. the kept tokens that carried the
+    gradient) trained up to and including it, mean over the runs that reached it."""
     per: dict[int, list[float]] = {}
     for rows in runs:
         total = 0.0
         for r in sorted(rows, key=lambda r: r["step"]):
-            total += float(r.get("batch/sequences", 0.0))
+            total += float(r.get(key, 0.0))
             per.setdefault(r["step"], []).append(total)
     return {step: statistics.fmean(v) for step, v in per.items()}
 
 
 def _plots(spec: StudySpec, out: Path) -> None:
+    """curves.png against spec.x; when that is not the step, curves_by_step.png too."""
+    _plot(spec, out / "curves.png", spec.x)
+    if spec.x != "step":
+        _plot(spec, out / "curves_by_step.png", "step")
+
+
+def _plot(spec: StudySpec, path: Path, x: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -165,24 +178,24 @@ def _plots(spec: StudySpec, out: Path) -> None:
         runs = [
             [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
             for seed in spec.seeds
-            if (f := out / "runs" / f"{run_key(arm, seed)}.jsonl").exists()
+            if (f := path.parent / "runs" / f"{run_key(arm, seed)}.jsonl").exists()
         ]
         if not runs:
             continue
-        trained = _trained_sequences(runs)
+        trained = _trained_sequences(runs, X_KEYS[x][0]) if x != "step" else {}
         for ax, (key, title) in zip(axes, panels, strict=True):
             steps = sorted({r["step"] for rows in runs for r in rows if key in r})
             per = [[r[key] for rows in runs for r in rows if r["step"] == s and key in r] for s in steps]
             mean = [statistics.fmean(v) for v in per]
             lo = [min(v) for v in per]
             hi = [max(v) for v in per]
-            xs = [trained[s] for s in steps] if spec.x == "sequences" else steps
+            xs = [trained[s] for s in steps] if trained else steps
             (line,) = ax.plot(xs, mean, label=f"{arm.label or arm.name} (n={len(runs)})")
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.18, linewidth=0)
             ax.set_title(title)
-            ax.set_xlabel("trained sequences" if spec.x == "sequences" else "step")
+            ax.set_xlabel(X_KEYS[x][1] if x != "step" else "step")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"{spec.name}: mean over seeds, band = min..max")
     fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -39,8 +39,10 @@ class StudySpec(BaseModel):
     arms: list[Arm] = Field(..., min_length=1)
     seeds: list[int] = Field(..., min_length=1)
     reference: dict[str, Any] = Field(default_factory=dict, description="Published figures shown beside ours.")
-    x: Literal["step", "sequences"] = Field(
-        "step", description="The curves' x axis: the step, or the trained sequences so far (mean over seeds)."
+    x: Literal["step", "sequences", "tokens"] = Field(
+        "step",
+        description="The curves' x axis: the step, or the trained sequences or trained tokens (those that carried "
+        "the gradient) so far, mean over seeds.",
     )
     panels: list[tuple[str, str]] = Field(
         default_factory=lambda: list(DEFAULT_PANELS),

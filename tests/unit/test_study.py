@@ -77,9 +77,15 @@ def test_trained_sequences_add_up_per_run_and_average_over_runs():
         [{"step": 1, "batch/sequences": 32.0}, {"step": 2}, {"step": 3, "batch/sequences": 8.0}],  # 32, 32, 40
     ]
     assert _trained_sequences(runs) == {1: 48.0, 2: 78.0, 3: 40.0}
+    # trained tokens: the kept tokens each step trained on, the same way
+    tokens = [[{"step": 1, "entropy/kept_tokens": 10.0}, {"step": 2, "entropy/kept_tokens": 6.0}]]
+    assert _trained_sequences(tokens, "entropy/kept_tokens") == {1: 10.0, 2: 16.0}
 
 
-@pytest.mark.parametrize("path", ["examples/study.yaml", "examples/study_async.yaml"])
+@pytest.mark.parametrize(
+    "path",
+    ["examples/study.yaml", "examples/study_async.yaml", "examples/study_tools.yaml", "examples/study_methods.yaml"],
+)
 def test_every_run_of_the_committed_studies_is_a_valid_job(path):
     from actors.common.config_load import load_config
     from service.study_spec import job_overrides
@@ -88,7 +94,12 @@ def test_every_run_of_the_committed_studies_is_a_valid_job(path):
     for arm in spec.arms:
         for seed in spec.seeds:
             cfg = load_config(str(base), job_overrides(spec, arm, seed))
-            assert cfg.trainer.seed == seed and cfg.trainer.steps == 80
+            assert cfg.trainer.seed == seed and cfg.trainer.steps == (40 if "tools" in path else 80)
+    if path.endswith("methods.yaml"):  # several optimizer steps per rollout: the methods differ only there
+        cfgs = {a.name: load_config(str(base), job_overrides(spec, a, 1)).algorithm for a in spec.arms}
+        assert all(c.ppo_mini_batch == 2 for c in cfgs.values()) and cfgs["gspo"].policy_loss == "gspo"
+        assert {c.policy_loss for c in cfgs.values()} == {"ppo_clip", "clip_cov", "kl_cov", "gspo", "cispo"}
+        assert cfgs["top20-lr"].lr_scale == "inverse_rho" and spec.x == "tokens"
     if path.endswith("async.yaml"):
         assert spec.x == "sequences"
         stale = {a.name: load_config(str(base), job_overrides(spec, a, 1)).trainer.max_staleness for a in spec.arms}
