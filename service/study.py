@@ -33,7 +33,7 @@ import yaml
 from actors.common.config_load import ConfigError, load_config
 from actors.common.contract import JobState
 from service.client import ApiError, ForkrlClient
-from service.study_report import summarize
+from service.study_report import X_KEYS, summarize
 from service.study_spec import Arm, StudySpec, job_overrides, load_spec, run_key
 
 __all__ = ["StudySpec", "load_spec", "summarize", "main"]
@@ -70,10 +70,16 @@ class State:
         os.replace(tmp, self.path)
 
 
-def _scalars(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def kept_keys(spec: StudySpec) -> list[str]:
+    """The per-step numbers a study keeps: KEEP, every panel's metric and what its x axis counts."""
+    x = [X_KEYS[spec.x][0]] if spec.x in X_KEYS else []
+    return list(dict.fromkeys([*KEEP, *(key for key, _ in spec.panels), *x]))
+
+
+def _scalars(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
     out = []
     for r in rows:
-        row = {"step": int(r["step"])} | {k: r[k] for k in KEEP if isinstance(r.get(k), (int, float))}
+        row = {"step": int(r["step"])} | {k: r[k] for k in keys if isinstance(r.get(k), (int, float))}
         if "forking_tokens" in r:
             row["forking_tokens"] = r["forking_tokens"][:20]
         out.append(row)
@@ -92,7 +98,7 @@ def run_direct(spec: StudySpec, base: Path, arm: Arm, seed: int, runs_dir: Path)
     cmd = [sys.executable, "-m", "actors.train", "--config", str(cfg_path), "--resume"]
     subprocess.run(cmd, check=True)
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return _scalars(rows)
+    return _scalars(rows, kept_keys(spec))
 
 
 def run_service(
@@ -122,7 +128,7 @@ def run_service(
             if not page:
                 break
             rows += page
-    return _scalars(rows)
+    return _scalars(rows, kept_keys(spec))
 
 
 def _gone(api: ForkrlClient, key: str, job: str) -> bool:

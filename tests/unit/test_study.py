@@ -104,3 +104,14 @@ def test_every_run_of_the_committed_studies_is_a_valid_job(path):
         assert spec.x == "sequences"
         stale = {a.name: load_config(str(base), job_overrides(spec, a, 1)).trainer.max_staleness for a in spec.arms}
         assert stale == {"sync-top20": 0, "async1-top20": 1, "sync-all": 0, "async1-all": 1}
+
+
+def test_a_study_keeps_the_numbers_its_panels_and_x_axis_need():
+    from service.study import KEEP, _scalars, kept_keys
+
+    spec, _ = load_spec("examples/study_tools.yaml")
+    assert {"env/tool_calls_mean", "env/tool_error_rate"} <= set(kept_keys(spec)) and set(KEEP) <= set(kept_keys(spec))
+    methods, _ = load_spec("examples/study_methods.yaml")
+    assert {"entropy/kept_tokens", "cov/p99", "actor/clipfrac"} <= set(kept_keys(methods))
+    row = {"step": 3, "env/tool_calls_mean": 0.5, "actor/grad_norm": 1.0, "eval/reward_mean": "n/a"}
+    assert _scalars([row], kept_keys(spec)) == [{"step": 3, "env/tool_calls_mean": 0.5}]
