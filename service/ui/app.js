@@ -584,28 +584,54 @@ const COMPARE = [
   ["actor/clipfrac", "Clip fraction"], ["timing/step", "Step time (s)"],
 ];
 
-async function compareView(ids) {
+// jobs a study submits are named <study>-<arm>-s<seed> (service/study.py): the arm is the name less the seed
+const armOf = (name) => name.replace(/-s\d+$/, "");
+
+function meanRecords(runs) { // per step, each number averaged over the runs that recorded it
+  const steps = new Map();
+  for (const records of runs) for (const r of records) {
+    const acc = steps.get(r.step) || new Map();
+    for (const [k, v] of Object.entries(r)) if (typeof v === "number" && k !== "step") acc.set(k, [...(acc.get(k) || []), v]);
+    steps.set(r.step, acc);
+  }
+  return [...steps.keys()].sort((a, b) => a - b).map((step) =>
+    Object.fromEntries([["step", step], ...[...steps.get(step)].map(([k, v]) => [k, v.reduce((a, b) => a + b, 0) / v.length])]));
+}
+
+async function compareView(ids, byArm) {
   const picker = h("fieldset", { class: "card", id: "compare-picker" }, h("legend", {}, "Jobs to compare"));
   const grid = h("div", { class: "grid" });
-  main.replaceChildren(h("h1", {}, "Compare jobs"), picker, grid);
-  const { jobs } = await api("/v1/jobs?limit=200");
   const chosen = new Set(ids.filter(Boolean));
+  const go = (arms) => { location.hash = `#/compare/${[...chosen].join(",")}${arms ? "/arms" : ""}`; };
+  const armsBox = h("input", { type: "checkbox", id: "cmp-arms", checked: byArm });
+  armsBox.addEventListener("change", () => go(armsBox.checked));
+  const armsToggle = h("p", { class: "small" }, armsBox,
+    h("label", { for: "cmp-arms" }, " Average the seeds of each study arm (jobs named <study>-<arm>-s<seed>)"));
+  main.replaceChildren(h("h1", {}, "Compare jobs"), picker, armsToggle, grid);
+  const { jobs } = await api("/v1/jobs?limit=200");
   for (const j of jobs) {
     const box = h("input", { type: "checkbox", id: `cmp-${j.id}`, checked: chosen.has(j.id) });
     box.addEventListener("change", () => {
       box.checked ? chosen.add(j.id) : chosen.delete(j.id);
-      location.hash = `#/compare/${[...chosen].join(",")}`;
+      go(byArm);
     });
     picker.append(h("span", { class: "small", style: "margin-right:1rem" }, box, h("label", { for: `cmp-${j.id}` }, iso(j.name)), h("span", { class: "muted" }, j.id.slice(-6))));
   }
   if (chosen.size < 1) { grid.replaceChildren(h("p", { class: "muted" }, "Pick two or more jobs.")); return; }
-  const runs = await Promise.all([...chosen].map(async (id) => {
+  let runs = await Promise.all([...chosen].map(async (id) => {
     const [job, m] = await Promise.all([api(jobUrl(id)), api(jobUrl(id, "/metrics?view=scalars&limit=10000"))]);
     const algo = (job.config && job.config.algorithm) || {};
     // FSI ... PDI: the name isolated within the label, as <bdi> does on the page
     const label = `\u2068${balanced(job.name)}\u2069 (ρ=${algo.top_entropy_quantile ?? "?"}, ${id.slice(-6)})`;
-    return { label, records: m.metrics };
+    return { label, name: job.name, records: m.metrics };
   }));
+  if (byArm) { // one curve per arm: the mean over its seeds, in the order the arms first appear
+    const arms = new Map();
+    for (const r of runs) arms.set(armOf(r.name), [...(arms.get(armOf(r.name)) || []), r.records]);
+    runs = [...arms].map(([arm, list]) => ({
+      label: `\u2068${balanced(arm)}\u2069 (mean of ${list.length} seed${list.length === 1 ? "" : "s"})`, records: meanRecords(list),
+    }));
+  }
   grid.replaceChildren(...COMPARE.map(([key, title]) => {
     const el = h("div", { class: "chart", id: `cmp-${key.replace(/[^a-z0-9]/gi, "-")}`, role: "img", "aria-label": title });
     requestAnimationFrame(() => lineChart(el, title, runs.map((r) => ({ ...series(r.records, key), name: r.label }))));
@@ -627,7 +653,7 @@ function route() {
   const parts = location.hash.replace(/^#\/?/, "").split("/");
   try {
     if (parts[0] === "jobs" && parts[1]) return jobView(decodeURIComponent(parts[1]));
-    if (parts[0] === "compare") return compareView((parts[1] || "").split(",")).catch(alertError);
+    if (parts[0] === "compare") return compareView((parts[1] || "").split(","), parts[2] === "arms").catch(alertError);
     return jobsView();
   } finally {
     main.focus({ preventScroll: true });

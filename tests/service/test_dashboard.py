@@ -335,3 +335,43 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
         ctx.close()
     finally:
         server.stop()
+
+
+def test_compare_averages_the_seeds_of_each_study_arm(browser, tmp_path):
+    """Jobs named <study>-<arm>-s<seed> (what a study submits; a service with no Ray, records pushed):
+    with "average the seeds" on, the compare view draws one curve per arm, the mean over its seeds,
+    whichever studies the arms come from."""
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", UNREACHABLE_RAY).start()
+    try:
+        evals = {"methods-top20-s1": (0.2, 0.6), "methods-top20-s2": (0.4, 0.8), "async-all-s1": (0.5, 0.9)}
+        ids = []
+        with server.client() as c:
+            for name, (first, last) in evals.items():
+                job = c.post("/v1/jobs", json=tiny(name, 10, 0.2)).json()["id"]
+                token = arm_ingest(f"sqlite:///{tmp_path / 'jobs.db'}", job)
+                records = [{"step": 0, "eval/reward_mean": first}, {"step": 10, "eval/reward_mean": last}]
+                r = httpx.post(f"{server.url}/v1/jobs/{job}/ingest", json={"metrics": records},
+                               headers={"Authorization": f"Bearer {token}"}, timeout=60)  # fmt: skip
+                assert r.status_code == 202, r.text
+                ids.append(job)
+        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+        page = ctx.new_page()
+        page.goto(server.url + "/")
+        page.get_by_label("Access token").fill(server.admin_token)
+        page.get_by_role("button", name="Sign in", exact=True).click()
+        page.get_by_role("heading", name="Jobs", exact=True).wait_for()
+        page.goto(f"{server.url}/#/compare/{','.join(ids)}")
+        chart = page.locator("#cmp-eval-reward-mean")
+        chart.locator(".scatterlayer .trace").nth(2).wait_for()
+        assert chart.get_attribute("data-traces") == "3"  # one curve per job
+        page.get_by_label(re.compile("Average the seeds of each study arm")).check()
+        page.locator('#cmp-eval-reward-mean[data-traces="2"]').wait_for()
+        arms = page.evaluate("document.getElementById('cmp-eval-reward-mean').data.map(t => [t.name, t.y])")
+        # (each name isolated for bidirectional text, as every label on the page)
+        names = [name.replace("\u2068", "").replace("\u2069", "") for name, _ in arms]
+        assert names == ["methods-top20 (mean of 2 seeds)", "async-all (mean of 1 seed)"], arms
+        assert arms[0][1] == pytest.approx([0.3, 0.7]) and arms[1][1] == pytest.approx([0.5, 0.9])
+        assert page.url.endswith("/arms")  # the choice is in the address: a shared link shows the same view
+        ctx.close()
+    finally:
+        server.stop()
