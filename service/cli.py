@@ -204,6 +204,8 @@ def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
                 reason = f.reason.splitlines()[-1] if f.reason else ""
                 typer.echo(escape_line(f"  failed at step {f.step} ({f.at}): {reason}"))
         typer.echo(escape_line(f"run dir: {j.run_dir}") + "\n" + escape_line(f"trains: {j.training}"))
+        if j.demand is not None:
+            typer.echo(escape_line(f"needs: {j.demand.summary}"))
         m = api.metrics(job_id, after_step=max(0, j.last_step - 1))
     if m.metrics:
         last = m.metrics[-1]

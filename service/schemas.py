@@ -11,6 +11,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_fiel
 
 from actors.common.config_load import UNION_TAGS, show_value
 from actors.common.contract import JobState
+from actors.common.demand import Demand
 from service.limits import MAX_CONFIG_BYTES, MAX_STEP
 
 if TYPE_CHECKING:
@@ -22,6 +23,19 @@ class FailureOut(BaseModel):
     step: int = Field(description="the last step stored when it failed")
     reason: str = Field(description="Ray's account of the failure: the end of the driver's error")
     resumed_from: int | None = Field(None, description="the checkpoint step the next attempt resumed from; null: none")
+
+
+class DemandOut(BaseModel):
+    cpus: float
+    gpus: float
+    resources: dict[str, float] = Field(description="every Ray resource requested at once, custom ones included")
+    summary: str = Field(
+        description='in words, e.g. "3 CPUs, 0 GPUs: rollout engines 1 x 1 CPU, learners 2 x 1 CPU, ..."'
+    )
+
+    @classmethod
+    def of(cls, d: Demand) -> DemandOut:
+        return cls(cpus=d.cpus, gpus=d.gpus, resources=d.resources, summary=d.describe())
 
 
 class LoraOut(BaseModel):
@@ -52,6 +66,9 @@ class JobOut(BaseModel):
         None, description="parameters the job trains (LoRA: the adapters), as its run reports; null until then"
     )
     params: int | None = Field(None, description="all parameters of the model, as the run reports")
+    demand: DemandOut | None = Field(
+        None, description="the Ray resources all the job's actors request at once (from its config)"
+    )
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -256,8 +273,23 @@ def job_out(job: Job, with_config: bool = False) -> JobOut:
         total_steps=job.total_steps, last_step=job.last_step, run_dir=job.run_dir,
         cancel_requested=job.cancel_requested, restarts=job.restarts or 0,
         failures=[FailureOut(**f) for f in job.failures or []], config=job.config if with_config else None,
-        lora=_lora(job.config), trainable_params=job.trainable_params, params=job.params,
+        lora=_lora(job.config), trainable_params=job.trainable_params, params=job.params, demand=_demand(job.config),
     )  # fmt: skip
+
+
+def _demand(config: dict[str, Any] | None) -> DemandOut | None:
+    """The demand of a stored (validated) config; None for one this version no longer reads."""
+    from pydantic import ValidationError
+
+    from actors.common.config import JobConfig
+    from actors.common.demand import job_demand
+
+    if not config:
+        return None
+    try:
+        return DemandOut.of(job_demand(JobConfig.model_validate(config)))
+    except ValidationError:
+        return None
 
 
 def _lora(config: dict[str, Any] | None) -> LoraOut | None:

@@ -406,7 +406,8 @@ function jobView(id) {
       h("h1", {}, iso(job.name), " ", stateBadge(job.state)),
       h("div", { class: "toolbar" },
         h("span", { class: "muted" }, `${job.id} · owner `, iso(job.owner), " · step ", h("b", { id: "last-step" }, job.last_step),
-          ` of ${job.total_steps} · created ${when(job.created_at)} · `, h("span", { id: "job-params" }, job.training)),
+          ` of ${job.total_steps} · created ${when(job.created_at)} · `, h("span", { id: "job-params" }, job.training),
+          job.demand ? h("span", { id: "job-demand", title: job.demand.summary }, ` · needs ${job.demand.cpus} CPUs, ${job.demand.gpus} GPUs`) : ""),
         ...actionButtons(job, () => (TERMINAL.has(job.state) && !job.cancel_requested ? (location.hash = "#/jobs") : reload()))),
       job.message ? h("p", { class: job.state === "FAILED" ? "error" : "muted", id: "job-message" }, job.message) : "");
   }

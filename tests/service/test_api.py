@@ -210,6 +210,7 @@ def test_a_lora_job_says_so_with_its_rank_and_trainable_parameters(api_server, d
         assert job["training"] == "LoRA rank 8 (alpha 16, merged sync)"  # the counts come with the run
         full = submit(c).json()
         assert full["lora"] is None and full["training"] == "full fine-tuning"
+        assert full["demand"]["cpus"] == 3 and full["demand"]["resources"] == {"CPU": 3.0}
         token = arm_ingest(database_url, job["id"])
         record = {"step": 1, "model/trainable_params": 921_600, "model/params": 135_436_608}
         r = c.post(
@@ -255,6 +256,9 @@ def test_cli_mirrors_ray_job(api_server):
     assert job_id in listed.stdout and "PENDING" in listed.stdout
     status = cli(api_server, "status", job_id)
     assert "step 0/2" in status.stdout
+    # what the job asks of the cluster, from its config: engine 1 CPU, 2 learners x 1 CPU, reward workers 0
+    needs = "needs: 3 CPUs, 0 GPUs: rollout engines 1 x 1 CPU, learners 2 x 1 CPU, reward workers 2 x 0 CPU"
+    assert needs in status.stdout, status.stdout
     assert cli(api_server, "logs", job_id).returncode == 0  # not started: empty log
     assert "CANCELLED" in cli(api_server, "cancel", job_id).stdout
     assert cli(api_server, "delete", job_id).returncode == 0
