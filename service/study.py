@@ -11,7 +11,8 @@ shows them) and followed until it ends; the service restarts a job that dies. Wi
 is `python -m actors.train --resume` in `<runs>/<study>/<arm>-s<seed>`, so an interrupted run
 continues from its newest checkpoint. The study keeps its state in `<out>/state.json` (the job of each
 run, and which are done) and each finished run's per-step numbers in `<out>/runs/<arm>-s<seed>.jsonl`;
-run again, it skips what is done and follows what is running. `--report` (and the end of every run)
+run again, it skips what is done and follows what is running (and re-reads finished --direct runs from
+their run directories where they are still here). `--report` (and the end of every run)
 writes `<out>/results.json`, `<out>/table.md` and the plots `<out>/*.png` (service/study_report.py).
 """
 
@@ -181,6 +182,21 @@ def run_all(spec: StudySpec, base: Path, args: argparse.Namespace, out: Path, st
             summarize(spec, out)
 
 
+def refresh_direct(spec: StudySpec, out: Path, state: State) -> int:
+    """Re-read each finished --direct run's numbers from its run directory, where it is still on this
+    machine, so the report draws what the spec asks now (a panel added after the run). Returns how
+    many were refreshed; the others keep the numbers stored when they finished."""
+    refreshed = 0
+    for key, run in state.runs.items():
+        metrics = Path(str(run.get("job", ""))) / "metrics.jsonl"
+        if run.get("done") and metrics.is_file():
+            rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
+            scalars = _scalars(rows, kept_keys(spec))
+            (out / "runs" / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in scalars))
+            refreshed += 1
+    return refreshed
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m service.study", description=(__doc__ or "").split("\n")[0])
     ap.add_argument("--spec", required=True, help="study YAML (see examples/study.yaml)")
@@ -215,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except httpx.HTTPError as e:  # the control plane is not reachable, or answered with an error
         sys.stderr.write(f"forkrl study: the control plane at {args.url}: {e}\n")
         return 1
+    if refresh_direct(spec, out, state):
+        log.info("numbers re-read from the run directories on this machine")
     results = summarize(spec, out)
     sys.stdout.write((out / "table.md").read_text())
     done = sum(1 for r in state.runs.values() if r.get("done"))

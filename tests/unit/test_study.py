@@ -115,3 +115,22 @@ def test_a_study_keeps_the_numbers_its_panels_and_x_axis_need():
     assert {"entropy/kept_tokens", "cov/p99", "actor/clipfrac"} <= set(kept_keys(methods))
     row = {"step": 3, "env/tool_calls_mean": 0.5, "actor/grad_norm": 1.0, "eval/reward_mean": "n/a"}
     assert _scalars([row], kept_keys(spec)) == [{"step": 3, "env/tool_calls_mean": 0.5}]
+
+
+def test_a_report_rereads_finished_direct_runs_from_their_run_directories(tmp_path):
+    from service.study import State, refresh_direct
+
+    spec, _ = load_spec("examples/study_tools.yaml")
+    run_dir = tmp_path / "runs" / "tool-s1"
+    run_dir.mkdir(parents=True)
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "env/tool_calls_mean": 0.25, "x/other": 1}) + "\n")
+    out = tmp_path / "out"
+    (out / "runs").mkdir(parents=True)
+    (out / "runs" / "tool-s1.jsonl").write_text(json.dumps({"step": 1}) + "\n")  # stored before the panel existed
+    (out / "runs" / "no-tool-s1.jsonl").write_text(json.dumps({"step": 1, "reward/mean": 0.5}) + "\n")
+    state = State(out)
+    state.set("tool-s1", job=str(run_dir), done=True)
+    state.set("no-tool-s1", job=str(tmp_path / "gone"), done=True)  # its run directory is on another machine
+    assert refresh_direct(spec, out, state) == 1
+    assert json.loads((out / "runs" / "tool-s1.jsonl").read_text()) == {"step": 1, "env/tool_calls_mean": 0.25}
+    assert json.loads((out / "runs" / "no-tool-s1.jsonl").read_text()) == {"step": 1, "reward/mean": 0.5}
