@@ -248,11 +248,15 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
     loss = loss + algo.kl_coef * kl_loss - algo.entropy_coef * bonus
 
     with torch.no_grad():
+        low = torch.zeros_like(clipped) if algo.policy_loss == "cispo" else clipped & (adv < 0).expand_as(clipped)
         # fractions over kept tokens; with a step-global num_kept_step they add up over the step
         per_kept = 1.0 / max(float(keep.sum()) if num_kept_step is None else float(num_kept_step), 1.0)
         metrics = {
             "actor/loss": float(loss),
             "actor/clipfrac": float(clipped.sum()) * per_kept,
+            # by bound: above 1 + eps_high (A > 0; CISPO: its weight cap), below 1 - eps_low (A < 0)
+            "actor/clipfrac_high": float(clipped.sum() - low.sum()) * per_kept,
+            "actor/clipfrac_low": float(low.sum()) * per_kept,
             "actor/dual_clipfrac": float(dual_clipped.sum()) * per_kept,
             "actor/ratio_mean": float((torch.exp(log_ratio) * keep_f).sum()) * per_kept,
             "actor/approx_kl_old": float(((-log_ratio) * keep_f).sum()) * per_kept,

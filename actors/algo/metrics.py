@@ -41,6 +41,8 @@ RULES: dict[str, Rule] = {
     # the learner (actors.algo.loss.policy_loss and the learner's step)
     "actor/loss": _LEARNER_SUM,
     "actor/clipfrac": _LEARNER_SUM,
+    "actor/clipfrac_high": _LEARNER_SUM,
+    "actor/clipfrac_low": _LEARNER_SUM,
     "actor/dual_clipfrac": _LEARNER_SUM,
     "actor/ratio_mean": _LEARNER_SUM,
     "actor/approx_kl_old": _LEARNER_SUM,

@@ -194,7 +194,7 @@ const CURVES = [
     ["entropy/kept_mean", "kept tokens' mean"], ["entropy/dropped_mean", "dropped tokens' mean"]]],
   ["shares", "Token shares", [["entropy/kept_frac", "kept by the filter"], ["entropy/frac_below_0.01", "entropy < 0.01"]]],
   ["length", "Response length (tokens)", [["response/length_mean", "mean"]]],
-  ["clip", "Clipped shares (of kept tokens)", [["actor/clipfrac", "clipped (policy loss)"], ["actor/dual_clipfrac", "dual-clipped"],
+  ["clip", "Clipped shares (of kept tokens)", [["actor/clipfrac_high", "clipped above 1 + ε_high"], ["actor/clipfrac_low", "clipped below 1 − ε_low"], ["actor/dual_clipfrac", "dual-clipped"],
     ["cov/selected_frac", "Clip-Cov / KL-Cov tokens"], ["mismatch/limited_frac", "mismatch weight capped"]]],
   ["cov", "Log-prob × advantage covariance (kept tokens)", [["cov/p01", "p01"], ["cov/p50", "median"],
     ["cov/p99", "p99"], ["cov/max", "max"]]],

@@ -64,8 +64,9 @@ def test_metric_names_and_per_kept_token_values():
     _, m = policy_loss(lr, old, torch.tensor([1.0]), valid, keep, A())
     assert set(m) == {"actor/loss", "actor/clipfrac", "actor/dual_clipfrac", "actor/ratio_mean",
                       "actor/approx_kl_old", "actor/kl_ref", "actor/entropy_bonus", "mismatch/weight_mean",
-                      "mismatch/limited_frac"}  # fmt: skip
+                      "actor/clipfrac_high", "actor/clipfrac_low", "mismatch/limited_frac"}  # fmt: skip
     assert m["actor/clipfrac"] == pytest.approx(0.25)
+    assert (m["actor/clipfrac_high"], m["actor/clipfrac_low"]) == (pytest.approx(0.25), 0.0)  # A > 0: the upper bound
     # ratio_mean over kept tokens only: (e^.5 + 1 + e^-.5 + e^.1) / 4; the dropped e^2 does not count
     assert m["actor/ratio_mean"] == pytest.approx((math.exp(0.5) + 1 + math.exp(-0.5) + math.exp(0.1)) / 4)
     # approx_kl_old = mean of -(logp - old) over kept tokens: -(0.5 + 0 - 0.5 + 0.1) / 4 = -0.025

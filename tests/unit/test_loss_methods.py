@@ -262,3 +262,12 @@ def test_clip_cov_detaches_its_tokens_and_kl_cov_penalises_them():
         policy_loss(old, old, torch.tensor([1.0]), VALID2, None, A(policy_loss="kl_cov"))
     with pytest.raises(ValueError, match=r"algorithm.clip_cov_lb=5.0 must be < algorithm.clip_cov_ub=1.0"):
         A(clip_cov_lb=5.0, clip_cov_ub=1.0)
+
+
+def test_the_clipped_share_is_split_by_bound():
+    # A = -1: a ratio of exp(-0.3) = 0.74 < 0.8 is clipped below; exp(0.1) is not clipped
+    _, _, m = _grad(A(), [-0.3, 0.1], adv=-1.0)
+    assert (m["actor/clipfrac"], m["actor/clipfrac_low"], m["actor/clipfrac_high"]) == (0.5, 0.5, 0.0)
+    # CISPO: a weight at its cap counts above, whatever the advantage's sign
+    _, _, m = _grad(A(policy_loss="cispo", cispo_max_weight=1.2), [0.5, 0.0], adv=-1.0)
+    assert (m["actor/clipfrac"], m["actor/clipfrac_low"], m["actor/clipfrac_high"]) == (0.5, 0.0, 0.5)
