@@ -171,7 +171,8 @@ def policy_loss(  # over 60 lines: 40 are the docstring (the formula and the agg
     entropy: torch.Tensor | None = None,
     cov_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """The entropy-masked policy loss: PPO-clip with clip-higher (DAPO), GSPO or CISPO on the kept tokens.
+    """The entropy-masked policy loss on the kept tokens: PPO-clip with clip-higher (DAPO), GSPO, CISPO,
+    Clip-Cov or KL-Cov.
 
     logprobs: [B, T] learner log-probs with gradient; old_logprobs, ref_logprobs,
     rollout_logprobs: [B, T] without gradient; advantages: [B] (or [B, T]);

@@ -180,7 +180,7 @@ class Learner:
         # the random draws (selection control, Clip-Cov): the same on every rank, new at every optimizer step
         seed = self.seed * 1_000_003 + int(self.engine.global_steps)
         plan = plan_step(
-            list(ents),
+            [e.detach() for e in ents],  # (with an entropy bonus they carry a graph: the selection needs none)
             [mb.valid for mb in mbs],
             algo.top_entropy_quantile,
             token_ids=[mb.resp_ids for mb in mbs],
