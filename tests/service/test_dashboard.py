@@ -264,6 +264,23 @@ def test_submit_from_yaml_live_page_reconnects_then_cancel_and_delete(page, site
     assert all("Failed to load resource" in p or "ERR_" in p for p in page.problems), page.problems  # type: ignore[attr-defined]
 
 
+def _push(server: Server, job: str, token: str, records: list[dict]) -> None:
+    r = httpx.post(f"{server.url}/v1/jobs/{job}/ingest", json={"metrics": records},
+                   headers={"Authorization": f"Bearer {token}"}, timeout=60)  # fmt: skip
+    assert r.status_code == 202, r.text
+
+
+def _admin_page(browser, server: Server):
+    """A 1280 x 800 tab signed in as the admin, on the jobs list."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = ctx.new_page()
+    page.goto(server.url + "/")
+    page.get_by_label("Access token").fill(server.admin_token)
+    page.get_by_role("button", name="Sign in", exact=True).click()
+    page.get_by_role("heading", name="Jobs", exact=True).wait_for()
+    return ctx, page
+
+
 def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(browser, tmp_path):
     """900 steps pushed to a job (a service with no Ray: the job stays queued and takes pushes): every
     curve holds at most 600 points, the page fits a 1280 x 800 screen without sideways scrolling, and
@@ -290,15 +307,8 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
                         if s % 100 == 0 else {})}
                     for s in range(start, start + 300)
                 ]  # fmt: skip
-                r = httpx.post(f"{server.url}/v1/jobs/{job}/ingest", json={"metrics": records},
-                               headers={"Authorization": f"Bearer {token}"}, timeout=60)  # fmt: skip
-                assert r.status_code == 202, r.text
-        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
-        page = ctx.new_page()
-        page.goto(server.url + "/")
-        page.get_by_label("Access token").fill(server.admin_token)
-        page.get_by_role("button", name="Sign in", exact=True).click()
-        page.get_by_role("heading", name="Jobs", exact=True).wait_for()
+                _push(server, job, token, records)
+        ctx, page = _admin_page(browser, server)
         assert page.evaluate("document.documentElement.scrollWidth") <= 1280  # the jobs list fits
         page.get_by_role("link", name="long").click()
         page.locator("#chart-reward .scatterlayer .trace").first.wait_for()
@@ -350,16 +360,9 @@ def test_compare_averages_the_seeds_of_each_study_arm(browser, tmp_path):
                 job = c.post("/v1/jobs", json=tiny(name, 10, 0.2)).json()["id"]
                 token = arm_ingest(f"sqlite:///{tmp_path / 'jobs.db'}", job)
                 records = [{"step": 0, "eval/reward_mean": first}, {"step": 10, "eval/reward_mean": last}]
-                r = httpx.post(f"{server.url}/v1/jobs/{job}/ingest", json={"metrics": records},
-                               headers={"Authorization": f"Bearer {token}"}, timeout=60)  # fmt: skip
-                assert r.status_code == 202, r.text
+                _push(server, job, token, records)
                 ids.append(job)
-        ctx = browser.new_context(viewport={"width": 1280, "height": 800})
-        page = ctx.new_page()
-        page.goto(server.url + "/")
-        page.get_by_label("Access token").fill(server.admin_token)
-        page.get_by_role("button", name="Sign in", exact=True).click()
-        page.get_by_role("heading", name="Jobs", exact=True).wait_for()
+        ctx, page = _admin_page(browser, server)
         page.goto(f"{server.url}/#/compare/{','.join(ids)}")
         chart = page.locator("#cmp-eval-reward-mean")
         chart.locator(".scatterlayer .trace").nth(2).wait_for()
