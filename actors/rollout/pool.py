@@ -23,6 +23,9 @@ log = logging.getLogger("forkrl.rollout")
 __all__ = ["RolloutPool"]
 
 
+STATUS_TIMEOUT_S = 60.0  # an engine's answer to a status call (busy seconds), at most
+
+
 class RolloutPool:
     """streaming: `StreamingEngine` actors (asynchronous mode: one request per group, `submit`), else
     `RolloutEngine` (batch calls)."""
@@ -91,8 +94,17 @@ class RolloutPool:
             self._replace(i, error)
             return ray.put(0.0)  # a replacement counts from 0 again (the step's difference is clamped at 0)
 
+        # a quick status call: a stalled engine fails it within generate_timeout_s (or a minute if that is longer),
+        # named like a stalled generation, whichever of the two calls meets the stall first
+        bound = min(STATUS_TIMEOUT_S, self.rollout.generate_timeout_s)
+        setting = "rollout.generate_timeout_s" if bound == self.rollout.generate_timeout_s else "a status call's bound"
         refs = [e.busy_seconds.remote() for e in self.pool.actors]
-        return [float(x) for x in self.pool.gather(refs, list(range(len(refs))), on_death=replaced, timeout_s=60)]
+        return [
+            float(x)
+            for x in self.pool.gather(
+                refs, list(range(len(refs))), on_death=replaced, timeout_s=bound, timeout_setting=setting
+            )
+        ]
 
     def load_weights(self, weights: Any, timeout_s: float) -> list[dict[str, float]]:
         """Push the learner's weights (an ObjectRef of a `WeightsFile`) to every engine; raise if not
