@@ -37,7 +37,7 @@ typecheck: $(STAMP)
 	$(VENV)/bin/mypy $(TYPED)
 
 pytest: $(STAMP)
-	$(PY) -m pytest tests --durations=15 $(PYTEST_ARGS)
+	$(PY) -m pytest tests --durations=30 $(PYTEST_ARGS)
 
 unit: $(STAMP)        ## the fast unit tests only (seconds)
 	$(PY) -m pytest tests/unit -q
