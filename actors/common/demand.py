@@ -2,8 +2,7 @@
 
 Each pool's actors request Ray resources (actors.rollout.pool, actors.learner.group,
 actors.reward.pool); a job starts only when all of them can be placed at once. `job_demand` adds
-them up so the control plane can show what a job needs and refuse one that no cluster it has can
-ever hold. Memory is not a Ray request here (no actor asks for it), so it is not part of the demand.
+them up so the control plane can show what a job needs (admission by demand is not built yet). Memory is not a Ray request here (no actor asks for it), so it is not part of the demand.
 """
 
 from __future__ import annotations
@@ -44,7 +43,7 @@ class Demand(BaseModel):
         return {k: v for k, v in total.items() if v > 0}
 
     def describe(self) -> str:
-        """ "3 CPUs, 0 GPUs: rollout engines 1 x 1 CPU, learners 2 x 1 CPU, reward workers 2 x 0 CPU"."""
+        """In words, e.g. "3 CPUs, 0 GPUs: rollout engines 1 x 1 CPU, learners 2 x 1 CPU, reward workers 2 x 0 CPU"."""
         parts = []
         for p in self.pools:
             each = f"{p.cpus:g} CPU" + (f" + {p.gpus:g} GPU" if p.gpus else "")
