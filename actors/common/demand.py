@@ -2,7 +2,8 @@
 
 Each pool's actors request Ray resources (actors.rollout.pool, actors.learner.group,
 actors.reward.pool); a job starts only when all of them can be placed at once. `job_demand` adds
-them up so the control plane can show what a job needs (admission by demand is not built yet). Memory is not a Ray request here (no actor asks for it), so it is not part of the demand.
+them up so the control plane can show what a job needs (admission by demand is not built yet).
+Memory is not a Ray request here (no actor asks for it), so it is not part of the demand.
 """
 
 from __future__ import annotations
