@@ -445,6 +445,13 @@ class JobConfig(StrictModel):
         if lora is not None and lora.sync == "auto":  # resolved here: what is stored and shown is the choice
             sync = "adapter" if self.rollout.num_gpus_per_engine > 0 else "merged"
             self.model.lora = lora.model_copy(update={"sync": sync})
+        algo = self.algorithm
+        if algo.lr_scale == "inverse_rho" and self.learner.lr / algo.top_entropy_quantile > 1:
+            raise ValueError(
+                f"algorithm.lr_scale=inverse_rho with learner.lr={self.learner.lr} and algorithm.top_entropy_quantile="
+                f"{algo.top_entropy_quantile} trains at {self.learner.lr / algo.top_entropy_quantile:g}; accepted: "
+                "learner.lr / top_entropy_quantile <= 1"
+            )
         if self.algorithm.overlong_buffer >= self.rollout.max_new_tokens:
             raise ValueError(
                 f"algorithm.overlong_buffer={self.algorithm.overlong_buffer} must be < rollout.max_new_tokens="

@@ -185,6 +185,10 @@ def test_adam_divides_out_a_constant_loss_scale_which_is_why_lr_scale_changes_th
 def test_methods_that_do_not_compose_are_refused_naming_the_fields():
     with pytest.raises(ValueError, match=r"algorithm.dual_clip_c=3.0 .* algorithm.policy_loss='gspo' accepted is null"):
         JobConfig.model_validate({"algorithm": {"policy_loss": "gspo", "dual_clip_c": 3.0}})
+    with pytest.raises(ValueError, match=r"lr_scale=inverse_rho with learner.lr=0.5 .* trains at 2.5"):
+        JobConfig.model_validate(
+            {"learner": {"lr": 0.5}, "algorithm": {"top_entropy_quantile": 0.2, "lr_scale": "inverse_rho"}}
+        )
     with pytest.raises(ValueError, match="policy_loss"):
         JobConfig.model_validate({"algorithm": {"policy_loss": "grpo"}})
     assert (
