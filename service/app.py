@@ -31,6 +31,7 @@ from actors.common.config_load import cap_errors
 from service.core import ConfigTooLarge, OutOfRange, Service
 from service.middleware import BodyLimit, SecurityHeaders
 from service.policy import PolicyRefused
+from service.queue import DoesNotFit
 from service.quotas import LimitExceeded, RateLimited
 from service.routes import ROUTERS
 from service.schemas import field_errors
@@ -105,8 +106,9 @@ def _error_answers(app: FastAPI) -> None:
     async def too_fast(_: Request, exc: RateLimited) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, 429, headers={"Retry-After": str(exc.retry_after_s)})
 
-    for error, status in ((NotFound, 404), (Forbidden, 403), (Conflict, 409), (PolicyRefused, 403),
-                          (LimitExceeded, 403), (ConfigTooLarge, 422), (OutOfRange, 422)):  # fmt: skip
+    refusals = ((NotFound, 404), (Forbidden, 403), (Conflict, 409), (PolicyRefused, 403), (LimitExceeded, 403),
+                (ConfigTooLarge, 422), (OutOfRange, 422), (DoesNotFit, 422))  # fmt: skip
+    for error, status in refusals:
 
         async def refused(_: Request, exc: Exception, status: int = status) -> JSONResponse:
             return JSONResponse({"detail": str(exc)}, status)

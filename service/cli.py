@@ -3,7 +3,8 @@
     forkrl serve                                   # the API (python -m service)
     forkrl submit examples/demo.yaml [--set trainer.steps=5] [--follow]
     forkrl list [--state RUNNING]   forkrl status ID   forkrl logs ID [--follow] [--raw]
-    forkrl cancel ID   forkrl delete ID   forkrl token create OWNER
+    forkrl cancel ID   forkrl delete ID   forkrl queue   forkrl quota set OWNER --max-running-jobs 2
+    forkrl token create OWNER
 
 The API address and token come from --url/--token or FORKRL_URL/FORKRL_TOKEN; with no token, a
 local development server's admin token file (<data dir>/admin_token) is used.
@@ -15,102 +16,34 @@ terminal with its control characters escaped (`\x1b`, `\u202e`), never as escape
 from __future__ import annotations
 
 import os
-import re
 import sys
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import httpx
 import typer
 
 from actors.common.contract import TERMINAL_STATES, JobState
+from service.cli_admin import queue, quota_app, token_app
+from service.cli_base import (
+    DEFAULT_URL,
+    TokenOpt,
+    UrlOpt,
+    escape_line,
+    escape_log,
+    escape_stream,
+    escape_text,
+)
+from service.cli_base import api as _api
+from service.cli_base import die as _die
 from service.client import ApiError, ForkrlClient
-from service.schemas import JobOut, TokenInfo
+from service.schemas import JobOut
 
 app = typer.Typer(help="Submit and watch forkrl training jobs.", no_args_is_help=True, add_completion=False)
-token_app = typer.Typer(help="API tokens (admin only).", no_args_is_help=True)
 app.add_typer(token_app, name="token")
-
-UrlOpt = Annotated[str, typer.Option("--url", envvar="FORKRL_URL", help="control-plane URL")]
-TokenOpt = Annotated[str, typer.Option("--token", envvar="FORKRL_TOKEN", help="bearer token", show_default=False)]
-DEFAULT_URL = "http://127.0.0.1:8000"
-
-
-def _token(token: str) -> str:
-    if token:
-        return token
-    from service.settings import Settings
-
-    path = Settings().data_dir / "admin_token"
-    if path.is_file():
-        return path.read_text().strip()
-    _die("no token: pass --token or set FORKRL_TOKEN (a local development server writes <data dir>/admin_token)")
-    return ""
-
-
-def _die(msg: str, code: int = 2) -> NoReturn:
-    typer.secho(f"forkrl: {escape_text(msg)}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
-
-
-@contextmanager
-def _api(url: str, token: str) -> Iterator[ForkrlClient]:
-    """The API client of one command; an error answer or an unreachable service ends the command (exit 1)."""
-    try:
-        with ForkrlClient(url, _token(token)) as api:
-            yield api
-    except ApiError as e:
-        _die(str(e), 1)
-    except httpx.TransportError as e:
-        _die(f"cannot reach the control plane at {url}: {e}", 1)
-
-
-# what a terminal acts on instead of showing: C0 and C1 controls (ESC and CSI start the sequences that set
-# the title, clear the screen, move the cursor, write the clipboard), DEL, the line and paragraph
-# separators, and the bidi controls (an override turns the text after it around)
-_BIDI = "\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069"
-_UNSAFE = re.compile(f"[\x00-\x1f\x7f-\x9f{_BIDI}]")
-_UNSAFE_TEXT = re.compile(f"[\x00-\x08\x0b-\x1f\x7f-\x9f{_BIDI}]")  # newline and tab kept
-_SGR = re.compile(r"\x1b\[[0-9;]*m")  # a colour: Ray colours each actor's log prefix
-_HELD = re.compile(r"(\x1b(\[[0-9;]*)?|\r)\Z")  # the start of a colour or a CRLF, cut by a chunk's end
-
-
-def _escaped(m: re.Match[str]) -> str:
-    c = ord(m.group())
-    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
-
-
-def escape_line(value: object) -> str:
-    """A server-supplied value as one line of terminal text: every control character escaped."""
-    return _UNSAFE.sub(_escaped, str(value))
-
-
-def escape_text(value: object) -> str:
-    """A server-supplied message, on its own lines: controls escaped but newline and tab."""
-    return _UNSAFE_TEXT.sub(_escaped, str(value))
-
-
-def escape_log(text: str) -> str:
-    """A job's log: colours dropped, a carriage return made a line break (nothing overwrites a line
-    already shown), every other control but newline and tab escaped."""
-    return escape_text(_SGR.sub("", text).replace("\r\n", "\n").replace("\r", "\n"))
-
-
-def escape_stream(chunks: Iterable[str]) -> Iterator[str]:
-    """`escape_log` over a streamed log: a colour code or CRLF cut by a chunk's end waits for the rest."""
-    held = ""
-    for chunk in chunks:
-        text = held + chunk
-        tail = _HELD.search(text)
-        cut = tail.start() if tail and len(text) - tail.start() <= 32 else len(text)
-        held = text[cut:]
-        if cut:
-            yield escape_log(text[:cut])
-    if held:
-        yield escape_log(held)
+app.add_typer(quota_app, name="quota")
+app.command("queue")(queue)
 
 
 def _row(j: JobOut) -> str:
@@ -152,10 +85,11 @@ def submit(
     set_: Annotated[list[str] | None, typer.Option("--set", help="override KEY=VALUE, repeatable")] = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="show live progress until the job ends")] = False,
     idempotency_key: Annotated[str | None, typer.Option(help="same key + same config returns the same job")] = None,
+    priority: Annotated[int, typer.Option(help="admission order, higher first (owners: up to their bound)")] = 0,
     url: UrlOpt = DEFAULT_URL,
     token: TokenOpt = "",
 ) -> None:
-    """Submit a training job."""
+    """Submit a training job; it waits QUEUED until the cluster has room for all of it."""
     from actors.common.config_load import ConfigError, load_config
 
     try:
@@ -163,7 +97,7 @@ def submit(
     except ConfigError as e:
         _die(f"invalid config {config}:\n{e}")
     with _api(url, token) as api:
-        job = api.submit(cfg, idempotency_key)
+        job = api.submit(cfg, idempotency_key, priority)
     typer.echo(escape_line(f"submitted {job.id} ({job.state.value})"))
     if follow:
         raise typer.Exit(_follow(url, token, job.id, job.total_steps))
@@ -197,6 +131,9 @@ def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
         typer.echo(_row(j))
         if j.message:
             typer.echo(f"message: {escape_text(j.message)}")
+        if j.queue_position is not None:
+            where = f"queue position: {j.queue_position} (priority {j.priority}); `forkrl queue` shows the queue"
+            typer.echo(escape_line(where))
         restarts = (j.config or {}).get("trainer", {}).get("max_restarts")
         if j.restarts or j.failures:
             typer.echo(escape_line(f"restarts: {j.restarts} of {restarts}"))
@@ -270,75 +207,6 @@ def delete(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
     with _api(url, token) as api:
         api.delete(job_id)
     typer.echo(escape_line(f"deleted {job_id}"))
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(text: str | None) -> int | None:
-    """'90d', '12h', '30m', '3600s' or '3600' -> seconds; None/'never' -> None."""
-    if text is None or text == "never":
-        return None
-    unit = text[-1] if text[-1:] in _UNITS else "s"
-    number = text[:-1] if text[-1:] in _UNITS else text
-    if not number.isdigit():
-        _die(f"--expires-in {text!r}: expected a number with an optional unit s, m, h or d (e.g. 90d), or never")
-    return int(number) * _UNITS[unit]
-
-
-@token_app.command("create")
-def token_create(
-    owner: str,
-    admin: Annotated[bool, typer.Option(help="the token may create tokens and see every job")] = False,
-    expires_in: Annotated[str | None, typer.Option(help="e.g. 90d, 12h, 30m; default: never")] = None,
-    url: UrlOpt = DEFAULT_URL,
-    token: TokenOpt = "",
-) -> None:
-    """Create a token for OWNER; it is printed once."""
-    expires_in_s = _duration(expires_in)
-    with _api(url, token) as api:
-        out = api.create_token(owner, admin, expires_in_s)
-    typer.echo(out.token)
-
-
-@token_app.command("list")
-def token_list(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
-    """Every token: id, owner, role, created, expires, revoked (never the secret)."""
-    with _api(url, token) as api:
-        listed = api.tokens()
-    typer.echo(f"{'ID':>5}  {'OWNER':20} {'ROLE':6} {'CREATED':20} {'EXPIRES':20} REVOKED")
-    for t in listed.tokens:
-        role = "admin" if t.admin else "owner"
-        when = [(_times(t)[k] or "-")[:19] for k in ("created_at", "expires_at", "revoked_at")]
-        typer.echo(escape_line(f"{t.id:>5}  {t.owner[:20]:20} {role:6} {when[0]:20} {when[1]:20} {when[2]}"))
-
-
-def _times(t: TokenInfo) -> dict[str, str | None]:
-    """A token's times as the API writes them (ISO 8601; None: never)."""
-    shown: dict[str, str | None] = t.model_dump(mode="json", include={"created_at", "expires_at", "revoked_at"})
-    return shown
-
-
-@token_app.command("revoke")
-def token_revoke(token_id: int, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
-    """Revoke a token by its id (from `forkrl token list`); it stops working at once."""
-    with _api(url, token) as api:
-        t = api.revoke_token(token_id)
-    typer.echo(escape_line(f"revoked token {t.id} of {t.owner}"))
-
-
-@token_app.command("expire")
-def token_expire(
-    token_id: int,
-    expires_in: Annotated[str, typer.Argument(help="e.g. 90d, 12h, 0 (now), or never")],
-    url: UrlOpt = DEFAULT_URL,
-    token: TokenOpt = "",
-) -> None:
-    """Set when a token expires."""
-    expires_in_s = _duration(expires_in)
-    with _api(url, token) as api:
-        t = api.expire_token(token_id, expires_in_s)
-    typer.echo(escape_line(f"token {t.id} of {t.owner} expires {_times(t)['expires_at'] or 'never'}"))
 
 
 def _follow(url: str, token: str, job_id: str, total: int) -> int:

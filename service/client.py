@@ -78,9 +78,10 @@ class ForkrlClient:
         return _checked(self.http.request(method, path, **kw))
 
     # -- jobs
-    def submit(self, cfg: JobConfig, idempotency_key: str | None = None) -> JobOut:
+    def submit(self, cfg: JobConfig, idempotency_key: str | None = None, priority: int = 0) -> JobOut:
         headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
-        r = self._call("POST", "/v1/jobs", json=cfg.model_dump(mode="json"), headers=headers)
+        params = {"priority": priority} if priority else {}
+        r = self._call("POST", "/v1/jobs", json=cfg.model_dump(mode="json"), headers=headers, params=params)
         return JobOut.model_validate(r.json())
 
     def jobs(self, state: JobState | None = None, limit: int = 50) -> JobList:
@@ -124,6 +125,26 @@ class ForkrlClient:
                     event = line[6:].strip()
                 elif line.startswith("data:"):
                     yield event, json.loads(line[5:])
+
+    # -- the admission queue
+    def queue(self) -> dict[str, Any]:
+        r: dict[str, Any] = self._call("GET", "/v1/queue").json()
+        return r
+
+    def quota(self, owner: str) -> dict[str, Any]:
+        r: dict[str, Any] = self._call("GET", f"/v1/quotas/{owner}").json()
+        return r
+
+    def quotas(self) -> list[dict[str, Any]]:
+        r: list[dict[str, Any]] = self._call("GET", "/v1/quotas").json()["quotas"]
+        return r
+
+    def set_quota(self, owner: str, body: dict[str, Any]) -> dict[str, Any]:
+        r: dict[str, Any] = self._call("PUT", f"/v1/quotas/{owner}", json=body).json()
+        return r
+
+    def delete_quota(self, owner: str) -> None:
+        self._call("DELETE", f"/v1/quotas/{owner}")
 
     # -- tokens (admin only)
     def create_token(self, owner: str, admin: bool = False, expires_in_s: int | None = None) -> TokenOut:

@@ -77,6 +77,11 @@ class Service:
         return self._store
 
     @property
+    def store(self) -> JobStore:
+        """The job store (the admission queue's routes read and write quotas through it)."""
+        return self._jobstore
+
+    @property
     def tokens(self) -> Tokens:
         assert self._tokens is not None, "Service.start() first"
         return self._tokens
@@ -166,7 +171,7 @@ class Service:
                     update[name] = section.model_copy(update={"ray_resources": {f"forkrl_{name}": 1.0}})
         return cfg.model_copy(update=update)
 
-    def admit(self, cfg: JobConfig, who: Token, spend: bool = True) -> None:
+    def admit(self, cfg: JobConfig, who: Token, spend: bool = True, priority: int = 0) -> None:
         """Refuse (PolicyRefused, ConfigTooLarge, LimitExceeded, RateLimited) what this owner may not run, what
         could not start, or what passes the owner's tenancy limits (service/quotas.py); spend=False: a
         config check, which counts no job and takes none of the submission rate."""
@@ -182,6 +187,7 @@ class Service:
                 f"the job config is {size} bytes as JSON; at most {MAX_CONFIG_BYTES} are accepted (it reaches the "
                 "driver in one environment variable): shorten data.system_prompt or other long strings"
             )
+        self.reconciler.queue.check(cfg, who, priority)  # a priority past the owner's, a job that never fits
         self.limits.admit(cfg, who, self._jobstore, spend)  # last: the rate is spent only on a job that can run
 
     def replay_of(self, owner: str, idempotency_key: str | None, body_hash: str) -> Job | None:
@@ -191,7 +197,9 @@ class Service:
         with self._jobstore.session() as db:
             return self._jobstore.by_idempotency_key(db, owner, idempotency_key, body_hash)
 
-    def create_job(self, cfg: JobConfig, owner: str, idempotency_key: str | None, body_hash: str) -> tuple[Job, bool]:
+    def create_job(
+        self, cfg: JobConfig, owner: str, idempotency_key: str | None, body_hash: str, priority: int = 0
+    ) -> tuple[Job, bool]:
         """Store a new job (or find the replay of an earlier Idempotency-Key, stored meanwhile). Returns
         (job, created). body_hash: the submitted config's, which a replay must match."""
         store = self._jobstore
@@ -206,6 +214,7 @@ class Service:
             job = store.create(
                 db, job_id=job_id, owner=owner, config=config, config_hash=body_hash,
                 idempotency_key=idempotency_key, ingest_token_hash="",  # no token until it is submitted
+                priority=priority,
             )  # fmt: skip
             return job, True
 
@@ -219,22 +228,31 @@ class Service:
                 raise
             return old, False
 
-    async def submit_job(self, cfg: JobConfig, who: Token, idempotency_key: str | None) -> tuple[Job, bool]:
-        """Admit and store the job, then submit it now; if Ray is not reachable the reconciler retries."""
+    async def submit_job(
+        self, cfg: JobConfig, who: Token, idempotency_key: str | None, priority: int = 0
+    ) -> tuple[Job, bool]:
+        """Admit and store the job (QUEUED), then run an admission pass so that it starts now if it fits;
+        if Ray is not reachable the reconciler retries."""
         body_hash = sha256(canonical(cfg.model_dump(mode="json")))
         replay = await run_in_threadpool(self.replay_of, who.owner, idempotency_key, body_hash)
         if replay is not None:  # answered as the first time, before any limit: it takes no new room
             return await run_in_threadpool(self.get_job, replay.id, who), False
-        await run_in_threadpool(self.admit, cfg, who)
-        job, created = await run_in_threadpool(self.create_job, cfg, who.owner, idempotency_key, body_hash)
+        await run_in_threadpool(self.admit, cfg, who, True, priority)
+        job, created = await run_in_threadpool(self.create_job, cfg, who.owner, idempotency_key, body_hash, priority)
         if not created:
             return job, False
         self.telemetry.jobs_submitted.inc()
         try:
-            await run_in_threadpool(self.reconciler.reconcile_job, job.id)
+            if self.reconciler.leading:  # the replica that runs the queue; the others leave it to its next pass
+                await run_in_threadpool(self.reconciler.queue.admit)
+                await run_in_threadpool(self.reconciler.reconcile_job, job.id)
         except RayUnavailable as e:
             log.warning("job %s stays queued: %s", job.id, e)
         return await run_in_threadpool(self.get_job, job.id, who), True
+
+    def queue_positions(self) -> dict[str, int]:
+        with self._jobstore.session() as db:
+            return self._jobstore.queue_positions(db)
 
     def _job(self, job_id: str) -> Job | None:
         with self._jobstore.session() as db:

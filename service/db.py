@@ -14,6 +14,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -87,12 +88,25 @@ class Job(Base):
     # the model's parameters, trainable (LoRA: the adapters) and all, from the run's first metric record
     trainable_params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    priority: Mapped[int] = mapped_column(Integer, default=0)  # the admission queue's order: higher first
 
     @property
     def ray_id(self) -> str:
         """The Ray submission id of the current attempt: the job id, then <job id>-r<N> for restart N (Ray
         does not support submitting a deleted submission id again)."""
         return ray_submission_id(self.id, self.restarts or 0)
+
+
+class Quota(Base):
+    """An owner's admission quota, set by an admin: bounds on what its admitted jobs hold at once."""
+
+    __tablename__ = "quotas"
+    owner: Mapped[str] = mapped_column(String(128), primary_key=True)
+    max_running_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    max_cpus: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_gpus: Mapped[float | None] = mapped_column(Float, nullable=True)
+    max_priority: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    updated_at: Mapped[dt.datetime] = mapped_column(DateTime(timezone=True), default=now, onupdate=now)
 
 
 class Metric(Base):

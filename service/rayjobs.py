@@ -244,6 +244,20 @@ class RayJobs:
             raise RayUnavailable(f"Ray at {self.address}: {e}") from e
         return kept.decode(errors="replace")
 
+    def nodes(self) -> list[dict[str, Any]]:
+        """The cluster's nodes as Ray's state API lists them (node_id, state, resources_total, ...)."""
+        import httpx
+
+        url = f"{self.address.rstrip('/')}/api/v0/nodes"
+        try:
+            r = httpx.get(url, params={"limit": 10_000, "timeout": 30}, headers=self.headers, timeout=REQUEST_TIMEOUT_S)
+            if r.status_code != 200:
+                raise RayUnavailable(f"Ray's node list answered {r.status_code}: {r.text[:300]}")
+            rows: list[dict[str, Any]] = r.json()["data"]["result"]["result"]
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            raise RayUnavailable(f"Ray at {self.address}: no node list: {e}") from e
+        return rows
+
     async def tail(self, job_id: str) -> AsyncIterator[str]:
         async for chunk in self.client().tail_job_logs(job_id):
             yield chunk

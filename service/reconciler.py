@@ -35,6 +35,7 @@ from actors.common.contract import (
 )
 from service.db import Job, now
 from service.failures import failure_reason, infrastructure_failure
+from service.queue import AdmissionQueue
 from service.rayjobs import JobNotFound, RayJobs, RayUnavailable
 from service.settings import Settings
 from service.store import JobStore
@@ -77,6 +78,7 @@ class Reconciler:
         self.ray_ready = False  # whether the Jobs API answered the last pass
         self.leading = False  # whether this replica runs the reconciler
         self._read_upto: dict[str, int] = {}  # job id -> bytes of metrics.jsonl already read
+        self.queue = AdmissionQueue(store, ray, settings)
 
     async def run_forever(self) -> None:
         # a pass that finds Ray unreachable (not up yet, restarting) changes nothing; the next retries
@@ -113,7 +115,12 @@ class Reconciler:
                     j.ingest_token_hash = sha256(token)
 
     def reconcile(self) -> None:
-        """One pass: submit what was never accepted, follow Ray's view of the rest, pick up files."""
+        """One pass: admit what fits, submit what was never accepted, follow Ray's view of the rest, pick
+        up files."""
+        try:
+            self.queue.admit()
+        except RayUnavailable as e:  # the queued jobs wait; the admitted ones are still followed
+            log.debug("admission: %s", e)
         with self.store.session() as db:
             ids = self.store.active_ids(db)
         for job_id in ids:
@@ -128,6 +135,10 @@ class Reconciler:
         with self.store.session() as db:
             job = self.store.get(db, job_id)
         if job is None or job.state in TERMINAL_STATES:
+            return
+        if job.state == JobState.QUEUED.value:  # not admitted yet: only a cancel changes it here
+            if job.cancel_requested:
+                self._set_state(job_id, JobState.CANCELLED.value, "cancelled while queued")
             return
         if not job.submitted:
             if job.cancel_requested:

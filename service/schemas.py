@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, computed_field
 
 from actors.common.config_load import UNION_TAGS, show_value
 from actors.common.contract import JobState
-from actors.common.demand import Demand
+from actors.common.demand import Demand, stored_demand
 from service.limits import MAX_CONFIG_BYTES, MAX_STEP
 
 if TYPE_CHECKING:
@@ -68,6 +69,10 @@ class JobOut(BaseModel):
     params: int | None = Field(None, description="all parameters of the model, as the run reports")
     demand: DemandOut | None = Field(
         None, description="the Ray resources all the job's actors request at once (from its config)"
+    )
+    priority: int = Field(0, description="its place in the admission queue's order: higher first, FIFO within one")
+    queue_position: int | None = Field(
+        None, description="QUEUED: 1 for the next job to be considered; the message says why it waits. null otherwise"
     )
 
     @computed_field  # type: ignore[prop-decorator]
@@ -266,7 +271,8 @@ class Health(BaseModel):
     checks: dict[str, str] = Field(default_factory=dict)
 
 
-def job_out(job: Job, with_config: bool = False) -> JobOut:
+def job_out(job: Job, with_config: bool = False, positions: Mapping[str, int] | None = None) -> JobOut:
+    """positions: the queue's (JobStore.queue_positions), for a QUEUED job's queue_position."""
     return JobOut(
         id=job.id, name=job.name, owner=job.owner, state=JobState(job.state), message=job.message,
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, ended_at=job.ended_at,
@@ -274,22 +280,13 @@ def job_out(job: Job, with_config: bool = False) -> JobOut:
         cancel_requested=job.cancel_requested, restarts=job.restarts or 0,
         failures=[FailureOut(**f) for f in job.failures or []], config=job.config if with_config else None,
         lora=_lora(job.config), trainable_params=job.trainable_params, params=job.params, demand=_demand(job.config),
+        priority=job.priority or 0, queue_position=(positions or {}).get(job.id),
     )  # fmt: skip
 
 
 def _demand(config: dict[str, Any] | None) -> DemandOut | None:
-    """The demand of a stored (validated) config; None for one this version no longer reads."""
-    from pydantic import ValidationError
-
-    from actors.common.config import JobConfig
-    from actors.common.demand import job_demand
-
-    if not config:
-        return None
-    try:
-        return DemandOut.of(job_demand(JobConfig.model_validate(config)))
-    except ValidationError:
-        return None
+    d = stored_demand(config)
+    return DemandOut.of(d) if d is not None else None
 
 
 def _lora(config: dict[str, Any] | None) -> LoraOut | None:

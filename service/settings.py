@@ -32,11 +32,24 @@ class Settings(BaseSettings):
         "", description="Ray dashboard URL (http://head:8265). Empty: start and own a local Ray head (embedded)."
     )
     ray_auth_token: str = Field("", description="Token for a Ray cluster that has token authentication enabled.")
-    ray_num_cpus: int = Field(0, ge=0, description="Logical CPUs of the embedded head; 0: enough for small jobs.")
+    ray_num_cpus: int = Field(
+        0,
+        ge=0,
+        description="Logical CPUs the embedded head advertises (admission counts these); 0: max(4, cores), "
+        "which lets one small job run beside the service on a 2-core machine.",
+    )
     admin_token: str = Field("", description="Bootstrap admin bearer token (stored hashed).")
     public_url: str = Field("", description="URL training drivers push metrics to; empty: http://<host>:<port>.")
     runs_dir: Path | None = Field(None, description="Where jobs write their runs; default <data_dir>/runs.")
     reconcile_interval_s: float = Field(2.0, gt=0, le=3600)
+    admission: Literal["queue", "off"] = Field(
+        "queue",
+        description="queue: jobs wait in QUEUED until their whole demand fits the cluster's free capacity "
+        "(service/admission.py); off: every job goes to Ray at once (a cluster whose autoscaler or Kueue decides).",
+    )
+    max_owner_priority: int = Field(
+        0, ge=-1000, le=1000, description="Highest priority a non-admin owner may give a job (its quota may differ)."
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024)
     stream_idle_s: float = Field(
         600, gt=0, le=86400, description="A log or event stream with nothing new for this long ends (reconnect)."

@@ -20,8 +20,10 @@ from sqlalchemy.orm import Session
 
 from actors.common.config import JobConfig
 from actors.common.contract import TERMINAL_STATES, JobState, MetricRecord, finite
-from service.db import Checkpoint, Event, Job, Metric, Store, Token, now
+from service.db import Checkpoint, Event, Job, Metric, Quota, Store, Token, now
 from service.limits import MAX_STEP
+
+QUEUED_MESSAGE = "queued: waiting for the admission pass"
 
 __all__ = ["JobStore", "StepJSON", "NotFound", "Forbidden", "Conflict", "MAX_STEP"]
 
@@ -176,17 +178,52 @@ class JobStore:
         config_hash: str,
         idempotency_key: str | None,
         ingest_token_hash: str,
+        priority: int = 0,
     ) -> Job:
-        """A new PENDING job with its effective config (stored as JSON) and its first event."""
+        """A new QUEUED job with its effective config (stored as JSON) and its first event."""
         job = Job(
-            id=job_id, owner=owner, name=config.name, state=JobState.PENDING.value, message="queued",
+            id=job_id, owner=owner, name=config.name, state=JobState.QUEUED.value, message=QUEUED_MESSAGE,
+            priority=priority,
             config=config.model_dump(mode="json"), config_hash=config_hash, idempotency_key=idempotency_key,
             ingest_token_hash=ingest_token_hash, total_steps=config.trainer.steps, run_dir=config.trainer.output_dir,
         )  # fmt: skip
         db.add(job)
         db.flush()  # the job row first: events reference it
-        db.add(Event(job_id=job_id, state=JobState.PENDING.value, message="queued"))
+        db.add(Event(job_id=job_id, state=JobState.QUEUED.value, message=QUEUED_MESSAGE))
         return job
+
+    # -- the admission queue (service/admission.py decides; this reads and writes)
+    def in_states(self, db: Session, states: tuple[str, ...]) -> list[Job]:
+        return list(db.scalars(select(Job).where(Job.state.in_(states)).order_by(Job.seq)))
+
+    def queue_positions(self, db: Session) -> dict[str, int]:
+        """Each QUEUED job's place in the admission order (1 first): priority, then submission."""
+        q = select(Job.id).where(Job.state == JobState.QUEUED.value)
+        ids = db.scalars(q.order_by(Job.priority.desc(), Job.created_at, Job.id))
+        return {job_id: i + 1 for i, job_id in enumerate(ids)}
+
+    def quotas(self, db: Session) -> list[Quota]:
+        return list(db.scalars(select(Quota).order_by(Quota.owner)))
+
+    def quota(self, db: Session, owner: str) -> Quota | None:
+        return db.get(Quota, owner)
+
+    def set_quota(self, db: Session, owner: str, values: dict[str, Any]) -> Quota:
+        row = db.get(Quota, owner)
+        if row is None:
+            row = Quota(owner=owner)
+            db.add(row)
+        for k, v in values.items():
+            setattr(row, k, v)
+        row.updated_at = now()
+        db.flush()
+        return row
+
+    def delete_quota(self, db: Session, owner: str) -> bool:
+        row = db.get(Quota, owner)
+        if row is not None:
+            db.delete(row)
+        return row is not None
 
     def page(
         self, db: Session, owner: str | None, state: str | None, limit: int, cursor: int | None

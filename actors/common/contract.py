@@ -29,8 +29,10 @@ __all__ = [
 
 
 class JobState(str, Enum):
-    """A training job's state, as stored by the service and reported by Ray."""
+    """A training job's state, as stored by the service and reported by Ray. QUEUED is the service's
+    alone: waiting for admission (capacity, quota, priority); PENDING: admitted, starting on Ray."""
 
+    QUEUED = "QUEUED"
     PENDING = "PENDING"
     RUNNING = "RUNNING"
     SUCCEEDED = "SUCCEEDED"

@@ -2,17 +2,19 @@
 
 Each pool's actors request Ray resources (actors.rollout.pool, actors.learner.group,
 actors.reward.pool); a job starts only when all of them can be placed at once. `job_demand` adds
-them up so the control plane can show what a job needs (admission by demand is not built yet).
+them up: the control plane shows it and admits jobs by it (service/admission.py).
 Memory is not a Ray request here (no actor asks for it), so it is not part of the demand.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError
 
 from actors.common.config import JobConfig
 
-__all__ = ["Demand", "PoolDemand", "job_demand"]
+__all__ = ["Demand", "PoolDemand", "job_demand", "stored_demand"]
 
 
 class PoolDemand(BaseModel):
@@ -69,3 +71,14 @@ def job_demand(cfg: JobConfig) -> Demand:
             PoolDemand(role="reward workers", count=rew.num_workers, cpus=0, gpus=0, resources=dict(rew.ray_resources)),
         ]
     )  # fmt: skip
+
+
+def stored_demand(config: dict[str, Any] | None) -> Demand | None:
+    """The demand of a config as the job store keeps it (validated JSON); None for one this version no
+    longer reads (its driver would refuse it, naming why)."""
+    if not config:
+        return None
+    try:
+        return job_demand(JobConfig.model_validate(config))
+    except ValidationError:
+        return None

@@ -47,13 +47,17 @@ async def submit_job(
     strict: Annotated[JobConfig, Depends(strict_job_config)],
     svc: ServiceDep,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
+    priority: Annotated[
+        int, Query(ge=-1000, le=1000, description="admission order, higher first (non-admins: at most their bound)")
+    ] = 0,
 ) -> Any:
     """Submit a job. The body is a JobConfig, read strictly: no strings for numbers or booleans, no
-    NaN or infinities. The operator's tenancy policy may refuse fields (403 naming the field and rule)."""
-    job, created = await svc.submit_job(strict, who, idempotency_key)
-    if not created:
-        return JSONResponse(jsonable_encoder(job_out(job, True)), 200)
-    return job_out(job, True)
+    NaN or infinities. The operator's tenancy policy may refuse fields (403 naming the field and rule); a
+    job this cluster could never run is refused (422 naming what is missing). It waits QUEUED until its
+    whole demand fits."""
+    job, created = await svc.submit_job(strict, who, idempotency_key, priority)
+    out = job_out(job, True, await run_in_threadpool(svc.queue_positions))
+    return out if created else JSONResponse(jsonable_encoder(out), 200)
 
 
 @router.get("", response_model=JobList)
@@ -65,12 +69,13 @@ def list_jobs(
     cursor: Annotated[str | None, Query(pattern=r"^[0-9]{1,18}$", description="next_cursor of the last page")] = None,
 ) -> JobList:
     rows, more = svc.list_jobs(who, state.value if state else None, limit, int(cursor) if cursor else None)
-    return JobList(jobs=[job_out(j) for j in rows], next_cursor=str(more) if more is not None else None)
+    at = svc.queue_positions() if any(j.state == JobState.QUEUED.value for j in rows) else {}
+    return JobList(jobs=[job_out(j, positions=at) for j in rows], next_cursor=str(more) if more is not None else None)
 
 
 @router.get("/{job_id}", response_model=JobOut)
 def get_job(job_id: JobId, who: Principal, svc: ServiceDep) -> JobOut:
-    return job_out(svc.get_job(job_id, who), True)
+    return job_out(svc.get_job(job_id, who), True, svc.queue_positions())
 
 
 @router.post("/{job_id}/cancel", response_model=JobOut)

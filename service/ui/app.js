@@ -5,7 +5,7 @@
 "use strict";
 
 const TOKEN_KEY = "forkrl.token";
-const STATES = ["PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"];
+const STATES = ["QUEUED", "PENDING", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"];
 const TERMINAL = new Set(["SUCCEEDED", "FAILED", "CANCELLED"]);
 const MAX_POINTS = 600; // a curve with more steps is averaged in buckets down to this many points
 const main = document.getElementById("main");
@@ -407,7 +407,8 @@ function jobView(id) {
       h("div", { class: "toolbar" },
         h("span", { class: "muted" }, `${job.id} · owner `, iso(job.owner), " · step ", h("b", { id: "last-step" }, job.last_step),
           ` of ${job.total_steps} · created ${when(job.created_at)} · `, h("span", { id: "job-params" }, job.training),
-          job.demand ? h("span", { id: "job-demand", title: job.demand.summary }, ` · needs ${job.demand.cpus} CPUs, ${job.demand.gpus} GPUs`) : ""),
+          job.demand ? h("span", { id: "job-demand", title: job.demand.summary }, ` · needs ${job.demand.cpus} CPUs, ${job.demand.gpus} GPUs`) : "",
+          job.queue_position ? h("span", { id: "job-queue" }, ` · queue position ${job.queue_position}, priority ${job.priority}`) : ""),
         ...actionButtons(job, () => (TERMINAL.has(job.state) && !job.cancel_requested ? (location.hash = "#/jobs") : reload()))),
       job.message ? h("p", { class: job.state === "FAILED" ? "error" : "muted", id: "job-message" }, job.message) : "");
   }

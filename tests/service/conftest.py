@@ -173,7 +173,7 @@ def database_url(request, tmp_path) -> str:
 
 @pytest.fixture
 def api_server(tmp_path, database_url) -> Iterator[Server]:
-    """The service with its job store and no reachable Ray: submitted jobs stay PENDING."""
+    """The service with its job store and no reachable Ray: submitted jobs stay QUEUED."""
     server = Server(tmp_path / "data", database_url, UNREACHABLE_RAY).start()
     yield server
     server.stop()

@@ -1,5 +1,5 @@
 """Streams and metric reads under abuse (issue 36), through a real server on SQLite with Ray out of
-reach (jobs stay PENDING; metrics arrive through the ingest route or the store, as a driver's would):
+reach (jobs stay QUEUED; metrics arrive through the ingest route or the store, as a driver's would):
 streams are limited per token and in all (429 with Retry-After), end when their token is revoked or
 expires even when nothing happens on the job, and metric reads and event replays load the history
 from the store a page at a time, so the server's memory does not grow with history x readers."""

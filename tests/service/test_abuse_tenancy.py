@@ -131,7 +131,7 @@ def test_an_admin_owner_name_is_never_a_tenants(server):
         ops2 = admin.post("/v1/tokens", json={"owner": "ops2", "admin": True}).json()
         assert admin.delete(f"/v1/tokens/{ops2['id']}").status_code == 200
         refused(admin.post("/v1/tokens", json={"owner": "ops2"}), 409, "'ops2'")
-        assert admin.get(f"/v1/jobs/{operator_job}").json()["state"] == "PENDING"
+        assert admin.get(f"/v1/jobs/{operator_job}").json()["state"] == "QUEUED"
 
 
 def test_anonymous_callers_see_no_job_counts(server):
@@ -143,7 +143,7 @@ def test_anonymous_callers_see_no_job_counts(server):
     assert scraped.status_code == 200 and "forkrl_jobs_submitted_total" in scraped.text
     with server.client() as admin:
         assert admin.get("/metrics").status_code == 200
-        assert admin.get("/v1/jobs", params={"state": "PENDING"}).json()["jobs"]  # there are jobs to count
+        assert admin.get("/v1/jobs", params={"state": "QUEUED"}).json()["jobs"]  # there are jobs to count
     ready = httpx.get(f"{server.url}/readyz").json()
     assert set(ready) <= {"status", "checks"} and set(ready["checks"]) <= {"database", "ray", "reconciler"}
     assert ready["status"] == "ready" and not any(ch.isdigit() for ch in str(ready))

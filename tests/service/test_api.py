@@ -59,7 +59,7 @@ def test_auth_401_and_403(api_server):
     alice, bob = make_token(api_server, "alice"), make_token(api_server, "bob")
     with api_server.client(alice) as a, api_server.client(bob) as b, api_server.client() as admin:
         job = submit(a).json()
-        assert job["owner"] == "alice" and job["state"] == "PENDING"
+        assert job["owner"] == "alice" and job["state"] == "QUEUED"
         for method, path in [("GET", ""), ("POST", "/cancel"), ("GET", "/metrics"), ("DELETE", "")]:
             assert b.request(method, f"/v1/jobs/{job['id']}{path}").status_code == 403
         assert b.get("/v1/jobs").json()["jobs"] == []  # bob sees only his own
@@ -151,14 +151,14 @@ def test_list_filter_and_cursor_pagination(api_server):
                 break
         assert seen == ids[::-1]  # newest first, each once
         assert [j["id"] for j in c.get("/v1/jobs", params={"state": "CANCELLED"}).json()["jobs"]] == [ids[1]]
-        assert len(c.get("/v1/jobs", params={"state": "PENDING"}).json()["jobs"]) == 4
+        assert len(c.get("/v1/jobs", params={"state": "QUEUED"}).json()["jobs"]) == 4
 
 
 def test_cancel_is_idempotent_and_delete_needs_a_finished_job(api_server):
     with api_server.client() as c:
         job = submit(c).json()
         r = c.delete(f"/v1/jobs/{job['id']}")
-        assert r.status_code == 409 and "PENDING" in r.json()["detail"]
+        assert r.status_code == 409 and "QUEUED" in r.json()["detail"]
         one = c.post(f"/v1/jobs/{job['id']}/cancel").json()
         two = c.post(f"/v1/jobs/{job['id']}/cancel").json()
         assert one["state"] == two["state"] == "CANCELLED"
@@ -197,7 +197,7 @@ def test_ingest_metrics_checkpoints_and_events(api_server, database_url):
                     kind = line[6:].strip()
                 elif line.startswith("data:"):
                     events.append((kind, json.loads(line[5:])))
-        assert [e[1]["state"] for e in events if e[0] == "state"] == ["PENDING", "CANCELLED"]
+        assert [e[1]["state"] for e in events if e[0] == "state"] == ["QUEUED", "CANCELLED"]
         assert [e[1]["step"] for e in events if e[0] == "metrics"] == [1, 2]
         assert events[-1] == ("end", {"state": "CANCELLED", "last_step": 2})
 
@@ -253,7 +253,7 @@ def test_cli_mirrors_ray_job(api_server):
     assert out.returncode == 0, out.stderr
     job_id = out.stdout.split()[1]
     listed = cli(api_server, "list")
-    assert job_id in listed.stdout and "PENDING" in listed.stdout
+    assert job_id in listed.stdout and "QUEUED" in listed.stdout
     status = cli(api_server, "status", job_id)
     assert "step 0/2" in status.stdout
     # what the job asks of the cluster, from its config: engine 1 CPU, 2 learners x 1 CPU, reward workers 0
@@ -300,7 +300,7 @@ def test_replicas_on_postgresql_migrate_once_and_run_one_reconciler(postgres_url
         with servers[1].client() as c:
             job = submit(c).json()
         with servers[0].client() as c:
-            assert c.get(f"/v1/jobs/{job['id']}").json()["state"] == "PENDING"  # one store behind both
+            assert c.get(f"/v1/jobs/{job['id']}").json()["state"] == "QUEUED"  # one store behind both
         leader, standby = sorted(servers, key=role)  # "leader" < "standby"
         leader.stop(signal.SIGKILL)  # the leader dies: its session, and the lock with it, ends
         deadline = time.time() + 30

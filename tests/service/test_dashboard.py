@@ -9,6 +9,8 @@ pictures come from `scripts/screenshots.py`, which does the same against a real 
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import os
 import re
 import time
@@ -104,6 +106,31 @@ def shoot(pg, name: str, locator=None) -> None:
         (locator or pg).screenshot(path=str(Path(where) / name))
 
 
+def _state_events(c: httpx.Client, job_id: str) -> list[dict]:
+    """A finished job's state events, replayed by its event stream (which ends for a finished job)."""
+    out, kind = [], ""
+    with c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind == "state":
+                out.append(json.loads(line[5:]))
+    return out
+
+
+def test_two_jobs_that_do_not_fit_together_ran_one_after_the_other(site):
+    """The fixture submitted both tiny jobs (3 CPUs each) at once to the 4-CPU head: the admission queue
+    started the second when the first had ended, not beside it (where their actors would wait for each
+    other's CPUs)."""
+    with site["server"].client(site["token"]) as c:
+        first, second = (c.get(f"/v1/jobs/{site[k]}").json() for k in ("filtered", "plain"))
+        events = _state_events(c, second["id"])
+    assert [e["state"] for e in events] == ["QUEUED", "PENDING", "RUNNING", "SUCCEEDED"], events
+    assert events[1]["message"] == "admitted: 3 CPU of 4 CPU"
+    utc = lambda s: dt.datetime.fromisoformat(s).replace(tzinfo=None)  # noqa: E731 (both UTC; SQLite keeps no zone)
+    assert utc(events[1]["at"]) >= utc(first["ended_at"]), (events[1], first["ended_at"])
+
+
 def test_a_bad_token_is_refused_and_the_page_has_no_errors(page, site):
     page.goto(site["server"].url + "/")
     page.get_by_label("Access token").fill("not-a-token")
@@ -160,7 +187,7 @@ def test_a_finished_job_shows_its_curves_and_forking_tokens(page, site):
     assert int(page.locator("#chart-time").get_attribute("data-traces") or 0) >= 4
     # the state timeline, checkpoints and config
     page.locator("ol.timeline li[data-state=SUCCEEDED]").wait_for()
-    assert page.locator("ol.timeline li").first.get_attribute("data-state") == "PENDING"
+    assert page.locator("ol.timeline li").first.get_attribute("data-state") == "QUEUED"
     ckpts = page.get_by_role("table", name="Checkpoints").locator("tbody tr td:first-child")
     ckpts.filter(has_text="4").wait_for()  # the final step's checkpoint
     assert '"top_entropy_quantile": 0.2' in page.locator("#config").inner_text()

@@ -32,6 +32,17 @@ def tiny(steps: int) -> dict:
     return {**TINY, "trainer": {**TINY["trainer"], "steps": steps, "save_every": 2}}
 
 
+# a job of half a CPU (one engine, one learner, a quarter CPU each): it is admitted beside a tiny job of 3
+# on the tests' 4-CPU head
+SMALL = ["rollout.num_cpus_per_engine=0.25", "learner.num_cpus_per_learner=0.25", "learner.num_learners=1"]
+
+
+def small(steps: int) -> dict:
+    cfg = tiny(steps)
+    return {**cfg, "rollout": {**cfg["rollout"], "num_cpus_per_engine": 0.25},
+            "learner": {**cfg["learner"], "num_cpus_per_learner": 0.25, "num_learners": 1}}  # fmt: skip
+
+
 def wait_for_step_in_file(run_dir: Path, step: int, timeout: float) -> None:
     """Until the run's metrics.jsonl holds `step` (the driver writes it whether or not the service is up)."""
     deadline = time.time() + timeout
@@ -78,11 +89,20 @@ def test_submit_run_crash_restart_cancel(ray_head, tmp_path):
         assert submitted.returncode == 0, submitted.stderr
         a = {"id": submitted.stdout.split()[1]}  # "submitted forkrl-... (PENDING)"
         with server.client() as c:
-            b = c.post("/v1/jobs", json=tiny(50)).json()
+            # a job that can never fit the 4-CPU head is refused at once, naming what is missing
+            r = c.post("/v1/jobs", json={**TINY, "learner": {**TINY["learner"], "num_learners": 8}})
+            assert r.status_code == 422, r.text
+            assert r.json()["detail"] == (
+                "this job can never run on this cluster: it needs 9 CPU at once; the Ray cluster has 4 CPU in all "
+                "(1 node(s)): missing 5 CPU (its demand: 9 CPUs, 0 GPUs: rollout engines 1 x 1 CPU, learners 8 x 1 "
+                "CPU, reward workers 2 x 0 CPU)"
+            )
+            b = c.post("/v1/jobs", json=small(50)).json()
             # a valid config whose driver cannot start, submitted and followed with the CLI (what make demo
             # runs): live states, then the final one, exit 1 as it did not succeed
             cli = [sys.executable, "-m", "service.cli", "submit", "examples/tiny.yaml", "--set", "trainer.steps=2",
                    "--set", f"model.path={tmp_path / 'no-such-model'}", "--follow"]  # fmt: skip
+            cli += [arg for s in SMALL for arg in ("--set", s)]
             follow = subprocess.Popen(cli, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             # cancel a running job: B's driver runs (its actors may still wait for CPUs)
             wait_for(c, b["id"], {"RUNNING"}, 180)
@@ -180,7 +200,7 @@ def test_queued_while_ray_is_down_then_resubmitted_on_a_new_head(tmp_path):
         with server.client() as c:
             job = c.post("/v1/jobs", json=tiny(50)).json()  # the POST itself tried Ray, and failed
             queued = c.get(f"/v1/jobs/{job['id']}").json()
-            assert (queued["state"], queued["message"]) == ("PENDING", "queued")
+            assert (queued["state"], queued["message"]) == ("QUEUED", "queued: waiting for the admission pass")
         first.start()
         with server.client() as c:
             assert wait_for(c, job["id"], {"RUNNING"}, 240)["state"] == "RUNNING"

@@ -1,0 +1,189 @@
+"""The admission queue: which QUEUED jobs start now. Pure Python; the reconciler feeds it.
+
+A job waits in QUEUED until its whole demand (actors.common.demand: every pool's Ray resources at once)
+fits what the Ray cluster has free - gang admission: all its pools or nothing. Free is the cluster's
+total (its alive nodes, from Ray's state API) less the demand of every admitted job (PENDING or
+RUNNING): a job's actors take a moment to be placed, so Ray's own "available" would admit a second job
+into room the first is about to take. Jobs are considered by priority (higher first), FIFO within a
+priority. The order is strict: a job that waits for capacity holds back every job after it, so a large
+job is never starved by a stream of small ones; a job held back by its owner's quota holds back nobody
+(like Kueue's per-queue quotas). A job that can never fit this cluster (more than the cluster has in
+all, or one actor larger than every node) is refused at submission; if the cluster shrank after it was
+queued, it waits with that reason and holds back nobody.
+
+Free capacity is compared as sums, not packed node by node: an actor that fits no node's free room
+although the sums fit waits inside the job (the pools' own start-up bounds name what could not be
+placed).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = ["Capacity", "Decision", "Queued", "Quota", "Running", "never_fits", "plan"]
+
+EPS = 1e-9
+SCHEDULED = ("CPU", "GPU")  # besides custom resources: memory and object store are not requested by actors
+
+
+def _fmt(resources: Mapping[str, float]) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())) or "nothing"
+
+
+def _minus(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in set(a) | set(b)}
+
+
+def _short(need: Mapping[str, float], have: Mapping[str, float]) -> dict[str, float]:
+    """What `have` lacks of `need`, per resource (empty: it fits)."""
+    return {k: v - have.get(k, 0.0) for k, v in need.items() if v > have.get(k, 0.0) + EPS}
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """The alive nodes' Ray resources (CPU, GPU and custom ones; no node:* or memory entries)."""
+
+    nodes: tuple[Mapping[str, float], ...]
+
+    @classmethod
+    def from_state_api(cls, nodes: Iterable[Mapping[str, object]]) -> Capacity:
+        """From the rows of Ray's `/api/v0/nodes` (or `ray.util.state.list_nodes`): alive nodes only."""
+        kept = []
+        for n in nodes:
+            if n.get("state") != "ALIVE":
+                continue
+            total = n.get("resources_total") or {}
+            assert isinstance(total, Mapping)
+            kept.append({str(k): float(v) for k, v in total.items() if not _unscheduled(str(k))})
+        return cls(nodes=tuple(kept))
+
+    @property
+    def total(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for n in self.nodes:
+            for k, v in n.items():
+                out[k] = out.get(k, 0.0) + v
+        return out
+
+    def describe(self) -> str:
+        return f"{len(self.nodes)} node(s), {_fmt(self.total)} in all"
+
+
+def _unscheduled(name: str) -> bool:
+    return name.startswith("node:") or name in ("memory", "object_store_memory") or name.startswith("accelerator_type")
+
+
+@dataclass(frozen=True)
+class Queued:
+    job_id: str
+    owner: str
+    priority: int
+    created_at: dt.datetime
+    demand: Mapping[str, float]  # the whole job: Demand.resources
+    actors: tuple[Mapping[str, float], ...] = ()  # one entry per distinct actor shape
+
+
+@dataclass(frozen=True)
+class Running:
+    job_id: str
+    owner: str
+    demand: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class Quota:
+    """An owner's bounds on what it holds admitted at once; None: no bound."""
+
+    max_running_jobs: int | None = None
+    max_cpus: float | None = None
+    max_gpus: float | None = None
+
+
+@dataclass
+class Decision:
+    job_id: str
+    admit: bool
+    position: int  # 1-based place among the jobs still waiting after this pass (0: admitted)
+    reason: str
+
+
+@dataclass
+class _Use:
+    jobs: int = 0
+    res: dict[str, float] = field(default_factory=dict)
+
+
+def never_fits(demand: Mapping[str, float], actors: Iterable[Mapping[str, float]], cap: Capacity) -> str:
+    """Why a job can never run on this cluster ('' if it could): more than the cluster has in all, or an
+    actor larger than every node."""
+    short = _short(demand, cap.total)
+    if short:
+        return (f"needs {_fmt(demand)} at once; the Ray cluster has {_fmt(cap.total)} in all "
+                f"({len(cap.nodes)} node(s)): missing {_fmt(short)}")  # fmt: skip
+    for actor in actors:
+        if not any(not _short(actor, node) for node in cap.nodes):
+            largest = max(cap.nodes, key=lambda n: sum(n.get(k, 0.0) for k in actor), default={})
+            return (f"one of its actors needs {_fmt(actor)}; no node of the Ray cluster has that much "
+                    f"(the largest: {_fmt({k: largest.get(k, 0.0) for k in actor})})")  # fmt: skip
+    return ""
+
+
+def _over_quota(job: Queued, use: _Use, quota: Quota | None) -> str:
+    if quota is None:
+        return ""
+    if quota.max_running_jobs is not None and use.jobs + 1 > quota.max_running_jobs:
+        return f"owner {job.owner!r} has {use.jobs} job(s) admitted; quota max_running_jobs = {quota.max_running_jobs}"
+    for key, bound in (("CPU", quota.max_cpus), ("GPU", quota.max_gpus)):
+        want = use.res.get(key, 0.0) + job.demand.get(key, 0.0)
+        if bound is not None and want > bound + EPS:
+            held = use.res.get(key, 0.0)
+            return (f"owner {job.owner!r} would hold {want:g} {key} with this job ({held:g} {key} admitted); "
+                    f"quota max_{key.lower()}s = {bound:g}")  # fmt: skip
+    return ""
+
+
+def order(queued: Iterable[Queued]) -> list[Queued]:
+    """Priority first (higher earlier), then submission time, then id (a stable tie-break)."""
+    return sorted(queued, key=lambda q: (-q.priority, q.created_at, q.job_id))
+
+
+def plan(
+    queued: Iterable[Queued], running: Iterable[Running], cap: Capacity, quotas: Mapping[str, Quota]
+) -> list[Decision]:
+    """One admission pass: a decision for every queued job, in queue order."""
+    running = list(running)
+    free = _minus(cap.total, {})
+    use: dict[str, _Use] = {}
+    for r in running:
+        free = _minus(free, r.demand)
+        u = use.setdefault(r.owner, _Use())
+        u.jobs += 1
+        u.res = {k: u.res.get(k, 0.0) + r.demand.get(k, 0.0) for k in set(u.res) | set(r.demand)}
+    out: list[Decision] = []
+    blocker = ""  # the first job that waits for capacity: everything after it waits behind it
+    waiting = 0
+    for job in order(queued):
+        u = use.setdefault(job.owner, _Use())
+        reason = never_fits(job.demand, job.actors, cap) if cap.nodes else "no Ray node is alive"
+        if reason:
+            reason = f"cannot fit the cluster as it is now ({cap.describe()}): {reason}"
+        elif quota := _over_quota(job, u, quotas.get(job.owner)):
+            reason = f"over quota: {quota}"
+        elif blocker:
+            reason = f"behind {blocker} in the queue"
+        elif short := _short(job.demand, free):
+            have = {k: max(0.0, free.get(k, 0.0)) for k in job.demand}
+            reason = f"waiting for capacity: needs {_fmt(job.demand)} at once, {_fmt(have)} free"
+            reason += f" (short of {_fmt(short)})"
+            blocker = job.job_id
+        else:
+            free = _minus(free, job.demand)
+            u.jobs += 1
+            u.res = {k: u.res.get(k, 0.0) + job.demand.get(k, 0.0) for k in set(u.res) | set(job.demand)}
+            out.append(Decision(job.job_id, True, 0, f"admitted: {_fmt(job.demand)} of {_fmt(cap.total)}"))
+            continue
+        waiting += 1
+        out.append(Decision(job.job_id, False, waiting, reason))
+    return out

@@ -1,0 +1,121 @@
+"""The admission queue over the job store and Ray: each pass asks Ray for its alive nodes, plans
+(service/admission.py) and moves the admitted jobs from QUEUED to PENDING, where the reconciler
+submits them; every waiting job's message says why it waits. Quotas and priorities are the admin's
+(`/v1/quotas`)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from actors.common.config import JobConfig
+from actors.common.contract import JobState
+from actors.common.demand import Demand, job_demand, stored_demand
+from service.admission import Capacity, Queued, Quota, Running, never_fits, plan
+from service.db import Job, Token
+from service.rayjobs import RayJobs, RayUnavailable
+from service.settings import Settings
+from service.store import JobStore
+
+log = logging.getLogger("forkrl.service")
+
+__all__ = ["AdmissionQueue", "DoesNotFit"]
+
+CAPACITY_TTL_S = 10.0  # a submission's fit check reuses the last pass's node list this long
+QUOTA_FIELDS = ("max_running_jobs", "max_cpus", "max_gpus", "max_priority")
+ADMITTED = (JobState.PENDING.value, JobState.RUNNING.value)
+
+
+class DoesNotFit(ValueError):
+    """A job this cluster could never run, or a priority the owner may not give (422)."""
+
+
+def _actor_shapes(d: Demand) -> tuple[dict[str, float], ...]:
+    return tuple(
+        {k: v for k, v in {"CPU": p.cpus, "GPU": p.gpus, **p.resources}.items() if v > 0} for p in d.pools if p.count
+    )
+
+
+def _resources(job: Job) -> dict[str, float]:
+    d = stored_demand(job.config)
+    return d.resources if d is not None else {}
+
+
+def _queued(job: Job) -> Queued:
+    d = stored_demand(job.config)
+    return Queued(job.id, job.owner, job.priority or 0, job.created_at, d.resources if d else {},
+                  _actor_shapes(d) if d else ())  # fmt: skip
+
+
+class AdmissionQueue:
+    def __init__(self, store: JobStore, ray: RayJobs, settings: Settings) -> None:
+        self.store, self.ray, self.settings = store, ray, settings
+        self._lock = threading.Lock()  # one pass at a time in this process (the loop and a submission)
+        self._capacity: tuple[float, Capacity] | None = None
+
+    def capacity(self, max_age_s: float = 0.0) -> Capacity:
+        """The alive nodes' resources, from Ray (RayUnavailable when it cannot say)."""
+        if self._capacity is not None and time.monotonic() - self._capacity[0] <= max_age_s:
+            return self._capacity[1]
+        cap = Capacity.from_state_api(self.ray.nodes())
+        self._capacity = (time.monotonic(), cap)
+        return cap
+
+    def check(self, cfg: JobConfig, who: Token, priority: int) -> None:
+        """At submission: refuse a priority above the owner's bound and a job that can never fit the
+        cluster (when Ray can say what it has; otherwise the job queues and the pass says why it waits)."""
+        self.check_priority(who, priority)
+        if self.settings.admission == "off":
+            return
+        d = job_demand(cfg)
+        try:
+            cap = self.capacity(CAPACITY_TTL_S)
+        except RayUnavailable:
+            return
+        if why := never_fits(d.resources, _actor_shapes(d), cap) if cap.nodes else "":
+            raise DoesNotFit(f"this job can never run on this cluster: it {why} (its demand: {d.describe()})")
+
+    def check_priority(self, who: Token, priority: int) -> None:
+        if who.is_admin:
+            return
+        with self.store.session() as db:
+            quota = self.store.quota(db, who.owner)
+        bound = quota.max_priority if quota is not None and quota.max_priority is not None else None
+        bound = self.settings.max_owner_priority if bound is None else bound
+        if priority > bound:
+            where = "its quota's max_priority" if quota is not None and quota.max_priority is not None else (
+                "FORKRL_MAX_OWNER_PRIORITY")  # fmt: skip
+            raise DoesNotFit(f"priority = {priority}: owner {who.owner!r} may give at most {bound} ({where}); "
+                             "an admin sets priorities above that")  # fmt: skip
+
+    def admit(self) -> list[str]:
+        """One pass; the ids it admitted. RayUnavailable when Ray cannot list its nodes (nothing changes)."""
+        with self._lock:
+            with self.store.session() as db:
+                queued = self.store.in_states(db, (JobState.QUEUED.value,))
+                if not queued:
+                    return []
+                admitted = self.store.in_states(db, ADMITTED)
+                quotas = {q.owner: Quota(q.max_running_jobs, q.max_cpus, q.max_gpus) for q in self.store.quotas(db)}
+            if self.settings.admission == "off":
+                decisions = [(j.id, True, "admitted (admission: off)") for j in queued if not j.cancel_requested]
+            else:
+                cap = self.capacity()
+                running = [Running(j.id, j.owner, _resources(j)) for j in admitted]
+                waiting = [_queued(j) for j in queued if not j.cancel_requested]
+                decisions = [(d.job_id, d.admit, d.reason) for d in plan(waiting, running, cap, quotas)]
+            started = []
+            with self.store.session(write=True) as db:
+                for job_id, admit, reason in decisions:
+                    j = self.store.get(db, job_id)
+                    if j is None or j.state != JobState.QUEUED.value or j.cancel_requested:
+                        continue
+                    if admit:
+                        self.store.set_state(db, j, JobState.PENDING.value, reason)
+                        started.append(job_id)
+                    elif j.message != reason:
+                        j.message = reason  # the same state: no event, the reason alone changes
+            for job_id in started:
+                log.info("job %s admitted", job_id)
+            return started
