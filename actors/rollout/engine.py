@@ -18,6 +18,7 @@ from typing import Any
 
 from actors.common.batch import Completion
 from actors.common.config import LoraConfig, RolloutConfig
+from actors.common.config_base import parse_cores
 from actors.common.model_config import vllm_max_lora_rank
 from actors.common.weight_sync import WeightsFile, file_header, local_copy, shm_dir
 
@@ -41,14 +42,31 @@ def adapter_request(path: str, reload: bool = False) -> Any:
     return LoRARequest(ADAPTER_NAME, ADAPTER_ID, os.path.dirname(path), load_inplace=reload)
 
 
-def engine_env(rollout: RolloutConfig) -> None:
+def engine_env(rollout: RolloutConfig, in_actor: bool = False) -> None:
     """vLLM's CPU settings, before it starts: the KV cache size, and the cores its threads bind to
-    (rollout.cpu_cores; else every core - vLLM's default reserves one, and a 2-core box then decodes on one)."""
+    (rollout.cpu_cores; else every core - vLLM's default reserves one, and a 2-core box then decodes on one).
+    in_actor: vLLM's engine core and worker run in this process; its threads are set here (vLLM binds them
+    only in a worker process of its own, and Ray starts an actor with OMP_NUM_THREADS = its CPUs)."""
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(rollout.cpu_kv_cache_gib))
     if rollout.cpu_cores:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = rollout.cpu_cores
     else:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{(os.cpu_count() or 1) - 1}")
+    if in_actor:
+        import torch
+
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        cores = parse_cores(os.environ["VLLM_CPU_OMP_THREADS_BIND"])
+        if rollout.cpu_cores:
+            os.sched_setaffinity(0, cores)
+        torch.set_num_threads(len(cores))
+
+
+def in_actor(rollout: RolloutConfig) -> bool:
+    """Whether vLLM's engine core runs inside the engine actor (rollout.engine_process)."""
+    return rollout.engine_process == "in_actor" or (
+        rollout.engine_process == "auto" and not rollout.num_gpus_per_engine
+    )
 
 
 def sampling_params(
@@ -91,7 +109,8 @@ class RolloutEngine:
     def __init__(
         self, model_path: str, rollout: RolloutConfig, dtype: str, seed: int, lora: LoraConfig | None = None
     ) -> None:
-        engine_env(rollout)
+        inside = in_actor(rollout)
+        engine_env(rollout, inside)
         from vllm import LLM
 
         self.rollout = rollout
@@ -105,6 +124,7 @@ class RolloutEngine:
             seed=seed,
             logprobs_mode="processed_logprobs",
             worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
+            **({"distributed_executor_backend": "uni"} if inside else {}),
             **lora_args(lora),
         )
         self._shm = shm_dir("forkrl-weights-")

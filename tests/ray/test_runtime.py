@@ -368,7 +368,8 @@ def test_a_killed_engine_is_replaced_with_the_current_weights_and_one_past_its_r
     pushed before it generates, the lost generation runs there again, and the job goes on with each
     step once. Killed again with rollout.engine_restarts = 1 used up: the job fails naming the engine."""
     run = tmp_path / "run"
-    proc = _start_tiny(run, 60, ["rollout.engine_restarts=1"])
+    # vLLM's own processes (rollout.engine_process separate, as on a GPU): they must end with the actor
+    proc = _start_tiny(run, 60, ["rollout.engine_restarts=1", "rollout.engine_process=separate"])
     try:
         engines = _actors_after_step(run, proc, 3, "RolloutEngine")
         assert len(engines) == 1
