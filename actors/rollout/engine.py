@@ -124,7 +124,7 @@ class RolloutEngine:
             seed=seed,
             logprobs_mode="processed_logprobs",
             worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
-            **({"distributed_executor_backend": "uni"} if inside else {}),
+            distributed_executor_backend="uni" if inside else None,
             **lora_args(lora),
         )
         self._shm = shm_dir("forkrl-weights-")
