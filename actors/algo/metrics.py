@@ -95,6 +95,7 @@ RULES: dict[str, Rule] = {
     "batch/truncated_masked": _WHOLE,
     "batch/empty_step": _WHOLE,
     "rollout/engine_replacements": _WHOLE,
+    "weight_sync/remote_engines": _WHOLE,  # engines on another node than the learner (they fetch the bytes)
     # the model being trained (with LoRA, the adapters are the trainable parameters)
     "model/trainable_params": _WHOLE,
     "model/params": _WHOLE,

@@ -82,6 +82,30 @@ def gather(
     return [results[i] for i in range(len(refs))]
 
 
+def _placed(n: int, bundle: dict[str, float], within_s: float, role: str, setting: str) -> Any:
+    """A PACK placement group of n bundles, once Ray placed it; a TimeoutError naming the bundles, the
+    cluster's free resources and `setting` when it cannot within `within_s` seconds."""
+    import ray
+    from ray.util.placement_group import placement_group
+
+    group = placement_group([dict(bundle)] * n, strategy="PACK")
+    ready, _ = ray.wait([group.ready()], timeout=within_s)
+    if ready:
+        return group
+    ray.util.remove_placement_group(group)
+    raise TimeoutError(
+        f"{n} x {role} ({_shown(bundle)} each, placed together) could not be placed within {within_s:g} s "
+        f"({setting}): the Ray cluster has {_shown(ray.available_resources()) or 'nothing'} free of "  # type: ignore[no-untyped-call]
+        f"{_shown(ray.cluster_resources())}"  # type: ignore[no-untyped-call]
+    )
+
+
+def _shown(resources: dict[str, float]) -> str:
+    """Ray resources in words, without the per-node and memory entries."""
+    skip = ("node:", "memory", "object_store")
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if not k.startswith(skip))
+
+
 class ActorPool(Generic[T]):
     """N Ray actors of one role class, created with per-actor arguments and waited on until ready."""
 
@@ -100,7 +124,12 @@ class ActorPool(Generic[T]):
         call_timeout_s: float | None = None,
         timeout_setting: str = "",
         name: str = "",
+        pack_within_s: float | None = None,
+        pack_setting: str = "placement",
     ) -> None:
+        """pack_within_s: place the actors as one placement group (PACK: on as few nodes as fit), all or
+        none, within this many seconds; else fail naming what the group needs, what the cluster has free
+        and the setting (pack_setting) that bounds it."""
         import ray
 
         options: dict[str, Any] = {"num_cpus": num_cpus, "num_gpus": num_gpus}
@@ -112,12 +141,31 @@ class ActorPool(Generic[T]):
         # how errors name an actor: "<name> <index>" (the role's class name unless given)
         self.role, self.call_timeout_s, self.timeout_setting = name or role.__name__, call_timeout_s, timeout_setting
         self.role_class = role.__name__
-        self.actors: list[Any] = [cls.remote(*args(i)) for i in range(n)]
+        self.group: Any = None  # the placement group (pack_within_s)
+        if pack_within_s is None:
+            self.actors: list[Any] = [cls.remote(*args(i)) for i in range(n)]
+        else:
+            from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+            bundle = {k: v for k, v in {"CPU": num_cpus, "GPU": num_gpus, **(resources or {})}.items() if v}
+            self.group = _placed(n, bundle, pack_within_s, self.role, pack_setting)
+            self.actors = [
+                cls.options(scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, i)).remote(*args(i))
+                for i in range(n)
+            ]
         if wait_ready:
             self.all(lambda a: a.ready.remote())
 
     def __len__(self) -> int:
         return len(self.actors)
+
+    def release(self) -> None:
+        """Give the placement group's resources back (after the actors were killed)."""
+        import ray
+
+        group, self.group = self.group, None
+        if group is not None:
+            ray.util.remove_placement_group(group)
 
     def all(self, call: Callable[[Any], Any]) -> list[Any]:
         """call(actor) -> ObjectRef on every actor; all launched, then gathered in actor order."""

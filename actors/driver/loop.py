@@ -56,12 +56,13 @@ class Pools:
     learners: LearnerGroup
     dtype: str
     sync_timeout_s: float
+    remote_loads: float = 0.0  # engines that fetched the last weights from another node
 
     @classmethod
     def start(cls, cfg: JobConfig, model_path: str, dtype: str) -> Pools:
         """The three pools, started side by side: the learners load the model and join their process group
-        while vLLM starts (whose start-up is three processes importing vLLM one after another, each on one
-        core). If one pool fails to start, those that started are stopped before the error goes on."""
+        while vLLM starts (where vLLM runs processes of its own - GPU engines, the streaming engine - three
+        processes importing vLLM one after another). If one pool fails to start, those that started are stopped before the error goes on."""
         from concurrent.futures import ThreadPoolExecutor
 
         from actors.learner.group import LearnerGroup
@@ -109,8 +110,10 @@ class Pools:
             self.learners.shutdown()
 
     def sync_weights(self, version: int) -> None:
-        """Learner -> every rollout engine, through a file in shared memory; version: the trained steps."""
-        self.rollout.load_weights(self.learners.export_weights(self.dtype, version), self.sync_timeout_s)
+        """Learner -> every rollout engine, through a file in shared memory (an engine on another node gets
+        the file's bytes from the learner); version: the trained steps."""
+        loads = self.rollout.load_weights(self.learners.export_weights(self.dtype, version), self.sync_timeout_s)
+        self.remote_loads = sum(1.0 - r.get("local", 1.0) for r in loads)
 
 
 def one_step(
@@ -142,6 +145,7 @@ def one_step(
     with timed(m, "weight_sync"):  # sync weights learner -> every rollout engine
         if groups:
             pools.sync_weights(step)
+            m["weight_sync/remote_engines"] = pools.remote_loads
     m["timing/step"] = time.perf_counter() - t_step  # log
     return m, samples
 
@@ -178,6 +182,7 @@ def async_step(
         with timed(m, "weight_sync"):
             if groups:
                 pools.sync_weights(step)
+                m["weight_sync/remote_engines"] = pools.remote_loads
 
     stream.while_running(learn_and_sync)
     m["batch/empty_step"] = float(not groups)

@@ -36,6 +36,9 @@ class LearnerGroup:
         k = learner.num_learners
         gpus = learner.num_gpus_per_learner
         cpus = max(1, (os.cpu_count() or 1) // k) if not gpus else int(learner.num_cpus_per_learner)
+        # start-up (placement, model load, DeepSpeed init, perhaps beside a starting vLLM) is not a step: its own
+        # bound; the learners are placed as one group (one process group: all or none, on as few nodes as fit)
+        bound, name = max(learner.collective_timeout_s, START_TIMEOUT_S), "learner start-up"
         self.pool = ActorPool(
             Learner,
             k,
@@ -45,9 +48,9 @@ class LearnerGroup:
             resources=learner.ray_resources,
             call_timeout_s=learner.collective_timeout_s,
             timeout_setting="learner.collective_timeout_s",
+            pack_within_s=bound,
+            pack_setting=name,
         )
-        # start-up (model load, DeepSpeed init, perhaps beside a starting vLLM) is not a step: its own bound
-        bound, name = max(learner.collective_timeout_s, START_TIMEOUT_S), "learner start-up"
         addr, port = self.pool.gather(
             [self.pool.actors[0].address.remote()], [0], timeout_s=bound, timeout_setting=name
         )[0]
@@ -116,6 +119,7 @@ class LearnerGroup:
         learners, self.pool.actors = self.pool.actors, []
         for a in learners:
             ray.kill(a)
+        self.pool.release()
 
     def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
         """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""

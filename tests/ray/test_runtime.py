@@ -104,44 +104,6 @@ def _max_logprob_gap(rollout, learners, prompt) -> float:
     return max(gaps)
 
 
-def test_three_steps_two_learners_and_the_reward_rises(ray_local, tmp_path):
-    # 2 learners, 2 reward workers, 1 engine; a dense toy reward a random model can learn
-    cfg = tiny_config(
-        tmp_path,
-        "trainer.steps=10",
-        "trainer.save_every=0",
-        "data.prompts_per_step=8",
-        "rollout.group_size=8",
-        "learner.micro_batch_size=16",
-        "learner.lr=0.2",
-        "algorithm.top_entropy_quantile=0.5",
-    )
-    summary = train(cfg)
-    rows = _rows(tmp_path)
-    assert [r["step"] for r in rows] == list(range(1, 11))
-    # a large learning rate on a tiny model: the rise dwarfs the batch noise (about 0.02)
-    first = sum(r["reward/mean"] for r in rows[:2]) / 2
-    last = sum(r["reward/mean"] for r in rows[-2:]) / 2
-    assert last > first + 0.05, [round(r["reward/mean"], 3) for r in rows]
-    learned = [r for r in rows if "entropy/kept_tokens" in r]  # steps whose groups were not all dropped
-    assert len(learned) >= 3
-    for r in learned:  # the filter keeps exactly ceil(rho N) tokens and logs its statistics
-        assert r["entropy/kept_tokens"] == math.ceil(0.5 * r["entropy/num_valid"])  # mask sums over both ranks
-        assert "timing/generate" in r and "timing/learn" in r and "timing/weight_sync" in r
-    _every_metric_has_a_rule(rows)
-    # the final export loads in transformers and in vLLM
-    from transformers import AutoModelForCausalLM
-
-    from actors.rollout.pool import RolloutPool
-
-    assert AutoModelForCausalLM.from_pretrained(summary["export"]).num_parameters() > 0
-    pool = RolloutPool(summary["export"], cfg.rollout, "float32", 0)
-    try:
-        assert len(pool.generate([[1, 2, 3]], 2)[0]) == 2
-    finally:
-        pool.shutdown()
-
-
 def _free_port() -> int:
     import socket
 
