@@ -155,6 +155,7 @@ def test_a_broken_manifest_fails_validation(chart):
         ({"controlPlane": {"tenancy": {"limits": {"maxJobsPerOwnr": 5}}}}, "maxJobsPerOwnr"),
         ({"controlPlane": {"tenancy": {"limits": {"allowedRayResources": {"reward": ["node:*"]}}}}}, "reward/0"),
         ({"ray": {"auth": {"enabled": "yes"}}}, "enabled"),
+        ({"controlPlane": {"admission": "fifo"}}, "admission"),
     ],
 )
 def test_schema_rejects_bad_values(chart, values, where):
@@ -481,6 +482,7 @@ def test_sse_ingress_service_monitor_and_autoscaling(chart):
     (dep,) = by_kind(docs, "Deployment")
     env = {e["name"]: e for e in dep["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FORKRL_METRICS_TOKEN"]["valueFrom"]["secretKeyRef"] == token
+    assert env["FORKRL_ADMISSION"]["value"] == "off"  # the autoscaler adds what a waiting job needs
     assert svc["spec"]["ports"][0]["name"] == "http"
     (rc,) = by_kind(docs, "RayCluster")
     validate(rc)
@@ -490,6 +492,18 @@ def test_sse_ingress_service_monitor_and_autoscaling(chart):
     assert {e["name"] for e in opts["env"]} == {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}  # the autoscaler talks to the GCS
     plain = render(chart, {"controlPlane": {"ingress": {"enabled": True, "sse": False}}})
     assert "annotations" not in by_kind(plain, "Ingress")[0]["metadata"]
+
+    def admission(docs):
+        return {
+            e["name"]: e.get("value")
+            for e in by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
+        }["FORKRL_ADMISSION"]
+
+    assert admission(plain) == "queue"  # a fixed cluster: jobs wait until they fit
+    assert (
+        admission(render(chart, {"controlPlane": {"admission": "queue"}, "ray": {"autoscaling": {"enabled": True}}}))
+        == "queue"
+    )
     assert (
         not by_kind(plain, "ServiceMonitor")
         and "enableInTreeAutoscaling" not in by_kind(plain, "RayCluster")[0]["spec"]
