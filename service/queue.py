@@ -23,7 +23,6 @@ log = logging.getLogger("forkrl.service")
 __all__ = ["AdmissionQueue", "DoesNotFit"]
 
 CAPACITY_TTL_S = 10.0  # a submission's fit check reuses the last pass's node list this long
-QUOTA_FIELDS = ("max_running_jobs", "max_cpus", "max_gpus", "max_priority")
 ADMITTED = (JobState.PENDING.value, JobState.RUNNING.value)
 
 
