@@ -78,8 +78,10 @@ def kept_keys(spec: StudySpec) -> list[str]:
 
 
 def _scalars(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:
+    """The kept numbers of each step, once: a run directory's metrics.jsonl holds again the steps a
+    resumed attempt logged after its checkpoint, and the last record of a step is the one that counts."""
     out = []
-    for r in rows:
+    for r in sorted({int(r["step"]): r for r in rows}.values(), key=lambda r: int(r["step"])):
         row = {"step": int(r["step"])} | {k: r[k] for k in keys if isinstance(r.get(k), (int, float))}
         if "forking_tokens" in r:
             row["forking_tokens"] = r["forking_tokens"][:20]

@@ -62,7 +62,8 @@ class Pools:
     def start(cls, cfg: JobConfig, model_path: str, dtype: str) -> Pools:
         """The three pools, started side by side: the learners load the model and join their process group
         while vLLM starts (where vLLM runs processes of its own - GPU engines, the streaming engine - three
-        processes importing vLLM one after another). If one pool fails to start, those that started are stopped before the error goes on."""
+        processes importing vLLM one after another). If one pool fails to start, those that started are
+        stopped before the error goes on."""
         from concurrent.futures import ThreadPoolExecutor
 
         from actors.learner.group import LearnerGroup

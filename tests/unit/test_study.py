@@ -115,6 +115,10 @@ def test_a_study_keeps_the_numbers_its_panels_and_x_axis_need():
     assert {"entropy/kept_tokens", "cov/p99", "actor/clipfrac"} <= set(kept_keys(methods))
     row = {"step": 3, "env/tool_calls_mean": 0.5, "actor/grad_norm": 1.0, "eval/reward_mean": "n/a"}
     assert _scalars([row], kept_keys(spec)) == [{"step": 3, "env/tool_calls_mean": 0.5}]
+    # a resumed run logs again the steps after its checkpoint: each step once, its last record, in order
+    logged = [{"step": s, "env/tool_calls_mean": v} for s, v in ((1, 0.1), (2, 0.2), (3, 0.3), (2, 0.25), (3, 0.35))]
+    once = _scalars(logged, kept_keys(spec))
+    assert [(r["step"], r["env/tool_calls_mean"]) for r in once] == [(1, 0.1), (2, 0.25), (3, 0.35)]
 
 
 def test_a_report_rereads_finished_direct_runs_from_their_run_directories(tmp_path):
