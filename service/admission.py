@@ -22,7 +22,9 @@ import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Capacity", "Decision", "Queued", "Quota", "Running", "never_fits", "plan"]
+from pydantic import BaseModel, Field
+
+__all__ = ["Capacity", "Decision", "Queued", "Quota", "RayNode", "Running", "never_fits", "plan"]
 
 EPS = 1e-9
 SCHEDULED = ("CPU", "GPU")  # besides custom resources: memory and object store are not requested by actors
@@ -41,6 +43,13 @@ def _short(need: Mapping[str, float], have: Mapping[str, float]) -> dict[str, fl
     return {k: v - have.get(k, 0.0) for k, v in need.items() if v > have.get(k, 0.0) + EPS}
 
 
+class RayNode(BaseModel):
+    """One row of Ray's node list (state API `/api/v0/nodes`), the fields admission reads."""
+
+    state: str
+    resources_total: dict[str, float] = Field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class Capacity:
     """The alive nodes' Ray resources (CPU, GPU and custom ones; no node:* or memory entries)."""
@@ -48,16 +57,10 @@ class Capacity:
     nodes: tuple[Mapping[str, float], ...]
 
     @classmethod
-    def from_state_api(cls, nodes: Iterable[Mapping[str, object]]) -> Capacity:
-        """From the rows of Ray's `/api/v0/nodes` (or `ray.util.state.list_nodes`): alive nodes only."""
-        kept = []
-        for n in nodes:
-            if n.get("state") != "ALIVE":
-                continue
-            total = n.get("resources_total") or {}
-            assert isinstance(total, Mapping)
-            kept.append({str(k): float(v) for k, v in total.items() if not _unscheduled(str(k))})
-        return cls(nodes=tuple(kept))
+    def from_state_api(cls, nodes: Iterable[RayNode]) -> Capacity:
+        """From Ray's node list: the alive nodes' schedulable resources."""
+        alive = (n for n in nodes if n.state == "ALIVE")
+        return cls(nodes=tuple({k: v for k, v in n.resources_total.items() if not _unscheduled(k)} for n in alive))
 
     @property
     def total(self) -> dict[str, float]:

@@ -36,22 +36,21 @@ def _actor_shapes(d: Demand) -> tuple[dict[str, float], ...]:
     )
 
 
-def _resources(job: Job) -> dict[str, float]:
-    d = stored_demand(job.config)
-    return d.resources if d is not None else {}
-
-
-def _queued(job: Job) -> Queued:
-    d = stored_demand(job.config)
-    return Queued(job.id, job.owner, job.priority or 0, job.created_at, d.resources if d else {},
-                  _actor_shapes(d) if d else ())  # fmt: skip
-
-
 class AdmissionQueue:
     def __init__(self, store: JobStore, ray: RayJobs, settings: Settings) -> None:
         self.store, self.ray, self.settings = store, ray, settings
         self._lock = threading.Lock()  # one pass at a time in this process (the loop and a submission)
         self._capacity: tuple[float, Capacity] | None = None
+        # job id -> (its demand, its actors' shapes): a stored config never changes, and a pass every few
+        # seconds need not validate every queued and running job's config again
+        self._demands: dict[str, tuple[dict[str, float], tuple[dict[str, float], ...]]] = {}
+
+    def demand(self, job: Job) -> tuple[dict[str, float], tuple[dict[str, float], ...]]:
+        """The job's whole demand and its actors' shapes (nothing for a config this version cannot read)."""
+        if job.id not in self._demands:
+            d = stored_demand(job.config)
+            self._demands[job.id] = (d.resources, _actor_shapes(d)) if d is not None else ({}, ())
+        return self._demands[job.id]
 
     def capacity(self, max_age_s: float = 0.0) -> Capacity:
         """The alive nodes' resources, from Ray (RayUnavailable when it cannot say)."""
@@ -101,8 +100,11 @@ class AdmissionQueue:
                 decisions = [(j.id, True, "admitted (admission: off)") for j in queued if not j.cancel_requested]
             else:
                 cap = self.capacity()
-                running = [Running(j.id, j.owner, _resources(j)) for j in admitted]
-                waiting = [_queued(j) for j in queued if not j.cancel_requested]
+                running = [Running(j.id, j.owner, self.demand(j)[0]) for j in admitted]
+                waiting = [Queued(j.id, j.owner, j.priority or 0, j.created_at, *self.demand(j))
+                           for j in queued if not j.cancel_requested]  # fmt: skip
+                live = {j.id for j in (*queued, *admitted)}
+                self._demands = {k: v for k, v in self._demands.items() if k in live}
                 decisions = [(d.job_id, d.admit, d.reason) for d in plan(waiting, running, cap, quotas)]
             started = []
             with self.store.session(write=True) as db:

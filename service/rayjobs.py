@@ -16,7 +16,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
 from actors.common.contract import JobState
+from service.admission import RayNode
 
 log = logging.getLogger("forkrl.service.ray")
 
@@ -28,6 +31,20 @@ RAY_TO_STATE = {
     "FAILED": JobState.FAILED.value,
     "STOPPED": JobState.CANCELLED.value,
 }
+
+
+class _NodePage(BaseModel):
+    result: list[RayNode]
+
+
+class _NodeData(BaseModel):
+    result: _NodePage
+
+
+class _NodesAnswer(BaseModel):
+    """The state API's answer: {"data": {"result": {"result": [node, ...]}}}."""
+
+    data: _NodeData
 
 
 class RayUnavailable(RuntimeError):
@@ -244,19 +261,19 @@ class RayJobs:
             raise RayUnavailable(f"Ray at {self.address}: {e}") from e
         return kept.decode(errors="replace")
 
-    def nodes(self) -> list[dict[str, Any]]:
-        """The cluster's nodes as Ray's state API lists them (node_id, state, resources_total, ...)."""
+    def nodes(self) -> list[RayNode]:
+        """The cluster's nodes as Ray's state API lists them."""
         import httpx
+        from pydantic import ValidationError
 
         url = f"{self.address.rstrip('/')}/api/v0/nodes"
         try:
             r = httpx.get(url, params={"limit": 10_000, "timeout": 30}, headers=self.headers, timeout=REQUEST_TIMEOUT_S)
             if r.status_code != 200:
                 raise RayUnavailable(f"Ray's node list answered {r.status_code}: {r.text[:300]}")
-            rows: list[dict[str, Any]] = r.json()["data"]["result"]["result"]
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as e:
+            return _NodesAnswer.model_validate_json(r.content).data.result.result
+        except (httpx.HTTPError, ValidationError) as e:
             raise RayUnavailable(f"Ray at {self.address}: no node list: {e}") from e
-        return rows
 
     async def tail(self, job_id: str) -> AsyncIterator[str]:
         async for chunk in self.client().tail_job_logs(job_id):

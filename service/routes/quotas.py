@@ -120,7 +120,7 @@ async def queue(who: Principal, svc: ServiceDep) -> QueueOut:
             queued = store.in_states(db, (JobState.QUEUED.value,))
         held: dict[str, float] = {}
         for j in admitted:
-            for k, v in (d.resources if (d := stored_demand(j.config)) else {}).items():
+            for k, v in svc.reconciler.queue.demand(j)[0].items():
                 held[k] = held.get(k, 0.0) + v
         rows = [
             QueuedOut(

@@ -4,7 +4,7 @@ only their owner, and jobs that can never fit."""
 
 import datetime as dt
 
-from service.admission import Capacity, Queued, Quota, Running, never_fits, order, plan
+from service.admission import Capacity, Queued, Quota, RayNode, Running, never_fits, order, plan
 
 T0 = dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc)
 TINY = {"CPU": 3.0}  # examples/tiny.yaml: one engine and two learners of 1 CPU each
@@ -25,7 +25,7 @@ def test_the_state_api_rows_become_alive_nodes_without_node_or_memory_entries():
         {"state": "DEAD", "resources_total": {"CPU": 64.0}},
         {"state": "ALIVE", "resources_total": {"CPU": 2.0, "forkrl_learner": 1.0, "object_store_memory": 1e9}},
     ]
-    cap = Capacity.from_state_api(rows)
+    cap = Capacity.from_state_api([RayNode.model_validate(r) for r in rows])
     assert cap.nodes == ({"CPU": 4.0, "GPU": 1.0}, {"CPU": 2.0, "forkrl_learner": 1.0})
     assert cap.total == {"CPU": 6.0, "GPU": 1.0, "forkrl_learner": 1.0}
 
