@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
-__all__ = ["Capacity", "Decision", "Queued", "Quota", "RayNode", "Running", "never_fits", "plan"]
+__all__ = ["Capacity", "Decision", "Queued", "Quota", "RayNode", "Running", "never_fits", "plan", "resources_text"]
 
 EPS = 1e-9
 SCHEDULED = ("CPU", "GPU")  # besides custom resources: memory and object store are not requested by actors
 
 
-def _fmt(resources: Mapping[str, float]) -> str:
+def resources_text(resources: Mapping[str, float]) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())) or "nothing"
 
 
@@ -71,7 +71,7 @@ class Capacity:
         return out
 
     def describe(self) -> str:
-        return f"{len(self.nodes)} node(s), {_fmt(self.total)} in all"
+        return f"{len(self.nodes)} node(s), {resources_text(self.total)} in all"
 
 
 def _unscheduled(name: str) -> bool:
@@ -117,19 +117,24 @@ class _Use:
     jobs: int = 0
     res: dict[str, float] = field(default_factory=dict)
 
+    def hold(self, demand: Mapping[str, float]) -> None:
+        """One more admitted job of this owner, holding `demand`."""
+        self.jobs += 1
+        self.res = {k: self.res.get(k, 0.0) + demand.get(k, 0.0) for k in set(self.res) | set(demand)}
+
 
 def never_fits(demand: Mapping[str, float], actors: Iterable[Mapping[str, float]], cap: Capacity) -> str:
     """Why a job can never run on this cluster ('' if it could): more than the cluster has in all, or an
     actor larger than every node."""
     short = _short(demand, cap.total)
     if short:
-        return (f"needs {_fmt(demand)} at once; the Ray cluster has {_fmt(cap.total)} in all "
-                f"({len(cap.nodes)} node(s)): missing {_fmt(short)}")  # fmt: skip
+        return (f"needs {resources_text(demand)} at once; the Ray cluster has {resources_text(cap.total)} in all "
+                f"({len(cap.nodes)} node(s)): missing {resources_text(short)}")  # fmt: skip
     for actor in actors:
         if not any(not _short(actor, node) for node in cap.nodes):
             largest = max(cap.nodes, key=lambda n: sum(n.get(k, 0.0) for k in actor), default={})
-            return (f"one of its actors needs {_fmt(actor)}; no node of the Ray cluster has that much "
-                    f"(the largest: {_fmt({k: largest.get(k, 0.0) for k in actor})})")  # fmt: skip
+            return (f"one of its actors needs {resources_text(actor)}; no node of the Ray cluster has that much "
+                    f"(the largest: {resources_text({k: largest.get(k, 0.0) for k in actor})})")  # fmt: skip
     return ""
 
 
@@ -162,8 +167,7 @@ def plan(
     for r in running:
         free = _minus(free, r.demand)
         u = use.setdefault(r.owner, _Use())
-        u.jobs += 1
-        u.res = {k: u.res.get(k, 0.0) + r.demand.get(k, 0.0) for k in set(u.res) | set(r.demand)}
+        u.hold(r.demand)
     out: list[Decision] = []
     blocker = ""  # the first job that waits for capacity: everything after it waits behind it
     waiting = 0
@@ -178,14 +182,14 @@ def plan(
             reason = f"behind {blocker} in the queue"
         elif short := _short(job.demand, free):
             have = {k: max(0.0, free.get(k, 0.0)) for k in job.demand}
-            reason = f"waiting for capacity: needs {_fmt(job.demand)} at once, {_fmt(have)} free"
-            reason += f" (short of {_fmt(short)})"
+            reason = f"waiting for capacity: needs {resources_text(job.demand)} at once, {resources_text(have)} free"
+            reason += f" (short of {resources_text(short)})"
             blocker = job.job_id
         else:
             free = _minus(free, job.demand)
-            u.jobs += 1
-            u.res = {k: u.res.get(k, 0.0) + job.demand.get(k, 0.0) for k in set(u.res) | set(job.demand)}
-            out.append(Decision(job.job_id, True, 0, f"admitted: {_fmt(job.demand)} of {_fmt(cap.total)}"))
+            u.hold(job.demand)
+            admitted = f"admitted: {resources_text(job.demand)} of {resources_text(cap.total)}"
+            out.append(Decision(job.job_id, True, 0, admitted))
             continue
         waiting += 1
         out.append(Decision(job.job_id, False, waiting, reason))

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from service.admission import resources_text
 from service.cli_base import DEFAULT_URL, TokenOpt, UrlOpt, die, escape_line
 from service.cli_base import api as _api
 from service.schemas import TokenInfo
@@ -134,16 +135,12 @@ def quota_delete(owner: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") ->
     typer.echo(escape_line(f"removed the quota of {owner}"))
 
 
-def _res(r: dict[str, float]) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(r.items())) or "nothing"
-
-
 def queue(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """The admission queue in order (an owner sees its own jobs), and the cluster's capacity."""
     with _api(url, token) as api:
         q = api.queue()
-    nodes = "Ray did not answer" if q["nodes"] is None else f"{q['nodes']} node(s), {_res(q['capacity'])}"
-    typer.echo(escape_line(f"cluster: {nodes}; admitted jobs hold {_res(q['admitted'])}"))
+    nodes = "Ray did not answer" if q["nodes"] is None else f"{q['nodes']} node(s), {resources_text(q['capacity'])}"
+    typer.echo(escape_line(f"cluster: {nodes}; admitted jobs hold {resources_text(q['admitted'])}"))
     for r in q["queued"]:
         line = f"{r['position']:>4}. {r['id']}  priority {r['priority']}  {r['owner']}: {r['message']}"
         typer.echo(escape_line(line))
