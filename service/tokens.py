@@ -9,6 +9,8 @@ import hashlib
 import logging
 import secrets
 
+from sqlalchemy.exc import IntegrityError
+
 from service.db import Token, now
 from service.settings import Settings
 from service.store import Conflict, JobStore, NotFound
@@ -66,6 +68,14 @@ class Tokens:
         if len(self.admin_token) < 16:
             raise RuntimeError("FORKRL_ADMIN_TOKEN must be at least 16 characters")
         digest = sha256(self.admin_token)
+        try:
+            revoked = self._store_bootstrap(digest)
+        except IntegrityError:  # a replica starting beside this one stored the same token first: it is there now
+            revoked = self._store_bootstrap(digest)
+        if revoked:
+            log.warning("admin token rotated: %d earlier bootstrap admin token(s) revoked", revoked)
+
+    def _store_bootstrap(self, digest: str) -> int:
         with self.store.session(write=True) as db:
             tok = self.store.token_by_hash(db, digest)
             if tok is None:
@@ -74,8 +84,7 @@ class Tokens:
                 raise RuntimeError("FORKRL_ADMIN_TOKEN is a revoked or API-created token: set a fresh one")
             revoked = self.store.revoke_bootstrap_except(db, digest)
             _warn_shared_owners(self.store.tokens(db))
-        if revoked:
-            log.warning("admin token rotated: %d earlier bootstrap admin token(s) revoked", revoked)
+        return revoked
 
     def authenticate(self, token: str) -> Token:
         with self.store.session() as db:
