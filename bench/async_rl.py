@@ -1,7 +1,7 @@
 """Asynchronous mode against synchronous steps: trained sequences per second on the demo's job, side by side.
 
-Every arm is `python -m actors.train` on examples/demo.yaml as committed, with only the mode and the
-cores changed, one after another on this machine (never two at once):
+Every arm is `python -m actors.train` on examples/study_base.yaml (the demo's job until 2026-12-07), with
+only the mode and the cores changed, one after another on this machine (never two at once):
   sync-shared   max_staleness 0, every phase on every core (the synchronous setup before async mode)
   sync-split    max_staleness 0, the engine on core 0, the learner on core 1
   async1-split  max_staleness 1, the same split
@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--only", action="append", choices=list(ARMS), help="run just these arms (repeatable)")
     ap.add_argument("--again", action="store_true", help="run arms already in the results file again")
-    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "examples" / "study_base.yaml"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "async_rl.json"))
     args = ap.parse_args()
     out = Path(args.out)

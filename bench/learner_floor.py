@@ -36,7 +36,7 @@ DEFAULTS = [
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "examples" / "study_base.yaml"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "learner_floor.json"))

@@ -3,8 +3,8 @@ batch, with each prompt run once for its completions (learner.share_prompt) and 
 run whole, interleaved in one process. The batch has the demo's shape: 8 prompts of the demo's data
 x 8 completions of 8 to 32 random tokens. Prints one JSON row per mode.
 
-    python bench/learner_step.py                      # examples/demo.yaml's model and learner
-    python bench/learner_step.py --rounds 5 --config examples/demo.yaml --set learner.zero_stage=0
+    python bench/learner_step.py                      # examples/study_base.yaml's model and learner
+    python bench/learner_step.py --rounds 5 --config examples/study_base.yaml --set learner.zero_stage=0
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def demo_learner(cfg: Any) -> tuple[Any, list[list[int]], list[Any]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "examples" / "study_base.yaml"))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--set", action="append", default=[], help="config override, e.g. learner.zero_stage=0")
     args = ap.parse_args()

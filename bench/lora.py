@@ -1,4 +1,4 @@
-"""LoRA against full-parameter training on this box, in one run (examples/demo.yaml: SmolLM2-135M):
+"""LoRA against full-parameter training on this box, in one run (examples/study_base.yaml: SmolLM2-135M):
 
   learner  one learner step on the demo's batch (8 prompts x 8 completions): seconds and the process's
            peak resident memory, full parameters against LoRA (model.lora defaults: rank 16, the seven
@@ -171,7 +171,7 @@ def main() -> int:
     ap.add_argument("--only", action="append", choices=["learner", "sync", "demo"])
     ap.add_argument("--again", action="store_true", help="run parts already in the results file again")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--config", default=str(ROOT / "examples" / "demo.yaml"))
+    ap.add_argument("--config", default=str(ROOT / "examples" / "study_base.yaml"))
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "lora.json"))
     ap.add_argument("--child", nargs=2, metavar=("PART", "ARM"), help=argparse.SUPPRESS)
     args = ap.parse_args()

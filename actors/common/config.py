@@ -45,6 +45,12 @@ class BuiltinData(StrictModel):
     seed: int = Field(
         1234, ge=0, le=MAX_SEED, description="Seed of the generated data set (separate from the trainer seed)."
     )
+    held_out: float = Field(
+        0.0, ge=0.0, le=0.9,
+        description="Share of the task's distinct questions (chosen by a hash of the question's text) that "
+        "training never sees; the evaluation asks them, each once. 0: the evaluation draws fresh problems "
+        "with seed + 1, which can repeat training questions when the task has few.",
+    )  # fmt: skip
 
 
 class JsonlData(StrictModel):

@@ -6,6 +6,7 @@ goes into every checkpoint, so a resumed run sees the same prompts in the same o
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -26,19 +27,45 @@ class Example:
 def _arithmetic(cfg: BuiltinData) -> list[Example]:
     """'What is a + b?' / 'What is a - b?' with operands up to max_operand.
 
-    With max_operand 20 SmolLM2-135M-Instruct answers about a fifth correctly at T = 1 (measured
-    at the first step of the demo), inside the 0.05-0.6 band where GRPO has signal to learn from.
+    With max_operand 10 SmolLM2-135M-Instruct answers about a fifth of its samples correctly at T = 1
+    (0.09 with 20), inside the 0.05-0.6 band where GRPO has signal to learn from. With `held_out` a
+    share of the distinct questions never reaches training (see `held_out_questions`).
     """
     rng = random.Random(cfg.seed)
-    out = []
-    for _ in range(cfg.num_samples):
-        a, b = rng.randint(1, cfg.max_operand), rng.randint(1, cfg.max_operand)
-        if cfg.task == "countdown_sum" or rng.random() < 0.5:
-            out.append(Example(f"What is {a} + {b}?", str(a + b)))
-        else:
-            a, b = max(a, b), min(a, b)
-            out.append(Example(f"What is {a} - {b}?", str(a - b)))
+    out: list[Example] = []
+    while len(out) < cfg.num_samples:
+        ex = _draw(rng, cfg)
+        if not (cfg.held_out and _is_held_out(ex, cfg.held_out)):
+            out.append(ex)
     return out
+
+
+def _draw(rng: random.Random, cfg: BuiltinData) -> Example:
+    a, b = rng.randint(1, cfg.max_operand), rng.randint(1, cfg.max_operand)
+    if cfg.task == "countdown_sum" or rng.random() < 0.5:
+        return Example(f"What is {a} + {b}?", str(a + b))
+    a, b = max(a, b), min(a, b)
+    return Example(f"What is {a} - {b}?", str(a - b))
+
+
+def _is_held_out(ex: Example, share: float) -> bool:
+    """The question's own hash decides, whatever the seed: the split is the same in every run."""
+    digest = hashlib.sha256(str(ex.prompt).encode()).digest()
+    return int.from_bytes(digest[:8], "big") < share * 2**64
+
+
+def held_out_questions(cfg: BuiltinData, n: int) -> list[Example]:
+    """Up to n distinct held-out questions, in a seeded order (seed + 1); fewer when the task has fewer
+    (operands up to 10 and held_out 0.5: 88 of its 155 distinct questions)."""
+    rng = random.Random(cfg.seed + 1)
+    found: dict[str, Example] = {}
+    for _ in range(200 * n):  # enough draws to meet every question of a small task
+        ex = _draw(rng, cfg)
+        if _is_held_out(ex, cfg.held_out):
+            found.setdefault(str(ex.prompt), ex)
+            if len(found) == n:
+                break
+    return list(found.values())
 
 
 def _dig(record: dict[str, Any], dotted: str) -> Any:
@@ -95,6 +122,8 @@ def load_eval_examples(cfg: DataConfig, n: int) -> list[Example]:
     """The held-out evaluation set (see DataConfig.eval_source)."""
     if cfg.eval_source is not None:
         return load_examples(cfg.model_copy(update={"source": cfg.eval_source}))[:n]
+    if isinstance(cfg.source, BuiltinData) and cfg.source.held_out:
+        return held_out_questions(cfg.source, n)
     if isinstance(cfg.source, BuiltinData):
         held_out = cfg.source.model_copy(update={"seed": cfg.source.seed + 1, "num_samples": n})
         return load_examples(cfg.model_copy(update={"source": held_out}))

@@ -57,6 +57,7 @@ class Pools:
     dtype: str
     sync_timeout_s: float
     remote_loads: float = 0.0  # engines that fetched the last weights from another node
+    start_seconds: dict[str, float] | None = None  # how long the pools took to start: engines, learners, both
 
     @classmethod
     def start(cls, cfg: JobConfig, model_path: str, dtype: str) -> Pools:
@@ -101,7 +102,8 @@ class Pools:
             "pools started in %.1f s (%s): rollout engines %.1f s, learners %.1f s",
             time.perf_counter() - t0, "in turn: they share GPUs" if shared else "side by side", t_rollout, t_learners,
         )  # fmt: skip
-        return cls(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s)
+        took = {"engines": t_rollout, "learners": t_learners, "pools": time.perf_counter() - t0}
+        return cls(rollout, rewards, learners, dtype, cfg.learner.weight_sync_timeout_s, start_seconds=took)
 
     def shutdown(self) -> None:
         """The engines' vLLM processes and the learners end with the run, whatever ends it."""
@@ -218,6 +220,7 @@ def eval_metrics(scores: list[float]) -> dict[str, float]:
 
 
 def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as one story (setup, resume, steps, end)
+    import psutil
     from tqdm import tqdm
 
     from actors.common.models import resolve_dtype, resolve_model_path
@@ -226,7 +229,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     from actors.driver.data import PromptSampler, load_eval_examples, load_examples, render_prompt
     from actors.driver.runtime import init_ray, load_tokenizer
     from actors.driver.stream import GroupStream
-    from actors.driver.summary import dashboard_page, read_evals, summarize
+    from actors.driver.summary import dashboard_page, read_evals, startup_line, summarize
     from actors.driver.tool_format import prompt_tools
     from actors.driver.tracking import Tracker
 
@@ -234,13 +237,17 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(cfg.model_dump_json(indent=1))
     keep = cfg.trainer.keep_checkpoints
+    startup = {"process": time.time() - psutil.Process().create_time()}  # interpreter, imports, config
+    t_ray = time.perf_counter()
     init_ray(cfg)
+    startup["ray"] = time.perf_counter() - t_ray
     model_path, dtype = resolve_model_path(cfg.model.path), resolve_dtype(cfg.model.dtype)
     tokenizer = load_tokenizer(model_path)
     tools = prompt_tools(cfg, tokenizer)  # before the pools start: a wrong environment.format fails here
     sampler = PromptSampler(load_examples(cfg.data), cfg.data.prompts_per_step, cfg.trainer.seed, cfg.data.shuffle)
     streaming = cfg.trainer.max_staleness > 0  # asynchronous mode
     pools = Pools.start(cfg, model_path, dtype)
+    startup.update(pools.start_seconds or {})
     rollout, rewards, learners = pools.rollout, pools.rewards, pools.learners
     try:
         trainable, params = learners.parameter_counts()
@@ -262,6 +269,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             m0: dict[str, Any] = {"model/trainable_params": trainable, "model/params": params}
             with timed(m0, "eval"):
                 m0.update(evaluate(cfg, pools, eval_prompts, eval_set, tokenizer))
+            startup["eval"] = m0["timing/eval"]
             tracker.log(0, m0)
             log.info("step 0 | eval %.3f +- %.3f before any update", m0["eval/reward_mean"], m0["eval/reward_stderr"])
 
@@ -270,6 +278,9 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             range(start + 1, cfg.trainer.steps + 1), desc="GRPO", unit="step", initial=start, total=cfg.trainer.steps
         )
         stream = GroupStream(cfg, order, tokenizer, rollout, rewards) if streaming else None
+        startup["first_step_unix"] = time.time()  # when the first step began (make demo reads it)
+        startup["total"] = startup["first_step_unix"] - psutil.Process().create_time()
+        log.info("%s", startup_line(startup))
         for step in bar:
             if stream is not None:
                 m, samples = async_step(cfg, step, pools, stream, tokenizer)
@@ -295,7 +306,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             log.info("step %d | reward %.3f | %s", step, m["reward/mean"], timings)
         export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
         evals, page = read_evals(run.metrics, cfg.trainer.steps), dashboard_page(cfg.tracking.report_url)
-        summary = summarize(history, run.path, export, evals, cfg.trainer.steps, page)
+        summary = summarize(history, run.path, export, evals, cfg.trainer.steps, page) | {"startup_s": startup}
         summary.update(tracker.close(summary, export))  # W&B / MLflow runs end with the summary and the export
         run.summary.write_text(json.dumps(summary, indent=1))
         shutil.rmtree(run.scratch, ignore_errors=True)

@@ -11,7 +11,7 @@ from typing import Any
 
 from actors.common.contract import parse_metric_line
 
-__all__ = ["dashboard_page", "print_summary", "read_evals", "sparkline", "summarize"]
+__all__ = ["dashboard_page", "print_summary", "read_evals", "sparkline", "startup_line", "summarize"]
 
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -123,6 +123,19 @@ def _eval_line(evals: list[dict[str, float]]) -> str:
     return line + "\n"
 
 
+def startup_line(t: dict[str, float]) -> str:
+    """Where the time before the first step went (seconds from the driver process's start)."""
+    parts = [f"python and imports {t['process']:.1f} s", f"Ray {t['ray']:.1f} s"]
+    if "pools" in t:
+        parts.append(
+            f"pools {t['pools']:.1f} s (rollout engines {t['engines']:.1f} s, learners {t['learners']:.1f} s, side by "
+            "side unless they share GPUs)"
+        )
+    if "eval" in t:
+        parts.append(f"step-0 evaluation {t['eval']:.1f} s")
+    return f"start-up: first step after {t['total']:.1f} s: " + ", ".join(parts)
+
+
 def print_summary(s: dict[str, Any], out: Any = None) -> None:
     out = out or sys.stdout
     out.write("\n== forkrl run summary ==\n")
@@ -148,6 +161,8 @@ def print_summary(s: dict[str, Any], out: Any = None) -> None:
     for label, ent in (("first step", s["entropy_first"]), ("last step", s["entropy_last"])):
         out.write(f"entropy, {label}: " + "  ".join(f"{k[8:]}={_fmt(v)}" for k, v in ent.items()) + "\n")
     out.write("phase seconds: " + "  ".join(f"{k}={_fmt(v)}" for k, v in s["phase_seconds"].items()) + "\n")
+    if s.get("startup_s"):
+        out.write(startup_line(s["startup_s"]) + "\n")
     out.write(f"run directory: {s['run_dir']}  (metrics.jsonl, tensorboard/, checkpoints/, summary.json)\n")
     if s.get("dashboard"):
         out.write(f"dashboard page: {s['dashboard']}\n")

@@ -10,7 +10,7 @@ from actors.common.config_load import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "study_base.yaml", "tools.yaml"])
 def test_examples_validate(name):
     cfg = load_config(ROOT / "examples" / name)
     assert isinstance(cfg, JobConfig)

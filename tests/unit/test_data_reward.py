@@ -103,3 +103,22 @@ def test_eval_set_is_held_out_and_fixed(tmp_path):
     jl.write_text("\n".join(json.dumps({"prompt": f"q{i}", "answer": str(i)}) for i in range(5)))
     files = DataConfig.model_validate({"source": {"type": "jsonl", "path": str(jl)}})
     assert [e.answer for e in load_eval_examples(files, 3)] == ["0", "1", "2"]
+
+
+def test_held_out_questions_never_reach_training_and_are_asked_once():
+    # operands up to 10: 100 sums (a, b in 1..10) and 55 differences (a >= b) = 155 distinct questions
+    src = {"type": "builtin", "max_operand": 10, "seed": 1234, "held_out": 0.5}
+    cfg = DataConfig.model_validate({"source": src})
+    train, ev = load_examples(cfg), load_eval_examples(cfg, 128)
+    asked = [e.prompt for e in ev]
+    assert len(asked) == len(set(asked)) == 88  # each once; all of the held-out half (128 asked for)
+    assert len({e.prompt for e in train}) == 155 - 88 and not set(asked) & {e.prompt for e in train}
+    assert load_eval_examples(cfg, 10) == ev[:10]  # a prefix of the same seeded order
+    # the split belongs to the question, not the seed: another data seed holds out the same questions
+    other = DataConfig.model_validate({"source": {**src, "seed": 7}})
+    assert {e.prompt for e in load_eval_examples(other, 128)} == set(asked)
+    # held_out 0 keeps the data set of earlier runs, draw for draw
+    plain = DataConfig.model_validate({"source": {**src, "held_out": 0.0}})
+    assert [e.prompt for e in load_examples(plain)[:3]] == ["What is 8 + 2?", "What is 10 - 1?", "What is 2 - 2?"]
+    with pytest.raises(ValueError, match="held_out"):
+        DataConfig.model_validate({"source": {**src, "held_out": 0.95}})

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from actors.driver.loop import eval_metrics
-from actors.driver.summary import dashboard_page, print_summary, read_evals, sparkline, summarize
+from actors.driver.summary import dashboard_page, print_summary, read_evals, sparkline, startup_line, summarize
 
 
 def test_eval_metrics_give_the_mean_and_its_standard_error():
@@ -70,3 +70,17 @@ def test_the_dashboard_page_comes_from_the_ingestion_url_the_service_gave():
     out = io.StringIO()
     print_summary(summarize([], Path("/runs/x"), None, dashboard="http://h:8000/#/jobs/j1"), out)
     assert "dashboard page: http://h:8000/#/jobs/j1\n" in out.getvalue()
+
+
+def test_the_start_up_line_says_where_the_time_before_the_first_step_went():
+    t = {"process": 4.2, "ray": 5.8, "engines": 18.9, "learners": 13.7, "pools": 20.04, "eval": 13.3, "total": 44.0}
+    assert startup_line(t) == (
+        "start-up: first step after 44.0 s: python and imports 4.2 s, Ray 5.8 s, pools 20.0 s (rollout engines "
+        "18.9 s, learners 13.7 s, side by side unless they share GPUs), step-0 evaluation 13.3 s"
+    )
+    # no evaluation at step 0 (trainer.eval_every = 0): no such part; the summary prints the line
+    no_eval = {k: v for k, v in t.items() if k != "eval"}
+    assert "evaluation" not in startup_line(no_eval)
+    out = io.StringIO()
+    print_summary(summarize([], Path("/runs/x"), None) | {"startup_s": t}, out)
+    assert "\nstart-up: first step after 44.0 s: python and imports 4.2 s" in out.getvalue()
