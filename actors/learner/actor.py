@@ -95,6 +95,9 @@ class Learner:
         os.environ.update(
             RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK="0", MASTER_ADDR=addr, MASTER_PORT=str(port)
         )
+        from actors.common.warm import use_one_ninja
+
+        use_one_ninja()  # DeepSpeed's CPU op, built once for every way a learner is started
         import deepspeed
         from transformers import AutoModelForCausalLM
 
