@@ -73,6 +73,7 @@ fi
 if [ "${SKIP_MODEL:-0}" != "1" ]; then
   "$VENV/bin/python" -m actors.common.models ensure smollm2-135m-instruct
   # the JIT op and the model-info cache a first run would otherwise build while its user waits
-  "$VENV/bin/python" -m actors.common.warm smollm2-135m-instruct
+  "$VENV/bin/python" -m actors.common.warm smollm2-135m-instruct \
+    || echo "setup: warming the caches failed (see above); a first run builds them itself, slower" >&2
 fi
 
