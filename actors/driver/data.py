@@ -33,10 +33,17 @@ def _arithmetic(cfg: BuiltinData) -> list[Example]:
     """
     rng = random.Random(cfg.seed)
     out: list[Example] = []
+    missed = 0  # draws in a row that were held out
     while len(out) < cfg.num_samples:
         ex = _draw(rng, cfg)
         if not (cfg.held_out and _is_held_out(ex, cfg.held_out)):
             out.append(ex)
+            missed = 0
+        elif (missed := missed + 1) == 10_000:
+            raise ValueError(
+                f"data.source.held_out={cfg.held_out} leaves no question for training with max_operand="
+                f"{cfg.max_operand}: lower held_out or raise max_operand"
+            )
     return out
 
 

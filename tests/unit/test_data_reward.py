@@ -122,3 +122,10 @@ def test_held_out_questions_never_reach_training_and_are_asked_once():
     assert [e.prompt for e in load_examples(plain)[:3]] == ["What is 8 + 2?", "What is 10 - 1?", "What is 2 - 2?"]
     with pytest.raises(ValueError, match="held_out"):
         DataConfig.model_validate({"source": {**src, "held_out": 0.95}})
+
+
+def test_a_split_that_leaves_nothing_to_train_on_is_refused_naming_it():
+    # operands up to 1: "What is 1 + 1?" and "What is 1 - 1?"; at 0.9 both are held out
+    cfg = DataConfig.model_validate({"source": {"type": "builtin", "max_operand": 1, "held_out": 0.9}})
+    with pytest.raises(ValueError, match=r"held_out=0.9 leaves no question for training with max_operand=1"):
+        load_examples(cfg)
