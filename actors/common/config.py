@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
+from actors.common.arithmetic import all_questions, is_held_out
 from actors.common.config_algorithm import AlgorithmConfig
 from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, CpuCores, NoNul, Resources, StrictModel
 from actors.common.env_config import EnvironmentConfig
@@ -51,6 +52,17 @@ class BuiltinData(StrictModel):
         "training never sees; the evaluation asks them, each once. 0: the evaluation draws fresh problems "
         "with seed + 1, which can repeat training questions when the task has few.",
     )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _something_left_to_train_on(self) -> BuiltinData:
+        # a task of a few hundred questions or fewer can have them all held out; larger ones cannot in practice
+        small = self.held_out and self.max_operand <= 20
+        if small and all(is_held_out(q, self.held_out) for q in all_questions(self.task, self.max_operand)):
+            raise ValueError(
+                f"held_out={self.held_out} holds out every question of the task with max_operand="
+                f"{self.max_operand}: none would be left to train on; lower held_out or raise max_operand"
+            )
+        return self
 
 
 class JsonlData(StrictModel):

@@ -6,13 +6,13 @@ goes into every checkpoint, so a resumed run sees the same prompts in the same o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from actors.common.arithmetic import draw, is_held_out
 from actors.common.config import BuiltinData, DataConfig, JsonlData, ParquetData
 
 __all__ = ["Example", "load_examples", "load_eval_examples", "PromptSampler", "render_prompt"]
@@ -48,17 +48,11 @@ def _arithmetic(cfg: BuiltinData) -> list[Example]:
 
 
 def _draw(rng: random.Random, cfg: BuiltinData) -> Example:
-    a, b = rng.randint(1, cfg.max_operand), rng.randint(1, cfg.max_operand)
-    if cfg.task == "countdown_sum" or rng.random() < 0.5:
-        return Example(f"What is {a} + {b}?", str(a + b))
-    a, b = max(a, b), min(a, b)
-    return Example(f"What is {a} - {b}?", str(a - b))
+    return Example(*draw(rng, cfg.task, cfg.max_operand))
 
 
 def _is_held_out(ex: Example, share: float) -> bool:
-    """The question's own hash decides, whatever the seed: the split is the same in every run."""
-    digest = hashlib.sha256(str(ex.prompt).encode()).digest()
-    return int.from_bytes(digest[:8], "big") < share * 2**64
+    return is_held_out(str(ex.prompt), share)
 
 
 def held_out_questions(cfg: BuiltinData, n: int) -> list[Example]:
