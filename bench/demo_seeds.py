@@ -50,7 +50,7 @@ def record(log: Path, seed: int | None = None) -> dict[str, Any]:
     first = re.search(r"^demo: first step ([\d.]+) s after make demo started", text, re.M)
     if job is None or wall is None:
         raise SystemExit(f"{log}: no 'submitted <job>' or 'rc= wall=' line: not the output of a finished make demo")
-    run = ROOT / "runs" / job.group(1)
+    run = Path(os.environ.get("FORKRL_RUNS_DIR", ROOT / "runs")) / job.group(1)  # where scripts/demo.sh put it
     summary = json.loads((run / "summary.json").read_text())
     cfg = json.loads((run / "config.json").read_text())
     seed = cfg["trainer"]["seed"] if seed is None else seed

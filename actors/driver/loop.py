@@ -237,7 +237,8 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
     run.path.mkdir(parents=True, exist_ok=True)
     run.config.write_text(cfg.model_dump_json(indent=1))
     keep = cfg.trainer.keep_checkpoints
-    startup = {"process": time.time() - psutil.Process().create_time()}  # interpreter, imports, config
+    born = psutil.Process().create_time()  # start-up counts from the driver process's start
+    startup = {"process": time.time() - born}  # interpreter, imports, config
     t_ray = time.perf_counter()
     init_ray(cfg)
     startup["ray"] = time.perf_counter() - t_ray
@@ -279,7 +280,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
         )
         stream = GroupStream(cfg, order, tokenizer, rollout, rewards) if streaming else None
         startup["first_step_unix"] = time.time()  # when the first step began (make demo reads it)
-        startup["total"] = startup["first_step_unix"] - psutil.Process().create_time()
+        startup["total"] = startup["first_step_unix"] - born
         log.info("%s", startup_line(startup))
         for step in bar:
             if stream is not None:
