@@ -56,7 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     from actors.driver.loop import train
 
     logging.getLogger("forkrl.train").info("run directory: %s", cfg.trainer.output_dir)
-    summary = train(cfg)
+    try:
+        summary = train(cfg)
+    except Exception as e:
+        from actors.driver.nodes import lost_node
+
+        if (lost := lost_node(e)) is not None:  # a node died: name it, not the socket the call lost
+            raise lost from e
+        raise
     print_summary(summary)
     return 0
 

@@ -11,7 +11,8 @@ __all__ = ["failure_reason", "infrastructure_failure"]
 # worker, node or the job's supervisor that died, memory, a timeout
 _INFRA = re.compile(
     r"exit code (-\d+|129|13\d|14\d|15\d)\b|ActorDiedError|RayActorError|ActorUnavailableError|NodeDiedError|"
-    r"WorkerCrashedError|OutOfMemoryError|supervisor|raylet|node .* died|TimeoutError|timed out|weight_sync_timeout_s",
+    r"NodeLostError|WorkerCrashedError|OutOfMemoryError|supervisor|raylet|node .* died|TimeoutError|timed out|"
+    r"weight_sync_timeout_s",
     re.IGNORECASE,
 )
 

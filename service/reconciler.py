@@ -178,8 +178,9 @@ class Reconciler:
 
     def fail_or_restart(self, job: Job, message: str) -> None:
         """A failed attempt (the driver, a learner or an engine died; a timeout; the head or the job's
-        supervisor died): within the job's trainer.max_restarts the job goes back to PENDING, to be
-        submitted again as a new Ray submission (`Job.ray_id`), resuming from its newest checkpoint.
+        supervisor died; the node it ran on): within the job's trainer.max_restarts the job goes back to
+        QUEUED (PENDING with admission off), to be submitted again, once its demand fits, as a new Ray
+        submission (`Job.ray_id`), resuming from its newest checkpoint.
         The steps the failed attempt stored after that checkpoint are dropped (the next attempt logs them
         again), so the finished job holds each step once. An attempt that made no progress is restarted
         only for a death or a timeout. Otherwise, and once the budget is spent, the job is FAILED."""
@@ -212,7 +213,8 @@ class Reconciler:
         return failures
 
     def _restart(self, job: Job, failures: list[dict[str, Any]], reason: str, budget: int) -> None:
-        """Back to PENDING as the next attempt, from the newest complete checkpoint (its later steps dropped)."""
+        """Back to QUEUED (PENDING with admission off) as the next attempt, from the newest complete
+        checkpoint (its later steps dropped)."""
         run = RunDir(job.run_dir)
         steps = [s for p in run.complete_checkpoints() if (s := RunDir.checkpoint_step(p)) is not None]
         resume_at = max(steps, default=0)
@@ -225,9 +227,10 @@ class Reconciler:
             self.store.rewind(db, j, resume_at)
             self.telemetry.restarts_total.inc()
             where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint yet)"
-            self.store.set_state(
-                db, j, JobState.PENDING.value, f"restart {j.restarts} of {budget} {where} after: {reason}"
-            )
+            # through the queue: the next attempt starts when its whole demand fits again (a lost node
+            # shrank the cluster; another job may have taken the room meanwhile)
+            state = JobState.PENDING if self.settings.admission == "off" else JobState.QUEUED
+            self.store.set_state(db, j, state.value, f"restart {j.restarts} of {budget} {where} after: {reason}")
 
     def _set_state(self, job_id: str, state: str, message: str) -> None:
         with self.store.session(write=True) as db:

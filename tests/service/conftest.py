@@ -4,6 +4,7 @@ server started here on loopback, and a real local Ray head for the job tests."""
 from __future__ import annotations
 
 import glob
+import json
 import os
 import secrets
 import shutil
@@ -134,6 +135,18 @@ def wait_for(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> 
             return job
         time.sleep(1)
     raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
+
+
+def state_events(c: httpx.Client, job_id: str) -> list[dict]:
+    """A finished job's state events, replayed by its event stream (which ends for a finished job)."""
+    out, kind = [], ""
+    with c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30) as r:
+        for line in r.iter_lines():
+            if line.startswith("event:"):
+                kind = line[6:].strip()
+            elif line.startswith("data:") and kind == "state":
+                out.append(json.loads(line[5:]))
+    return out
 
 
 def arm_ingest(database_url: str, job_id: str, token: str | None = None) -> str:

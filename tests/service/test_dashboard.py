@@ -10,7 +10,7 @@ pictures come from `scripts/screenshots.py`, which does the same against a real 
 from __future__ import annotations
 
 import datetime as dt
-import json
+import itertools
 import os
 import re
 import time
@@ -20,7 +20,8 @@ import httpx
 import pytest
 import yaml
 
-from .conftest import ROOT, UNREACHABLE_RAY, Server, arm_ingest, wait_for
+from .conftest import ROOT, UNREACHABLE_RAY, Server, arm_ingest, state_events, wait_for
+from .test_api import make_token
 
 pytestmark = pytest.mark.slow
 CHROMIUM = "/usr/bin/chromium"
@@ -38,7 +39,8 @@ def tiny(name: str, steps: int, rho: float) -> dict:
 
 @pytest.fixture(scope="module")
 def site(ray_head, tmp_path_factory):
-    """The service on a real Ray head, a user token, and two finished jobs of that user: rho 0.2 and 1.0."""
+    """The service on a real Ray head, a user token, two finished jobs of that user (rho 0.2 and 1.0) and
+    one of another user, all three submitted at once (3 CPUs each on the 4-CPU head: one fits at a time)."""
     base = tmp_path_factory.mktemp("dash")
     server = Server(base / "data", f"sqlite:///{base / 'jobs.db'}", ray_head.address, ray_head.token).start()
     try:
@@ -47,10 +49,13 @@ def site(ray_head, tmp_path_factory):
         with server.client(user) as c:
             a = c.post("/v1/jobs", json=tiny("filter-0.2", 4, 0.2)).json()["id"]
             b = c.post("/v1/jobs", json=tiny("plain-1.0", 4, 1.0)).json()["id"]
-            for job_id in (a, b):
+        with server.client(make_token(server, "bob")) as other:
+            third = other.post("/v1/jobs", json=tiny("bob-0.2", 2, 0.2)).json()["id"]
+        with server.client() as c:
+            for job_id in (a, b, third):
                 job = wait_for(c, job_id, {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
                 assert job["state"] == "SUCCEEDED", job
-        yield {"server": server, "token": user, "filtered": a, "plain": b}
+        yield {"server": server, "token": user, "filtered": a, "plain": b, "third": third}
     finally:
         server.stop()
 
@@ -106,29 +111,21 @@ def shoot(pg, name: str, locator=None) -> None:
         (locator or pg).screenshot(path=str(Path(where) / name))
 
 
-def _state_events(c: httpx.Client, job_id: str) -> list[dict]:
-    """A finished job's state events, replayed by its event stream (which ends for a finished job)."""
-    out, kind = [], ""
-    with c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=30) as r:
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind == "state":
-                out.append(json.loads(line[5:]))
-    return out
-
-
-def test_two_jobs_that_do_not_fit_together_ran_one_after_the_other(site):
-    """The fixture submitted both tiny jobs (3 CPUs each) at once to the 4-CPU head: the admission queue
-    started the second when the first had ended, not beside it (where their actors would wait for each
-    other's CPUs)."""
-    with site["server"].client(site["token"]) as c:
-        first, second = (c.get(f"/v1/jobs/{site[k]}").json() for k in ("filtered", "plain"))
-        events = _state_events(c, second["id"])
-    assert [e["state"] for e in events] == ["QUEUED", "PENDING", "RUNNING", "SUCCEEDED"], events
-    assert events[1]["message"] == "admitted: 3 CPU of 4 CPU"
+def test_three_jobs_that_do_not_fit_together_ran_one_at_a_time_and_all_succeeded(site):
+    """The fixture submitted three tiny jobs (3 CPUs each, two owners) at once to the 4-CPU head: the
+    admission queue started each when the one before had ended, never two side by side (where their
+    actors would wait for each other's CPUs), in submission order, and all three succeeded."""
     utc = lambda s: dt.datetime.fromisoformat(s).replace(tzinfo=None)  # noqa: E731 (both UTC; SQLite keeps no zone)
-    assert utc(events[1]["at"]) >= utc(first["ended_at"]), (events[1], first["ended_at"])
+    spans = []
+    with site["server"].client() as c:
+        for key in ("filtered", "plain", "third"):
+            job = c.get(f"/v1/jobs/{site[key]}").json()
+            events = state_events(c, job["id"])
+            assert [e["state"] for e in events] == ["QUEUED", "PENDING", "RUNNING", "SUCCEEDED"], events
+            assert events[1]["message"] == "admitted: 3 CPU of 4 CPU"
+            spans.append((utc(events[1]["at"]), utc(job["ended_at"])))
+    for (_, ended), (admitted, _) in itertools.pairwise(spans):
+        assert admitted >= ended, spans  # FIFO, one at a time
 
 
 def test_a_bad_token_is_refused_and_the_page_has_no_errors(page, site):

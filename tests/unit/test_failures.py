@@ -52,3 +52,22 @@ def test_deaths_and_timeouts_are_restarted_a_job_s_own_error_is_not():
         "ValueError: verifier failed",
     ):
         assert not infrastructure_failure(msg), msg
+
+
+def test_a_lost_node_is_the_reason_and_is_restarted():
+    """The driver raises NodeLostError from the call that lost its actor (actors/driver/nodes.py): the
+    reason is that line (the node, what it had, what it held), not the socket error before it."""
+    log = """ray.exceptions.ActorUnavailableError: The actor 6f1a is unavailable: RpcError: Socket closed.
+
+The above exception was the direct cause of the following exception:
+
+Traceback (most recent call last):
+  File "actors/train.py", line 68, in main
+    raise lost from e
+actors.driver.nodes.NodeLostError: Ray node 1639ae (10.0.0.7; 2 CPU, 2 forkrl_learner) died while this job ran: \
+health check failed due to missing too many heartbeats. It held Learner (actor 6f1a).
+"""
+    got = failure_reason(HEAD + "(raylet) shutdown", log)
+    assert got.splitlines()[1].startswith("actors.driver.nodes.NodeLostError: Ray node 1639ae (10.0.0.7; 2 CPU")
+    assert infrastructure_failure(got)
+    assert infrastructure_failure("NodeLostError: x")
