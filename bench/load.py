@@ -37,11 +37,15 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(data: Path) -> tuple[subprocess.Popen[bytes], str, str]:
-    port, token = _free_port(), secrets.token_urlsafe(24)
+def start_server(
+    data: Path, ray_address: str = "http://127.0.0.1:9", ray_token: str = "", token: str = "", port: int = 0
+) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`python -m service` on data (its SQLite store); again on the same data, port and token after a kill."""
+    port, token = port or _free_port(), token or secrets.token_urlsafe(24)
     env = dict(os.environ, FORKRL_ENV="production", FORKRL_PORT=str(port), FORKRL_DATA_DIR=str(data),
-               FORKRL_RAY_ADDRESS="http://127.0.0.1:9", FORKRL_ADMIN_TOKEN=token)  # fmt: skip
-    log = (data / "service.log").open("wb")
+               FORKRL_RAY_ADDRESS=ray_address, FORKRL_RAY_AUTH_TOKEN=ray_token, FORKRL_ADMIN_TOKEN=token)  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    log = (data / "service.log").open("ab")
     proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
