@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         if (lost := lost_node(e)) is not None:  # a node died: name it, not the socket the call lost
             raise lost from e
         raise
+    if "preempted_at" in summary:  # stopped for a higher-priority job: the control plane resumes it later
+        print(f"forkrl: preempted after step {summary['preempted_at']}: resumes from its checkpoint there")
+        return 0
     print_summary(summary)
     return 0
 

@@ -52,6 +52,11 @@ if ! command -v initdb >/dev/null 2>&1 && ! ls /usr/lib/postgresql/*/bin/initdb 
   apt_install "the PostgreSQL service tests" postgresql
 fi
 
+# The head-loss test backs a Ray head with Redis (Ray's GCS fault tolerance) and kills the head.
+if ! command -v redis-server >/dev/null 2>&1; then
+  apt_install "the Ray head-loss test (GCS fault tolerance)" redis-server
+fi
+
 # The code verifier runs model output in a bubblewrap sandbox under the system python3 (actors/reward/sandbox.py).
 # Its seccomp filter is built by libseccomp's bindings for that python3 (Debian's python3-seccomp).
 if ! command -v bwrap >/dev/null 2>&1 || ! command -v prlimit >/dev/null 2>&1 || ! [ -x /usr/bin/python3 ] \

@@ -24,7 +24,10 @@ from dataclasses import dataclass, field
 
 from pydantic import BaseModel, Field
 
-__all__ = ["Capacity", "Decision", "Queued", "Quota", "RayNode", "Running", "never_fits", "plan", "resources_text"]
+__all__ = [
+    "Capacity", "Decision", "Preemption", "Queued", "Quota", "RayNode", "Running", "never_fits", "plan", "preempt",
+    "resources_text",
+]  # fmt: skip
 
 EPS = 1e-9
 SCHEDULED = ("CPU", "GPU")  # besides custom resources: memory and object store are not requested by actors
@@ -93,6 +96,9 @@ class Running:
     job_id: str
     owner: str
     demand: Mapping[str, float]
+    priority: int = 0
+    started_at: dt.datetime | None = None  # when it was admitted last (preemption stops the latest first)
+    stopping: bool = False  # asked to stop for a higher-priority job: its room comes back soon
 
 
 @dataclass(frozen=True)
@@ -157,10 +163,55 @@ def order(queued: Iterable[Queued]) -> list[Queued]:
     return sorted(queued, key=lambda q: (-q.priority, q.created_at, q.job_id))
 
 
+@dataclass(frozen=True)
+class Preemption:
+    victim: str  # a running job to stop at its next step
+    for_job: str  # the queued job it makes room for
+
+
 def plan(
     queued: Iterable[Queued], running: Iterable[Running], cap: Capacity, quotas: Mapping[str, Quota]
 ) -> list[Decision]:
     """One admission pass: a decision for every queued job, in queue order."""
+    return _plan(queued, running, cap, quotas)[0]
+
+
+def preempt(
+    queued: Iterable[Queued], running: Iterable[Running], cap: Capacity, quotas: Mapping[str, Quota]
+) -> list[Preemption]:
+    """The running jobs to stop so that the first job waiting for capacity fits (the others wait behind it
+    anyway): only jobs of a lower priority, the lowest priority first, then the most recently started
+    (the least work to redo: each stops at its next step, after a checkpoint there). Jobs already
+    stopping count as room to come. None when room is on its way, or when stopping every candidate
+    would still not make it fit (nothing is stopped in vain)."""
+    running = list(running)
+    _, blocker, free = _plan(queued, running, cap, quotas)
+    if blocker is None:
+        return []
+    room = dict(free)
+    for r in running:
+        if r.stopping:
+            room = _minus(room, {k: -v for k, v in r.demand.items()})
+    if not _short(blocker.demand, room):
+        return []
+    candidates = sorted(
+        (r for r in running if not r.stopping and r.priority < blocker.priority),
+        key=lambda r: (r.priority, -(r.started_at.timestamp() if r.started_at else 0.0)),
+    )
+    chosen: list[Running] = []
+    for r in candidates:
+        chosen.append(r)
+        room = _minus(room, {k: -v for k, v in r.demand.items()})
+        if not _short(blocker.demand, room):
+            return [Preemption(r.job_id, blocker.job_id) for r in chosen]
+    return []
+
+
+def _plan(
+    queued: Iterable[Queued], running: Iterable[Running], cap: Capacity, quotas: Mapping[str, Quota]
+) -> tuple[list[Decision], Queued | None, dict[str, float]]:
+    """The pass's decisions, the first job that waits for capacity (None: none does) and what was free
+    when it was considered."""
     running = list(running)
     free = _minus(cap.total, {})
     use: dict[str, _Use] = {}
@@ -170,6 +221,7 @@ def plan(
         u.hold(r.demand)
     out: list[Decision] = []
     blocker = ""  # the first job that waits for capacity: everything after it waits behind it
+    blocked: tuple[Queued, dict[str, float]] | None = None
     waiting = 0
     for job in order(queued):
         u = use.setdefault(job.owner, _Use())
@@ -184,7 +236,7 @@ def plan(
             have = {k: max(0.0, free.get(k, 0.0)) for k in job.demand}
             reason = f"waiting for capacity: needs {resources_text(job.demand)} at once, {resources_text(have)} free"
             reason += f" (short of {resources_text(short)})"
-            blocker = job.job_id
+            blocker, blocked = job.job_id, (job, dict(free))
         else:
             free = _minus(free, job.demand)
             u.hold(job.demand)
@@ -193,4 +245,5 @@ def plan(
             continue
         waiting += 1
         out.append(Decision(job.job_id, False, waiting, reason))
-    return out
+    first, free_then = blocked if blocked is not None else (None, {})
+    return out, first, free_then

@@ -140,6 +140,9 @@ def status(job_id: str, url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None
             for f in j.failures:
                 reason = f.reason.splitlines()[-1] if f.reason else ""
                 typer.echo(escape_line(f"  failed at step {f.step} ({f.at}): {reason}"))
+        if j.preemptions or j.preempting:
+            now = " (stopping now for a higher-priority job)" if j.preempting else ""
+            typer.echo(escape_line(f"preempted: {j.preemptions} time(s){now}"))
         typer.echo(escape_line(f"run dir: {j.run_dir}") + "\n" + escape_line(f"trains: {j.training}"))
         if j.demand is not None:
             typer.echo(escape_line(f"needs: {j.demand.summary}"))

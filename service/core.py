@@ -290,15 +290,18 @@ class Service:
         def drop(db: Session) -> int:
             job = store.owned(db, job_id, who)
             store.delete(db, job)
-            return job.restarts or 0
+            return job.attempt
 
-        restarts: int = await run_in_threadpool(store.run, drop)
+        attempts: int = await run_in_threadpool(store.run, drop)
         if self.cluster.started:  # every attempt's record on Ray
-            for n in range(restarts + 1):
+            for n in range(attempts + 1):
                 await run_in_threadpool(self.ray.delete, ray_submission_id(job_id, n))
 
-    def ingest(self, job_id: str, token: str, metrics: list[MetricRecord], checkpoints: list[tuple[int, str]]) -> int:
-        """A driver's push of step metrics and checkpoints, with its job's ingest token."""
+    def ingest(
+        self, job_id: str, token: str, metrics: list[MetricRecord], checkpoints: list[tuple[int, str]]
+    ) -> tuple[int, bool]:
+        """A driver's push of step metrics and checkpoints, with its job's ingest token: the steps stored,
+        and whether the driver is to stop after its current step (preempted: it saves a checkpoint there)."""
         store = self._jobstore
         with store.session(write=True) as db:
             job = store.get(db, job_id)
@@ -308,7 +311,7 @@ class Service:
                 raise Conflict(f"job {job_id} is {job.state}: it takes no more metrics")
             added = self.reconciler.store_metrics(db, job, metrics, "push")
             store.add_checkpoints(db, job_id, checkpoints)
-        return added
+            return added, job.preempt_at is not None
 
     # -- what a job stored: metrics, sampled completions, checkpoints, events
     def metrics(self, job_id: str, who: Token, after_step: int, limit: int) -> tuple[Job, list[StepJSON]]:
@@ -345,15 +348,16 @@ class Service:
     # -- logs
     async def logs(self, job_id: str, who: Token, lines: int, attempt: int | None = None) -> str:
         """The last `lines` lines of the job's driver log (at most LOG_READ_BYTES of them): the current
-        attempt's, or attempt N's (0 = the first submission, N = restart N) while Ray keeps it."""
+        attempt's, or attempt N's (0 = the first submission, then one per restart or preemption) while Ray
+        keeps it."""
         job = await run_in_threadpool(self.get_job, job_id, who)
-        restarts = job.restarts or 0
-        if attempt is not None and attempt > restarts:
+        last = job.attempt
+        if attempt is not None and attempt > last:
             raise OutOfRange(
-                f"attempt = {attempt}: job {job_id} has attempts 0..{restarts} (0 = the first submission, "
-                f"N = restart N)"
+                f"attempt = {attempt}: job {job_id} has attempts 0..{last} (0 = the first submission, then one "
+                f"per restart or preemption)"
             )
-        if not job.submitted and (attempt is None or attempt == restarts):
+        if not job.submitted and (attempt is None or attempt == last):
             return ""
         ray_id = job.ray_id if attempt is None else ray_submission_id(job.id, attempt)
         try:

@@ -56,8 +56,8 @@ class Token(Base):
         return self.revoked_at is None and (expires is None or expires > at)
 
 
-def ray_submission_id(job_id: str, restarts: int) -> str:
-    return job_id if restarts == 0 else f"{job_id}-r{restarts}"
+def ray_submission_id(job_id: str, attempt: int) -> str:
+    return job_id if attempt == 0 else f"{job_id}-r{attempt}"
 
 
 class Job(Base):
@@ -89,12 +89,21 @@ class Job(Base):
     trainable_params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     params: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     priority: Mapped[int] = mapped_column(Integer, default=0)  # the admission queue's order: higher first
+    # preemption: when the queue asked it to stop for a higher-priority job (None: not asked), and how
+    # often it went back to the queue so (each time a new attempt, as a restart is)
+    preempt_at: Mapped[dt.datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    preemptions: Mapped[int] = mapped_column(Integer, default=0)
+
+    @property
+    def attempt(self) -> int:
+        """The current attempt: 0 for the first submission, one more for each restart and preemption."""
+        return (self.restarts or 0) + (self.preemptions or 0)
 
     @property
     def ray_id(self) -> str:
-        """The Ray submission id of the current attempt: the job id, then <job id>-r<N> for restart N (Ray
+        """The Ray submission id of the current attempt: the job id, then <job id>-r<N> for attempt N (Ray
         does not support submitting a deleted submission id again)."""
-        return ray_submission_id(self.id, self.restarts or 0)
+        return ray_submission_id(self.id, self.attempt)
 
 
 class Quota(Base):

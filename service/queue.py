@@ -9,11 +9,13 @@ import logging
 import threading
 import time
 
+from sqlalchemy.orm import Session
+
 from actors.common.config import JobConfig
 from actors.common.contract import JobState
 from actors.common.demand import Demand, job_demand, stored_demand
-from service.admission import Capacity, Queued, Quota, Running, never_fits, plan
-from service.db import Job, Token
+from service.admission import Capacity, Preemption, Queued, Quota, Running, never_fits, plan, preempt
+from service.db import Job, Token, now
 from service.rayjobs import RayJobs, RayUnavailable
 from service.settings import Settings
 from service.store import JobStore
@@ -96,18 +98,26 @@ class AdmissionQueue:
                     return []
                 admitted = self.store.in_states(db, ADMITTED)
                 quotas = {q.owner: Quota(q.max_running_jobs, q.max_cpus, q.max_gpus) for q in self.store.quotas(db)}
+            stops: list[Preemption] = []
             if self.settings.admission == "off":
                 decisions = [(j.id, True, "admitted (admission: off)") for j in queued if not j.cancel_requested]
             else:
                 cap = self.capacity()
-                running = [Running(j.id, j.owner, self.demand(j)[0]) for j in admitted]
+                running = [Running(j.id, j.owner, self.demand(j)[0], j.priority or 0, j.started_at,
+                                   j.preempt_at is not None) for j in admitted]  # fmt: skip
                 waiting = [Queued(j.id, j.owner, j.priority or 0, j.created_at, *self.demand(j))
                            for j in queued if not j.cancel_requested]  # fmt: skip
                 live = {j.id for j in (*queued, *admitted)}
                 self._demands = {k: v for k, v in self._demands.items() if k in live}
                 decisions = [(d.job_id, d.admit, d.reason) for d in plan(waiting, running, cap, quotas)]
+                if self.settings.preemption == "lower_priority":
+                    stops = preempt(waiting, running, cap, quotas)
+                    if stops:  # the job they make room for says so
+                        note = f"; stopping {', '.join(p.victim for p in stops)} (lower priority) to make room"
+                        decisions = [(i, a, r + note if i == stops[0].for_job else r) for i, a, r in decisions]
             started = []
             with self.store.session(write=True) as db:
+                self._ask_to_stop(db, stops)
                 for job_id, admit, reason in decisions:
                     j = self.store.get(db, job_id)
                     if j is None or j.state != JobState.QUEUED.value or j.cancel_requested:
@@ -120,3 +130,17 @@ class AdmissionQueue:
             for job_id in started:
                 log.info("job %s admitted", job_id)
             return started
+
+    def _ask_to_stop(self, db: Session, stops: list[Preemption]) -> None:
+        """Mark each victim: its driver learns it from its next metrics push (it saves a checkpoint at the
+        end of that step and ends); the reconciler puts it back in the queue once Ray says it ended, or
+        stops it through Ray after FORKRL_PREEMPT_GRACE_S."""
+        for p in stops:
+            victim, waiting = self.store.get(db, p.victim), self.store.get(db, p.for_job)
+            if victim is None or victim.preempt_at is not None or victim.state not in ADMITTED:
+                continue
+            victim.preempt_at = now()
+            prio = waiting.priority if waiting is not None else "?"
+            victim.message = (f"being preempted for {p.for_job} (priority {prio} > {victim.priority or 0}): it saves a "
+                              "checkpoint at the end of its current step and goes back to the queue")  # fmt: skip
+            log.info("job %s asked to stop for %s", p.victim, p.for_job)

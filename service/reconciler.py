@@ -60,6 +60,12 @@ def restart_budget(config: dict[str, Any]) -> int:
     return JobConfig.model_validate(config).trainer.max_restarts
 
 
+def newest_checkpoint(run_dir: str) -> int:
+    """The step of the run's newest complete checkpoint (0: none), where its next attempt resumes."""
+    steps = [s for p in RunDir(run_dir).complete_checkpoints() if (s := RunDir.checkpoint_step(p)) is not None]
+    return max(steps, default=0)
+
+
 def _failed_note(retry: bool, restarts: int, budget: int) -> str:
     """What the FAILED message says before Ray's, when the restart policy lets the job end."""
     if not retry and budget > restarts:
@@ -144,6 +150,12 @@ class Reconciler:
             if job.cancel_requested:
                 self._set_state(job_id, JobState.CANCELLED.value, "cancelled before it started")
                 return
+            if job.preempt_at is not None:  # admitted, then preempted before Ray had it: back in line
+                with self.store.session(write=True) as db:
+                    if (j := self.store.get(db, job_id)) is not None:
+                        j.preempt_at = None
+                        self.store.set_state(db, j, JobState.QUEUED.value, "preempted before it started")
+                return
             self.submit(job)  # RayUnavailable propagates: nothing changes
             with self.store.session(write=True) as db:
                 if (j := self.store.get(db, job_id)) is not None:
@@ -160,6 +172,12 @@ class Reconciler:
         if job.cancel_requested and state in (JobState.PENDING.value, JobState.RUNNING.value):
             with contextlib.suppress(JobNotFound):
                 self.ray.stop(job.ray_id)
+        if job.preempt_at is not None and not job.cancel_requested:
+            if state in (JobState.PENDING.value, JobState.RUNNING.value):
+                self._stop_after_grace(job)
+                message = ""  # keep "being preempted ..." while it finishes its step
+            elif self._requeue_preempted(job, state):
+                return
         if state == JobState.FAILED.value and not job.cancel_requested:
             self.fail_or_restart(job, message)
             return
@@ -167,6 +185,8 @@ class Reconciler:
             j = self.store.get(db, job_id)
             if j is not None and j.state not in TERMINAL_STATES:
                 self.ingest_files(db, j)
+                if j.preempt_at is not None and state == JobState.SUCCEEDED.value:
+                    j.preempt_at = None  # it had finished its last step before it could stop
                 self.store.set_state(db, j, state, message)
 
     def driver_log(self, job: Job, lines: int = 400) -> str:
@@ -215,9 +235,7 @@ class Reconciler:
     def _restart(self, job: Job, failures: list[dict[str, Any]], reason: str, budget: int) -> None:
         """Back to QUEUED (PENDING with admission off) as the next attempt, from the newest complete
         checkpoint (its later steps dropped)."""
-        run = RunDir(job.run_dir)
-        steps = [s for p in run.complete_checkpoints() if (s := RunDir.checkpoint_step(p)) is not None]
-        resume_at = max(steps, default=0)
+        resume_at = newest_checkpoint(job.run_dir)
         with self.store.session(write=True) as db:
             j = self.store.get(db, job.id)
             if j is None or j.state in TERMINAL_STATES:
@@ -231,6 +249,38 @@ class Reconciler:
             # shrank the cluster; another job may have taken the room meanwhile)
             state = JobState.PENDING if self.settings.admission == "off" else JobState.QUEUED
             self.store.set_state(db, j, state.value, f"restart {j.restarts} of {budget} {where} after: {reason}")
+
+    def _stop_after_grace(self, job: Job) -> None:
+        """A preempted job still running after FORKRL_PREEMPT_GRACE_S (its driver did not hear, or its step
+        is long): stopped through Ray; it resumes from its newest checkpoint."""
+        asked = job.preempt_at
+        if asked is not None and asked.tzinfo is None:
+            asked = asked.replace(tzinfo=now().tzinfo)  # SQLite keeps no zone; every time stored is UTC
+        if asked is not None and (now() - asked).total_seconds() > self.settings.preempt_grace_s:
+            log.warning("job %s: not stopped %.0f s after it was preempted: stopping it", job.id,
+                        self.settings.preempt_grace_s)  # fmt: skip
+            with contextlib.suppress(JobNotFound):
+                self.ray.stop(job.ray_id)
+
+    def _requeue_preempted(self, job: Job, ray_state: str) -> bool:
+        """A preempted job's attempt ended: back to QUEUED as its next attempt, from its newest checkpoint
+        (the one its driver saved when it stopped), with its later steps dropped; not a restart. False when
+        the attempt had finished every step (it succeeded before it could stop)."""
+        with self.store.session(write=True) as db:
+            j = self.store.get(db, job.id)
+            if j is None or j.state in TERMINAL_STATES:
+                return True
+            self.ingest_files(db, j)
+            if ray_state == JobState.SUCCEEDED.value and j.total_steps and j.last_step >= j.total_steps:
+                return False
+            resume_at, stopped_at = newest_checkpoint(j.run_dir), j.last_step
+            self.store.rewind(db, j, resume_at)
+            j.preemptions, j.preempt_at, j.submitted = (j.preemptions or 0) + 1, None, False
+            self.telemetry.preemptions_total.inc()
+            where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint)"
+            why = f"preempted at step {stopped_at} for a higher-priority job; resumes {where}"
+            self.store.set_state(db, j, JobState.QUEUED.value, why)
+        return True
 
     def _set_state(self, job_id: str, state: str, message: str) -> None:
         with self.store.session(write=True) as db:

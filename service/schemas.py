@@ -60,6 +60,8 @@ class JobOut(BaseModel):
     run_dir: str
     cancel_requested: bool
     restarts: int = Field(0, description="how often the control plane resubmitted it after a failure")
+    preemptions: int = Field(0, description="how often it stopped for a higher-priority job and went back to the queue")
+    preempting: bool = Field(False, description="asked to stop for a higher-priority job; it stops after this step")
     failures: list[FailureOut] = Field(default_factory=list, description="each failed attempt, oldest first")
     config: dict[str, Any] | None = None
     lora: LoraOut | None = Field(None, description="the job trains LoRA adapters (model.lora); null: every parameter")
@@ -223,6 +225,11 @@ class IngestBody(BaseModel):
     checkpoints: list[IngestCheckpoint] = Field(default_factory=list, max_length=1000)
 
 
+class IngestAnswer(BaseModel):
+    metrics_stored: int = Field(description="step records stored (a step already stored is kept once)")
+    stop: bool = Field(False, description="preempted: save a checkpoint at the end of the current step and end")
+
+
 class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
     owner: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.@-]+$")
@@ -277,7 +284,8 @@ def job_out(job: Job, with_config: bool = False, positions: Mapping[str, int] | 
         id=job.id, name=job.name, owner=job.owner, state=JobState(job.state), message=job.message,
         created_at=job.created_at, updated_at=job.updated_at, started_at=job.started_at, ended_at=job.ended_at,
         total_steps=job.total_steps, last_step=job.last_step, run_dir=job.run_dir,
-        cancel_requested=job.cancel_requested, restarts=job.restarts or 0,
+        cancel_requested=job.cancel_requested, restarts=job.restarts or 0, preemptions=job.preemptions or 0,
+        preempting=job.preempt_at is not None,
         failures=[FailureOut(**f) for f in job.failures or []], config=job.config if with_config else None,
         lora=_lora(job.config), trainable_params=job.trainable_params, params=job.params, demand=_demand(job.config),
         priority=job.priority or 0, queue_position=(positions or {}).get(job.id),

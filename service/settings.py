@@ -47,6 +47,19 @@ class Settings(BaseSettings):
         description="queue: jobs wait in QUEUED until their whole demand fits the cluster's free capacity "
         "(service/admission.py); off: every job goes to Ray at once (a cluster whose autoscaler or Kueue decides).",
     )
+    preemption: Literal["off", "lower_priority"] = Field(
+        "off",
+        description="lower_priority: a queued job that waits for capacity stops running jobs of a lower priority "
+        "(the lowest first, then the most recently started) at their next step, each saving a checkpoint there and "
+        "going back to the queue to resume from it; off: a running job is never stopped for another.",
+    )
+    preempt_grace_s: float = Field(
+        900,
+        gt=0,
+        le=86400,
+        description="A job asked to stop for a higher-priority one that has not stopped after this long is stopped "
+        "through Ray (it resumes from its newest checkpoint).",
+    )
     max_owner_priority: int = Field(
         0, ge=-1000, le=1000, description="Highest priority a non-admin owner may give a job (its quota may differ)."
     )

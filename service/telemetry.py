@@ -22,6 +22,9 @@ class Telemetry:
         self.restarts_total = Counter(
             "forkrl_job_restarts", "failed jobs resubmitted (trainer.max_restarts)", registry=self.registry
         )
+        self.preemptions_total = Counter(
+            "forkrl_job_preemptions", "jobs stopped for a higher-priority one and queued again", registry=self.registry
+        )
         self.reconcile_seconds = Gauge(
             "forkrl_reconcile_last_seconds", "duration of the last reconcile pass", registry=self.registry
         )

@@ -297,6 +297,10 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
                     data_state = order.state() if streaming else sampler.state()
                     saved = save_checkpoint(learners, run, step, data_state, keep, commit=False)
             tracker.log(step, m, samples)
+            preempted = tracker.stop_requested and step < cfg.trainer.steps
+            if preempted and saved is None:  # the control plane's answer to this step: stop here, resumable
+                data_state = order.state() if streaming else sampler.state()
+                saved = save_checkpoint(learners, run, step, data_state, keep, commit=False)
             if saved is not None:  # it counts once the step's metrics are stored: a kill never skips them
                 commit_checkpoint(run, step, data_state, keep)
                 tracker.checkpoint(step, saved)
@@ -305,6 +309,11 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
             bar.set_postfix(reward=f"{m['reward/mean']:.3f}", H=entropy)
             timings = " ".join(f"{k[7:]}={v:.1f}s" for k, v in m.items() if k.startswith("timing/"))
             log.info("step %d | reward %.3f | %s", step, m["reward/mean"], timings)
+            if preempted:
+                log.warning("stopped after step %d for a higher-priority job (preempted); the step-%d checkpoint is "
+                            "saved and the control plane queues this job to resume from it", step, step)  # fmt: skip
+                tracker.close()
+                return {"preempted_at": step, "run_dir": str(run.path)}
         export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
         evals, page = read_evals(run.metrics, cfg.trainer.steps), dashboard_page(cfg.tracking.report_url)
         summary = summarize(history, run.path, export, evals, cfg.trainer.steps, page) | {"startup_s": startup}

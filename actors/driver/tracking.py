@@ -282,6 +282,8 @@ class Tracker:
         if tr.mlflow_tracking_uri:
             self.backends.append(_MLflow(cfg, run, self.state, self._sent))
         self.report_url, self.report_token = tr.report_url, os.environ.get(REPORT_TOKEN_ENV, "")
+        # the control plane's answer to a push asked this run to stop after its current step (preempted)
+        self.stop_requested = False
 
     def log(self, step: int, metrics: dict[str, Any], samples: list[dict[str, Any]] | None = None) -> None:
         """One step's record: metrics (and the step's sampled completions, if any) to every sink."""
@@ -356,14 +358,20 @@ class Tracker:
         import httpx
 
         try:
-            httpx.post(
+            r = httpx.post(
                 self.report_url,  # type: ignore[arg-type]
                 content=json.dumps(finite(payload)),
                 headers={"Authorization": f"Bearer {self.report_token}", "Content-Type": "application/json"},
                 timeout=5,
-            ).raise_for_status()
+            )
+            r.raise_for_status()
         except httpx.HTTPError as e:  # the run goes on; the service also reads metrics.jsonl
             log.warning("could not report %s to the control plane: %s", what, e)
+            return
+        with contextlib.suppress(ValueError, AttributeError):
+            if r.json().get("stop") is True and not self.stop_requested:
+                log.warning("the control plane asks this job to stop (preempted for a higher-priority job)")
+                self.stop_requested = True
 
     def close(self, summary: dict[str, Any] | None = None, export: str | None = None) -> dict[str, float]:
         """End every run (the summary and the export registered first); returns the final tracking health."""

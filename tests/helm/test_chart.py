@@ -156,6 +156,7 @@ def test_a_broken_manifest_fails_validation(chart):
         ({"controlPlane": {"tenancy": {"limits": {"allowedRayResources": {"reward": ["node:*"]}}}}}, "reward/0"),
         ({"ray": {"auth": {"enabled": "yes"}}}, "enabled"),
         ({"controlPlane": {"admission": "fifo"}}, "admission"),
+        ({"controlPlane": {"preemption": "always"}}, "preemption"),
     ],
 )
 def test_schema_rejects_bad_values(chart, values, where):
@@ -493,11 +494,15 @@ def test_sse_ingress_service_monitor_and_autoscaling(chart):
     plain = render(chart, {"controlPlane": {"ingress": {"enabled": True, "sse": False}}})
     assert "annotations" not in by_kind(plain, "Ingress")[0]["metadata"]
 
-    def admission(docs):
+    def admission(docs, name="FORKRL_ADMISSION"):
         return {
             e["name"]: e.get("value")
             for e in by_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["containers"][0]["env"]
-        }["FORKRL_ADMISSION"]
+        }[name]
+
+    assert admission(plain, "FORKRL_PREEMPTION") == "off"
+    preempting = render(chart, {"controlPlane": {"preemption": "lower_priority"}})
+    assert admission(preempting, "FORKRL_PREEMPTION") == "lower_priority"
 
     assert admission(plain) == "queue"  # a fixed cluster: jobs wait until they fit
     assert (

@@ -176,9 +176,9 @@ def test_ingest_metrics_checkpoints_and_events(api_server, database_url):
         auth = {"Authorization": f"Bearer {ingest_token}"}
         rows = [{"step": 1, "reward/mean": 0.1, "entropy/mean": float("nan")}, {"step": 2, "reward/mean": 0.3}]
         r = c.post(url, content=json.dumps({"metrics": rows}), headers={**auth, "Content-Type": "application/json"})
-        assert r.status_code == 202 and r.json() == {"metrics_stored": 2}
+        assert r.status_code == 202 and r.json() == {"metrics_stored": 2, "stop": False}
         again = c.post(url, json={"metrics": [{"step": 1}]}, headers=auth)
-        assert again.json() == {"metrics_stored": 0}  # each step is stored once
+        assert again.json() == {"metrics_stored": 0, "stop": False}  # each step is stored once
         c.post(url, json={"checkpoints": [{"step": 2, "path": "/runs/x/checkpoints/step_00000002"}]}, headers=auth)
         m = c.get(f"/v1/jobs/{job['id']}/metrics").json()
         assert [x["step"] for x in m["metrics"]] == [1, 2] and m["last_step"] == 2
@@ -393,7 +393,7 @@ def test_scalar_metrics_and_samples_of_a_step(api_server, database_url):
         ]
         r = httpx.post(f"{api_server.url}/v1/jobs/{job['id']}/ingest", json={"metrics": records},
                        headers={"Authorization": f"Bearer {ingest}"})  # fmt: skip
-        assert r.status_code == 202 and r.json() == {"metrics_stored": 2}, r.text
+        assert r.status_code == 202 and r.json() == {"metrics_stored": 2, "stop": False}, r.text
         full = c.get(f"/v1/jobs/{job['id']}/metrics").json()["metrics"]
         assert full[0]["samples"] == [sample]
         scal = c.get(f"/v1/jobs/{job['id']}/metrics", params={"view": "scalars"}).json()["metrics"]

@@ -4,7 +4,7 @@ only their owner, and jobs that can never fit."""
 
 import datetime as dt
 
-from service.admission import Capacity, Queued, Quota, RayNode, Running, never_fits, order, plan
+from service.admission import Capacity, Preemption, Queued, Quota, RayNode, Running, never_fits, order, plan, preempt
 
 T0 = dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc)
 TINY = {"CPU": 3.0}  # examples/tiny.yaml: one engine and two learners of 1 CPU each
@@ -105,3 +105,40 @@ def test_no_alive_node_admits_nothing_and_says_so():
         not d.admit
         and d.reason == "cannot fit the cluster as it is now (0 node(s), nothing in all): no Ray node is alive"
     )
+
+
+def run(job_id: str, priority: int = 0, minute: int = 0, demand=TINY, stopping=False, owner="bob") -> Running:
+    return Running(job_id, owner, demand, priority, T0 + dt.timedelta(minutes=minute), stopping)
+
+
+def test_preemption_stops_the_lowest_priority_then_the_latest_started_and_only_enough():
+    """8 CPUs, three running jobs of 2 CPUs (priority 0 started at 0 and 5, priority 1) and 2 free: a
+    priority-5 job of 6 CPUs is 4 short, so two must stop: both priority-0 jobs (the lowest priority
+    first), before the priority-1 one; a job of 4 CPUs (2 short) stops only the later of them."""
+    cap = Capacity(({"CPU": 8.0},))
+    running = [run("p0-early", 0, 0, {"CPU": 2.0}), run("p0-late", 0, 5, {"CPU": 2.0}), run("p1", 1, 9, {"CPU": 2.0})]
+    big = q("big", priority=5, demand={"CPU": 6.0})
+    assert decided(plan([big], running, cap, {})) == {"big": (False, 1)}
+    assert preempt([big], running, cap, {}) == [Preemption("p0-late", "big"), Preemption("p0-early", "big")]
+    mid = q("mid", priority=5, demand={"CPU": 4.0})
+    assert preempt([mid], running, cap, {}) == [Preemption("p0-late", "mid")]
+    # nothing of a priority as high or higher is stopped; a job that fits needs no one stopped
+    assert preempt([q("peer", priority=0, demand={"CPU": 4.0})], running, cap, {}) == []
+    assert preempt([q("fits", priority=5, demand={"CPU": 2.0})], running, cap, {}) == []
+
+
+def test_preemption_counts_jobs_already_stopping_and_never_stops_in_vain():
+    cap = Capacity(({"CPU": 8.0},))
+    # p0-late is already stopping for mid: its 2 CPUs are room to come, so nothing more is stopped
+    running = [run("p0-early", 0, 0, {"CPU": 2.0}), run("p0-late", 0, 5, {"CPU": 2.0}, stopping=True),
+               run("p1", 1, 9, {"CPU": 2.0})]  # fmt: skip
+    assert preempt([q("mid", priority=5, demand={"CPU": 4.0})], running, cap, {}) == []
+    # a job of 8 needs all three stopped; p1 is of priority 1 >= 1: not enough room can be made, none stops
+    assert preempt([q("all", priority=1, demand={"CPU": 8.0})], running, cap, {}) == []
+    # only the first job waiting for capacity preempts; a job held by its owner's quota does not
+    held = q("held", owner="alice", priority=9, minute=0, demand={"CPU": 4.0})
+    quotas = {"alice": Quota(max_running_jobs=0)}
+    assert preempt([held], running, cap, quotas) == []
+    second = q("second", priority=3, minute=1, demand={"CPU": 6.0})
+    first = q("first", priority=4, minute=2, demand={"CPU": 6.0})  # 2 free + 2 coming: 2 short
+    assert preempt([second, first], running, cap, {}) == [Preemption("p0-early", "first")]
