@@ -373,10 +373,13 @@ class Tracker:
                 log.warning("the control plane asks this job to stop (preempted for a higher-priority job)")
                 self.stop_requested = True
 
-    def close(self, summary: dict[str, Any] | None = None, export: str | None = None) -> dict[str, float]:
-        """End every run (the summary and the export registered first); returns the final tracking health."""
+    def close(
+        self, summary: dict[str, Any] | None = None, export: str | None = None, finish: bool = True
+    ) -> dict[str, float]:
+        """End every run (the summary and the export registered first); returns the final tracking health.
+        finish=False (a preempted attempt): send what is queued and leave the runs open for the next one."""
         deadline = time.monotonic() + CLOSE_WAIT_S
-        for b in self.backends:
+        for b in self.backends if finish else ():
             b.submit(b._finish, summary or {}, export)
         for b in self.backends:
             b.close(deadline)

@@ -1,0 +1,175 @@
+"""A rollout group grown as a tree (forking-token tree rollouts): its shape, how it grows, and the two ways
+to train on it. Pure Python and torch; no engine.
+
+A group is a tree of token segments under the prompt. The first samples are the prompt's children; a
+branch continues an existing path from one of its positions (a high-entropy "forking" token) with new
+tokens, splitting the segment it starts in. Every leaf is one complete response with its outcome reward;
+the group's members are its leaves.
+
+Training lays the group out as one flat sequence per leaf (the prompt's tokens, then the path's): a
+token shared by several leaves has the same context in each, so the learner's and the engine's
+log-probs and entropies of it are the same in every copy. Two credit rules:
+
+- `tree` (TreeAdv's redistribution): each unique token is one loss term, on its first copy (the first
+  leaf in order that holds it); its advantage is the mean of the advantages of the leaves below it. The
+  other copies are out of the loss and out of the entropy filter, so N, k and the threshold count each
+  unique token once.
+- `flat`: every leaf is its own sequence, as if sampled on its own: each copy of a shared token is a loss
+  term with its leaf's advantage (the documented alternative; what a flat sampler of the same leaves
+  would train).
+
+The two agree on tokens that one leaf holds (their advantage is that leaf's in both) and differ by design on
+shared ones: flat puts k terms with k leaf advantages where tree puts one with their mean.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from actors.algo.advantages import group_advantages
+
+__all__ = ["FlatLeaf", "Node", "Tree", "flatten", "node_advantages"]
+
+Credit = Literal["tree", "flat"]
+
+
+@dataclass(frozen=True)
+class Node:
+    """A segment of generated tokens after its parent's (-1: right after the prompt)."""
+
+    parent: int
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A group's tree: each node's parent is another node or -1 (the prompt), with no cycle."""
+
+    nodes: tuple[Node, ...] = ()
+
+    def __post_init__(self) -> None:
+        for i in range(len(self.nodes)):
+            seen, j = set(), i
+            while j != -1:
+                if j in seen or not -1 <= self.nodes[j].parent < len(self.nodes):
+                    raise ValueError(f"node {i}: its parents do not lead to the prompt")
+                seen.add(j)
+                j = self.nodes[j].parent
+
+    def leaves(self) -> list[int]:
+        """The nodes no branch continues, in node order: the group's members."""
+        parents = {n.parent for n in self.nodes}
+        return [i for i in range(len(self.nodes)) if i not in parents]
+
+    def path(self, i: int) -> list[int]:
+        """The nodes from the prompt down to node i."""
+        out = []
+        while i != -1:
+            out.append(i)
+            i = self.nodes[i].parent
+        return out[::-1]
+
+    def tokens(self, leaf: int) -> list[int]:
+        return [t for i in self.path(leaf) for t in self.nodes[i].tokens]
+
+    def sample(self, tokens: Sequence[int]) -> Tree:
+        """A new root sample (a child of the prompt)."""
+        return Tree((*self.nodes, Node(-1, tuple(tokens))))
+
+    def branch(self, leaf: int, at: int, tokens: Sequence[int]) -> tuple[Tree, int]:
+        """Continue leaf's path after its first `at` tokens with `tokens` (a new leaf): the segment holding
+        position `at` is split there, so both continuations share what comes before. Returns the new tree
+        and the new leaf's index (the last node). at = 0 branches right after the prompt."""
+        length = len(self.tokens(leaf))
+        if not 0 <= at < length:
+            raise ValueError(f"at = {at}: a branch starts inside the path (0..{length - 1})")
+        start = 0
+        for i in self.path(leaf):  # the node whose segment holds position `at`
+            if at < start + len(self.nodes[i].tokens):
+                break
+            start += len(self.nodes[i].tokens)
+        cut, node = at - start, self.nodes[i]
+        if cut == 0:  # at the segment's start: a sibling of it
+            return Tree((*self.nodes, Node(node.parent, tuple(tokens)))), len(self.nodes)
+        # node i keeps its head; its tail becomes a new node that takes over i's children
+        tail = len(self.nodes)
+        nodes = [Node(tail, n.tokens) if n.parent == i else n for n in self.nodes]
+        nodes[i] = Node(node.parent, node.tokens[:cut])
+        nodes += [Node(i, node.tokens[cut:]), Node(i, tuple(tokens))]
+        return Tree(tuple(nodes)), tail + 1
+
+    @property
+    def unique_tokens(self) -> int:
+        """Tokens generated for the group when no shared prefix is generated twice."""
+        return sum(len(n.tokens) for n in self.nodes)
+
+    @property
+    def flat_tokens(self) -> int:
+        """Tokens its leaves hold as separate sequences (what a flat sampler of them would generate)."""
+        return sum(len(self.tokens(leaf)) for leaf in self.leaves())
+
+
+def node_advantages(tree: Tree, leaf_advantages: Sequence[float]) -> list[float]:
+    """Each node's advantage: the mean of the advantages of the leaves below it (a leaf's own is its own)."""
+    leaves = tree.leaves()
+    if len(leaf_advantages) != len(leaves):
+        raise ValueError(f"{len(leaf_advantages)} advantages for {len(leaves)} leaves")
+    total, count = [0.0] * len(tree.nodes), [0] * len(tree.nodes)
+    for leaf, a in zip(leaves, leaf_advantages, strict=True):
+        for i in tree.path(leaf):
+            total[i] += a
+            count[i] += 1
+    return [t / c for t, c in zip(total, count, strict=True)]
+
+
+@dataclass(frozen=True)
+class FlatLeaf:
+    """One leaf as the learner's sequence: its path's tokens, which of them are loss terms (and count in the
+    entropy filter), each token's advantage and how many leaves hold it."""
+
+    leaf: int
+    tokens: list[int]
+    loss_mask: list[bool]
+    advantages: list[float]
+    shared_by: list[int]
+
+
+def flatten(
+    tree: Tree, rewards: Sequence[float], credit: Credit = "tree", estimator: Literal["grpo", "drgrpo"] = "grpo"
+) -> list[FlatLeaf]:
+    """The group's leaves as flat sequences, in leaf order, under `credit` (module docstring). The leaves'
+    advantages are the group's (group_advantages over the leaves' rewards)."""
+    leaves = tree.leaves()
+    if len(rewards) != len(leaves):
+        raise ValueError(f"{len(rewards)} rewards for {len(leaves)} leaves")
+    leaf_adv = group_advantages(torch.tensor(list(rewards), dtype=torch.float64), len(leaves), estimator)[0].tolist()
+    node_adv = node_advantages(tree, leaf_adv)
+    below = [0] * len(tree.nodes)
+    for leaf in leaves:
+        for i in tree.path(leaf):
+            below[i] += 1
+    seen: set[int] = set()
+    out = []
+    for leaf, own in zip(leaves, leaf_adv, strict=True):
+        tokens: list[int] = []
+        mask: list[bool] = []
+        adv: list[float] = []
+        shared: list[int] = []
+        for i in tree.path(leaf):
+            n = len(tree.nodes[i].tokens)
+            tokens += tree.nodes[i].tokens
+            shared += [below[i]] * n
+            if credit == "flat":
+                mask += [True] * n
+                adv += [own] * n
+            else:
+                first = i not in seen
+                seen.add(i)
+                mask += [first] * n
+                adv += [node_adv[i]] * n
+        out.append(FlatLeaf(leaf, tokens, mask, adv, shared))
+    return out
