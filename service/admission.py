@@ -50,6 +50,7 @@ class RayNode(BaseModel):
     """One row of Ray's node list (state API `/api/v0/nodes`), the fields admission reads."""
 
     state: str
+    node_id: str = ""
     resources_total: dict[str, float] = Field(default_factory=dict)
 
 

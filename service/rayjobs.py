@@ -135,6 +135,7 @@ class LocalRayHead:
 
 
 REQUEST_TIMEOUT_S = 60.0  # one call to the Ray Jobs API; past it the call counts as "Ray unavailable"
+NODES_TTL_S = 5.0  # how long a status call reuses the node list it read (one read per reconcile pass or so)
 
 
 class RayJobs:
@@ -144,6 +145,7 @@ class RayJobs:
         self.address = address
         self.headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._client: Any = None
+        self._node_states: tuple[float, dict[str, str]] | None = None  # (read at, node id -> state)
 
     def client(self) -> Any:
         if self._client is None:
@@ -212,9 +214,26 @@ class RayJobs:
         except Exception as e:
             self._client = None
             raise RayUnavailable(f"Ray at {self.address}: {e}") from e
-        return RAY_TO_STATE.get(str(getattr(info.status, "value", info.status)), JobState.PENDING.value), (
-            info.message or ""
-        )
+        state = RAY_TO_STATE.get(str(getattr(info.status, "value", info.status)), JobState.PENDING.value)
+        node = getattr(info, "driver_node_id", None) or ""
+        if state in (JobState.PENDING.value, JobState.RUNNING.value) and node and self._dead(node):
+            # a head restarted with GCS fault tolerance keeps the record of a job whose driver died with the
+            # old head, as running, for good (Ray 2.60): its driver's node says it ended
+            return JobState.FAILED.value, (
+                f"Job supervisor lost: the Ray node that ran its driver ({node}) died; Ray still reports the job "
+                f"{state}"
+            )
+        return state, info.message or ""
+
+    def _dead(self, node_id: str) -> bool:
+        """Whether Ray lists this node as DEAD (its node list read at most every NODES_TTL_S)."""
+        now = time.monotonic()
+        if self._node_states is None or now - self._node_states[0] > NODES_TTL_S:
+            try:
+                self._node_states = (now, {n.node_id: n.state for n in self.nodes()})
+            except RayUnavailable:  # the node list cannot say: the job's own status stands
+                return False
+        return self._node_states[1].get(node_id) == "DEAD"
 
     def stop(self, job_id: str) -> None:
         try:

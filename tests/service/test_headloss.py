@@ -133,7 +133,11 @@ def test_a_lost_head_with_gcs_fault_tolerance_keeps_its_worker_node_and_the_job_
                 time.sleep(0.3)
             assert head.kill() >= 4  # GCS, raylet, dashboard, the job's supervisor and driver, ...
             time.sleep(3)
-            head.start()  # the same ports and Redis: the control store comes back with what it held
+            # the same ports and Redis: the control store comes back with what it held. (`ray start` refuses
+            # an address its temp dir records as running while a raylet on this machine - the worker's -
+            # names it; a new head machine has no such record)
+            (head.temp_dir / "ray_current_cluster").unlink(missing_ok=True)
+            head.start()
             done = wait_for(api, job["id"], {"SUCCEEDED", "FAILED", "CANCELLED"}, 600)
             assert done["state"] == "SUCCEEDED", done
             # Ray remembered the job (its record was in Redis) and said it failed: a restart, not a
