@@ -24,6 +24,7 @@ shared ones: flat puts k terms with k leaf advantages where tree puts one with t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -32,7 +33,10 @@ import torch
 
 from actors.algo.advantages import group_advantages
 
-__all__ = ["FlatLeaf", "Node", "Tree", "flatten", "node_advantages"]
+__all__ = [
+    "FlatLeaf", "Node", "Token", "Tree", "agreement", "branch_points", "flatten", "node_advantages", "position",
+    "topk_entropy",
+]  # fmt: skip
 
 Credit = Literal["tree", "flat"]
 
@@ -173,3 +177,54 @@ def flatten(
                 adv += [node_adv[i]] * n
         out.append(FlatLeaf(leaf, tokens, mask, adv, shared))
     return out
+
+
+def topk_entropy(top_logprobs: Sequence[float]) -> float:
+    """The entropy (nats) of a next-token distribution known only by its k most likely tokens' log-probs
+    (what an engine returns with `logprobs=k`): their -p log p, plus the rest of the mass taken as one
+    outcome, -(1 - sum p) log(1 - sum p). A lower bound of the true entropy (the rest is spread over many
+    tokens), exact when the k tokens hold all the mass."""
+    ps = [math.exp(lp) for lp in top_logprobs]
+    rest = max(0.0, 1.0 - sum(ps))
+    return -sum(p * math.log(p) for p in ps if p > 0) - (rest * math.log(rest) if rest > 0 else 0.0)
+
+
+Token = tuple[int, int]  # (node, offset in its segment): a unique token of the tree
+
+
+def branch_points(
+    tree: Tree, entropy: Sequence[Sequence[float]], b: int, per: Literal["trajectory", "group"] = "group"
+) -> list[Token]:
+    """Where to branch next: the b highest-entropy unique tokens of the group (per="group"), or the b
+    highest on each leaf's path (per="trajectory": their union, each at most once). `entropy[node]` holds
+    one value per token of that node's segment. Ties go to the earlier node, then the earlier offset.
+    Returned highest first."""
+    if [len(e) for e in entropy] != [len(n.tokens) for n in tree.nodes]:
+        raise ValueError("entropy needs one value per token of every node")
+
+    def top(keys: list[Token]) -> list[Token]:
+        return sorted(keys, key=lambda k: (-entropy[k[0]][k[1]], k))[:b]
+
+    if per == "group":
+        return top([(i, o) for i, n in enumerate(tree.nodes) for o in range(len(n.tokens))])
+    chosen: dict[Token, None] = {}
+    for leaf in tree.leaves():
+        for k in top([(i, o) for i in tree.path(leaf) for o in range(len(tree.nodes[i].tokens))]):
+            chosen[k] = None
+    return sorted(chosen, key=lambda k: (-entropy[k[0]][k[1]], k))
+
+
+def position(tree: Tree, leaf: int, token: Token) -> int:
+    """Where a unique token sits on a leaf's path (what Tree.branch takes as `at`)."""
+    node, offset = token
+    start = 0
+    for i in tree.path(leaf):
+        if i == node:
+            return start + offset
+        start += len(tree.nodes[i].tokens)
+    raise ValueError(f"node {node} is not on leaf {leaf}'s path")
+
+
+def agreement(chosen: Sequence[Token], reference: Sequence[Token]) -> float:
+    """The share of `chosen` branch points that `reference` chose too (1.0 when both chose none)."""
+    return len(set(chosen) & set(reference)) / len(set(chosen)) if chosen else 1.0

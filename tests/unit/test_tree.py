@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from actors.algo.tree import Node, Tree, flatten, node_advantages
+from actors.algo.tree import Node, Tree, agreement, branch_points, flatten, node_advantages, position, topk_entropy
 
 
 def worked() -> Tree:
@@ -110,3 +110,30 @@ def test_a_tree_without_branches_is_flat_sampling():
     assert t.unique_tokens == t.flat_tokens == 6
     with pytest.raises(ValueError, match="2 rewards for 3 leaves"):
         flatten(t, [1.0, 0.0])
+
+
+def test_topk_entropy_is_exact_when_the_top_tokens_hold_the_mass_and_a_lower_bound_otherwise():
+    assert topk_entropy([math.log(0.5), math.log(0.5)]) == pytest.approx(math.log(2))
+    # (0.5, 0.25) and the rest (0.25) as one outcome: the entropy of (0.5, 0.25, 0.25) = 1.5 ln 2
+    assert topk_entropy([math.log(0.5), math.log(0.25)]) == pytest.approx(1.5 * math.log(2))
+    # the rest spread over two tokens (0.125 each) has more entropy than the bound says
+    true = -(0.5 * math.log(0.5) + 0.25 * math.log(0.25) + 2 * 0.125 * math.log(0.125))
+    assert topk_entropy([math.log(0.5), math.log(0.25)]) < true
+
+
+def test_branch_points_per_group_and_per_trajectory_worked():
+    t = worked()  # nodes: 0 (1 2), 1 (3), 2 (7 8), 3 (4), 4 (9)
+    entropy = [[0.1, 2.0], [1.5], [0.3, 0.2], [2.0], [0.05]]
+    # per group: the two highest unique tokens; the tie at 2.0 goes to the earlier node
+    assert branch_points(t, entropy, 2, "group") == [(0, 1), (3, 0)]
+    # per trajectory, one each: every path's highest is token (0, 1) (shared), chosen once
+    assert branch_points(t, entropy, 1, "trajectory") == [(0, 1)]
+    assert branch_points(t, entropy, 2, "trajectory") == [(0, 1), (3, 0), (1, 0), (2, 0)]
+    # where a unique token sits on a leaf's path: Tree.branch's `at`
+    assert position(t, 3, (3, 0)) == 3 and position(t, 4, (1, 0)) == 2 and position(t, 2, (0, 1)) == 1
+    with pytest.raises(ValueError, match="node 1 is not on leaf 2's path"):
+        position(t, 2, (1, 0))
+    with pytest.raises(ValueError, match="one value per token"):
+        branch_points(t, entropy[:-1], 1)
+    # the engine's choice against the learner's: the share of the first that the second made too
+    assert agreement([(0, 1), (3, 0)], [(0, 1), (1, 0)]) == 0.5 and agreement([], [(0, 1)]) == 1.0
