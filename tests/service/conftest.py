@@ -137,6 +137,17 @@ def wait_for(c: httpx.Client, job_id: str, states: set[str], timeout: float) -> 
     raise AssertionError(f"{job_id} not in {states} after {timeout}s: {job}")
 
 
+def wait_for_checkpoint(c: httpx.Client, job: dict, step: int, timeout: float = 400) -> None:
+    """Until the job's run holds a complete checkpoint of `step` (its marker written)."""
+    from actors.common.contract import RunDir
+
+    marker = RunDir(Path(job["run_dir"])).checkpoint(step) / RunDir.MARKER
+    deadline = time.time() + timeout
+    while not marker.exists():
+        assert time.time() < deadline, c.get(f"/v1/jobs/{job['id']}").json()
+        time.sleep(0.3)
+
+
 def state_events(c: httpx.Client, job_id: str) -> list[dict]:
     """A finished job's state events, replayed by its event stream (which ends for a finished job)."""
     out, kind = [], ""

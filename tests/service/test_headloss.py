@@ -23,10 +23,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from actors.common.contract import RunDir
 from service.rayjobs import RayJobs
 
-from .conftest import Server, free_port, wait_for
+from .conftest import Server, free_port, wait_for, wait_for_checkpoint
 from .test_jobs import tiny
 
 pytestmark = pytest.mark.slow
@@ -126,11 +125,7 @@ def test_a_lost_head_with_gcs_fault_tolerance_keeps_its_worker_node_and_the_job_
     try:
         with server.client() as api:
             job = api.post("/v1/jobs", json=cfg).json()
-            marker = RunDir(Path(job["run_dir"])).checkpoint(2) / RunDir.MARKER
-            deadline = time.time() + 400
-            while not marker.exists():
-                assert time.time() < deadline, api.get(f"/v1/jobs/{job['id']}").json()
-                time.sleep(0.3)
+            wait_for_checkpoint(api, job, 2)
             assert head.kill() >= 4  # GCS, raylet, dashboard, the job's supervisor and driver, ...
             time.sleep(3)
             # the same ports and Redis: the control store comes back with what it held. (`ray start` refuses

@@ -17,10 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from actors.common.contract import RunDir
 from service.rayjobs import RayJobs
 
-from .conftest import Server, free_port, state_events, wait_for
+from .conftest import Server, free_port, state_events, wait_for, wait_for_checkpoint
 from .test_jobs import tiny
 
 pytestmark = pytest.mark.slow
@@ -87,11 +86,7 @@ def test_a_lost_worker_node_fails_the_attempt_naming_it_and_the_job_resumes_when
     try:
         with server.client() as api:
             job = api.post("/v1/jobs", json=cfg).json()
-            marker = RunDir(Path(job["run_dir"])).checkpoint(2) / RunDir.MARKER
-            deadline = time.time() + 400
-            while not marker.exists():
-                assert time.time() < deadline, api.get(f"/v1/jobs/{job['id']}").json()
-                time.sleep(0.3)
+            wait_for_checkpoint(api, job, 2)
             node_id = learners.node_id
             killed_at = time.time()
             assert len(_sigkill_node(learners)) >= 3  # the raylet, the two learners, agents
