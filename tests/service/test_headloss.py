@@ -11,60 +11,20 @@ Minutes: marked slow."""
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
 import shutil
-import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import psutil
 import pytest
 
 from service.rayjobs import RayJobs
 
 from .conftest import Server, free_port, wait_for, wait_for_checkpoint
+from .raynodes import RayNodeProcesses, head_args, ray_env, worker_args
 from .test_jobs import tiny
 
 pytestmark = pytest.mark.slow
-
-
-class RayNodeProcesses:
-    """One node's `ray start` processes, told apart from every other Ray on the machine by the node's own
-    temp dir (every process of the node carries it in its command line, or descends from one that does)."""
-
-    def __init__(self, env: dict[str, str], *args: str) -> None:
-        self.env, self.args = env, args
-        self.temp_dir = Path(f"/tmp/forkrl-node-{secrets.token_hex(4)}")  # short: socket paths < 108 bytes
-
-    def start(self) -> None:
-        ray = shutil.which("ray", path=self.env["PATH"]) or "ray"
-        out = subprocess.run([ray, "start", *self.args, f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
-                             env=self.env, capture_output=True, text=True, timeout=180)  # fmt: skip
-        assert out.returncode == 0, out.stderr[-3000:]
-
-    def processes(self) -> list[psutil.Process]:
-        mine: dict[int, psutil.Process] = {}
-        for p in psutil.process_iter(["cmdline"]):
-            with contextlib.suppress(psutil.Error):
-                if any(str(self.temp_dir) in a for a in (p.info["cmdline"] or [])):
-                    for q in (p, *p.children(recursive=True)):
-                        mine[q.pid] = q
-        return list(mine.values())
-
-    def kill(self) -> int:
-        procs = self.processes()
-        for p in procs:
-            with contextlib.suppress(psutil.Error):
-                p.send_signal(signal.SIGKILL)
-        psutil.wait_procs(procs, timeout=30)
-        return len(procs)
-
-    def remove(self) -> None:
-        self.kill()
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture
@@ -77,24 +37,9 @@ def ft_cluster(tmp_path):
                               "--appendonly", "no", "--dir", str(tmp_path)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     token = secrets.token_hex(32)
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
-    env.pop("RAY_ADDRESS", None)
-    head = RayNodeProcesses(
-        dict(env, RAY_REDIS_ADDRESS=f"127.0.0.1:{redis_port}"),
-        "--head", "--num-cpus=0", f"--port={gcs}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-        "--include-dashboard=true", f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}",
-    )  # fmt: skip
-    low = free_port() // 100 * 100  # a worker port range of its own (workers bind in it)
-    worker = RayNodeProcesses(
-        env, f"--address=127.0.0.1:{gcs}", "--num-cpus=4", f"--node-manager-port={free_port()}",
-        f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-        f"--dashboard-agent-grpc-port={free_port()}", f"--metrics-export-port={free_port()}",
-        f"--runtime-env-agent-port={free_port()}", f"--min-worker-port={low}", f"--max-worker-port={low + 99}",
-    )  # fmt: skip
+    env = ray_env(token)
+    head = RayNodeProcesses(dict(env, RAY_REDIS_ADDRESS=f"127.0.0.1:{redis_port}"), *head_args(gcs, dash))
+    worker = RayNodeProcesses(env, *worker_args(gcs, 4))
     try:
         head.start()
         worker.start()

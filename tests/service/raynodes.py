@@ -1,0 +1,85 @@
+"""Ray nodes of `ray start` for the service tests that lose one (tests/service/test_nodes.py,
+test_headloss.py): each node a raylet of its own with its own ports and temp dir, started and SIGKILLed
+as a whole, as a machine of a real cluster is."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+
+from .conftest import free_port
+
+__all__ = ["RayNodeProcesses", "head_args", "ray_env", "worker_args"]
+
+
+def ray_env(token: str) -> dict[str, str]:
+    """The environment of every node: this interpreter first on PATH (the job's driver runs `python -m
+    actors.train` on the head), token authentication with `token`."""
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")  # fmt: skip
+    env.pop("RAY_ADDRESS", None)
+    return env
+
+
+def _ports() -> list[str]:
+    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]  # fmt: skip
+
+
+def head_args(gcs: int, dashboard: int) -> list[str]:
+    """A head with no CPUs (only the job's driver runs there) and its dashboard on `dashboard`."""
+    return ["--head", "--num-cpus=0", f"--port={gcs}", f"--dashboard-port={dashboard}", "--dashboard-host=127.0.0.1",
+            "--include-dashboard=true", *_ports()]  # fmt: skip
+
+
+def worker_args(gcs: int, cpus: int, resources: dict[str, float] | None = None) -> list[str]:
+    low = free_port() // 100 * 100  # a worker port range of its own (workers bind in it)
+    extra = [f"--resources={json.dumps(resources)}"] if resources else []
+    return [f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}", *extra, *_ports(), f"--min-worker-port={low}",
+            f"--max-worker-port={low + 99}"]  # fmt: skip
+
+
+class RayNodeProcesses:
+    """One node's `ray start` processes, told apart from every other Ray on the machine by the node's own
+    temp dir (every process of the node carries it in its command line, or descends from one that does)."""
+
+    def __init__(self, env: dict[str, str], *args: str) -> None:
+        self.env, self.args = env, args
+        self.temp_dir = Path(f"/tmp/forkrl-node-{secrets.token_hex(4)}")  # short: socket paths < 108 bytes
+
+    def start(self) -> None:
+        ray = shutil.which("ray", path=self.env["PATH"]) or "ray"
+        out = subprocess.run([ray, "start", *self.args, f"--temp-dir={self.temp_dir}", "--disable-usage-stats"],
+                             env=self.env, capture_output=True, text=True, timeout=180)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+
+    def processes(self) -> list[psutil.Process]:
+        mine: dict[int, psutil.Process] = {}
+        for p in psutil.process_iter(["cmdline"]):
+            with contextlib.suppress(psutil.Error):
+                if any(str(self.temp_dir) in a for a in (p.info["cmdline"] or [])):
+                    for q in (p, *p.children(recursive=True)):
+                        mine[q.pid] = q
+        return list(mine.values())
+
+    def kill(self) -> int:
+        procs = self.processes()
+        for p in procs:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(signal.SIGKILL)
+        psutil.wait_procs(procs, timeout=30)
+        return len(procs)
+
+    def remove(self) -> None:
+        self.kill()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
