@@ -37,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from load import pct, start_server  # noqa: E402
 
+from service.client import ForkrlClient  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "results" / "queue"
 ADMITTED = ("PENDING", "RUNNING")
@@ -102,16 +104,9 @@ def _utc(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text).replace(tzinfo=None)  # all UTC (SQLite keeps no zone)
 
 
-def state_events(c: httpx.Client, job_id: str) -> list[Event]:
-    out, kind = [], ""
-    with c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=60) as r:
-        for line in r.iter_lines():
-            if line.startswith("event:"):
-                kind = line[6:].strip()
-            elif line.startswith("data:") and kind == "state":
-                d = json.loads(line[5:])
-                out.append(Event(job_id, d["state"], _utc(d["at"])))
-    return out
+def state_events(api: ForkrlClient, job_id: str) -> list[Event]:
+    """A finished job's state changes, replayed by its event stream."""
+    return [Event(job_id, d["state"], _utc(d["at"])) for kind, d in api.events(job_id) if kind == "state"]
 
 
 class Bench:
@@ -210,13 +205,13 @@ class Bench:
 
     def verify(self, ids: list[str], wall: float) -> dict[str, Any]:
         a = self.args
-        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.admin}"}, timeout=60) as c:
-            rows = [c.get(f"/v1/jobs/{i}").json() for i in ids]
-            jobs = [Job(r["id"], r["owner"], r["priority"], _utc(r["created_at"])) for r in rows]
-            events = [e for i in ids for e in state_events(c, i)]
+        with ForkrlClient(self.url, self.admin, timeout=60) as api:
+            rows = [api.job(i) for i in ids]
+            jobs = [Job(r.id, r.owner, r.priority, r.created_at.replace(tzinfo=None)) for r in rows]
+            events = [e for i in ids for e in state_events(api, i)]
         problems = check(jobs, events, a.fit, a.quota)
-        problems += [f"{r['id']}: {r['state']} ({r['message']})" for r in rows if r["state"] != "SUCCEEDED"]
-        problems += [f"{r['id']}: restarted {r['restarts']} time(s)" for r in rows if r["restarts"]]
+        problems += [f"{r.id}: {r.state.value} ({r.message})" for r in rows if r.state.value != "SUCCEEDED"]
+        problems += [f"{r.id}: restarted {r.restarts} time(s)" for r in rows if r.restarts]
         problems += [f"lost across the kill: {k}" for k in self.kill.get("lost", [])]
         from service.rayjobs import RayJobs
 

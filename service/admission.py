@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pydantic import BaseModel, Field
 
 __all__ = [
-    "Capacity", "Decision", "Preemption", "Queued", "Quota", "RayNode", "Running", "never_fits", "plan", "preempt",
-    "resources_text",
+    "Capacity", "Decision", "Preemption", "Queued", "Quota", "RayNode", "Running", "never_fits", "plan",
+    "plan_preempting", "resources_text",
 ]  # fmt: skip
 
 EPS = 1e-9
@@ -39,6 +39,10 @@ def resources_text(resources: Mapping[str, float]) -> str:
 
 def _minus(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
     return {k: a.get(k, 0.0) - b.get(k, 0.0) for k in set(a) | set(b)}
+
+
+def _plus(a: Mapping[str, float], b: Mapping[str, float]) -> dict[str, float]:
+    return {k: a.get(k, 0.0) + b.get(k, 0.0) for k in set(a) | set(b)}
 
 
 def _short(need: Mapping[str, float], have: Mapping[str, float]) -> dict[str, float]:
@@ -177,24 +181,24 @@ def plan(
     return _plan(queued, running, cap, quotas)[0]
 
 
-def preempt(
+def plan_preempting(
     queued: Iterable[Queued], running: Iterable[Running], cap: Capacity, quotas: Mapping[str, Quota]
-) -> list[Preemption]:
-    """The running jobs to stop so that the first job waiting for capacity fits (the others wait behind it
-    anyway): only jobs of a lower priority, the lowest priority first, then the most recently started
-    (the least work to redo: each stops at its next step, after a checkpoint there). Jobs already
-    stopping count as room to come. None when room is on its way, or when stopping every candidate
-    would still not make it fit (nothing is stopped in vain)."""
+) -> tuple[list[Decision], list[Preemption]]:
+    """One admission pass, and the running jobs to stop so that the first job waiting for capacity fits
+    (the others wait behind it anyway): only jobs of a lower priority, the lowest priority first, then the
+    most recently started (the least work to redo: each stops at its next step, after a checkpoint there).
+    Jobs already stopping count as room to come. None when room is on its way, or when stopping every
+    candidate would still not make it fit (nothing is stopped in vain)."""
     running = list(running)
-    _, blocker, free = _plan(queued, running, cap, quotas)
+    decisions, blocker, free = _plan(queued, running, cap, quotas)
     if blocker is None:
-        return []
-    room = dict(free)
+        return decisions, []
+    room = free
     for r in running:
         if r.stopping:
-            room = _minus(room, {k: -v for k, v in r.demand.items()})
+            room = _plus(room, r.demand)
     if not _short(blocker.demand, room):
-        return []
+        return decisions, []
     candidates = sorted(
         (r for r in running if not r.stopping and r.priority < blocker.priority),
         key=lambda r: (r.priority, -(r.started_at.timestamp() if r.started_at else 0.0)),
@@ -202,10 +206,10 @@ def preempt(
     chosen: list[Running] = []
     for r in candidates:
         chosen.append(r)
-        room = _minus(room, {k: -v for k, v in r.demand.items()})
+        room = _plus(room, r.demand)
         if not _short(blocker.demand, room):
-            return [Preemption(r.job_id, blocker.job_id) for r in chosen]
-    return []
+            return decisions, [Preemption(r.job_id, blocker.job_id) for r in chosen]
+    return decisions, []
 
 
 def _plan(

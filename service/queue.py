@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from actors.common.config import JobConfig
 from actors.common.contract import JobState
 from actors.common.demand import Demand, job_demand, stored_demand
-from service.admission import Capacity, Preemption, Queued, Quota, Running, never_fits, plan, preempt
+from service.admission import Capacity, Preemption, Queued, Quota, Running, never_fits, plan, plan_preempting
 from service.db import Job, Token, now
 from service.rayjobs import RayJobs, RayUnavailable
 from service.settings import Settings
@@ -109,12 +109,14 @@ class AdmissionQueue:
                            for j in queued if not j.cancel_requested]  # fmt: skip
                 live = {j.id for j in (*queued, *admitted)}
                 self._demands = {k: v for k, v in self._demands.items() if k in live}
-                decisions = [(d.job_id, d.admit, d.reason) for d in plan(waiting, running, cap, quotas)]
                 if self.settings.preemption == "lower_priority":
-                    stops = preempt(waiting, running, cap, quotas)
-                    if stops:  # the job they make room for says so
-                        note = f"; stopping {', '.join(p.victim for p in stops)} (lower priority) to make room"
-                        decisions = [(i, a, r + note if i == stops[0].for_job else r) for i, a, r in decisions]
+                    planned, stops = plan_preempting(waiting, running, cap, quotas)
+                else:
+                    planned = plan(waiting, running, cap, quotas)
+                decisions = [(d.job_id, d.admit, d.reason) for d in planned]
+                if stops:  # the job they make room for says so
+                    note = f"; stopping {', '.join(p.victim for p in stops)} (lower priority) to make room"
+                    decisions = [(i, a, r + note if i == stops[0].for_job else r) for i, a, r in decisions]
             started = []
             with self.store.session(write=True) as db:
                 self._ask_to_stop(db, stops)

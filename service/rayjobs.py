@@ -226,14 +226,13 @@ class RayJobs:
         return state, info.message or ""
 
     def _dead(self, node_id: str) -> bool:
-        """Whether Ray lists this node as DEAD (its node list read at most every NODES_TTL_S)."""
-        now = time.monotonic()
-        if self._node_states is None or now - self._node_states[0] > NODES_TTL_S:
+        """Whether Ray lists this node as DEAD (the last node list read, if under NODES_TTL_S old)."""
+        if self._node_states is None or time.monotonic() - self._node_states[0] > NODES_TTL_S:
             try:
-                self._node_states = (now, {n.node_id: n.state for n in self.nodes()})
+                self.nodes()  # records what it read (the admission pass's read is usually fresh enough)
             except RayUnavailable:  # the node list cannot say: the job's own status stands
                 return False
-        return self._node_states[1].get(node_id) == "DEAD"
+        return self._node_states is not None and self._node_states[1].get(node_id) == "DEAD"
 
     def stop(self, job_id: str) -> None:
         try:
@@ -281,7 +280,7 @@ class RayJobs:
         return kept.decode(errors="replace")
 
     def nodes(self) -> list[RayNode]:
-        """The cluster's nodes as Ray's state API lists them."""
+        """The cluster's nodes as Ray's state API lists them (their states kept for `_dead`)."""
         import httpx
         from pydantic import ValidationError
 
@@ -290,9 +289,11 @@ class RayJobs:
             r = httpx.get(url, params={"limit": 10_000, "timeout": 30}, headers=self.headers, timeout=REQUEST_TIMEOUT_S)
             if r.status_code != 200:
                 raise RayUnavailable(f"Ray's node list answered {r.status_code}: {r.text[:300]}")
-            return _NodesAnswer.model_validate_json(r.content).data.result.result
+            nodes = _NodesAnswer.model_validate_json(r.content).data.result.result
         except (httpx.HTTPError, ValidationError) as e:
             raise RayUnavailable(f"Ray at {self.address}: no node list: {e}") from e
+        self._node_states = (time.monotonic(), {n.node_id: n.state for n in nodes})
+        return nodes
 
     async def tail(self, job_id: str) -> AsyncIterator[str]:
         async for chunk in self.client().tail_job_logs(job_id):

@@ -12,13 +12,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 
+from service.admission import RayNode
+from service.rayjobs import RayJobs
+
 from .conftest import free_port
 
-__all__ = ["RayNodeProcesses", "head_args", "ray_env", "worker_args"]
+__all__ = ["RayNodeProcesses", "alive_nodes", "head_args", "ray_env", "worker_args"]
 
 
 def ray_env(token: str) -> dict[str, str]:
@@ -47,6 +51,23 @@ def worker_args(gcs: int, cpus: int, resources: dict[str, float] | None = None) 
     extra = [f"--resources={json.dumps(resources)}"] if resources else []
     return [f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}", *extra, *_ports(), f"--min-worker-port={low}",
             f"--max-worker-port={low + 99}"]  # fmt: skip
+
+
+def alive_nodes(address: str, token: str, n: int, timeout: float = 120) -> list[RayNode]:
+    """Until exactly n of the cluster's nodes are ALIVE (Ray's state API through the dashboard); those."""
+    ray = RayJobs(address, token)
+    deadline = time.time() + timeout
+    seen: object = None
+    while True:
+        try:
+            alive = [node for node in ray.nodes() if node.state == "ALIVE"]
+            if len(alive) == n:
+                return alive
+            seen = alive
+        except Exception as e:  # not up yet
+            seen = e
+        assert time.time() < deadline, f"not {n} alive Ray nodes after {timeout} s: {seen!r}"
+        time.sleep(1)
 
 
 class RayNodeProcesses:

@@ -13,11 +13,8 @@ import time
 
 import pytest
 
-from service.admission import RayNode
-from service.rayjobs import RayJobs
-
 from .conftest import Server, free_port, state_events, wait_for, wait_for_checkpoint
-from .raynodes import RayNodeProcesses, head_args, ray_env, worker_args
+from .raynodes import RayNodeProcesses, alive_nodes, head_args, ray_env, worker_args
 from .test_jobs import tiny
 
 pytestmark = pytest.mark.slow
@@ -38,7 +35,7 @@ def cluster():
     try:
         for n in nodes:
             n.start()
-        _alive_nodes(address, token, 3)
+        alive_nodes(address, token, 3)
 
         def add_learner_node() -> None:
             nodes.append(RayNodeProcesses(env, *worker_args(gcs, 2, LEARNER_NODE)))
@@ -50,25 +47,9 @@ def cluster():
             n.remove()
 
 
-def _alive_nodes(address: str, token: str, n: int, timeout: float = 120) -> list[RayNode]:
-    ray = RayJobs(address, token)
-    deadline = time.time() + timeout
-    seen: object = None
-    while True:
-        try:
-            alive = [node for node in ray.nodes() if node.state == "ALIVE"]
-            if len(alive) == n:
-                return alive
-            seen = alive
-        except Exception as e:  # not up yet
-            seen = e
-        assert time.time() < deadline, f"not {n} alive Ray nodes after {timeout} s: {seen!r}"
-        time.sleep(1)
-
-
 def test_a_lost_worker_node_fails_the_attempt_naming_it_and_the_job_resumes_when_capacity_returns(cluster, tmp_path):
     learners, add_learner_node, address, token = cluster
-    (node_id,) = [n.node_id for n in _alive_nodes(address, token, 3) if "forkrl_learner" in n.resources_total]
+    (node_id,) = [n.node_id for n in alive_nodes(address, token, 3) if "forkrl_learner" in n.resources_total]
     server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", address, token).start()
     cfg = tiny(8)
     cfg["trainer"] = {**cfg["trainer"], "save_every": 1, "max_restarts": 2}

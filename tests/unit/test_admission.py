@@ -4,7 +4,18 @@ only their owner, and jobs that can never fit."""
 
 import datetime as dt
 
-from service.admission import Capacity, Preemption, Queued, Quota, RayNode, Running, never_fits, order, plan, preempt
+from service.admission import (
+    Capacity,
+    Preemption,
+    Queued,
+    Quota,
+    RayNode,
+    Running,
+    never_fits,
+    order,
+    plan,
+    plan_preempting,
+)
 
 T0 = dt.datetime(2026, 12, 7, tzinfo=dt.timezone.utc)
 TINY = {"CPU": 3.0}  # examples/tiny.yaml: one engine and two learners of 1 CPU each
@@ -105,6 +116,13 @@ def test_no_alive_node_admits_nothing_and_says_so():
         not d.admit
         and d.reason == "cannot fit the cluster as it is now (0 node(s), nothing in all): no Ray node is alive"
     )
+
+
+def preempt(queued, running, cap, quotas):
+    """The pass's preemptions; its decisions are plan()'s (checked below)."""
+    decisions, stops = plan_preempting(queued, running, cap, quotas)
+    assert decisions == plan(queued, running, cap, quotas)
+    return stops
 
 
 def run(job_id: str, priority: int = 0, minute: int = 0, demand=TINY, stopping=False, owner="bob") -> Running:
