@@ -77,9 +77,41 @@ def gather(
                 raise
             pending[i] = on_death(i, e)
             continue
+        except Exception as e:
+            del pending[i]
+            cause = _death_behind(pending, e)
+            if cause is e:
+                raise
+            raise cause from e
         finished = pending.pop(i)  # the call that finished (a replacement's, after a death)
         results[i] = value if fetch else finished
     return [results[i] for i in range(len(refs))]
+
+
+DEATH_GRACE_S = 10.0
+
+
+def _death_behind(pending: dict[int, Any], failure: Exception) -> Exception:
+    """The root cause of a failed call: a call that fails because a peer died (a collective whose
+    other side closed: gloo's "Connection closed by peer") often reports before Ray reports the death.
+    Waits up to DEATH_GRACE_S for the other calls; the first one whose actor died is the cause.
+    Otherwise the failure itself."""
+    import time
+
+    import ray
+    from ray.exceptions import RayActorError
+
+    refs, deadline = list(pending.values()), time.monotonic() + DEATH_GRACE_S
+    while refs and (left := deadline - time.monotonic()) > 0:
+        done, refs = ray.wait(refs, num_returns=1, timeout=left)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except RayActorError as death:
+                return death
+            except Exception:  # another call that failed, not a death: the first failure stands
+                pass
+    return failure
 
 
 def _placed(n: int, bundle: dict[str, float], within_s: float, role: str, setting: str) -> Any:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -323,6 +324,39 @@ def _running(p) -> bool:
         return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
         return False
+
+
+class _Peer:
+    """A stand-in for a learner in a collective: `fail` raises the way gloo does when its peer is gone."""
+
+    def fail(self, after_s: float) -> None:
+        time.sleep(after_s)
+        raise RuntimeError("Connection closed by peer")
+
+    def wait(self, s: float) -> str:
+        time.sleep(s)
+        return "done"
+
+
+def test_a_call_failing_because_its_peer_died_is_reported_as_the_peer_s_death(ray_local):
+    """A learner's collective fails ("Connection closed by peer") before Ray reports the killed peer:
+    gather raises the death (naming the actor), the failure as its cause; with no death, the failure."""
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError
+
+    from actors.common.pool import gather
+
+    remote = ray.remote(num_cpus=0)(_Peer)
+    first, peer = remote.remote(), remote.remote()
+    assert ray.get([first.wait.remote(0), peer.wait.remote(0)]) == ["done", "done"]  # both started
+    refs = [first.fail.remote(0.5), peer.wait.remote(60)]
+    threading.Timer(2.0, ray.kill, (peer,)).start()  # the death shows 1.5 s after the failure
+    with pytest.raises(RayActorError) as death:
+        gather(refs)
+    assert isinstance(death.value.__cause__, RayTaskError) and "closed by peer" in str(death.value.__cause__)
+    assert peer._actor_id.hex() in str(death.value)
+    with pytest.raises(RayTaskError, match="closed by peer"):  # the other call finished: no death behind it
+        gather([first.fail.remote(0.1), first.wait.remote(0.5)])
 
 
 def test_a_killed_engine_is_replaced_with_the_current_weights_and_one_past_its_restarts_fails(tmp_path):
