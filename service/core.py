@@ -27,7 +27,7 @@ from service.limits import MAX_CONFIG_BYTES
 from service.policy import check_job
 from service.quotas import TenancyLimits
 from service.raycluster import RayCluster
-from service.rayjobs import JobNotFound, RayJobs, RayUnavailable
+from service.rayjobs import JobBackend, JobNotFound, RayUnavailable
 from service.reconciler import LOG_READ_BYTES, Reconciler, config_env
 from service.settings import Settings
 from service.store import PAGE_ROWS, Conflict, JobStore, StepJSON
@@ -92,7 +92,7 @@ class Service:
         return self._reconciler
 
     @property
-    def ray(self) -> RayJobs:
+    def ray(self) -> JobBackend:
         return self.cluster.jobs
 
     # -- lifecycle

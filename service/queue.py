@@ -16,7 +16,7 @@ from actors.common.contract import JobState
 from actors.common.demand import Demand, job_demand, stored_demand
 from service.admission import Capacity, Preemption, Queued, Quota, Running, never_fits, plan, plan_preempting
 from service.db import Job, Token, now
-from service.rayjobs import RayJobs, RayUnavailable
+from service.rayjobs import JobBackend, RayUnavailable
 from service.settings import Settings
 from service.store import JobStore
 
@@ -39,7 +39,7 @@ def _actor_shapes(d: Demand) -> tuple[dict[str, float], ...]:
 
 
 class AdmissionQueue:
-    def __init__(self, store: JobStore, ray: RayJobs, settings: Settings) -> None:
+    def __init__(self, store: JobStore, ray: JobBackend, settings: Settings) -> None:
         self.store, self.ray, self.settings = store, ray, settings
         self._lock = threading.Lock()  # one pass at a time in this process (the loop and a submission)
         self._capacity: tuple[float, Capacity] | None = None
@@ -66,7 +66,7 @@ class AdmissionQueue:
         """At submission: refuse a priority above the owner's bound and a job that can never fit the
         cluster (when Ray can say what it has; otherwise the job queues and the pass says why it waits)."""
         self.check_priority(who, priority)
-        if self.settings.admission == "off":
+        if self.settings.admission != "queue":
             return
         d = job_demand(cfg)
         try:
@@ -93,14 +93,16 @@ class AdmissionQueue:
         """One pass; the ids it admitted. RayUnavailable when Ray cannot list its nodes (nothing changes)."""
         with self._lock:
             with self.store.session() as db:
-                queued = self.store.in_states(db, (JobState.QUEUED.value,))
+                # a QUEUED job already submitted is Kueue's to admit (it holds the RayJob suspended)
+                queued = [j for j in self.store.in_states(db, (JobState.QUEUED.value,)) if not j.submitted]
                 if not queued:
                     return []
                 admitted = self.store.in_states(db, ADMITTED)
                 quotas = {q.owner: Quota(q.max_running_jobs, q.max_cpus, q.max_gpus) for q in self.store.quotas(db)}
             stops: list[Preemption] = []
-            if self.settings.admission == "off":
-                decisions = [(j.id, True, "admitted (admission: off)") for j in queued if not j.cancel_requested]
+            if self.settings.admission != "queue":
+                why = "handed to Kueue" if self.settings.admission == "kueue" else "admitted (admission: off)"
+                decisions = [(j.id, True, why) for j in queued if not j.cancel_requested]
             else:
                 cap = self.capacity()
                 running = [Running(j.id, j.owner, self.demand(j)[0], j.priority or 0, j.started_at,

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import BaseModel
 
@@ -134,6 +134,27 @@ class LocalRayHead:
         log.info("embedded Ray head stopped (%d processes)", len(mine))
 
 
+class JobBackend(Protocol):
+    """Where the control plane runs its jobs: Ray's Jobs API on one cluster (RayJobs), or a RayJob per
+    attempt that Kueue admits (service.kueue.KueueJobs). Blocking calls: run them in a thread."""
+
+    def ping(self) -> bool: ...
+
+    def submit(self, job_id: str, entrypoint: str, runtime_env: dict[str, Any], priority: int = 0) -> bool: ...
+
+    def status(self, job_id: str) -> tuple[str, str]: ...
+
+    def stop(self, job_id: str) -> None: ...
+
+    def delete(self, job_id: str) -> None: ...
+
+    def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str: ...
+
+    def nodes(self) -> list[RayNode]: ...
+
+    def tail(self, job_id: str) -> AsyncIterator[str]: ...
+
+
 REQUEST_TIMEOUT_S = 60.0  # one call to the Ray Jobs API; past it the call counts as "Ray unavailable"
 NODES_TTL_S = 5.0  # how long a status call reuses the node list it read (one read per reconcile pass or so)
 
@@ -185,10 +206,10 @@ class RayJobs:
             self._client = None
             return False
 
-    def submit(self, job_id: str, entrypoint: str, runtime_env: dict[str, Any]) -> bool:
+    def submit(self, job_id: str, entrypoint: str, runtime_env: dict[str, Any], priority: int = 0) -> bool:
         """Submit with submission_id = job_id: a second submission of the same job is refused by Ray,
         so a crash between submitting and recording it cannot start the job twice. True when this
-        call started it, False when Ray already had it."""
+        call started it, False when Ray already had it. (The priority is the admission queue's.)"""
         try:
             self.client().submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env)
             return True

@@ -36,7 +36,7 @@ from actors.common.contract import (
 from service.db import Job, now
 from service.failures import failure_reason, infrastructure_failure
 from service.queue import AdmissionQueue
-from service.rayjobs import JobNotFound, RayJobs, RayUnavailable
+from service.rayjobs import JobBackend, JobNotFound, RayUnavailable
 from service.settings import Settings
 from service.store import JobStore
 from service.telemetry import Telemetry
@@ -76,7 +76,7 @@ def _failed_note(retry: bool, restarts: int, budget: int) -> str:
 
 
 class Reconciler:
-    def __init__(self, store: JobStore, ray: RayJobs, telemetry: Telemetry, settings: Settings) -> None:
+    def __init__(self, store: JobStore, ray: JobBackend, telemetry: Telemetry, settings: Settings) -> None:
         self.store = store
         self.ray = ray
         self.telemetry = telemetry
@@ -115,7 +115,7 @@ class Reconciler:
         the running driver keeps the token it got, and so does the store)."""
         token = secrets.token_urlsafe(32)
         env = {JOB_CONFIG_ENV: config_env(job.config), REPORT_TOKEN_ENV: token, **JOB_ENV_VARS}
-        if self.ray.submit(job.ray_id, ENTRYPOINT, {"env_vars": env}):
+        if self.ray.submit(job.ray_id, ENTRYPOINT, {"env_vars": env}, job.priority or 0):
             with self.store.session(write=True) as db:
                 if (j := self.store.get(db, job.id)) is not None:
                     j.ingest_token_hash = sha256(token)
@@ -142,7 +142,7 @@ class Reconciler:
             job = self.store.get(db, job_id)
         if job is None or job.state in TERMINAL_STATES:
             return
-        if job.state == JobState.QUEUED.value:  # not admitted yet: only a cancel changes it here
+        if job.state == JobState.QUEUED.value and not job.submitted:  # not admitted yet: only a cancel changes it
             if job.cancel_requested:
                 self._set_state(job_id, JobState.CANCELLED.value, "cancelled while queued")
             return
@@ -164,12 +164,15 @@ class Reconciler:
         try:
             state, message = self.ray.status(job.ray_id)
         except JobNotFound:
+            if job.cancel_requested:  # stopped by deleting it (a Kueue RayJob), or Ray lost it meanwhile
+                self._set_state(job_id, JobState.CANCELLED.value, "cancelled")
+                return
             # Ray lost it (a new head, e.g. the embedded one after a restart): start it again; with
             # trainer.resume=auto it continues from its newest checkpoint
             self.submit(job)
             self._set_state(job_id, JobState.PENDING.value, "resubmitted: the Ray cluster had no record of it")
             return
-        if job.cancel_requested and state in (JobState.PENDING.value, JobState.RUNNING.value):
+        if job.cancel_requested and state in (JobState.QUEUED.value, JobState.PENDING.value, JobState.RUNNING.value):
             with contextlib.suppress(JobNotFound):
                 self.ray.stop(job.ray_id)
         if job.preempt_at is not None and not job.cancel_requested:
@@ -180,6 +183,9 @@ class Reconciler:
                 return
         if state == JobState.FAILED.value and not job.cancel_requested:
             self.fail_or_restart(job, message)
+            return
+        if state == JobState.QUEUED.value and job.state == JobState.RUNNING.value and not job.cancel_requested:
+            self._suspended(job, message)  # Kueue took its pods back (preempted): it resumes when re-admitted
             return
         with self.store.session(write=True) as db:
             j = self.store.get(db, job_id)
@@ -199,7 +205,7 @@ class Reconciler:
     def fail_or_restart(self, job: Job, message: str) -> None:
         """A failed attempt (the driver, a learner or an engine died; a timeout; the head or the job's
         supervisor died; the node it ran on): within the job's trainer.max_restarts the job goes back to
-        QUEUED (PENDING with admission off), to be submitted again, once its demand fits, as a new Ray
+        QUEUED (PENDING with admission off or kueue), to be submitted again, once its demand fits, as a new Ray
         submission (`Job.ray_id`), resuming from its newest checkpoint.
         The steps the failed attempt stored after that checkpoint are dropped (the next attempt logs them
         again), so the finished job holds each step once. An attempt that made no progress is restarted
@@ -233,7 +239,7 @@ class Reconciler:
         return failures
 
     def _restart(self, job: Job, failures: list[dict[str, Any]], reason: str, budget: int) -> None:
-        """Back to QUEUED (PENDING with admission off) as the next attempt, from the newest complete
+        """Back to QUEUED (PENDING with admission off or kueue) as the next attempt, from the newest complete
         checkpoint (its later steps dropped)."""
         resume_at = newest_checkpoint(job.run_dir)
         with self.store.session(write=True) as db:
@@ -247,7 +253,7 @@ class Reconciler:
             where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint yet)"
             # through the queue: the next attempt starts when its whole demand fits again (a lost node
             # shrank the cluster; another job may have taken the room meanwhile)
-            state = JobState.PENDING if self.settings.admission == "off" else JobState.QUEUED
+            state = JobState.QUEUED if self.settings.admission == "queue" else JobState.PENDING
             self.store.set_state(db, j, state.value, f"restart {j.restarts} of {budget} {where} after: {reason}")
 
     def _stop_after_grace(self, job: Job) -> None:
@@ -281,6 +287,23 @@ class Reconciler:
             why = f"preempted at step {stopped_at} for a higher-priority job; resumes {where}"
             self.store.set_state(db, j, JobState.QUEUED.value, why)
         return True
+
+    def _suspended(self, job: Job, message: str) -> None:
+        """A running job whose RayJob Kueue suspended (preempted for a higher-priority workload, or its quota
+        was reclaimed): its Ray cluster is gone; back to QUEUED with its steps after the newest checkpoint
+        dropped. The same RayJob starts again when Kueue re-admits it and resumes from that checkpoint."""
+        with self.store.session(write=True) as db:
+            j = self.store.get(db, job.id)
+            if j is None or j.state in TERMINAL_STATES:
+                return
+            self.ingest_files(db, j)
+            resume_at, stopped_at = newest_checkpoint(j.run_dir), j.last_step
+            self.store.rewind(db, j, resume_at)
+            j.preemptions = (j.preemptions or 0) + 1
+            self.telemetry.preemptions_total.inc()
+            where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint)"
+            why = f"suspended by Kueue at step {stopped_at} (preempted); resumes {where} when re-admitted: {message}"
+            self.store.set_state(db, j, JobState.QUEUED.value, why)
 
     def _set_state(self, job_id: str, state: str, message: str) -> None:
         with self.store.session(write=True) as db:

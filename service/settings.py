@@ -42,10 +42,26 @@ class Settings(BaseSettings):
     public_url: str = Field("", description="URL training drivers push metrics to; empty: http://<host>:<port>.")
     runs_dir: Path | None = Field(None, description="Where jobs write their runs; default <data_dir>/runs.")
     reconcile_interval_s: float = Field(2.0, gt=0, le=3600)
-    admission: Literal["queue", "off"] = Field(
+    admission: Literal["queue", "off", "kueue"] = Field(
         "queue",
         description="queue: jobs wait in QUEUED until their whole demand fits the cluster's free capacity "
-        "(service/admission.py); off: every job goes to Ray at once (a cluster whose autoscaler or Kueue decides).",
+        "(service/admission.py); off: every job goes to Ray at once (a cluster whose autoscaler decides); kueue: "
+        "each job attempt is a RayJob with its own Ray cluster, which Kueue admits on Kubernetes (service/kueue.py).",
+    )
+    kueue_rayjob_template: Path = Field(
+        Path("/etc/forkrl/rayjob.yaml"),
+        description="admission=kueue: the RayJob manifest each job's RayJob is made from (the chart renders it).",
+    )
+    kueue_local_queue: str = Field(
+        "forkrl", min_length=1, max_length=63, description="admission=kueue: the LocalQueue the RayJobs go to."
+    )
+    kueue_namespace: str = Field(
+        "", description="admission=kueue: the namespace of the RayJobs; empty: the service account's (or kubeconfig's)."
+    )
+    kueue_priority_classes: dict[str, int] = Field(
+        default_factory=dict,
+        description="admission=kueue: Kueue WorkloadPriorityClass name -> value; a job gets the class with the highest "
+        "value at most its priority (none below it: no class).",
     )
     preemption: Literal["off", "lower_priority"] = Field(
         "off",

@@ -197,8 +197,9 @@ class JobStore:
         return list(db.scalars(select(Job).where(Job.state.in_(states)).order_by(Job.seq)))
 
     def queue_positions(self, db: Session) -> dict[str, int]:
-        """Each QUEUED job's place in the admission order (1 first): priority, then submission."""
-        q = select(Job.id).where(Job.state == JobState.QUEUED.value)
+        """Each QUEUED job's place in the admission order (1 first): priority, then submission. (A job Kueue
+        holds suspended is QUEUED and submitted: its place is Kueue's, not counted here.)"""
+        q = select(Job.id).where(Job.state == JobState.QUEUED.value, Job.submitted.is_(False))
         ids = db.scalars(q.order_by(Job.priority.desc(), Job.created_at, Job.id))
         return {job_id: i + 1 for i, job_id in enumerate(ids)}
 

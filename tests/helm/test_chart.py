@@ -382,12 +382,15 @@ def test_network_policies_admit_the_jobs_api_only_from_the_control_plane(chart):
     docs = render(chart)
     policies = {p["metadata"]["name"]: p["spec"] for p in by_kind(docs, "NetworkPolicy")}
     (rc,) = by_kind(docs, "RayCluster")
-    cluster = rc["metadata"]["name"]
+    ray_pods = {"forkrl.io/ray": "demo-forkrl"}  # the label of this release's Ray pods: every one has it
+    spec = rc["spec"]
+    for group in [spec["headGroupSpec"], *spec["workerGroupSpecs"]]:
+        assert ray_pods.items() <= group["template"]["metadata"]["labels"].items()
     ray = policies["demo-forkrl-ray"]
-    assert ray["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster}
-    assert ray["ingress"] == [{"from": [{"podSelector": {"matchLabels": {"ray.io/cluster": cluster}}}]}]
+    assert ray["podSelector"]["matchLabels"] == ray_pods
+    assert ray["ingress"] == [{"from": [{"podSelector": {"matchLabels": ray_pods}}]}]
     jobs = policies["demo-forkrl-ray-jobs-api"]
-    assert jobs["podSelector"]["matchLabels"] == {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
+    assert jobs["podSelector"]["matchLabels"] == {**ray_pods, "ray.io/node-type": "head"}
     (rule,) = jobs["ingress"]
     (dep,) = by_kind(docs, "Deployment")
     selector = rule["from"][0]["podSelector"]["matchLabels"]

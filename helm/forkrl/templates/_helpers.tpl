@@ -106,6 +106,7 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
       labels:
         {{- include "forkrl.labels" $root | nindent 8 }}
         app.kubernetes.io/component: {{ .name }}-workers
+        {{- include "forkrl.rayPodLabel" $root | nindent 8 }}
         {{- with $g.podLabels }}
         {{- toYaml . | nindent 8 }}
         {{- end }}
@@ -181,6 +182,12 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
 {{- end -}}
 
 {{/* Ray token authentication env for every Ray container (ray.auth). */}}
+{{/* The label of every Ray pod of this release: the standing RayCluster's, or every job's own cluster
+with controlPlane.admission=kueue (the NetworkPolicies select by it). */}}
+{{- define "forkrl.rayPodLabel" -}}
+forkrl.io/ray: {{ include "forkrl.fullname" . }}
+{{- end -}}
+
 {{- define "forkrl.rayAuthEnv" -}}
 {{- if .Values.ray.auth.enabled }}
 - name: RAY_AUTH_MODE
