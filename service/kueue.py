@@ -172,6 +172,7 @@ class KueueJobs:
         if self._client is None:
             from lightkube import Client
 
+            logging.getLogger("httpx2").setLevel(logging.WARNING)  # lightkube's transport: a line per request
             try:
                 self._client = Client(namespace=self.namespace, field_manager="forkrl")
             except Exception as e:  # no service account, no kubeconfig

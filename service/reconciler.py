@@ -159,7 +159,8 @@ class Reconciler:
             self.submit(job)  # RayUnavailable propagates: nothing changes
             with self.store.session(write=True) as db:
                 if (j := self.store.get(db, job_id)) is not None:
-                    j.submitted, j.message = True, "submitted to Ray"
+                    j.submitted = True
+                    j.message = "RayJob created for Kueue" if self.settings.admission == "kueue" else "submitted to Ray"
             return
         try:
             state, message = self.ray.status(job.ray_id)

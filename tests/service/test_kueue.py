@@ -1,0 +1,117 @@
+"""Admission by Kueue (FORKRL_ADMISSION=kueue), through a real control plane and a real Ray head.
+
+Kubernetes, KubeRay and Kueue cannot run on this box, so the Kubernetes API and those two controllers are
+a stand-in (tests/service/kube_standin.py, a mock: it says what it reduces). Real here: the control plane's
+Kubernetes client (lightkube, kubeconfig with a bearer token), the RayJob it creates from the chart's own
+rendered template (validated by the stand-in against KubeRay's RayJob CRD), the quota arithmetic over the
+RayJob's pods, and the training: each admitted RayJob's entrypoint and environment run as the real driver
+on the Ray head. Minutes: slow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from actors.common.config_load import validate_config
+from actors.common.contract import ENTRYPOINT, JOB_CONFIG_ENV
+from actors.common.demand import job_demand
+from service.kueue import rayjob_manifest
+
+from .conftest import Server, free_port, state_events, wait_for, wait_for_checkpoint
+from .kube_standin import KubeStandIn, pods_cpu
+from .test_jobs import tiny
+
+pytestmark = pytest.mark.slow
+CLASSES = {"forkrl-normal": 0, "forkrl-high": 10}
+DONE = {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+def _chart_template(tmp_path: Path) -> Path:
+    """The RayJob template the chart renders with controlPlane.admission=kueue (its ConfigMap's file)."""
+    import helm_python as helm
+
+    from tests.helm.test_chart import CHART
+
+    chart = helm.Chart.load(str(CHART))
+    try:
+        out = chart.render({"controlPlane": {"admission": "kueue"}}, name="demo", namespace="ml")
+    finally:
+        chart.close()
+    (cm,) = [d for d in yaml.safe_load_all(out["forkrl/templates/kueue.yaml"]) if d and d["kind"] == "ConfigMap"]
+    path = tmp_path / "rayjob.yaml"
+    path.write_text(cm["data"]["rayjob.yaml"])
+    return path
+
+
+def _wait(c, job_id: str, ok, what: str, timeout: float = 300) -> dict:
+    import time
+
+    deadline = time.time() + timeout
+    while not ok(j := c.get(f"/v1/jobs/{job_id}").json()):
+        assert time.time() < deadline and j["state"] not in DONE, f"{what}: {j}"
+        time.sleep(0.3)
+    return j
+
+
+def test_kueue_admits_rayjobs_within_quota_by_priority_and_a_suspended_job_resumes_with_nothing_lost(
+    ray_head, tmp_path
+):
+    from tests.helm.test_chart import CRD_SCHEMAS
+
+    template = _chart_template(tmp_path)
+    # the quota holds one tiny job's pods and not two (every tiny job has the same pods)
+    cfg = validate_config(tiny(6))
+    env = {JOB_CONFIG_ENV: cfg.model_dump_json()}
+    one = pods_cpu(rayjob_manifest(yaml.safe_load(template.read_text()), "x", ENTRYPOINT, env, job_demand(cfg), "q"))
+    standin = KubeStandIn(CRD_SCHEMAS["RayJob"], ray_head.address, ray_head.token, 1.5 * one, free_port(), CLASSES)
+    standin.start()
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", "", ray_head.token)
+    server.env.update(
+        FORKRL_ADMISSION="kueue", FORKRL_KUEUE_RAYJOB_TEMPLATE=str(template), FORKRL_KUEUE_LOCAL_QUEUE="team-a",
+        FORKRL_KUEUE_PRIORITY_CLASSES=json.dumps(CLASSES), KUBECONFIG=str(standin.kubeconfig(tmp_path / "kubeconfig")),
+    )  # fmt: skip
+    server.start()
+    try:
+        with server.client() as c:
+            a = c.post("/v1/jobs", json={**tiny(6), "name": "a"}).json()
+            _wait(c, a["id"], lambda j: j["state"] == "RUNNING", "a runs")
+            b = c.post("/v1/jobs", json={**tiny(2), "name": "b"}, params={"priority": 10}).json()
+            gone = c.post("/v1/jobs", json={**tiny(2), "name": "cancelled"}).json()
+            # both wait in Kueue, saying why (the Workload's reason)
+            for job in (b, gone):
+                waiting = _wait(c, job["id"], lambda j: "insufficient unused quota for cpu" in j["message"], "waits")
+                assert waiting["state"] == "QUEUED" and "LocalQueue team-a" in waiting["message"], waiting
+            cancelled = c.post(f"/v1/jobs/{gone['id']}/cancel").json()
+            cancelled = wait_for(c, gone["id"], DONE, 60)
+            assert cancelled["state"] == "CANCELLED" and gone["id"] in standin.deleted, cancelled
+            # what the control plane created: the chart's template, its queue and the priority classes
+            created = {o["metadata"]["name"]: o for o in standin.created}
+            assert set(created) == {a["id"], b["id"], gone["id"]}
+            labels = {n: o["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] for n, o in created.items()}
+            assert labels == {a["id"]: "forkrl-normal", b["id"]: "forkrl-high", gone["id"]: "forkrl-normal"}
+            assert {o["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] for o in created.values()} == {"team-a"}
+            # Kueue preempts a for b (the test plays Kueue's part: it suspends a's RayJob)
+            wait_for_checkpoint(c, a, 2)
+            standin.preempt(a["id"])
+            suspended = _wait(c, a["id"], lambda j: j["state"] == "QUEUED", "a suspended", 60)
+            assert "suspended by Kueue at step" in suspended["message"] and suspended["preemptions"] == 1, suspended
+            done_b = wait_for(c, b["id"], DONE, 400)
+            assert done_b["state"] == "SUCCEEDED", done_b
+            done_a = wait_for(c, a["id"], DONE, 400)
+            assert done_a["state"] == "SUCCEEDED", done_a
+            assert (done_a["preemptions"], done_a["restarts"]) == (1, 0), done_a
+            steps = [m["step"] for m in c.get(f"/v1/jobs/{a['id']}/metrics").json()["metrics"]]
+            assert steps == list(range(1, 7))  # each step once: the steps after the checkpoint were dropped
+            states = [e["state"] for e in state_events(c, a["id"])]
+            i = states.index("RUNNING")
+            assert states[-1] == "SUCCEEDED" and "QUEUED" in states[i:] and "RUNNING" in states[states.index(
+                "QUEUED", i):], states  # fmt: skip
+            # the log of its current run, read through its own Ray dashboard (the RayJob's dashboardURL)
+            log = c.get(f"/v1/jobs/{a['id']}/logs").text
+            assert "resumed from" in log, log[-2000:]
+    finally:
+        server.stop()
+        standin.stop()
