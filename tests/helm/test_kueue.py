@@ -1,6 +1,6 @@
 """The chart with controlPlane.admission=kueue, rendered offline and validated like the rest: the RayJob
 template against KubeRay's RayJob CRD (the newest and the oldest supported), Kueue's objects against
-Kueue's CRDs (v0.19.2, tests/helm/crds/SOURCE.md), the rest against Kubernetes' schemas. The RayJob the
+Kueue's CRDs (v0.16.0 and v0.19.2, tests/helm/crds/SOURCE.md), the rest against Kubernetes' schemas. The RayJob the
 control plane makes from that template for a real job config is validated too. No cluster runs here."""
 
 from __future__ import annotations
@@ -22,8 +22,13 @@ from .test_chart import CRD_SETS, MIN_KUBERAY, _restricted_violations, by_kind, 
 
 __all__ = ["chart"]  # the module fixture, shared
 
-KUEUE_CRDS = Path(__file__).parent / "crds" / "kueue-v0.19.2"
-KUEUE = {p.stem: strict(json.loads(p.read_text())) for p in sorted(KUEUE_CRDS.glob("*.json"))}
+# Kueue's CRDs: the oldest release the README names (v1beta2 stored) and the newest here
+CRD_DIR = Path(__file__).parent / "crds"
+KUEUE_SETS = {
+    tag: {p.stem: strict(json.loads(p.read_text())) for p in sorted((CRD_DIR / tag).glob("*.json"))}
+    for tag in ("kueue-v0.16.0", "kueue-v0.19.2")
+}
+KUEUE = KUEUE_SETS["kueue-v0.19.2"]
 VALUES = {
     "controlPlane": {"admission": "kueue"},
     "kueue": {"createQueues": True, "localQueue": "team-a", "priorityClasses": {"forkrl-low": -10, "forkrl-high": 100}},
@@ -39,7 +44,8 @@ def _validate_all(docs: list[dict[str, Any]], crds: str = "newest") -> None:
     for obj in docs:
         if obj["kind"] in KUEUE:
             assert obj["apiVersion"] == "kueue.x-k8s.io/v1beta2"
-            jsonschema.validate(obj, KUEUE[obj["kind"]])
+            for schemas in KUEUE_SETS.values():
+                jsonschema.validate(obj, schemas[obj["kind"]])
         else:
             validate(obj, crds)
 
