@@ -13,6 +13,7 @@ status, reads its driver's log through the job's own Ray dashboard, and cancels 
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import logging
@@ -279,12 +280,13 @@ class KueueJobs:
         """Capacity is Kueue's to count: the control plane's own queue is not used."""
         return []
 
-    def _dashboard(self, job_id: str) -> tuple[RayJobs, str]:
-        """The Jobs API of the RayJob's own Ray cluster and the Ray job id in it (JobNotFound until both exist)."""
+    def _dashboard(self, job_id: str) -> tuple[RayJobs, str] | None:
+        """The Jobs API of the RayJob's own Ray cluster and the Ray job id in it; None until both exist (not
+        admitted yet, its cluster starting); JobNotFound when the RayJob is gone."""
         status = self._get(job_id).get("status") or {}
         url, ray_job = status.get("dashboardURL", ""), status.get("jobId", "")
         if not url or not ray_job:
-            raise JobNotFound(job_id)
+            return None
         url = url if url.startswith("http") else f"http://{url}"
         if url not in self._dashboards:
             if len(self._dashboards) >= 64:  # clients of clusters long gone
@@ -293,10 +295,13 @@ class KueueJobs:
         return self._dashboards[url], ray_job
 
     def log_tail(self, job_id: str, lines: int, max_bytes: int) -> str:
-        jobs, ray_job = self._dashboard(job_id)
-        return jobs.log_tail(ray_job, lines, max_bytes)
+        found = self._dashboard(job_id)
+        return "" if found is None else found[0].log_tail(found[1], lines, max_bytes)
 
     async def tail(self, job_id: str) -> AsyncIterator[str]:
-        jobs, ray_job = self._dashboard(job_id)
-        async for chunk in jobs.tail(ray_job):
+        """The driver's log as it grows, once Kueue admitted the job and its cluster runs it (the caller's
+        idle bound ends a wait that lasts too long)."""
+        while (found := await asyncio.to_thread(self._dashboard, job_id)) is None:
+            await asyncio.sleep(2)
+        async for chunk in found[0].tail(found[1]):
             yield chunk

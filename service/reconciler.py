@@ -186,7 +186,7 @@ class Reconciler:
             self.fail_or_restart(job, message)
             return
         if state == JobState.QUEUED.value and job.state == JobState.RUNNING.value and not job.cancel_requested:
-            self._suspended(job, message)  # Kueue took its pods back (preempted): it resumes when re-admitted
+            self._suspended(job)  # Kueue took its pods back (preempted): it resumes when admitted again
             return
         with self.store.session(write=True) as db:
             j = self.store.get(db, job_id)
@@ -289,10 +289,13 @@ class Reconciler:
             self.store.set_state(db, j, JobState.QUEUED.value, why)
         return True
 
-    def _suspended(self, job: Job, message: str) -> None:
+    def _suspended(self, job: Job) -> None:
         """A running job whose RayJob Kueue suspended (preempted for a higher-priority workload, or its quota
-        was reclaimed): its Ray cluster is gone; back to QUEUED with its steps after the newest checkpoint
-        dropped. The same RayJob starts again when Kueue re-admits it and resumes from that checkpoint."""
+        reclaimed): its Ray cluster is gone. Its RayJob is deleted (Kueue would start it again as it was) and
+        the job goes on as its next attempt, a new RayJob that Kueue admits in turn, resuming from the newest
+        checkpoint; the steps after it are dropped. A preemption, not a restart."""
+        with contextlib.suppress(JobNotFound):
+            self.ray.stop(job.ray_id)  # RayUnavailable propagates: the next pass tries again
         with self.store.session(write=True) as db:
             j = self.store.get(db, job.id)
             if j is None or j.state in TERMINAL_STATES:
@@ -300,11 +303,11 @@ class Reconciler:
             self.ingest_files(db, j)
             resume_at, stopped_at = newest_checkpoint(j.run_dir), j.last_step
             self.store.rewind(db, j, resume_at)
-            j.preemptions = (j.preemptions or 0) + 1
+            j.preemptions, j.submitted = (j.preemptions or 0) + 1, False
             self.telemetry.preemptions_total.inc()
             where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint)"
-            why = f"suspended by Kueue at step {stopped_at} (preempted); resumes {where} when re-admitted: {message}"
-            self.store.set_state(db, j, JobState.QUEUED.value, why)
+            why = f"suspended by Kueue at step {stopped_at} (preempted); resumes {where} once Kueue admits it again"
+            self.store.set_state(db, j, JobState.PENDING.value, why)
 
     def _set_state(self, job_id: str, state: str, message: str) -> None:
         with self.store.session(write=True) as db:

@@ -96,8 +96,11 @@ def test_kueue_admits_rayjobs_within_quota_by_priority_and_a_suspended_job_resum
             # Kueue preempts a for b (the test plays Kueue's part: it suspends a's RayJob)
             wait_for_checkpoint(c, a, 2)
             standin.preempt(a["id"])
-            suspended = _wait(c, a["id"], lambda j: j["state"] == "QUEUED", "a suspended", 60)
-            assert "suspended by Kueue at step" in suspended["message"] and suspended["preemptions"] == 1, suspended
+            _wait(c, a["id"], lambda j: j["preemptions"] == 1, "a suspended", 60)
+            # its next attempt is a new RayJob, waiting in Kueue behind b (the suspended one is deleted)
+            again = _wait(c, a["id"], lambda j: j["state"] == "QUEUED", "a waits again", 60)
+            assert "LocalQueue team-a" in again["message"], again
+            assert a["id"] in standin.deleted and f"{a['id']}-r1" in {o["metadata"]["name"] for o in standin.created}
             done_b = wait_for(c, b["id"], DONE, 400)
             assert done_b["state"] == "SUCCEEDED", done_b
             done_a = wait_for(c, a["id"], DONE, 400)
@@ -105,13 +108,16 @@ def test_kueue_admits_rayjobs_within_quota_by_priority_and_a_suspended_job_resum
             assert (done_a["preemptions"], done_a["restarts"]) == (1, 0), done_a
             steps = [m["step"] for m in c.get(f"/v1/jobs/{a['id']}/metrics").json()["metrics"]]
             assert steps == list(range(1, 7))  # each step once: the steps after the checkpoint were dropped
-            states = [e["state"] for e in state_events(c, a["id"])]
-            i = states.index("RUNNING")
-            assert states[-1] == "SUCCEEDED" and "QUEUED" in states[i:] and "RUNNING" in states[states.index(
-                "QUEUED", i):], states  # fmt: skip
-            # the log of its current run, read through its own Ray dashboard (the RayJob's dashboardURL)
-            log = c.get(f"/v1/jobs/{a['id']}/logs").text
-            assert "resumed from" in log, log[-2000:]
+            events = state_events(c, a["id"])
+            (suspended,) = [e for e in events if "suspended by Kueue" in e["message"]]
+            stopped = int(suspended["message"].split("at step ")[1].split(" ")[0])
+            assert stopped >= 2 and "resumes from its step-" in suspended["message"], suspended
+            after = [e["state"] for e in events[events.index(suspended) :]]
+            assert after[-2:] == ["RUNNING", "SUCCEEDED"] and "QUEUED" in after, events
+            # the log, read through its cluster's Ray dashboard (the RayJob's dashboardURL); an earlier
+            # attempt's log went with its RayJob and cluster (its steps and checkpoints are in the store)
+            first, second = (c.get(f"/v1/jobs/{a['id']}/logs", params={"attempt": n}).text for n in (0, 1))
+            assert first == "" and "resumed from" in second, second[-2000:]
     finally:
         server.stop()
         standin.stop()
