@@ -74,10 +74,15 @@ def render(chart, values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     return docs
 
 
+KUEUE_SCHEMAS = _vendored("kueue-v0.19.2")  # Kueue's objects (kueue.createQueues); both releases: test_kueue
+
+
 def validate(obj: dict[str, Any], crds: str = "newest") -> None:
     kind = obj["kind"]
     if kind in CRD_SCHEMAS:
         jsonschema.validate(obj, CRD_SETS[crds][kind])
+    elif kind in KUEUE_SCHEMAS:
+        jsonschema.validate(obj, KUEUE_SCHEMAS[kind])
     else:
         kubernetes_validate.validate(obj, KUBE_VERSION, strict=True)
 
@@ -98,7 +103,9 @@ def test_every_object_validates(chart, overlay, crds):
     values = yaml.safe_load(overlay.read_text()) if overlay else {}
     docs = render(chart, values)
     kinds = {d["kind"] for d in docs}
-    assert {"Deployment", "Service", "ServiceAccount", "RayCluster", "Pod"} <= kinds, kinds
+    # a standing RayCluster, or with Kueue a RayJob template per job (tests/helm/test_kueue.py)
+    ray = "ConfigMap" if values.get("controlPlane", {}).get("admission") == "kueue" else "RayCluster"
+    assert {"Deployment", "Service", "ServiceAccount", ray, "Pod"} <= kinds, kinds
     for obj in docs:
         validate(obj, crds)
 
@@ -359,9 +366,17 @@ def _pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
         elif d["kind"] == "Deployment":
             pods.append((name, d["spec"]["template"]["spec"]))
         elif d["kind"] == "RayCluster":
-            pods.append((f"{name}/head", d["spec"]["headGroupSpec"]["template"]["spec"]))
-            pods += [(f"{name}/{g['groupName']}", g["template"]["spec"]) for g in d["spec"]["workerGroupSpecs"]]
+            pods += _ray_pods(name, d["spec"])
+        elif d["kind"] == "ConfigMap" and "rayjob.yaml" in d.get("data", {}):  # Kueue mode: each job's RayJob
+            job = yaml.safe_load(d["data"]["rayjob.yaml"])["spec"]
+            pods += _ray_pods(name, job["rayClusterSpec"])
+            pods.append((f"{name}/submitter", job["submitterPodTemplate"]["spec"]))
     return pods
+
+
+def _ray_pods(name: str, cluster: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    head = (f"{name}/head", cluster["headGroupSpec"]["template"]["spec"])
+    return [head, *((f"{name}/{g['groupName']}", g["template"]["spec"]) for g in cluster["workerGroupSpecs"])]
 
 
 def test_every_pod_passes_the_restricted_pod_security_level(chart):
