@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Pool = Literal["rollout", "reward", "learner"]
@@ -202,6 +202,15 @@ class Settings(BaseSettings):
         if v and len(v) < 16:
             raise ValueError(f"a metrics token of {len(v)} characters: at least 16 (or empty: admin tokens only)")
         return v
+
+    @model_validator(mode="after")
+    def _one_preemptor(self) -> Settings:
+        if self.admission == "kueue" and self.preemption != "off":
+            raise ValueError(
+                f"preemption={self.preemption!r} with admission='kueue': Kueue decides who runs and preempts "
+                "(its ClusterQueue's preemption); set FORKRL_PREEMPTION=off"
+            )
+        return self
 
     @property
     def data_root_paths(self) -> list[Path]:

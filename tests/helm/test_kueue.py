@@ -182,6 +182,7 @@ def test_in_kueue_mode_the_network_policies_cover_every_job_s_cluster_and_its_su
         ({"kueue": {"clusterQueue": {"quota": {"cpu": "lots"}}}}, "quota"),
         ({"kueue": {"clusterQueue": {"queueingStrategy": "LIFO"}}}, "queueingStrategy"),
         ({"kueue": {"createQueue": True}}, "createQueue"),
+        ({"controlPlane": {"admission": "kueue", "preemption": "lower_priority"}}, "Kueue preempts"),
     ],
 )
 def test_the_values_schema_refuses_bad_kueue_values(chart, values, where):

@@ -116,3 +116,16 @@ def test_the_job_state_a_rayjob_status_says(spec, status, state, says):
     obj = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}, "spec": spec, "status": status}
     got, message = state_of(obj)
     assert got == state.value and says in message and (says or message == "")
+
+
+def test_the_settings_refuse_two_preemptors_and_name_the_setting(tmp_path):
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    refused = "preemption='lower_priority' with admission='kueue'.*FORKRL_PREEMPTION=off"
+    with pytest.raises(ValidationError, match=refused):
+        Settings(admission="kueue", preemption="lower_priority", data_dir=tmp_path)
+    assert Settings(admission="kueue", data_dir=tmp_path).kueue_local_queue == "forkrl"
+    with pytest.raises(ValidationError, match="kueue_local_queue"):
+        Settings(admission="kueue", kueue_local_queue="", data_dir=tmp_path)
