@@ -276,6 +276,15 @@ class KueueJobs:
         except (JobNotFound, RayUnavailable) as e:  # the record is ours; the RayJob may already be gone
             log.info("no RayJob %s to delete: %s", job_id, e)
 
+    def never_runs(self, demand: Demand) -> str:
+        """Why no RayJob made from the template could hold the job (an actor larger than its group's pod);
+        '' when one can."""
+        try:
+            rayjob_manifest(self.template, "check", "", {}, demand, self.queue)
+        except ValueError as e:
+            return str(e)
+        return ""
+
     def nodes(self) -> list[RayNode]:
         """Capacity is Kueue's to count: the control plane's own queue is not used."""
         return []

@@ -66,9 +66,11 @@ class AdmissionQueue:
         """At submission: refuse a priority above the owner's bound and a job that can never fit the
         cluster (when Ray can say what it has; otherwise the job queues and the pass says why it waits)."""
         self.check_priority(who, priority)
+        d = job_demand(cfg)
+        if why := self.ray.never_runs(d):
+            raise DoesNotFit(f"this job can never run here: {why} (its demand: {d.describe()})")
         if self.settings.admission != "queue":
             return
-        d = job_demand(cfg)
         try:
             cap = self.capacity(CAPACITY_TTL_S)
         except RayUnavailable:

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel
 
 from actors.common.contract import JobState
+from actors.common.demand import Demand
 from service.admission import RayNode
 
 log = logging.getLogger("forkrl.service.ray")
@@ -153,6 +154,8 @@ class JobBackend(Protocol):
     def nodes(self) -> list[RayNode]: ...
 
     def tail(self, job_id: str) -> AsyncIterator[str]: ...
+
+    def never_runs(self, demand: Demand) -> str: ...
 
 
 REQUEST_TIMEOUT_S = 60.0  # one call to the Ray Jobs API; past it the call counts as "Ray unavailable"
@@ -319,3 +322,7 @@ class RayJobs:
     async def tail(self, job_id: str) -> AsyncIterator[str]:
         async for chunk in self.client().tail_job_logs(job_id):
             yield chunk
+
+    def never_runs(self, demand: Demand) -> str:
+        """Nothing: whether a job fits this cluster is the admission queue's question (its nodes)."""
+        return ""

@@ -156,7 +156,11 @@ class Reconciler:
                         j.preempt_at = None
                         self.store.set_state(db, j, JobState.QUEUED.value, "preempted before it started")
                 return
-            self.submit(job)  # RayUnavailable propagates: nothing changes
+            try:
+                self.submit(job)  # RayUnavailable propagates: nothing changes
+            except ValueError as e:  # the backend cannot run it as configured (a template changed since)
+                self._set_state(job_id, JobState.FAILED.value, f"not started: {e}")
+                return
             with self.store.session(write=True) as db:
                 if (j := self.store.get(db, job_id)) is not None:
                     j.submitted = True

@@ -121,3 +121,33 @@ def test_kueue_admits_rayjobs_within_quota_by_priority_and_a_suspended_job_resum
     finally:
         server.stop()
         standin.stop()
+
+
+def test_kueue_mode_refuses_a_job_no_pod_of_the_template_can_hold_naming_the_group(tmp_path):
+    """Through the same stand-in (nothing is admitted: no quota, no Ray): a learner larger than the chart's
+    learner pod is a 422 at submission; a job that fits gets its RayJob and waits with Kueue's reason."""
+    from tests.helm.test_chart import CRD_SCHEMAS
+
+    standin = KubeStandIn(CRD_SCHEMAS["RayJob"], "http://127.0.0.1:9", "", 0.0, free_port(), CLASSES).start()
+    server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", "")
+    server.env.update(
+        FORKRL_ADMISSION="kueue", FORKRL_KUEUE_RAYJOB_TEMPLATE=str(_chart_template(tmp_path)),
+        KUBECONFIG=str(standin.kubeconfig(tmp_path / "kubeconfig")),
+    )  # fmt: skip
+    server.start()
+    try:
+        with server.client() as c:
+            big = tiny(2)
+            big["learner"] = {**big["learner"], "num_cpus_per_learner": 4}
+            r = c.post("/v1/jobs", json=big)
+            assert r.status_code == 422, r.text
+            assert "learners needs 4 CPU and 0 GPU; a pod of the RayJob template's worker group 'learner' gives " \
+                   "2 CPU" in r.json()["detail"], r.text  # fmt: skip
+            assert standin.created == []
+            job = c.post("/v1/jobs", json=tiny(2)).json()
+            waiting = _wait(c, job["id"], lambda j: "insufficient unused quota" in j["message"], "waits", 60)
+            assert waiting["state"] == "QUEUED" and waiting["queue_position"] is None, waiting
+            assert [o["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] for o in standin.created] == ["forkrl"]
+    finally:
+        server.stop()
+        standin.stop()
