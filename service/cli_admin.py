@@ -139,6 +139,9 @@ def queue(url: UrlOpt = DEFAULT_URL, token: TokenOpt = "") -> None:
     """The admission queue in order (an owner sees its own jobs), and the cluster's capacity."""
     with _api(url, token) as api:
         q = api.queue()
+    if q.get("admission") == "kueue":
+        typer.echo("admission: Kueue (each job is a RayJob; `forkrl status ID` shows why one waits)")
+        return
     nodes = "Ray did not answer" if q["nodes"] is None else f"{q['nodes']} node(s), {resources_text(q['capacity'])}"
     typer.echo(escape_line(f"cluster: {nodes}; admitted jobs hold {resources_text(q['admitted'])}"))
     for r in q["queued"]:

@@ -53,6 +53,11 @@ class QueuedOut(BaseModel):
 
 
 class QueueOut(BaseModel):
+    admission: str = Field(
+        "queue",
+        description="queue: this queue decides; off: none; kueue: Kueue decides (its queued jobs are "
+        "QUEUED with Kueue's reason, not listed here, and there are no standing Ray nodes)",
+    )
     nodes: int | None = Field(description="alive Ray nodes; null: Ray did not answer")
     capacity: dict[str, float] = Field(description="the alive nodes' CPU, GPU and custom resources in all")
     admitted: dict[str, float] = Field(description="what the admitted (PENDING, RUNNING) jobs request")
@@ -137,4 +142,4 @@ async def queue(who: Principal, svc: ServiceDep) -> QueueOut:
         return held, sorted(rows, key=lambda r: r.position)
 
     held, rows = await run_in_threadpool(read)
-    return QueueOut(nodes=nodes, capacity=total, admitted=held, queued=rows)
+    return QueueOut(admission=svc.settings.admission, nodes=nodes, capacity=total, admitted=held, queued=rows)

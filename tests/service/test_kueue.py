@@ -10,6 +10,9 @@ on the Ray head. Minutes: slow."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from actors.common.contract import ENTRYPOINT, JOB_CONFIG_ENV
 from actors.common.demand import job_demand
 from service.kueue import rayjob_manifest
 
-from .conftest import Server, free_port, state_events, wait_for, wait_for_checkpoint
+from .conftest import ROOT, Server, free_port, state_events, wait_for, wait_for_checkpoint
 from .kube_standin import KubeStandIn, pods_cpu
 from .test_jobs import tiny
 
@@ -148,6 +151,11 @@ def test_kueue_mode_refuses_a_job_no_pod_of_the_template_can_hold_naming_the_gro
             waiting = _wait(c, job["id"], lambda j: "insufficient unused quota" in j["message"], "waits", 60)
             assert waiting["state"] == "QUEUED" and waiting["queue_position"] is None, waiting
             assert [o["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] for o in standin.created] == ["forkrl"]
+            assert c.get("/v1/queue").json()["admission"] == "kueue"
+        env = dict(os.environ, FORKRL_URL=server.url, FORKRL_TOKEN=server.admin_token)
+        out = subprocess.run([sys.executable, "-m", "service.cli", "queue"], cwd=ROOT, env=env, capture_output=True,
+                             text=True, timeout=60)  # fmt: skip
+        assert out.stdout.startswith("admission: Kueue"), out
     finally:
         server.stop()
         standin.stop()
