@@ -61,9 +61,19 @@ def pod_resources(group: Mapping[str, Any]) -> dict[str, float]:
     return {"CPU": quantity(cpu), "GPU": quantity(gpu)}
 
 
+def advertised(group: Mapping[str, Any]) -> list[str]:
+    """The custom Ray resources a group's pods advertise (rayStartParams resources, e.g. the chart's
+    '{"forkrl_learner": 1000}')."""
+    text = str((group.get("rayStartParams") or {}).get("resources", "")).strip().strip("'\"")
+    try:
+        return sorted(json.loads(text)) if text else []
+    except ValueError:
+        return []
+
+
 def group_replicas(pool: PoolDemand, pod: Mapping[str, float], group: str) -> int:
     """Pods of one worker group that hold every actor of the pool: as many actors per pod as its CPUs and
-    GPUs allow (whole actors: a 4-CPU pod holds three 1.5-CPU actors), at least one pod for a pool that
+    GPUs allow (whole actors: a 4-CPU pod holds two 1.5-CPU actors), at least one pod for a pool that
     asks for neither. ValueError when one actor is larger than a pod."""
     if pool.count == 0:
         return 0
@@ -111,9 +121,15 @@ def rayjob_manifest(
     cluster = spec["rayClusterSpec"]
     cluster["enableInTreeAutoscaling"] = False  # Kueue admits a fixed set of pods
     cluster.pop("autoscalerOptions", None)
+    cluster.pop("upgradeStrategy", None)  # KubeRay refuses it on a cluster a RayJob creates
     pools = {POOL_GROUPS[p.role]: p for p in demand.pools}
     for group in cluster.get("workerGroupSpecs") or []:
         pool = pools.get(group["groupName"])
+        if pool is not None and pool.count and (missing := set(pool.resources) - set(advertised(group))):
+            raise ValueError(
+                f"the {pool.role} ask for Ray resource(s) {', '.join(sorted(missing))} that the RayJob template's "
+                f"worker group {group['groupName']!r} does not advertise ({', '.join(advertised(group)) or 'none'})"
+            )
         n = 0 if pool is None else group_replicas(pool, pod_resources(group), group["groupName"])
         group.update(replicas=n, minReplicas=n, maxReplicas=n)
     return m
@@ -232,6 +248,10 @@ class KueueJobs:
             if e.status.code == 409:
                 log.info("RayJob %s already exists", job_id)
                 return False
+            code = e.status.code or 0
+            if 400 <= code < 500 and code not in (401, 408, 429):  # refused for good: the job fails naming why
+                why = f"{e.status.code} {e.status.message}"
+                raise ValueError(f"the Kubernetes API refused RayJob {job_id}: {why}") from e
             raise RayUnavailable(f"Kubernetes API, create RayJob {job_id}: {e.status.code} {e.status.message}") from e
         except Exception as e:
             self._client = None

@@ -165,6 +165,10 @@ class Reconciler:
                 if (j := self.store.get(db, job_id)) is not None:
                     j.submitted = True
                     j.message = "RayJob created for Kueue" if self.settings.admission == "kueue" else "submitted to Ray"
+                ended = j is None or j.state in TERMINAL_STATES  # cancelled or deleted while it was submitted
+            if ended:
+                with contextlib.suppress(JobNotFound, RayUnavailable):
+                    self.ray.stop(job.ray_id)
             return
         try:
             state, message = self.ray.status(job.ray_id)
@@ -246,6 +250,9 @@ class Reconciler:
     def _restart(self, job: Job, failures: list[dict[str, Any]], reason: str, budget: int) -> None:
         """Back to QUEUED (PENDING with admission off or kueue) as the next attempt, from the newest complete
         checkpoint (its later steps dropped)."""
+        if self.settings.admission == "kueue":  # the failed RayJob goes first: no second driver on the run
+            with contextlib.suppress(JobNotFound):
+                self.ray.stop(job.ray_id)  # RayUnavailable propagates: the next pass tries again
         resume_at = newest_checkpoint(job.run_dir)
         with self.store.session(write=True) as db:
             j = self.store.get(db, job.id)
@@ -253,6 +260,7 @@ class Reconciler:
                 return
             failures[-1]["resumed_from"] = resume_at
             j.failures, j.restarts, j.submitted = failures, j.restarts + 1, False
+            j.ingest_token_hash = ""  # the failed attempt's driver may not push any more
             self.store.rewind(db, j, resume_at)
             self.telemetry.restarts_total.inc()
             where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint yet)"
@@ -308,6 +316,7 @@ class Reconciler:
             resume_at, stopped_at = newest_checkpoint(j.run_dir), j.last_step
             self.store.rewind(db, j, resume_at)
             j.preemptions, j.submitted = (j.preemptions or 0) + 1, False
+            j.ingest_token_hash = ""  # a dying driver of the suspended attempt may not push after the rewind
             self.telemetry.preemptions_total.inc()
             where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint)"
             why = f"suspended by Kueue at step {stopped_at} (preempted); resumes {where} once Kueue admits it again"

@@ -93,11 +93,16 @@ def test_the_control_plane_alone_gets_the_rights_and_the_token_to_create_rayjobs
     assert pod["automountServiceAccountToken"] is True
     (sa,) = by_kind(docs, "ServiceAccount")
     assert sa["automountServiceAccountToken"] is False  # so no Ray pod (tenants' code) holds the token
-    template = _template(docs)
-    cluster = template["spec"]["rayClusterSpec"]
-    workers = [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
-    for p in [cluster["headGroupSpec"]["template"]["spec"], *workers, template["spec"]["submitterPodTemplate"]["spec"]]:
-        assert "automountServiceAccountToken" not in p
+    # every pod that runs tenants' code refuses the token itself, also when the service account is a shared
+    # one the chart does not create (serviceAccount.create=false: the Role is bound to it)
+    for values in (VALUES, {**VALUES, "serviceAccount": {"create": False, "name": "shared"}}):
+        template = _template(render(chart, values))
+        cluster = template["spec"]["rayClusterSpec"]
+        workers = [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+        submitter = template["spec"]["submitterPodTemplate"]["spec"]
+        for p in [cluster["headGroupSpec"]["template"]["spec"], *workers, submitter]:
+            assert p["automountServiceAccountToken"] is False and p["serviceAccountName"] == (
+                "shared" if values is not VALUES else "demo-forkrl")  # fmt: skip
     (role,) = by_kind(docs, "Role")
     assert role["rules"] == [
         {"apiGroups": ["ray.io"], "resources": ["rayjobs"], "verbs": ["create", "get", "list", "watch", "delete"]},

@@ -228,7 +228,8 @@ class KubeStandIn:
         return path
 
     def start(self) -> KubeStandIn:
-        threading.Thread(target=self.server.run, daemon=True).start()
+        self._serving = threading.Thread(target=self.server.run, daemon=True)
+        self._serving.start()
         threading.Thread(target=self._loop, daemon=True).start()
         deadline = time.time() + 30
         while not self.server.started:
@@ -242,3 +243,4 @@ class KubeStandIn:
         with self._lock:
             for obj in self.jobs.values():
                 self._stop_ray(obj)
+        self._serving.join(timeout=30)  # the port is closed when this returns

@@ -159,3 +159,31 @@ def test_kueue_mode_refuses_a_job_no_pod_of_the_template_can_hold_naming_the_gro
     finally:
         server.stop()
         standin.stop()
+
+
+def test_a_rayjob_the_api_server_refuses_fails_its_job_for_good_naming_why(tmp_path, monkeypatch):
+    """A 4xx other than a conflict is no outage: KueueJobs.submit raises ValueError (the reconciler fails
+    the job with it) instead of RayUnavailable (retried every pass). The stand-in refuses, as the API server
+    would, a RayJob its CRD does not allow."""
+    from service.kueue import KueueJobs
+    from service.rayjobs import RayUnavailable
+    from tests.helm.test_chart import CRD_SCHEMAS
+
+    standin = KubeStandIn(CRD_SCHEMAS["RayJob"], "http://127.0.0.1:9", "", 0.0, free_port(), CLASSES).start()
+    try:
+        monkeypatch.setenv("KUBECONFIG", str(standin.kubeconfig(tmp_path / "kubeconfig")))
+        template = yaml.safe_load(_chart_template(tmp_path).read_text())
+        template["spec"]["rayClusterSpec"]["headGroupSpec"]["replicas"] = 2  # not a field of the CRD
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(template))
+        env = {JOB_CONFIG_ENV: validate_config(tiny(2)).model_dump_json()}
+        with pytest.raises(ValueError, match="the Kubernetes API refused RayJob forkrl-x: 422 RayJob is invalid"):
+            KueueJobs(bad, "team-a", "ml").submit("forkrl-x", ENTRYPOINT, {"env_vars": env})
+        assert standin.created == []
+        good = KueueJobs(_chart_template(tmp_path), "team-a", "ml")
+        assert good.submit("forkrl-y", ENTRYPOINT, {"env_vars": env}) is True
+        assert good.submit("forkrl-y", ENTRYPOINT, {"env_vars": env}) is False  # a second submission: no second job
+    finally:
+        standin.stop()
+    with pytest.raises(RayUnavailable):  # the API gone: retried, not failed
+        KueueJobs(_chart_template(tmp_path), "team-a", "ml").submit("forkrl-z", ENTRYPOINT, {"env_vars": env})

@@ -25,6 +25,7 @@ TEMPLATE = {
         "entrypoint": "sleep 1",
         "rayClusterSpec": {
             "enableInTreeAutoscaling": True,
+            "upgradeStrategy": {"type": "Recreate"},
             "autoscalerOptions": {"idleTimeoutSeconds": 60},
             "headGroupSpec": {"rayStartParams": {}, "template": {"spec": {"containers": [{"name": "ray-head"}]}}},
             "workerGroupSpecs": [
@@ -89,6 +90,7 @@ def test_the_rayjob_is_the_template_sized_to_the_job_and_suspended_in_its_queue(
     assert yaml.safe_load(spec["runtimeEnvYAML"]) == {"env_vars": env}
     cluster = spec["rayClusterSpec"]
     assert cluster["enableInTreeAutoscaling"] is False and "autoscalerOptions" not in cluster
+    assert "upgradeStrategy" not in cluster  # KubeRay refuses it on a RayJob's cluster
     sizes = {g["groupName"]: (g["replicas"], g["minReplicas"], g["maxReplicas"]) for g in cluster["workerGroupSpecs"]}
     # rollout: 1 engine on a 2-CPU 1-GPU pod; learners: 3 x 1.5 CPU, two per 4-CPU pod; reward: none
     assert sizes == {"rollout": (1, 1, 1), "learner": (2, 2, 2), "reward": (0, 0, 0)}
@@ -129,3 +131,16 @@ def test_the_settings_refuse_two_preemptors_and_name_the_setting(tmp_path):
     assert Settings(admission="kueue", data_dir=tmp_path).kueue_local_queue == "forkrl"
     with pytest.raises(ValidationError, match="kueue_local_queue"):
         Settings(admission="kueue", kueue_local_queue="", data_dir=tmp_path)
+
+
+def test_a_pool_asking_for_a_resource_its_group_does_not_advertise_is_refused():
+    template = copy.deepcopy(TEMPLATE)
+    learner_group = template["spec"]["rayClusterSpec"]["workerGroupSpecs"][2]
+    learner_group["rayStartParams"]["resources"] = "'{\"forkrl_learner\": 1000}'"  # as the chart renders it
+    ok = Demand(pools=[PoolDemand(role="learners", count=2, cpus=1, gpus=0, resources={"forkrl_learner": 1})])
+    groups = rayjob_manifest(template, "j", "e", {}, ok, "q")["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert groups[2]["replicas"] == 1
+    bad = Demand(pools=[PoolDemand(role="learners", count=2, cpus=1, gpus=0, resources={"forkrl_rollout": 1})])
+    with pytest.raises(ValueError, match=r"learners ask for Ray resource\(s\) forkrl_rollout .* 'learner' does not "
+                                         r"advertise \(forkrl_learner\)"):  # fmt: skip
+        rayjob_manifest(template, "j", "e", {}, bad, "q")

@@ -116,6 +116,7 @@ One Ray worker group. Call with (dict "root" $ "name" "rollout" "resource" "fork
       {{- end }}
     spec:
       serviceAccountName: {{ include "forkrl.serviceAccountName" $root }}
+      automountServiceAccountToken: false  # tenants' code runs here: no Kubernetes API token
       {{- with $g.priorityClassName }}
       priorityClassName: {{ . }}
       {{- end }}

@@ -51,6 +51,7 @@ headGroupSpec:
       {{- end }}
     spec:
       serviceAccountName: {{ include "forkrl.serviceAccountName" . }}
+      automountServiceAccountToken: false  # tenants' code runs here: no Kubernetes API token
       {{- with .Values.rayHead.priorityClassName }}
       priorityClassName: {{ . }}
       {{- end }}
