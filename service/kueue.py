@@ -14,7 +14,6 @@ status, reads its driver's log through the job's own Ray dashboard, and cancels 
 from __future__ import annotations
 
 import asyncio
-import copy
 import json
 import logging
 import math
@@ -27,48 +26,18 @@ import yaml
 from actors.common.contract import JOB_CONFIG_ENV, JobState
 from actors.common.demand import Demand, PoolDemand, stored_demand
 from service.admission import RayNode
+from service.rayjob_model import ObjectMeta, RayJob, Workload
 from service.rayjobs import JobNotFound, RayJobs, RayUnavailable
 
 log = logging.getLogger("forkrl.service.kueue")
 
-__all__ = ["KueueJobs", "group_replicas", "pod_resources", "priority_class", "rayjob_manifest", "state_of"]
+__all__ = ["KueueJobs", "group_replicas", "priority_class", "rayjob_manifest", "state_of"]
 
 QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
 JOB_LABEL = "forkrl.io/job"
 # the worker group (the chart's, one per pool) that holds each pool's actors (actors.common.demand roles)
 POOL_GROUPS = {"rollout engines": "rollout", "learners": "learner", "reward workers": "reward"}
-
-
-def quantity(value: str | int | float) -> float:
-    """A Kubernetes CPU or GPU quantity as a number: "500m" -> 0.5, "2" -> 2.0, 4 -> 4.0."""
-    text = str(value).strip()
-    if text.endswith("m"):
-        return float(text[:-1]) / 1000
-    return float(text)
-
-
-def pod_resources(group: Mapping[str, Any]) -> dict[str, float]:
-    """What one pod of a RayCluster group gives Ray: num-cpus / num-gpus of its rayStartParams, else what
-    KubeRay tells Ray: its first container's limits (its requests where it sets no limit; GPUs as
-    nvidia.com/gpu)."""
-    params = group.get("rayStartParams") or {}
-    container = (group["template"]["spec"]["containers"] or [{}])[0]
-    res = container.get("resources") or {}
-    asked = {**(res.get("requests") or {}), **(res.get("limits") or {})}
-    cpu = params.get("num-cpus", asked.get("cpu", 0))
-    gpu = params.get("num-gpus", asked.get("nvidia.com/gpu", 0))
-    return {"CPU": quantity(cpu), "GPU": quantity(gpu)}
-
-
-def advertised(group: Mapping[str, Any]) -> list[str]:
-    """The custom Ray resources a group's pods advertise (rayStartParams resources, e.g. the chart's
-    '{"forkrl_learner": 1000}')."""
-    text = str((group.get("rayStartParams") or {}).get("resources", "")).strip().strip("'\"")
-    try:
-        return sorted(json.loads(text)) if text else []
-    except ValueError:
-        return []
 
 
 def group_replicas(pool: PoolDemand, pod: Mapping[str, float], group: str) -> int:
@@ -95,65 +64,59 @@ def priority_class(priority: int, classes: Mapping[str, int]) -> str:
 
 
 def rayjob_manifest(
-    template: Mapping[str, Any],
+    template: RayJob,
     name: str,
     entrypoint: str,
     env: Mapping[str, str],
     demand: Demand,
     queue: str,
     priority_class_name: str = "",
-) -> dict[str, Any]:
+) -> RayJob:
     """The RayJob of one attempt: the template with this job's name, labels, entrypoint and environment,
     created suspended (Kueue unsuspends it on admission), its Ray cluster deleted when the job ends, and
     each pool's worker group sized to the pool (a group of a pool the job does not use gets 0 pods)."""
-    m = copy.deepcopy(dict(template))
-    labels = {**(m.get("metadata", {}).get("labels") or {}), QUEUE_LABEL: queue, JOB_LABEL: name}
+    m = template.model_copy(deep=True)
+    labels = {**m.metadata.labels, QUEUE_LABEL: queue, JOB_LABEL: name}
     if priority_class_name:
         labels[PRIORITY_LABEL] = priority_class_name
-    m["metadata"] = {"name": name, "labels": labels}
-    spec = m["spec"]
-    spec.update(
-        entrypoint=entrypoint,
-        runtimeEnvYAML=yaml.safe_dump({"env_vars": dict(env)}, sort_keys=True),
-        suspend=True,
-        shutdownAfterJobFinishes=True,  # Kueue manages only RayJobs whose cluster goes with them
-    )
-    cluster = spec["rayClusterSpec"]
-    cluster["enableInTreeAutoscaling"] = False  # Kueue admits a fixed set of pods
-    cluster.pop("autoscalerOptions", None)
-    cluster.pop("upgradeStrategy", None)  # KubeRay refuses it on a cluster a RayJob creates
+    m.metadata = ObjectMeta(name=name, labels=labels)
+    m.spec.entrypoint = entrypoint
+    m.spec.runtimeEnvYAML = yaml.safe_dump({"env_vars": dict(env)}, sort_keys=True)
+    m.spec.suspend = True
+    m.spec.shutdownAfterJobFinishes = True  # Kueue manages only RayJobs whose cluster goes with them
+    cluster = m.spec.rayClusterSpec
+    if cluster is None:
+        raise ValueError("the RayJob template has no spec.rayClusterSpec")
+    cluster.enableInTreeAutoscaling = False  # Kueue admits a fixed set of pods
+    cluster.autoscalerOptions = None
+    cluster.upgradeStrategy = None  # KubeRay refuses it on a cluster a RayJob creates
     pools = {POOL_GROUPS[p.role]: p for p in demand.pools}
-    for group in cluster.get("workerGroupSpecs") or []:
-        pool = pools.get(group["groupName"])
-        if pool is not None and pool.count and (missing := set(pool.resources) - set(advertised(group))):
+    for group in cluster.workerGroupSpecs:
+        pool = pools.get(group.groupName)
+        if pool is not None and pool.count and (missing := set(pool.resources) - set(group.advertised())):
             raise ValueError(
                 f"the {pool.role} ask for Ray resource(s) {', '.join(sorted(missing))} that the RayJob template's "
-                f"worker group {group['groupName']!r} does not advertise ({', '.join(advertised(group)) or 'none'})"
+                f"worker group {group.groupName!r} does not advertise ({', '.join(group.advertised()) or 'none'})"
             )
-        n = 0 if pool is None else group_replicas(pool, pod_resources(group), group["groupName"])
-        group.update(replicas=n, minReplicas=n, maxReplicas=n)
+        n = 0 if pool is None else group_replicas(pool, group.pod_resources(), group.groupName)
+        group.replicas = group.minReplicas = group.maxReplicas = n
     return m
 
 
-def state_of(obj: Mapping[str, Any]) -> tuple[str, str]:
+def state_of(obj: RayJob) -> tuple[str, str]:
     """The job state and message a RayJob object says (KubeRay's jobDeploymentStatus and jobStatus)."""
-    spec, status = obj.get("spec") or {}, obj.get("status") or {}
-    deployment, job, message = (
-        status.get("jobDeploymentStatus", ""),
-        status.get("jobStatus", ""),
-        status.get("message", ""),
-    )
+    st = obj.status
+    deployment, job, message = st.jobDeploymentStatus, st.jobStatus, st.message
     if deployment == "Complete":
         if job == "SUCCEEDED":
             return JobState.SUCCEEDED.value, message
         return (JobState.CANCELLED.value if job == "STOPPED" else JobState.FAILED.value), message
     if deployment in ("Failed", "ValidationFailed"):
-        reason = status.get("reason", "")
-        return JobState.FAILED.value, f"RayJob {deployment.lower()}" + (f" ({reason})" if reason else "") + (
+        return JobState.FAILED.value, f"RayJob {deployment.lower()}" + (f" ({st.reason})" if st.reason else "") + (
             f": {message}" if message else ""
         )
-    if spec.get("suspend") or deployment in ("Suspended", "Suspending"):
-        queue = (obj.get("metadata", {}).get("labels") or {}).get(QUEUE_LABEL, "?")
+    if obj.spec.suspend or deployment in ("Suspended", "Suspending"):
+        queue = obj.metadata.labels.get(QUEUE_LABEL, "?")
         return JobState.QUEUED.value, f"waiting for Kueue to admit it (LocalQueue {queue})"
     if deployment == "Running" and job == "RUNNING":
         return JobState.RUNNING.value, ""
@@ -173,12 +136,12 @@ class KueueJobs:
         ray_token: str = "",
     ) -> None:
         try:
-            template = yaml.safe_load(Path(template_path).read_text())
-            if template.get("kind") != "RayJob" or "rayClusterSpec" not in (template.get("spec") or {}):
+            template = RayJob.model_validate(yaml.safe_load(Path(template_path).read_text()))
+            if template.spec.rayClusterSpec is None:
                 raise ValueError("not a RayJob with spec.rayClusterSpec")
-        except (OSError, ValueError, AttributeError, yaml.YAMLError) as e:
+        except (OSError, ValueError, yaml.YAMLError) as e:  # pydantic's ValidationError is a ValueError
             raise ValueError(f"FORKRL_KUEUE_RAYJOB_TEMPLATE={template_path}: {e}") from e
-        self.template: dict[str, Any] = template
+        self.template = template
         self.queue, self.namespace = queue, namespace or None
         self.priority_classes = dict(priority_classes or {})
         self.ray_token = ray_token
@@ -217,9 +180,9 @@ class KueueJobs:
 
         return create_namespaced_resource("ray.io", "v1", "RayJob", "rayjobs")
 
-    def _get(self, name: str) -> dict[str, Any]:
+    def _get(self, name: str) -> RayJob:
         obj = self._call(f"RayJob {name}", self.client().get, self._resource(), name)
-        return dict(obj.to_dict()) if hasattr(obj, "to_dict") else dict(obj)
+        return RayJob.model_validate(obj.to_dict())
 
     def ping(self) -> bool:
         try:
@@ -243,7 +206,7 @@ class KueueJobs:
         cls = priority_class(priority, self.priority_classes)
         manifest = rayjob_manifest(self.template, job_id, entrypoint, env, demand, self.queue, cls)
         try:
-            self.client().create(self._resource()(**manifest))
+            self.client().create(self._resource()(**manifest.dump()))
         except ApiError as e:
             if e.status.code == 409:
                 log.info("RayJob %s already exists", job_id)
@@ -266,12 +229,12 @@ class KueueJobs:
             message = self._why_waiting(obj) or message
         return state, message
 
-    def _why_waiting(self, obj: Mapping[str, Any]) -> str:
+    def _why_waiting(self, obj: RayJob) -> str:
         """Kueue's reason on the RayJob's Workload ("couldn't assign flavors ...: insufficient quota ..."), if
         the control plane may read Workloads; '' otherwise."""
         from lightkube.generic_resource import create_namespaced_resource
 
-        uid = (obj.get("metadata") or {}).get("uid", "")
+        uid = obj.metadata.uid
         if not uid:
             return ""
         workload = create_namespaced_resource("kueue.x-k8s.io", "v1beta2", "Workload", "workloads")
@@ -280,10 +243,9 @@ class KueueJobs:
         except Exception:  # no RBAC for Workloads, an older Kueue: the plain reason stands
             return ""
         for w in found:
-            for c in ((w.to_dict() if hasattr(w, "to_dict") else w).get("status") or {}).get("conditions") or []:
-                if c.get("type") == "QuotaReserved" and c.get("status") == "False" and c.get("message"):
-                    queue = ((obj.get("metadata") or {}).get("labels") or {}).get(QUEUE_LABEL, "?")
-                    return f"waiting for Kueue (LocalQueue {queue}): {c['message']}"
+            for c in Workload.model_validate(w.to_dict()).status.conditions:
+                if c.type == "QuotaReserved" and c.status == "False" and c.message:
+                    return f"waiting for Kueue (LocalQueue {obj.metadata.labels.get(QUEUE_LABEL, '?')}): {c.message}"
         return ""
 
     def stop(self, job_id: str) -> None:
@@ -312,8 +274,8 @@ class KueueJobs:
     def _dashboard(self, job_id: str) -> tuple[RayJobs, str] | None:
         """The Jobs API of the RayJob's own Ray cluster and the Ray job id in it; None until both exist (not
         admitted yet, its cluster starting); JobNotFound when the RayJob is gone."""
-        status = self._get(job_id).get("status") or {}
-        url, ray_job = status.get("dashboardURL", ""), status.get("jobId", "")
+        status = self._get(job_id).status
+        url, ray_job = status.dashboardURL, status.jobId
         if not url or not ray_job:
             return None
         url = url if url.startswith("http") else f"http://{url}"

@@ -17,6 +17,7 @@ import yaml
 from actors.common.config_load import load_config
 from actors.common.demand import job_demand
 from service.kueue import rayjob_manifest
+from service.rayjob_model import RayJob
 
 from .test_chart import CRD_SETS, MIN_KUBERAY, _restricted_violations, by_kind, chart, render, strict, validate
 
@@ -124,8 +125,9 @@ def test_the_rayjob_made_for_a_job_validates_and_its_pods_pass_the_restricted_le
     cfg = load_config("examples/demo.yaml", [])
     demand = job_demand(cfg)
     env = {"FORKRL_JOB_CONFIG": cfg.model_dump_json(), "FORKRL_REPORT_TOKEN": "x" * 43}
-    job = rayjob_manifest(template, "forkrl-0123456789abcdef-r1", "python -m actors.train", env, demand, "team-a",
-                          "forkrl-high")  # fmt: skip
+    made = rayjob_manifest(RayJob.model_validate(template), "forkrl-0123456789abcdef-r1", "python -m actors.train", env,
+                           demand, "team-a", "forkrl-high")  # fmt: skip
+    job = made.dump()
     for crds in CRD_SETS:
         jsonschema.validate(job, CRD_SETS[crds]["RayJob"])
     assert job["spec"]["suspend"] is True

@@ -30,7 +30,7 @@ import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from service.kueue import quantity
+from service.rayjob_model import quantity
 
 NS_PATH = "/apis/ray.io/v1/namespaces/{ns}/rayjobs"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")

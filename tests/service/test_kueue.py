@@ -22,6 +22,7 @@ from actors.common.config_load import validate_config
 from actors.common.contract import ENTRYPOINT, JOB_CONFIG_ENV
 from actors.common.demand import job_demand
 from service.kueue import rayjob_manifest
+from service.rayjob_model import RayJob
 
 from .conftest import ROOT, Server, free_port, state_events, wait_for, wait_for_checkpoint
 from .kube_standin import KubeStandIn, pods_cpu
@@ -68,7 +69,8 @@ def test_kueue_admits_rayjobs_within_quota_by_priority_and_a_suspended_job_resum
     # the quota holds one tiny job's pods and not two (every tiny job has the same pods)
     cfg = validate_config(tiny(6))
     env = {JOB_CONFIG_ENV: cfg.model_dump_json()}
-    one = pods_cpu(rayjob_manifest(yaml.safe_load(template.read_text()), "x", ENTRYPOINT, env, job_demand(cfg), "q"))
+    typed = RayJob.model_validate(yaml.safe_load(template.read_text()))
+    one = pods_cpu(rayjob_manifest(typed, "x", ENTRYPOINT, env, job_demand(cfg), "q").dump())
     standin = KubeStandIn(CRD_SCHEMAS["RayJob"], ray_head.address, ray_head.token, 1.5 * one, free_port(), CLASSES)
     standin.start()
     server = Server(tmp_path / "data", f"sqlite:///{tmp_path / 'jobs.db'}", "", ray_head.token)

@@ -8,7 +8,18 @@ import yaml
 
 from actors.common.contract import JobState
 from actors.common.demand import Demand, PoolDemand
-from service.kueue import group_replicas, pod_resources, priority_class, quantity, rayjob_manifest, state_of
+from service.kueue import group_replicas, priority_class, state_of
+from service.kueue import rayjob_manifest as typed_manifest
+from service.rayjob_model import RayJob, WorkerGroup, quantity
+
+
+def rayjob_manifest(template: dict, *args) -> dict:
+    """The manifest the control plane sends, from a template as YAML gives it."""
+    return typed_manifest(RayJob.model_validate(template), *args).dump()
+
+
+def pod_resources(group: dict) -> dict[str, float]:
+    return WorkerGroup.model_validate(group).pod_resources()
 
 
 def _group(name: str, params: dict, resources: dict) -> dict:
@@ -116,7 +127,7 @@ def test_the_rayjob_is_the_template_sized_to_the_job_and_suspended_in_its_queue(
 )  # fmt: skip
 def test_the_job_state_a_rayjob_status_says(spec, status, state, says):
     obj = {"metadata": {"labels": {"kueue.x-k8s.io/queue-name": "team-a"}}, "spec": spec, "status": status}
-    got, message = state_of(obj)
+    got, message = state_of(RayJob.model_validate(obj))
     assert got == state.value and says in message and (says or message == "")
 
 
