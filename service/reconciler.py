@@ -292,14 +292,20 @@ class Reconciler:
             self.ingest_files(db, j)
             if ray_state == JobState.SUCCEEDED.value and j.total_steps and j.last_step >= j.total_steps:
                 return False
-            resume_at, stopped_at = newest_checkpoint(j.run_dir), j.last_step
-            self.store.rewind(db, j, resume_at)
-            j.preemptions, j.preempt_at, j.submitted = (j.preemptions or 0) + 1, None, False
-            self.telemetry.preemptions_total.inc()
-            where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint)"
-            why = f"preempted at step {stopped_at} for a higher-priority job; resumes {where}"
-            self.store.set_state(db, j, JobState.QUEUED.value, why)
+            says = "preempted at step {step} for a higher-priority job; resumes {where}"
+            self._next_attempt(db, j, JobState.QUEUED, says)
         return True
+
+    def _next_attempt(self, db: Session, j: Job, state: JobState, says: str) -> None:
+        """A preempted job goes on as its next attempt (not a restart): its steps after the newest checkpoint
+        dropped, the ended attempt's ingest token void; `says` with {step} (where it stopped) and {where}."""
+        resume_at, stopped_at = newest_checkpoint(j.run_dir), j.last_step
+        self.store.rewind(db, j, resume_at)
+        j.preemptions, j.preempt_at, j.submitted = (j.preemptions or 0) + 1, None, False
+        j.ingest_token_hash = ""  # a dying driver of the ended attempt may not push after the rewind
+        self.telemetry.preemptions_total.inc()
+        where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint)"
+        self.store.set_state(db, j, state.value, says.format(step=stopped_at, where=where))
 
     def _suspended(self, job: Job) -> None:
         """A running job whose RayJob Kueue suspended (preempted for a higher-priority workload, or its quota
@@ -313,14 +319,8 @@ class Reconciler:
             if j is None or j.state in TERMINAL_STATES:
                 return
             self.ingest_files(db, j)
-            resume_at, stopped_at = newest_checkpoint(j.run_dir), j.last_step
-            self.store.rewind(db, j, resume_at)
-            j.preemptions, j.submitted = (j.preemptions or 0) + 1, False
-            j.ingest_token_hash = ""  # a dying driver of the suspended attempt may not push after the rewind
-            self.telemetry.preemptions_total.inc()
-            where = f"from its step-{resume_at} checkpoint" if resume_at else "from the start (no checkpoint)"
-            why = f"suspended by Kueue at step {stopped_at} (preempted); resumes {where} once Kueue admits it again"
-            self.store.set_state(db, j, JobState.PENDING.value, why)
+            says = "suspended by Kueue at step {step} (preempted); resumes {where} once Kueue admits it again"
+            self._next_attempt(db, j, JobState.PENDING, says)
 
     def _set_state(self, job_id: str, state: str, message: str) -> None:
         with self.store.session(write=True) as db:
