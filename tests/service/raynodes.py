@@ -34,10 +34,19 @@ def ray_env(token: str) -> dict[str, str]:
     return env
 
 
-def _ports() -> list[str]:
-    return [f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]  # fmt: skip
+_PORT_FLAGS = ("node-manager", "object-manager", "dashboard-agent-listen", "dashboard-agent-grpc", "metrics-export",
+               "runtime-env-agent")  # fmt: skip
+
+
+def _ports(avoid: range = range(0)) -> list[str]:
+    """A free port for each of a node's components, none of them in `avoid` (the node's worker ports: Ray
+    refuses to start a node whose components share a port with its worker range)."""
+    flags = []
+    for flag in _PORT_FLAGS:
+        while (port := free_port()) in avoid:
+            pass
+        flags.append(f"--{flag}-port={port}")
+    return flags
 
 
 def head_args(gcs: int, dashboard: int) -> list[str]:
@@ -48,9 +57,10 @@ def head_args(gcs: int, dashboard: int) -> list[str]:
 
 def worker_args(gcs: int, cpus: int, resources: dict[str, float] | None = None) -> list[str]:
     low = free_port() // 100 * 100  # a worker port range of its own (workers bind in it)
+    workers = range(low, low + 100)
     extra = [f"--resources={json.dumps(resources)}"] if resources else []
-    return [f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}", *extra, *_ports(), f"--min-worker-port={low}",
-            f"--max-worker-port={low + 99}"]  # fmt: skip
+    return [f"--address=127.0.0.1:{gcs}", f"--num-cpus={cpus}", *extra, *_ports(avoid=workers),
+            f"--min-worker-port={low}", f"--max-worker-port={low + 99}"]  # fmt: skip
 
 
 def alive_nodes(address: str, token: str, n: int, timeout: float = 120) -> list[RayNode]:
