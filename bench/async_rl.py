@@ -5,8 +5,10 @@ only the mode and the cores changed, one after another on this machine (never tw
   sync-shared   max_staleness 0, every phase on every core (the synchronous setup before async mode)
   sync-split    max_staleness 0, the engine on core 0, the learner on core 1
   async1-split  max_staleness 1, the same split
-  async2-split  max_staleness 2, the same split
+  async2-split  max_staleness 2, the same split (the engines load new weights while the learner goes on)
+  async2-wait-split  max_staleness 2, the learner waits for the engines' loads (rollout.weight_load=wait)
   async1-inflight-split  max_staleness 1, weights reach the engine mid-generation
+  async2-inflight-split  max_staleness 2, the same
 Throughput = trained sequences / step seconds over the steps after --warmup (first steps compile and
 fill the pipeline). Where the rest goes: the learner's idle share (it waited for groups), the engine's
 idle share, and the learn / generate / weight-sync seconds per step.
@@ -36,7 +38,9 @@ ARMS: dict[str, list[str]] = {
     "sync-split": ["trainer.max_staleness=0", *SPLIT],
     "async1-split": ["trainer.max_staleness=1", *SPLIT],
     "async2-split": ["trainer.max_staleness=2", *SPLIT],
+    "async2-wait-split": ["trainer.max_staleness=2", "rollout.weight_load=wait", *SPLIT],
     "async1-inflight-split": ["trainer.max_staleness=1", "rollout.inflight_weight_updates=true", *SPLIT],
+    "async2-inflight-split": ["trainer.max_staleness=2", "rollout.inflight_weight_updates=true", *SPLIT],
 }
 COMMON = ["trainer.eval_every=0", "trainer.save_every=0", "trainer.export_hf=false", "tracking.tensorboard=false"]
 

@@ -96,6 +96,21 @@ RULES: dict[str, Rule] = {
     "batch/empty_step": _WHOLE,
     "rollout/engine_replacements": _WHOLE,
     "weight_sync/remote_engines": _WHOLE,  # engines on another node than the learner (they fetch the bytes)
+    "weight_sync/engine_load_s": _WHOLE,  # asynchronous mode: the slowest engine's load of the previous weights
+    # tree rollouts (actors.driver.tree_rollout.TreeStats, over the step's rounds)
+    **{
+        f"tree/{name}": _WHOLE
+        for name in (
+            "generated_tokens",
+            "unique_tokens",
+            "flat_tokens",
+            "leaves_mean",
+            "rounds_mean",
+            "pruned",
+            "prefix_cache_hit",
+            "branch_agreement",
+        )  # fmt: skip
+    },
     # the model being trained (with LoRA, the adapters are the trainable parameters)
     "model/trainable_params": _WHOLE,
     "model/params": _WHOLE,

@@ -25,8 +25,8 @@ shared ones: flat puts k terms with k leaf advantages where tree puts one with t
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -34,8 +34,8 @@ import torch
 from actors.algo.advantages import group_advantages
 
 __all__ = [
-    "FlatLeaf", "Node", "Token", "Tree", "agreement", "branch_points", "flatten", "node_advantages", "position",
-    "topk_entropy",
+    "Branch", "FlatLeaf", "Node", "Token", "Tree", "agreement", "apply_branch", "branch_points", "candidates",
+    "contexts", "flatten", "node_advantages", "plan_branches", "position", "topk_entropy",
 ]  # fmt: skip
 
 Credit = Literal["tree", "flat"]
@@ -43,10 +43,22 @@ Credit = Literal["tree", "flat"]
 
 @dataclass(frozen=True)
 class Node:
-    """A segment of generated tokens after its parent's (-1: right after the prompt)."""
+    """A segment of generated tokens after its parent's (-1: right after the prompt); with what the engine
+    said of each token where it sampled it (empty where not known): its log-prob and the entropy of the
+    distribution it was drawn from; `finish`: how the sample ended ("stop", "length"), on a leaf's last
+    segment."""
 
     parent: int
     tokens: tuple[int, ...]
+    logprobs: tuple[float, ...] = ()
+    entropy: tuple[float, ...] = ()
+    finish: str | None = None
+
+    def split(self, cut: int, tail_parent: int) -> tuple[Node, Node]:
+        """(its first `cut` tokens, the rest under tail_parent): what a branch inside it leaves."""
+        head = Node(self.parent, self.tokens[:cut], self.logprobs[:cut], self.entropy[:cut])
+        tail = Node(tail_parent, self.tokens[cut:], self.logprobs[cut:], self.entropy[cut:], self.finish)
+        return head, tail
 
 
 @dataclass(frozen=True)
@@ -80,14 +92,18 @@ class Tree:
     def tokens(self, leaf: int) -> list[int]:
         return [t for i in self.path(leaf) for t in self.nodes[i].tokens]
 
-    def sample(self, tokens: Sequence[int]) -> Tree:
-        """A new root sample (a child of the prompt)."""
-        return Tree((*self.nodes, Node(-1, tuple(tokens))))
+    def sample(self, tokens: Sequence[int] | Node) -> Tree:
+        """A new root sample (a child of the prompt): its tokens, or a Node (parent -1) with what the engine
+        said of them."""
+        node = tokens if isinstance(tokens, Node) else Node(-1, tuple(tokens))
+        return Tree((*self.nodes, node))
 
-    def branch(self, leaf: int, at: int, tokens: Sequence[int]) -> tuple[Tree, int]:
-        """Continue leaf's path after its first `at` tokens with `tokens` (a new leaf): the segment holding
-        position `at` is split there, so both continuations share what comes before. Returns the new tree
-        and the new leaf's index (the last node). at = 0 branches right after the prompt."""
+    def branch(self, leaf: int, at: int, tokens: Sequence[int] | Node) -> tuple[Tree, int]:
+        """Continue leaf's path after its first `at` tokens with `tokens` (a new leaf; or a Node, whose
+        parent is set here): the segment holding position `at` is split there, so both continuations share
+        what comes before. Returns the new tree and the new leaf's index (the last node). at = 0 branches
+        right after the prompt."""
+        new = tokens if isinstance(tokens, Node) else Node(-1, tuple(tokens))
         length = len(self.tokens(leaf))
         if not 0 <= at < length:
             raise ValueError(f"at = {at}: a branch starts inside the path (0..{length - 1})")
@@ -98,13 +114,25 @@ class Tree:
             start += len(self.nodes[i].tokens)
         cut, node = at - start, self.nodes[i]
         if cut == 0:  # at the segment's start: a sibling of it
-            return Tree((*self.nodes, Node(node.parent, tuple(tokens)))), len(self.nodes)
+            return Tree((*self.nodes, replace(new, parent=node.parent))), len(self.nodes)
         # node i keeps its head; its tail becomes a new node that takes over i's children
         tail = len(self.nodes)
-        nodes = [Node(tail, n.tokens) if n.parent == i else n for n in self.nodes]
-        nodes[i] = Node(node.parent, node.tokens[:cut])
-        nodes += [Node(i, node.tokens[cut:]), Node(i, tuple(tokens))]
+        nodes = [replace(n, parent=tail) if n.parent == i else n for n in self.nodes]
+        nodes[i], rest = node.split(cut, i)
+        nodes += [rest, replace(new, parent=i)]
         return Tree(tuple(nodes)), tail + 1
+
+    def children(self, i: int) -> list[int]:
+        """The nodes right under node i (-1: the root samples)."""
+        return [j for j, n in enumerate(self.nodes) if n.parent == i]
+
+    def leaf_holding(self, node: int) -> int:
+        """The first leaf (in leaf order) whose path goes through node."""
+        return next(leaf for leaf in self.leaves() if node in self.path(leaf))
+
+    def leaf_field(self, leaf: int, name: Literal["logprobs", "entropy"]) -> list[float]:
+        """The engine's per-token values along a leaf's path (each segment's, in order)."""
+        return [x for i in self.path(leaf) for x in getattr(self.nodes[i], name)]
 
     @property
     def unique_tokens(self) -> int:
@@ -143,20 +171,30 @@ class FlatLeaf:
 
 
 def flatten(
-    tree: Tree, rewards: Sequence[float], credit: Credit = "tree", estimator: Literal["grpo", "drgrpo"] = "grpo"
-) -> list[FlatLeaf]:
+    tree: Tree, rewards: Sequence[float], credit: Credit = "tree", estimator: Literal["grpo", "drgrpo"] = "grpo",
+    excluded: Collection[int] = (),
+) -> list[FlatLeaf]:  # fmt: skip
     """The group's leaves as flat sequences, in leaf order, under `credit` (module docstring). The leaves'
-    advantages are the group's (group_advantages over the leaves' rewards)."""
+    advantages are the group's (group_advantages over the leaves' rewards).
+
+    excluded: leaves whose own tokens get no loss (a truncated completion under algorithm.overlong_mask);
+    their rewards still count in the group's advantages. A token they share with a leaf that is not
+    excluded keeps its loss term, on that leaf's copy."""
     leaves = tree.leaves()
     if len(rewards) != len(leaves):
         raise ValueError(f"{len(rewards)} rewards for {len(leaves)} leaves")
+    if not set(excluded) <= set(leaves):
+        raise ValueError(f"excluded {sorted(set(excluded) - set(leaves))}: not leaves of the tree")
     leaf_adv = group_advantages(torch.tensor(list(rewards), dtype=torch.float64), len(leaves), estimator)[0].tolist()
     node_adv = node_advantages(tree, leaf_adv)
     below = [0] * len(tree.nodes)
     for leaf in leaves:
         for i in tree.path(leaf):
             below[i] += 1
-    seen: set[int] = set()
+    first: dict[int, int] = {}  # node -> the leaf whose copy of it is the loss term (tree credit)
+    for leaf in [x for x in leaves if x not in excluded]:
+        for i in tree.path(leaf):
+            first.setdefault(i, leaf)
     out = []
     for leaf, own in zip(leaves, leaf_adv, strict=True):
         tokens: list[int] = []
@@ -168,12 +206,10 @@ def flatten(
             tokens += tree.nodes[i].tokens
             shared += [below[i]] * n
             if credit == "flat":
-                mask += [True] * n
+                mask += [leaf not in excluded] * n
                 adv += [own] * n
             else:
-                first = i not in seen
-                seen.add(i)
-                mask += [first] * n
+                mask += [first.get(i) == leaf] * n
                 adv += [node_adv[i]] * n
         out.append(FlatLeaf(leaf, tokens, mask, adv, shared))
     return out
@@ -228,3 +264,77 @@ def position(tree: Tree, leaf: int, token: Token) -> int:
 def agreement(chosen: Sequence[Token], reference: Sequence[Token]) -> float:
     """The share of `chosen` branch points that `reference` chose too (1.0 when both chose none)."""
     return len(set(chosen) & set(reference)) / len(set(chosen)) if chosen else 1.0
+
+
+def contexts(tree: Tree) -> list[list[int]]:
+    """For each token (one list per node), a hash of the tokens before it on its path: the context it was
+    drawn from. Two nodes that start alike (two samples whose first tokens agree) give equal contexts."""
+    start: dict[int, int] = {-1: hash(())}
+    out: list[list[int]] = [[] for _ in tree.nodes]
+    order = sorted(range(len(tree.nodes)), key=lambda i: len(tree.path(i)))  # parents first
+    for i in order:
+        h = start[tree.nodes[i].parent]
+        for tok in tree.nodes[i].tokens:
+            out[i].append(h)
+            h = hash((h, tok))
+        start[i] = h
+    return out
+
+
+def candidates(tree: Tree) -> list[list[float]]:
+    """Each token's entropy as a branch point (one list per node): the engine's, and -inf where a branch
+    cannot start - where the entropy is not known, and where the group holds two or more draws from the
+    token's context already (a fork: a branch was made there, or two samples diverged there)."""
+    ctx = contexts(tree)
+    draws: dict[int, int] = {}
+    for node in ctx:
+        for h in node:
+            draws[h] = draws.get(h, 0) + 1
+    out = []
+    for n, hs in zip(tree.nodes, ctx, strict=True):
+        ent = list(n.entropy) if len(n.entropy) == len(n.tokens) else [-math.inf] * len(n.tokens)
+        out.append([-math.inf if draws[h] > 1 else e for e, h in zip(ent, hs, strict=True)])
+    return out
+
+
+@dataclass(frozen=True)
+class Branch:
+    """n new continuations after `prefix` (the first tokens of a leaf's path; its last token is re-drawn).
+    A branch names its prefix, not node indices, which the round's earlier branches may renumber."""
+
+    prefix: tuple[int, ...]
+    n: int
+    entropy: float  # the entropy of the position branched
+
+
+def plan_branches(
+    tree: Tree, points: int, per_point: int, need: int, per: Literal["trajectory", "group"] = "group"
+) -> list[Branch]:
+    """This round's branches of a group that needs `need` more leaves: the `points` highest-entropy
+    positions where a branch can start (`candidates`), highest first, `per_point` continuations each (the
+    last one fewer, so the group reaches exactly its leaf count)."""
+    ent, ctx = candidates(tree), contexts(tree)
+    out, planned = [], set()
+    for node, offset in branch_points(tree, ent, points, per):
+        h = ent[node][offset]
+        if need <= 0 or h == -math.inf:
+            break
+        if ctx[node][offset] in planned:  # the same context on another path (per=trajectory): once
+            continue
+        planned.add(ctx[node][offset])
+        leaf = tree.leaf_holding(node)
+        at = position(tree, leaf, (node, offset))
+        k = min(per_point, need)
+        out.append(Branch(tuple(tree.tokens(leaf)[:at]), k, h))
+        need -= k
+    return out
+
+
+def apply_branch(tree: Tree, prefix: Sequence[int], node: Node) -> Tree:
+    """The tree with one new continuation after `prefix`, on the first leaf whose path starts with it."""
+    at = len(prefix)
+    for leaf in tree.leaves():
+        path = tree.tokens(leaf)
+        if len(path) > at and path[:at] == list(prefix):
+            return tree.branch(leaf, at, node)[0]
+    raise ValueError(f"no leaf continues the prefix {list(prefix)[:8]}... ({at} tokens)")

@@ -32,6 +32,8 @@ class Completion:
     A multi-turn trajectory (`environment`): token_ids interleave the model's turns and the observations,
     exactly the ids the engine saw; model_mask [R] is True on the model's tokens (logprobs holds 0.0 on
     the others); text is the model's turns alone (what the verifiers score); episode its counts.
+    entropy: [R] each position's entropy estimated from the engine's top-k log-probs (asked for by tree
+    rollouts), else None; cached_tokens: the request's prompt tokens vLLM took from its prefix cache.
     """
 
     token_ids: list[int]
@@ -41,6 +43,8 @@ class Completion:
     versions: tuple[int, int] | None = None
     model_mask: list[bool] | None = None
     episode: Episode | None = None
+    entropy: list[float] | None = None
+    cached_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,8 @@ class TrainSequence:
     sample_id: set on the few sequences the driver shows per step; their per-token entropy and kept
     flags come back as TokenTrace. loss_mask: [R] False on tokens that are context only (a multi-turn
     trajectory's observations): no loss, and the entropy filter never counts them; None = all tokens.
+    token_advantages: [R] one advantage per token (a tree rollout's leaf under tree credit: a shared
+    token's is the mean of the leaves below it); None = `advantage` on every token.
     """
 
     prompt_ids: list[int]
@@ -64,6 +70,7 @@ class TrainSequence:
     old_logprobs: list[float] | None = None
     sample_id: int | None = None
     loss_mask: list[bool] | None = None
+    token_advantages: list[float] | None = None
 
     def padding_copy(self) -> TrainSequence:
         return replace(self, weight=0.0)
@@ -92,7 +99,7 @@ class MicroBatch:
     valid:          [B, T] True on real response tokens of non-padding sequences that get a loss
                     (not a trajectory's observations)
     rollout_lp:     [B, T] the engine's log-probs
-    adv:            [B] advantages (fp32)
+    adv:            [B] advantages (fp32); [B, T] when a sequence has per-token advantages
     old_lp:         [B, T] old-policy log-probs, or None (the update's own log-probs, detached)
     """
 
@@ -134,6 +141,10 @@ def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.devi
         has_old = all(s.old_logprobs is not None for s in chunk)
         old_lp = torch.zeros(b, t_resp)
         gather_pos = torch.zeros(b, t_resp, dtype=torch.long)
+        per_token = any(s.token_advantages is not None for s in chunk)
+        adv = torch.tensor([s.advantage for s in chunk], dtype=torch.float32)
+        if per_token:
+            adv = adv[:, None].repeat(1, t_resp)  # [B, T]
         for i, s in enumerate(chunk):
             p, r = s.prompt_ids, s.response_ids
             input_ids[i, : len(p) + len(r)] = torch.tensor(p + r)
@@ -146,6 +157,8 @@ def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.devi
             if s.old_logprobs is not None:
                 old_lp[i, : len(r)] = torch.tensor(s.old_logprobs[: len(r)])
             gather_pos[i, : len(r)] = torch.arange(len(p) - 1, len(p) - 1 + len(r))
+            if s.token_advantages is not None:
+                adv[i, : len(r)] = torch.tensor(s.token_advantages[: len(r)], dtype=torch.float32)
         runs = prompt_runs([s.prompt_ids for s in chunk])
         yield MicroBatch(
             runs=[(a, z, torch.tensor(chunk[a].prompt_ids, dtype=torch.long, device=device)) for a, z in runs],
@@ -156,6 +169,6 @@ def collate(seqs: list[TrainSequence], micro_batch_size: int, device: torch.devi
             resp_ids=resp_ids.to(device),
             valid=valid.to(device),
             rollout_lp=rollout_lp.to(device),
-            adv=torch.tensor([s.advantage for s in chunk], dtype=torch.float32, device=device),
+            adv=adv.to(device),
             old_lp=old_lp.to(device) if has_old else None,
         )

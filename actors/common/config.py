@@ -17,6 +17,7 @@ from actors.common.config_algorithm import AlgorithmConfig
 from actors.common.config_base import KEY_LEN, MAX_SEED, PATH_LEN, CpuCores, NoNul, Resources, StrictModel
 from actors.common.env_config import EnvironmentConfig
 from actors.common.model_config import LoraConfig, ModelConfig
+from actors.common.tree_config import TreeConfig
 from actors.common.verifier_config import Verifier, default_verifiers
 
 __all__ = [
@@ -34,6 +35,7 @@ __all__ = [
     "RolloutConfig",
     "TrackingConfig",
     "TrainerConfig",
+    "TreeConfig",
     "Verifier",
 ]
 
@@ -173,6 +175,19 @@ class RolloutConfig(StrictModel):
         le=65536,
         description="Asynchronous mode: groups being generated at once over the pool at most. None = "
         "data.prompts_per_step per engine.",
+    )
+    weight_load: Literal["auto", "wait", "background"] = Field(
+        "auto",
+        description="Asynchronous mode: wait = after each step the learner waits until every engine has loaded the "
+        "new weights; background = it goes on to its next step once it has written them and the engines load "
+        "meanwhile (each completion still carries the version its engine had when its request started, so the "
+        "staleness bound holds); auto = background at trainer.max_staleness >= 2, wait at 1 (at 1 the engines "
+        "then fall behind and the learner waits longer for groups than it saves: bench/async_rl.py).",
+    )
+    tree: TreeConfig | None = Field(
+        None,
+        description="Forking-token tree rollouts (actors.common.tree_config): each group grows as a tree, branching "
+        "where the policy is uncertain; None = every completion sampled on its own.",
     )
 
 
@@ -350,6 +365,7 @@ class JobConfig(StrictModel):
                 "the engine's that corrects them); accepted: a number > 0, e.g. 2.0"
             )
         self._environment_fits()
+        self._tree_fits()
         lora = self.model.lora
         if lora is not None and lora.sync == "auto":  # resolved here: what is stored and shown is the choice
             sync = "adapter" if self.rollout.num_gpus_per_engine > 0 else "merged"
@@ -367,6 +383,26 @@ class JobConfig(StrictModel):
                 f"{self.rollout.max_new_tokens}"
             )
         return self
+
+    def _tree_fits(self) -> None:
+        tree, g = self.rollout.tree, self.rollout.group_size
+        if tree is None:
+            return
+        if tree.roots > g:
+            raise ValueError(f"rollout.tree.roots={tree.roots} must be <= rollout.group_size={g} (the group's leaves)")
+        others = [
+            (self.environment is not None, "environment (multi-turn episodes)"),
+            (self.trainer.max_staleness > 0, f"trainer.max_staleness={self.trainer.max_staleness} (asynchronous mode)"),
+        ]
+        for on, what in others:
+            if on:
+                raise ValueError(f"rollout.tree is not available with {what} yet; accepted: rollout.tree unset")
+        if tree.credit == "tree" and self.algorithm.policy_loss == "gspo":
+            raise ValueError(
+                "rollout.tree.credit=tree with algorithm.policy_loss=gspo: GSPO's sequence ratio needs every token "
+                "of a sequence in the loss, and tree credit keeps a shared token in one copy only; accepted: credit "
+                "flat, or another policy_loss"
+            )
 
     def _environment_fits(self) -> None:
         env = self.environment

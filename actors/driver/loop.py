@@ -57,6 +57,8 @@ class Pools:
     dtype: str
     sync_timeout_s: float
     remote_loads: float = 0.0  # engines that fetched the last weights from another node
+    load_s: float = 0.0  # the slowest engine's seconds to load the last weights it finished loading
+    _loading: tuple[list[Any], float] | None = None  # the engines' load calls still running, and their start
     start_seconds: dict[str, float] | None = None  # how long the pools took to start: engines, learners, both
 
     @classmethod
@@ -112,11 +114,30 @@ class Pools:
         finally:
             self.learners.shutdown()
 
-    def sync_weights(self, version: int) -> None:
+    def sync_weights(self, version: int, wait: bool = True) -> None:
         """Learner -> every rollout engine, through a file in shared memory (an engine on another node gets
-        the file's bytes from the learner); version: the trained steps."""
-        loads = self.rollout.load_weights(self.learners.export_weights(self.dtype, version), self.sync_timeout_s)
+        the file's bytes from the learner); version: the trained steps.
+
+        wait=False (asynchronous mode): return once the learner has written the file; the engines load it
+        while the learner goes on to its next step, and `finish_sync` (called by the next sync and before
+        an evaluation) waits for them. The staleness bound holds regardless: each completion carries the
+        version its engine had when the request started (`actors.rollout.stream_engine`)."""
+        self.finish_sync()  # one load at a time in each engine, in version order
+        weights = self.learners.export_weights(self.dtype, version)
+        self._loading = (self.rollout.start_loads(weights), time.monotonic())
+        if wait:
+            self.finish_sync()
+
+    def finish_sync(self) -> None:
+        """Wait for the engines' load of the newest weights, if one is running (within
+        learner.weight_sync_timeout_s of its start); `load_s`: the slowest engine's seconds."""
+        if self._loading is None:
+            return
+        refs, t0 = self._loading
+        self._loading = None
+        loads = self.rollout.wait_loads(refs, max(1.0, self.sync_timeout_s - (time.monotonic() - t0)))
         self.remote_loads = sum(1.0 - r.get("local", 1.0) for r in loads)
+        self.load_s = max((r.get("seconds", 0.0) for r in loads), default=0.0)
 
 
 def one_step(
@@ -130,7 +151,7 @@ def one_step(
     samples: list[dict[str, Any]] = []
     t_step = time.perf_counter()
     # sample, generate, verify: in rounds until the step holds groups with signal (DAPO)
-    got = collect(cfg, sampler, tokenizer, pools.rollout, pools.rewards)
+    got = collect(cfg, sampler, tokenizer, pools.rollout, pools.rewards, pools.learners)
     m.update(got.metrics)
     m["rollout/engine_replacements"] = float(pools.rollout.replacements)  # so far in this attempt
     with timed(m, "advantages"):  # advantages from the shaped reward; overlong masking
@@ -182,10 +203,12 @@ def async_step(
                 m["forking_tokens"] = forking_tokens(step_metrics, tokenizer)
             else:
                 log.warning("step %d trains on nothing: no group with signal (batch/sequences = 0)", step)
-        with timed(m, "weight_sync"):
+        with timed(m, "weight_sync"):  # the learner writes the weights; the engines load them while it learns on
             if groups:
-                pools.sync_weights(step)
-                m["weight_sync/remote_engines"] = pools.remote_loads
+                load = cfg.rollout.weight_load
+                pools.sync_weights(step, wait=load == "wait" or (load == "auto" and cfg.trainer.max_staleness < 2))
+                m["weight_sync/remote_engines"] = pools.remote_loads  # of the previous load (finished now)
+                m["weight_sync/engine_load_s"] = pools.load_s
 
     stream.while_running(learn_and_sync)
     m["batch/empty_step"] = float(not groups)
@@ -205,6 +228,7 @@ def evaluate(
     its standard error over the prompts (sample standard deviation / sqrt(n))."""
     from actors.driver.episodes import generate_groups
 
+    pools.finish_sync()  # the newest weights, in every engine
     outs, _ = generate_groups(cfg, examples, prompts, 1, pools.rollout, pools.rewards, tokenizer, temperature=0.0)
     right, _ = pools.rewards.score([(o[0].text, ex.answer, ex.prompt) for o, ex in zip(outs, examples, strict=True)])
     return eval_metrics(right)

@@ -53,6 +53,7 @@ class Group:
     prompt_ids: list[int]
     completions: list[Completion]
     scores: list[float]
+    tree: Any = None  # rollout.tree: the group's tree (actors.algo.tree.Tree); its leaves are the completions
 
 
 @dataclass
@@ -66,8 +67,14 @@ def batch_fingerprint(examples: list[Any]) -> int:
     return zlib.crc32(json.dumps([[ex.prompt, ex.answer] for ex in examples]).encode())
 
 
-def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any, rewards: Any) -> StepRollout:
-    """Rounds of sample -> generate -> verify until the step has data.prompts_per_step groups to train on."""
+def collect(
+    cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any, rewards: Any, learners: Any = None
+) -> StepRollout:
+    """Rounds of sample -> generate -> verify until the step has data.prompts_per_step groups to train on
+    (with rollout.tree, each group grown as a tree: actors.driver.tree_rollout; learners: for its
+    entropy: learner)."""
+    from actors.driver.tree_rollout import TreeStats, grow_groups, leaf_completions
+
     algo, need, g = cfg.algorithm, cfg.data.prompts_per_step, cfg.rollout.group_size
     rounds_max = algo.dynamic_sampling_max_rounds if algo.dynamic_sampling else 1
     kept: list[Group] = []
@@ -79,13 +86,20 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
     parts: list[dict[str, Any]] = [dict.fromkeys(zero, 0.0)]
     rounds = discarded = 0
     tools = prompt_tools(cfg, tokenizer)
+    trees: list[Any] = []
+    tree_stats = TreeStats()
     while rounds < rounds_max and len(kept) < need:
         rounds += 1
         t0 = time.perf_counter()
         examples = sampler.next()
         prompts = [render_prompt(tokenizer, ex, cfg.data, tools) for ex in examples]
         t1 = time.perf_counter()
-        outs, episode_counts = generate_groups(cfg, examples, prompts, g, rollout, rewards, tokenizer)
+        if cfg.rollout.tree is not None:
+            trees, stats = grow_groups(cfg, prompts, rollout, learners)
+            tree_stats.add(stats)
+            outs, episode_counts = [leaf_completions(t, tokenizer) for t in trees], dict[str, float]()
+        else:
+            outs, episode_counts = generate_groups(cfg, examples, prompts, g, rollout, rewards, tokenizer)
         t2 = time.perf_counter()
         scores, reward_metrics = score_groups(rewards, examples, outs)
         t3 = time.perf_counter()
@@ -96,10 +110,11 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
         seen += examples
         scores_all += scores
         lengths_all += [len(c.token_ids) for group in outs for c in group]
-        signal = groups_with_signal(torch.tensor(scores), g).tolist() if algo.dynamic_sampling else [True] * len(outs)
-        for i, (ex, p, group, ok) in enumerate(zip(examples, prompts, outs, signal, strict=True)):
-            if ok:
-                kept.append(Group(ex, p, group, scores[i * g : (i + 1) * g]))
+        ends = [sum(len(o) for o in outs[: i + 1]) for i in range(len(outs))]  # tree groups may be smaller
+        per_group = [scores[end - len(o) : end] for o, end in zip(outs, ends, strict=True)]
+        for i, (ex, p, group, sc) in enumerate(zip(examples, prompts, outs, per_group, strict=True)):
+            if not algo.dynamic_sampling or bool(groups_with_signal(torch.tensor(sc), len(sc))[0]):
+                kept.append(Group(ex, p, group, sc, trees[i] if trees else None))
             else:
                 discarded += 1
     bound_hit = len(kept) < need
@@ -122,6 +137,7 @@ def collect(cfg: JobConfig, sampler: PromptSampler, tokenizer: Any, rollout: Any
             "batch/groups_kept": float(len(kept)),
             "batch/groups_discarded": float(discarded),
             "batch/sampling_bound_hit": float(bound_hit and algo.dynamic_sampling),
+            **(tree_stats.metrics() if cfg.rollout.tree is not None else {}),
         }
     )
     return StepRollout(kept, m)
@@ -140,6 +156,10 @@ def score_groups(
 
 def training_groups(cfg: JobConfig, groups: list[Group]) -> tuple[list[list[TrainSequence]], dict[str, float]]:
     """Advantages (from the shaped reward) and the sequences of each group that enter the loss."""
+    from actors.driver.tree_rollout import tree_training_groups
+
+    if cfg.rollout.tree is not None:
+        return tree_training_groups(cfg, groups)
     algo, g = cfg.algorithm, cfg.rollout.group_size
     max_new = cfg.environment.max_tokens if cfg.environment is not None else cfg.rollout.max_new_tokens
     if not groups:
@@ -177,7 +197,9 @@ def sample_records(
 ) -> list[dict[str, Any]]:
     """The step's sampled completions as the dashboard and the trackers show them: the prompt, the
     verifier's reward, and per response token its text, entropy and whether the filter kept it
-    (at most SAMPLE_TOKENS tokens; `truncated` says when there were more)."""
+    (at most SAMPLE_TOKENS tokens; `truncated` says when there were more); a tree group's tree."""
+    from actors.driver.tree_rollout import tree_record
+
     out = []
     for t in traces:
         gr = groups[t.sample_id // group_size]
@@ -194,6 +216,9 @@ def sample_records(
             "truncated": len(c.token_ids) > n,
             # a trajectory's observation tokens (context, never trained): 1 where the environment wrote
             **({"observation": [int(not k) for k in c.model_mask[:n]]} if c.model_mask is not None else {}),
+            # a tree rollout's group: its tree, this sample one of its leaves
+            **({"tree": tree_record(gr.tree, gr.scores, tokenizer, gr.tree.leaves()[t.sample_id % group_size])}
+               if gr.tree is not None else {}),
         })  # fmt: skip
     return out
 

@@ -318,17 +318,19 @@ class Learner:
             shutil.rmtree(self._weights_dir, ignore_errors=True)
             self._weights_dir = None
 
-    def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
-        """Learner log-probs of each response (no gradient), for checks against the engine."""
+    def score(self, seqs: list[TrainSequence], entropy: bool = False) -> list[list[float]]:
+        """Learner log-probs of each response (no gradient), for checks against the engine; entropy: each
+        position's entropy at the sampling temperature instead (tree rollouts' branch points)."""
         import torch
 
         self.engine.eval()
         out = []
         with torch.no_grad():
             for mb in self._micro_batches(seqs):
-                logp, _ = self._logprobs_entropy(mb)
-                for i in range(logp.shape[0]):
-                    out.append(logp[i][mb.valid[i]].tolist())
+                logp, ent = self._logprobs_entropy(mb)
+                values = ent if entropy else logp
+                for i in range(values.shape[0]):
+                    out.append(values[i][mb.valid[i]].tolist())
         return out
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:

@@ -121,9 +121,10 @@ class LearnerGroup:
             ray.kill(a)
         self.pool.release()
 
-    def score(self, seqs: list[TrainSequence]) -> list[list[float]]:
-        """Learner log-probs of each response's tokens (no gradient), the batch sharded over ranks."""
-        parts = self.pool.sharded(self._padded(seqs), lambda a, part: a.score.remote(part))
+    def score(self, seqs: list[TrainSequence], entropy: bool = False) -> list[list[float]]:
+        """Learner log-probs (entropy: each position's entropy) of each response's tokens (no gradient), the
+        batch sharded over ranks."""
+        parts = self.pool.sharded(self._padded(seqs), lambda a, part: a.score.remote(part, entropy))
         return [lp for part in parts for lp in part][: len(seqs)]
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:

@@ -71,10 +71,11 @@ def in_actor(rollout: RolloutConfig) -> bool:
 
 def sampling_params(
     rollout: RolloutConfig, n: int, seed: int | None, temperature: float | None, max_tokens: int | None,
-    stop: list[str] | None = None,
+    stop: list[str] | None = None, top_logprobs: int = 0,
 ) -> Any:  # fmt: skip
-    """vLLM's SamplingParams of a rollout request: the sampled token's log-prob with each token. stop:
-    strings that end a sample (a multi-turn episode's tool call), kept in its text as in its tokens."""
+    """vLLM's SamplingParams of a rollout request: the sampled token's log-prob with each token (with
+    top_logprobs = k, the k likeliest tokens' too: the entropy estimate of tree rollouts). stop: strings
+    that end a sample (a multi-turn episode's tool call), kept in its text as in its tokens."""
     from vllm import SamplingParams
     from vllm.sampling_params import RequestOutputKind
 
@@ -83,7 +84,7 @@ def sampling_params(
         temperature=rollout.temperature if temperature is None else temperature,
         top_p=rollout.top_p,
         max_tokens=max_tokens or rollout.max_new_tokens,
-        logprobs=0,
+        logprobs=top_logprobs,
         seed=seed,
         stop=stop,
         include_stop_str_in_output=bool(stop),
@@ -91,17 +92,24 @@ def sampling_params(
     )
 
 
-def completions(out: Any, versions: tuple[int, int] | None = None) -> list[Completion]:
-    """A vLLM RequestOutput's samples, each with the log-probs of its sampled tokens."""
+def completions(out: Any, versions: tuple[int, int] | None = None, top_logprobs: int = 0) -> list[Completion]:
+    """A vLLM RequestOutput's samples, each with the log-probs of its sampled tokens (top_logprobs = k > 0:
+    and each position's entropy from its k likeliest tokens, `actors.algo.tree.topk_entropy`)."""
+    from actors.algo.tree import topk_entropy
+
     samples = []
+    cached = int(getattr(out, "num_cached_tokens", 0) or 0)
     for c in out.outputs:
         ids = list(c.token_ids)
-        lps = []  # logprobs=0 asks for the sampled token's log-prob only: one entry per step
+        lps, ents = [], []  # one entry per step: the sampled token's, and (top_logprobs) the k likeliest
         for step, t in zip(c.logprobs or [], ids, strict=True):
             if step is None:
-                raise RuntimeError("vLLM returned no log-prob for a sampled token (logprobs=0 was asked)")
+                raise RuntimeError("vLLM returned no log-prob for a sampled token (logprobs was asked)")
             lps.append(float(step[t].logprob))
-        samples.append(Completion(ids, lps, c.text, c.finish_reason, versions))
+            if top_logprobs:  # the sampled token comes beside the top k when it is not one of them
+                ents.append(topk_entropy([lp.logprob for lp in step.values() if lp.rank <= top_logprobs]))
+        samples.append(Completion(ids, lps, c.text, c.finish_reason, versions, entropy=ents if top_logprobs else None,
+                                  cached_tokens=cached))  # fmt: skip
     return samples
 
 
@@ -134,24 +142,31 @@ class RolloutEngine:
     def generate(
         self,
         prompts: list[list[int]],
-        n: int,
+        n: int | list[int],
         seed: int | None = None,
         temperature: float | None = None,
         max_tokens: int | list[int] | None = None,
         stop: list[str] | None = None,
+        top_logprobs: int = 0,
     ) -> list[list[Completion]]:
-        """For each prompt, n samples; max_tokens: one for all or one per prompt (a multi-turn episode's
-        remaining budget); stop: strings that end a sample."""
+        """For each prompt, n samples; n and max_tokens: one for all or one per prompt (a multi-turn
+        episode's remaining budget, a tree's branches); stop: strings that end a sample; top_logprobs:
+        k > 0 adds each position's entropy estimate (Completion.entropy)."""
         from vllm.inputs import TokensPrompt
 
-        if isinstance(max_tokens, list):
-            params: Any = [sampling_params(self.rollout, n, seed, temperature, m, stop) for m in max_tokens]
+        if isinstance(max_tokens, list) or isinstance(n, list):
+            ns = n if isinstance(n, list) else [n] * len(prompts)
+            caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+            params: Any = [
+                sampling_params(self.rollout, k, seed, temperature, m, stop, top_logprobs)
+                for k, m in zip(ns, caps, strict=True)
+            ]
         else:
-            params = sampling_params(self.rollout, n, seed, temperature, max_tokens, stop)
+            params = sampling_params(self.rollout, n, seed, temperature, max_tokens, stop, top_logprobs)
         outs = self.llm.generate(
             [TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False, lora_request=self.adapter
         )
-        return [completions(out) for out in outs]
+        return [completions(out, top_logprobs=top_logprobs) for out in outs]
 
     def load_weights(self, weights: WeightsFile) -> dict[str, float]:
         """Reload all weights in place from the learner's file; returns timing and the policy version."""

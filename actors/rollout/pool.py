@@ -54,25 +54,26 @@ class RolloutPool:
         self._lock = threading.Lock()
 
     def generate(
-        self, prompts: list[list[int]], n: int, max_tokens: int | list[int] | None = None, **kw: Any
+        self, prompts: list[list[int]], n: int | list[int], max_tokens: int | list[int] | None = None, **kw: Any
     ) -> list[list[Completion]]:
-        """For each prompt, n samples (max_tokens: one for all, or one per prompt); a dead engine's shard
+        """For each prompt, n samples (n, max_tokens: one for all, or one per prompt); a dead engine's shard
         is generated again on its replacement."""
         k = len(self.pool)
         budgets = shard(max_tokens, k) if isinstance(max_tokens, list) else [max_tokens] * k
-        parts = [(i, part, budgets[i]) for i, part in enumerate(shard(prompts, k)) if part]
+        counts = shard(n, k) if isinstance(n, list) else [n] * k
+        parts = [(i, part, budgets[i], counts[i]) for i, part in enumerate(shard(prompts, k)) if part]
 
         def call(i: int) -> Any:
-            _, part, budget = next(p for p in parts if p[0] == i)
-            return self.pool.actors[i].generate.remote(part, n, max_tokens=budget, **kw)
+            _, part, budget, count = next(p for p in parts if p[0] == i)
+            return self.pool.actors[i].generate.remote(part, count, max_tokens=budget, **kw)
 
         def again(i: int, error: Exception) -> Any:
             self._replace(i, error)
             return call(i)
 
-        refs = [call(i) for i, _, _ in parts]
+        refs = [call(i) for i, *_ in parts]
         results = self.pool.gather(
-            refs, [i for i, _, _ in parts], on_death=again, timeout_s=self.rollout.generate_timeout_s,
+            refs, [i for i, *_ in parts], on_death=again, timeout_s=self.rollout.generate_timeout_s,
             timeout_setting="rollout.generate_timeout_s",
         )  # fmt: skip
         return [group for result in results for group in result]
@@ -109,7 +110,18 @@ class RolloutPool:
     def load_weights(self, weights: Any, timeout_s: float) -> list[dict[str, float]]:
         """Push the learner's weights (an ObjectRef of a `WeightsFile`) to every engine; raise if not
         done in timeout_s. An engine that dies meanwhile gets them when it is replaced."""
+        return self.wait_loads(self.start_loads(weights), timeout_s)
+
+    def start_loads(self, weights: Any) -> list[Any]:
+        """Start every engine's load of the learner's weights (an ObjectRef of a `WeightsFile`): the calls'
+        refs, for `wait_loads`. A streaming engine keeps generating meanwhile (its requests wait for the
+        reload, or pause through it in flight)."""
         self.weights = weights  # what a replacement engine gets
+        return [e.load_weights.remote(weights) for e in self.pool.actors]
+
+    def wait_loads(self, refs: list[Any], timeout_s: float) -> list[dict[str, float]]:
+        """The engines' answers to `start_loads` (tensors, seconds, local, version); raise if not all in
+        within timeout_s. An engine that died meanwhile is replaced and gets the weights."""
 
         def replaced(i: int, error: Exception) -> Any:
             self._replace(i, error)  # the replacement loads self.weights
@@ -117,7 +129,6 @@ class RolloutPool:
 
             return ray.put({"tensors": 0.0, "seconds": 0.0})
 
-        refs = [e.load_weights.remote(weights) for e in self.pool.actors]
         try:
             return self.pool.gather(
                 refs, list(range(len(refs))), on_death=replaced, timeout_s=timeout_s,

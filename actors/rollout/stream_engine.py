@@ -7,7 +7,9 @@ arrive as a `WeightsFile` (`actors.common.weight_sync`) without stopping the act
     kept, the weights reload, generation resumes; a request then spans two policy versions;
   between requests (default): the engine finishes what it is running (new requests wait), reloads,
     then takes the waiting ones.
-Every completion carries the (first, last) policy version that generated it. The engine counts the
+Loads run one at a time, in the order they arrive. Every completion carries the (first, last) policy
+version that generated it: a request that arrives during a load waits for it and counts from the new
+version (the version it is generated with). The engine counts the
 seconds it had at least one request running (`busy_seconds`): the driver's engine-idle metric.
 """
 
@@ -43,6 +45,9 @@ class StreamingEngine:
         self._since = time.monotonic()
         self._shm = shm_dir("forkrl-weights-")
         self._incarnation = uuid.uuid4().hex
+        self._load_lock = asyncio.Lock()  # one load at a time
+        self._not_loading = asyncio.Event()  # clear during a load: new requests wait for its version
+        self._not_loading.set()
 
     async def ready(self) -> bool:
         if self.llm is None:
@@ -89,6 +94,7 @@ class StreamingEngine:
 
         await self.ready()
         params = sampling_params(self.rollout, n, seed, temperature, max_tokens, stop)
+        await self._not_loading.wait()
         first = self.version
         self._mark(+1)
         try:
@@ -118,21 +124,26 @@ class StreamingEngine:
         path, own = local_copy(weights, self._shm)
         mode = "keep" if self.rollout.inflight_weight_updates else "wait"
         try:
-            await self.llm.pause_generation(mode=mode, clear_cache=False)
-            try:
-                if weights.adapter_config is not None:  # LoRA: the adapter alone, into its slot
-                    await self.llm.add_lora(adapter_request(path, reload=True))
-                    self.adapter, counts = adapter_request(path), [file_header(path)]
-                else:
-                    counts = await self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
-                await self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
-            finally:
-                await self.llm.resume_generation()
+            async with self._load_lock:
+                self._not_loading.clear()
+                try:
+                    await self.llm.pause_generation(mode=mode, clear_cache=False)
+                    try:
+                        if weights.adapter_config is not None:  # LoRA: the adapter alone, into its slot
+                            await self.llm.add_lora(adapter_request(path, reload=True))
+                            self.adapter, counts = adapter_request(path), [file_header(path)]
+                        else:
+                            counts = await self.llm.collective_rpc("forkrl_reload_weights", args=(path,))
+                        await self.llm.reset_prefix_cache()  # cached prompts were computed with the old weights
+                        self.version = int(counts[0][1])
+                    finally:
+                        await self.llm.resume_generation()
+                finally:
+                    self._not_loading.set()
         finally:
             if own:
                 os.unlink(own)
         tensors, version = counts[0]
-        self.version = int(version)
         return {
             "tensors": float(tensors),
             "seconds": time.perf_counter() - t0,

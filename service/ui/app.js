@@ -531,6 +531,34 @@ function segments(tokens, observation) {
   return out;
 }
 
+// A tree rollout's group (rollout.tree): the shared prefix once, each branch nested under the token it
+// forks at (its first token, marked), the leaves coloured by their reward (red lowest, green highest).
+function treeView(tree, shade) {
+  const kids = new Map();
+  tree.nodes.forEach((n, i) => { if (!kids.has(n.parent)) kids.set(n.parent, []); kids.get(n.parent).push(i); });
+  const reward = new Map(tree.leaves.map((l) => [l.node, l.reward]));
+  const rs = tree.leaves.map((l) => l.reward);
+  const lo = Math.min(...rs), hi = Math.max(...rs);
+  const colour = (r) => { const t = hi > lo ? (r - lo) / (hi - lo) : 0.5; return `hsl(${Math.round(120 * t)}, 65%, 42%)`; };
+  const node = (i) => {
+    const n = tree.nodes[i];
+    const fork = (kids.get(n.parent) || []).length > 1;
+    const toks = n.tokens.map((t, j) => h("span", {
+      class: `tok${fork && j === 0 ? " fork" : ""}`, style: shade(n.entropy[j]),
+      title: `entropy ${n.entropy[j]}${fork && j === 0 ? " · a forking token: the branches re-drew it" : ""}`,
+    }, balanced(t)));
+    const leaf = reward.has(i) ? [h("span", {
+      class: `leaf${i === tree.shown ? " shown" : ""}`, style: `background: ${colour(reward.get(i))}`,
+      title: i === tree.shown ? "the sample shown above" : "a leaf: one completion of the group",
+    }, `reward ${fmt(reward.get(i))}`)] : [];
+    return h("li", { class: "tnode" }, h("span", { class: "tokens" }, ...toks), ...leaf,
+      ...(kids.has(i) ? [h("ul", { class: "tbranches" }, ...kids.get(i).map(node))] : []));
+  };
+  return h("details", { class: "tree", open: "" },
+    h("summary", { class: "small" }, `Group as a tree: ${tree.leaves.length} leaves, ${tree.nodes.length} segments${tree.truncated ? " (truncated)" : ""}`),
+    h("ul", { class: "tbranches", "aria-label": "Group tree" }, ...(kids.get(-1) || []).map(node)));
+}
+
 // The paper's view: completions with each token shaded by its entropy, kept tokens boxed, and the
 // step's most frequent kept tokens with how often the filter dropped them.
 function forkingView(s, rec, stepPick) {
@@ -558,7 +586,8 @@ function forkingView(s, rec, stepPick) {
         x.observation ? h("span", { class: "turns" }, `${nTurns} turn${nTurns === 1 ? "" : "s"}`) : "",
         x.truncated ? h("span", {}, "(truncated)") : ""),
       h("details", {}, h("summary", { class: "small muted" }, "prompt"), h("pre", {}, x.prompt)),
-      h("div", { class: "tokens" }, ...shown.flat()));
+      h("div", { class: "tokens" }, ...shown.flat()),
+      x.tree ? treeView(x.tree, (e) => `background: rgba(36,86,200,${(0.85 * e / top).toFixed(3)})`) : "");
   });
   const dropped = (rec["entropy/num_valid"] || 0) - (rec["entropy/kept_tokens"] || 0);
   const table = h("table", { id: "forking-table", "aria-label": "Most frequent kept tokens" },

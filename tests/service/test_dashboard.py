@@ -321,14 +321,31 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
                       "tokens": ["```python\n", "print(2+2)", "\n```\n", "```output\n", "4", "\n```\n", " 4", "<"],
                       "entropy": [0.2, 0.5, 0.1, 0.0, 0.0, 0.0, 0.9, 0.001], "kept": [0, 1, 0, 0, 0, 0, 1, 0],
                       "observation": [0, 0, 0, 1, 1, 1, 0, 0], "truncated": False}  # fmt: skip
+            # a tree rollout's group: " The answer" shared by two leaves that fork there, and a root of its own
+            tree = {"nodes": [{"parent": -1, "tokens": [" The", " answer"], "entropy": [0.3, 0.1]},
+                              {"parent": 0, "tokens": [" is", " 4"], "entropy": [1.2, 0.2]},
+                              {"parent": 0, "tokens": [" =", " 5"], "entropy": [1.2, 0.4]},
+                              {"parent": -1, "tokens": [" 4"], "entropy": [0.3]}],
+                    "leaves": [{"node": 1, "reward": 1.0}, {"node": 2, "reward": 0.0}, {"node": 3, "reward": 1.0}],
+                    "shown": 1, "truncated": False}  # fmt: skip
+            leaf = {
+                "prompt": "2+2",
+                "answer": "4",
+                "reward": 1.0,
+                "tokens": [" The", " answer", " is", " 4"],
+                "entropy": [0.3, 0.1, 1.2, 0.2],
+                "kept": [0, 0, 1, 0],
+                "truncated": False,
+                "tree": tree,
+            }
             for start in range(1, 901, 300):
                 records = [
                     {"step": s, "reward/mean": s / 900, "entropy/mean": 1 - s / 1800, "entropy/kept_frac": 0.2,
                      "timing/step": 1.0, "timing/generate": 0.5, "timing/learn": 0.4, "actor/grad_norm": 1.0,
                      "timing/engine_busy": 0.8,  # asynchronous mode: the engines generated while the learner learned
                      "model/trainable_params": 921_600, "model/params": 135_436_608,
-                     **({"samples": [sample], "forking_tokens": [{"id": 1, "text": " 4", "kept": 1, "dropped": 0}]}
-                        if s % 100 == 0 else {})}
+                     **({"samples": [sample, leaf],
+                         "forking_tokens": [{"id": 1, "text": " 4", "kept": 1, "dropped": 0}]} if s % 100 == 0 else {})}
                     for s in range(start, start + 300)
                 ]  # fmt: skip
                 _push(server, job, token, records)
@@ -342,6 +359,20 @@ def test_a_long_run_is_downsampled_fits_a_laptop_and_every_control_is_named(brow
         assert card.locator(".tok").count() == 5 and card.locator(".tok.kept").count() == 2
         assert card.locator(".obs").count() == 1 and card.locator(".obs").text_content() == "tool```output\n4\n```\n"
         assert "2 of 5 tokens kept" in card.inner_text() and card.locator(".turns").inner_text() == "2 turns"
+        # the tree group: the shared prefix once, the two branches under it, each fork's first token marked,
+        # the leaves coloured by reward (green the highest, red the lowest) and the sample shown outlined
+        tree_el = page.get_by_role("list", name="Group tree")
+        assert tree_el.locator(".tnode").count() == 4 and tree_el.get_by_text(" answer", exact=True).count() == 1
+        assert tree_el.locator(".tok.fork").all_inner_texts() == [" The", " is", " =", " 4"]
+        colours = tree_el.locator(".leaf").evaluate_all(
+            "els => els.map(e => [e.textContent, getComputedStyle(e).backgroundColor.match(/\\d+/g).map(Number)])"
+        )
+        assert [text for text, _ in colours] == ["reward 1", "reward 0", "reward 1"], colours
+        assert [rgb[1] > 2 * rgb[0] for _, rgb in colours] == [True, False, True], colours  # green
+        assert colours[1][1][0] > 2 * colours[1][1][1], colours  # red
+        assert tree_el.locator(".leaf.shown").inner_text() == "reward 1"
+        # the branches sit inside the shared prefix's node: nested, not side by side
+        assert tree_el.locator(".tnode .tnode").count() == 2
         # 900 steps averaged into buckets of 2: 450 points per curve
         points = page.evaluate(
             "Array.from(document.querySelectorAll('.chart')).map(c => (c.data || []).map(t => t.x.length))"
