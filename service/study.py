@@ -73,7 +73,7 @@ class State:
 
 def kept_keys(spec: StudySpec) -> list[str]:
     """The per-step numbers a study keeps: KEEP, every panel's metric and what its x axis counts."""
-    x = [X_KEYS[spec.x][0]] if spec.x in X_KEYS else []
+    x = [X_KEYS[a][0] for a in [spec.x, *spec.also_x] if a in X_KEYS]
     return list(dict.fromkeys([*KEEP, *(key for key, _ in spec.panels), *x]))
 
 

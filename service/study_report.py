@@ -144,7 +144,12 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
 
 
 # what the x axis counts up to each step, when it is not the step itself
-X_KEYS = {"sequences": ("batch/sequences", "trained sequences"), "tokens": ("entropy/kept_tokens", "trained tokens")}
+X_KEYS = {
+    "sequences": ("batch/sequences", "trained sequences"),
+    "tokens": ("entropy/kept_tokens", "trained tokens"),
+    "generated": ("rollout/generated_tokens", "generated tokens"),
+    "seconds": ("timing/step", "wall seconds of the steps"),
+}
 
 
 def _trained_sequences(runs: list[list[dict[str, Any]]], key: str = "batch/sequences") -> dict[int, float]:
@@ -160,10 +165,12 @@ def _trained_sequences(runs: list[list[dict[str, Any]]], key: str = "batch/seque
 
 
 def _plots(spec: StudySpec, out: Path) -> None:
-    """curves.png against spec.x; when that is not the step, curves_by_step.png too."""
+    """curves.png against spec.x; curves_by_step.png (when that is not the step) and curves_by_<x>.png for
+    each of spec.also_x."""
     _plot(spec, out / "curves.png", spec.x)
-    if spec.x != "step":
-        _plot(spec, out / "curves_by_step.png", "step")
+    for x in dict.fromkeys(["step", *spec.also_x]):
+        if x != spec.x:
+            _plot(spec, out / f"curves_by_{x}.png", x)
 
 
 def _plot(spec: StudySpec, path: Path, x: str) -> None:

@@ -15,6 +15,9 @@ from actors.common.config_load import ConfigError
 __all__ = ["Arm", "StudySpec", "load_spec", "run_key", "job_overrides"]
 
 
+XAxis = Literal["step", "sequences", "tokens", "generated", "seconds"]
+
+
 class Arm(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,30}$", description="Short name (job names, files).")
@@ -39,10 +42,13 @@ class StudySpec(BaseModel):
     arms: list[Arm] = Field(..., min_length=1)
     seeds: list[int] = Field(..., min_length=1)
     reference: dict[str, Any] = Field(default_factory=dict, description="Published figures shown beside ours.")
-    x: Literal["step", "sequences", "tokens"] = Field(
+    x: XAxis = Field(
         "step",
-        description="The curves' x axis: the step, or the trained sequences or trained tokens (those that carried "
-        "the gradient) so far, mean over seeds.",
+        description="The curves' x axis: the step, or the trained sequences, the trained tokens (those that carried "
+        "the gradient), the generated tokens or the wall seconds of the steps so far, mean over seeds.",
+    )
+    also_x: list[XAxis] = Field(
+        default_factory=list, max_length=4, description="More x axes, a plot each (curves_by_<x>.png)."
     )
     panels: list[tuple[str, str]] = Field(
         default_factory=lambda: list(DEFAULT_PANELS),

@@ -123,7 +123,8 @@ def collect(
             "dynamic sampling: %d of %d groups with signal after %d rounds (algorithm.dynamic_sampling_max_rounds)",
             len(kept), need, rounds,
         )  # fmt: skip
-    kept = kept[:need]
+    kept_all, kept = kept, kept[:need]
+    len_sum = sum(lengths_all)
     lengths = torch.tensor(lengths_all, dtype=torch.float32)
     m = combine_parts(parts)
     m.update(episode_rates(m))
@@ -137,6 +138,9 @@ def collect(
             "batch/groups_kept": float(len(kept)),
             "batch/groups_discarded": float(discarded),
             "batch/sampling_bound_hit": float(bound_hit and algo.dynamic_sampling),
+            "batch/signal_share": (len(kept_all) / len(seen)) if seen else 0.0,  # groups with signal, of all
+            # every token the engines generated for the step (a tree's pruned ones too)
+            "rollout/generated_tokens": float(tree_stats.generated if cfg.rollout.tree is not None else len_sum),
             **(tree_stats.metrics() if cfg.rollout.tree is not None else {}),
         }
     )

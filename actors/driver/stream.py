@@ -225,6 +225,8 @@ class GroupStream:
                 "batch/groups_kept": float(len(kept)),
                 "batch/groups_discarded": float(self.discarded),
                 "batch/sampling_bound_hit": float(len(kept) < self.need),
+                "batch/signal_share": (self.finished - self.discarded) / self.finished if self.finished else 0.0,
+                "rollout/generated_tokens": float(sum(self.lengths)),
                 "timing/generate": waited,  # the learner waited this long for the step's groups
                 "timing/verify": self.verify_s,
                 "async/staleness_min": float(min(lags, default=0)),

@@ -2,6 +2,7 @@
 held-out accuracy, the entropy pattern of the first and last steps, and the spec's refusals."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,6 +57,9 @@ def test_summary_takes_mean_and_sd_over_seeds(tmp_path):
     assert row in table, table
     assert "| paper | - | - | 0.672 | - |" in table
     assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert not (tmp_path / "curves_by_seconds.png").exists()
+    summarize(spec.model_copy(update={"x": "generated", "also_x": ["seconds"]}), tmp_path)
+    assert all((tmp_path / f).stat().st_size > 1000 for f in ("curves_by_step.png", "curves_by_seconds.png"))
 
 
 def test_a_spec_with_a_bad_field_or_repeated_arms_is_refused(tmp_path):
@@ -84,7 +88,7 @@ def test_trained_sequences_add_up_per_run_and_average_over_runs():
 
 @pytest.mark.parametrize(
     "path",
-    ["examples/study.yaml", "examples/study_async.yaml", "examples/study_tools.yaml", "examples/study_methods.yaml"],
+    sorted(str(p) for p in Path("examples").glob("study*.yaml") if p.name != "study_base.yaml"),
 )
 def test_every_run_of_the_committed_studies_is_a_valid_job(path):
     from actors.common.config_load import load_config
@@ -113,6 +117,8 @@ def test_a_study_keeps_the_numbers_its_panels_and_x_axis_need():
     assert {"env/tool_calls_mean", "env/tool_error_rate"} <= set(kept_keys(spec)) and set(KEEP) <= set(kept_keys(spec))
     methods, _ = load_spec("examples/study_methods.yaml")
     assert {"entropy/kept_tokens", "cov/p99", "actor/clipfrac"} <= set(kept_keys(methods))
+    tree, _ = load_spec("examples/study_tree.yaml")  # x: generated tokens, also wall seconds
+    assert {"rollout/generated_tokens", "timing/step", "batch/signal_share"} <= set(kept_keys(tree))
     row = {"step": 3, "env/tool_calls_mean": 0.5, "actor/grad_norm": 1.0, "eval/reward_mean": "n/a"}
     assert _scalars([row], kept_keys(spec)) == [{"step": 3, "env/tool_calls_mean": 0.5}]
     # a resumed run logs again the steps after its checkpoint: each step once, its last record, in order
