@@ -45,19 +45,24 @@ Credit = Literal["tree", "flat"]
 class Node:
     """A segment of generated tokens after its parent's (-1: right after the prompt); with what the engine
     said of each token where it sampled it (empty where not known): its log-prob and the entropy of the
-    distribution it was drawn from; `finish`: how the sample ended ("stop", "length"), on a leaf's last
-    segment."""
+    distribution it was drawn from (from its top-k log-probs); `exact`: the learner's exact entropy of
+    each token, where it was computed; `finish`: how the sample ended ("stop", "length"), on a leaf's
+    last segment; `versions`: the (first, last) policy version that generated it (asynchronous mode)."""
 
     parent: int
     tokens: tuple[int, ...]
     logprobs: tuple[float, ...] = ()
     entropy: tuple[float, ...] = ()
     finish: str | None = None
+    exact: tuple[float, ...] = ()
+    versions: tuple[int, int] | None = None
 
     def split(self, cut: int, tail_parent: int) -> tuple[Node, Node]:
         """(its first `cut` tokens, the rest under tail_parent): what a branch inside it leaves."""
-        head = Node(self.parent, self.tokens[:cut], self.logprobs[:cut], self.entropy[:cut])
-        tail = Node(tail_parent, self.tokens[cut:], self.logprobs[cut:], self.entropy[cut:], self.finish)
+        head = replace(self, tokens=self.tokens[:cut], logprobs=self.logprobs[:cut], entropy=self.entropy[:cut],
+                       exact=self.exact[:cut], finish=None)  # fmt: skip
+        tail = replace(self, parent=tail_parent, tokens=self.tokens[cut:], logprobs=self.logprobs[cut:],
+                       entropy=self.entropy[cut:], exact=self.exact[cut:])  # fmt: skip
         return head, tail
 
 
@@ -130,9 +135,16 @@ class Tree:
         """The first leaf (in leaf order) whose path goes through node."""
         return next(leaf for leaf in self.leaves() if node in self.path(leaf))
 
-    def leaf_field(self, leaf: int, name: Literal["logprobs", "entropy"]) -> list[float]:
-        """The engine's per-token values along a leaf's path (each segment's, in order)."""
+    def leaf_field(self, leaf: int, name: Literal["logprobs", "entropy", "exact"]) -> list[float]:
+        """The per-token values along a leaf's path (each segment's, in order)."""
         return [x for i in self.path(leaf) for x in getattr(self.nodes[i], name)]
+
+    def leaf_versions(self, leaf: int) -> tuple[int, int] | None:
+        """The (first, last) policy version that generated a leaf's path (None: not recorded)."""
+        spans = [self.nodes[i].versions for i in self.path(leaf)]
+        if any(v is None for v in spans):
+            return None
+        return min(v[0] for v in spans if v), max(v[1] for v in spans if v)
 
     @property
     def unique_tokens(self) -> int:
@@ -281,10 +293,11 @@ def contexts(tree: Tree) -> list[list[int]]:
     return out
 
 
-def candidates(tree: Tree) -> list[list[float]]:
-    """Each token's entropy as a branch point (one list per node): the engine's, and -inf where a branch
-    cannot start - where the entropy is not known, and where the group holds two or more draws from the
-    token's context already (a fork: a branch was made there, or two samples diverged there)."""
+def candidates(tree: Tree, source: Literal["engine", "learner"] = "engine") -> list[list[float]]:
+    """Each token's entropy as a branch point (one list per node): the engine's estimate, or the learner's
+    exact entropy (`Node.exact`), and -inf where a branch cannot start - where that entropy is not known,
+    and where the group holds two or more draws from the token's context already (a fork: a branch was
+    made there, or two samples diverged there)."""
     ctx = contexts(tree)
     draws: dict[int, int] = {}
     for node in ctx:
@@ -292,7 +305,8 @@ def candidates(tree: Tree) -> list[list[float]]:
             draws[h] = draws.get(h, 0) + 1
     out = []
     for n, hs in zip(tree.nodes, ctx, strict=True):
-        ent = list(n.entropy) if len(n.entropy) == len(n.tokens) else [-math.inf] * len(n.tokens)
+        known = n.entropy if source == "engine" else n.exact
+        ent = list(known) if len(known) == len(n.tokens) else [-math.inf] * len(n.tokens)
         out.append([-math.inf if draws[h] > 1 else e for e, h in zip(ent, hs, strict=True)])
     return out
 
@@ -308,12 +322,13 @@ class Branch:
 
 
 def plan_branches(
-    tree: Tree, points: int, per_point: int, need: int, per: Literal["trajectory", "group"] = "group"
-) -> list[Branch]:
+    tree: Tree, points: int, per_point: int, need: int, per: Literal["trajectory", "group"] = "group",
+    source: Literal["engine", "learner"] = "engine",
+) -> list[Branch]:  # fmt: skip
     """This round's branches of a group that needs `need` more leaves: the `points` highest-entropy
-    positions where a branch can start (`candidates`), highest first, `per_point` continuations each (the
-    last one fewer, so the group reaches exactly its leaf count)."""
-    ent, ctx = candidates(tree), contexts(tree)
+    positions where a branch can start (`candidates` by `source`), highest first, `per_point`
+    continuations each (the last one fewer, so the group reaches exactly its leaf count)."""
+    ent, ctx = candidates(tree, source), contexts(tree)
     out, planned = [], set()
     for node, offset in branch_points(tree, ent, points, per):
         h = ent[node][offset]

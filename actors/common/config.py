@@ -390,13 +390,15 @@ class JobConfig(StrictModel):
             return
         if tree.roots > g:
             raise ValueError(f"rollout.tree.roots={tree.roots} must be <= rollout.group_size={g} (the group's leaves)")
-        others = [
-            (self.environment is not None, "environment (multi-turn episodes)"),
-            (self.trainer.max_staleness > 0, f"trainer.max_staleness={self.trainer.max_staleness} (asynchronous mode)"),
-        ]
-        for on, what in others:
-            if on:
-                raise ValueError(f"rollout.tree is not available with {what} yet; accepted: rollout.tree unset")
+        if self.environment is not None:
+            raise ValueError("rollout.tree is not available with environment (multi-turn episodes) yet; accepted: "
+                             "rollout.tree unset")  # fmt: skip
+        if self.trainer.max_staleness and tree.entropy == "learner":
+            raise ValueError(
+                f"rollout.tree.entropy=learner with trainer.max_staleness={self.trainer.max_staleness}: in "
+                "asynchronous mode the learner trains while the trees grow and cannot score them; accepted: "
+                "entropy engine"
+            )
         if tree.credit == "tree" and self.algorithm.policy_loss == "gspo":
             raise ValueError(
                 "rollout.tree.credit=tree with algorithm.policy_loss=gspo: GSPO's sequence ratio needs every token "

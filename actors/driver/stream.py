@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import torch
 
 from actors.algo.advantages import groups_with_signal
+from actors.algo.tree import Tree
 from actors.common.batch import Completion
 from actors.common.config import JobConfig
 from actors.driver.buffer import GroupBuffer, StreamOrder, Waiting
@@ -36,6 +37,7 @@ from actors.driver.data import Example, render_prompt
 from actors.driver.episodes import Trajectory, answer_call, episode_counts, episode_rates, take_turns
 from actors.driver.sampling import Group, StepRollout, batch_fingerprint, score_groups
 from actors.driver.tool_format import job_format
+from actors.driver.tree_rollout import Growth, Request, TreeStats, leaf_completions
 
 log = logging.getLogger("forkrl.stream")
 
@@ -53,6 +55,8 @@ class _InFlight:
     engine: int
     episodes: list[Trajectory] | None = None  # multi-turn (environment): the group's trajectories
     turn_of: int | None = None  # a request for trajectory `turn_of`'s next turn, not the group's first
+    growth: Growth | None = None  # rollout.tree: the group's tree as it grows
+    request: Request | None = None  # rollout.tree: this request of it
 
 
 class GroupStream:
@@ -68,10 +72,12 @@ class GroupStream:
         self.per_engine = [0] * engines
         self.learning = False
         self.last_progress = time.monotonic()
+        self.tree_stats = TreeStats()  # rollout.tree: what growing the trees took since the previous step
         self._reset_step()
 
     def _reset_step(self) -> None:
         self.finished = self.discarded = 0
+        self.tree_stats.reset()  # in place: the growing trees count into it
         self.scores: list[float] = []
         self.lengths: list[int] = []
         self.verify_s = 0.0
@@ -88,8 +94,11 @@ class GroupStream:
         if not self.inflight:  # the generate timeout counts from here when nothing was running
             self.last_progress = time.monotonic()
         f.engine = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])
-        fmt, kw = self.fmt, {}
+        fmt, kw = self.fmt, dict[str, Any]()
         context, n = f.prompt_ids, self.g
+        if f.growth is not None and f.request is not None:  # a tree's request: roots, a branch, a survivor's rest
+            context, n = f.growth.ids(f.request), f.request.n
+            kw = {"max_tokens": f.request.max_tokens, "top_logprobs": f.growth.tc.top_logprobs}
         if fmt is not None:  # multi-turn: the turn's stop strings and token cap
             per_turn = self.cfg.rollout.max_new_tokens
             kw = {"stop": fmt.stop, "max_tokens": min(per_turn, fmt.env.max_tokens)}
@@ -106,7 +115,13 @@ class GroupStream:
             serial, ex = self.order.draw()
             prompt = render_prompt(self.tokenizer, ex, self.cfg.data, self.tools)
             episodes = None if self.cfg.environment is None else [Trajectory(prompt, ex) for _ in range(self.g)]
-            self._start(_InFlight(serial, ex, prompt, 0, episodes))
+            tree = self.cfg.rollout.tree
+            if tree is None:
+                self._start(_InFlight(serial, ex, prompt, 0, episodes))
+                continue
+            growth = Growth(tree, prompt, self.g, self.cfg.rollout.max_new_tokens, self.tree_stats)
+            for r in growth.first():
+                self._start(_InFlight(serial, ex, prompt, 0, growth=growth, request=r))
 
     def pump(self, wait_s: float = POLL_S) -> None:
         """Start what the bound allows, then take in the groups that finished (waiting up to wait_s)."""
@@ -141,11 +156,17 @@ class GroupStream:
             self._start(f)
             return
         self.last_progress = time.monotonic()
+        tree = None
         if f.episodes is not None:
             ended = self._turn(f, completions)
             if ended is None:
                 return  # the group's episodes go on
             completions = ended
+        if f.growth is not None:
+            tree = self._grown(f, completions)
+            if tree is None:
+                return  # the group's tree grows on
+            completions = leaf_completions(tree, self.tokenizer)
         t0 = time.perf_counter()
         scores, reward_metrics = score_groups(self.rewards, [f.example], [completions])
         self.verify_s += time.perf_counter() - t0
@@ -154,14 +175,30 @@ class GroupStream:
         self.scores += scores
         self.lengths += [len(c.token_ids) for c in completions]
         signal = (
-            bool(groups_with_signal(torch.tensor(scores), self.g)[0]) if self.cfg.algorithm.dynamic_sampling else True
+            bool(groups_with_signal(torch.tensor(scores), len(scores))[0])
+            if self.cfg.algorithm.dynamic_sampling
+            else True
         )
         if signal:
             first = min(c.versions[0] for c in completions if c.versions is not None)
-            self.buffer.add(Waiting(f.serial, first, Group(f.example, f.prompt_ids, completions, scores)))
+            self.buffer.add(Waiting(f.serial, first, Group(f.example, f.prompt_ids, completions, scores, tree)))
         else:
             self.discarded += 1
             self.order.finish(f.serial)
+
+    def _grown(self, f: _InFlight, outs: list[Completion]) -> Tree | None:
+        """A tree request's samples taken in; its follow-ups (a lookahead survivor's rest, the next round's
+        branches) started; the group's tree once it is complete, else None."""
+        assert f.growth is not None and f.request is not None
+        growth = f.growth
+        follow = growth.add(f.request, outs)
+        if growth.done():
+            follow = growth.next_round()
+            if not follow:
+                return growth.finish()
+        for r in follow:
+            self._start(_InFlight(f.serial, f.example, f.prompt_ids, 0, growth=growth, request=r))
+        return None
 
     def _turn(self, f: _InFlight, turns: list[Completion]) -> list[Completion] | None:
         """A multi-turn group's finished request: answer its calls, start the next turns; the group's
@@ -226,7 +263,10 @@ class GroupStream:
                 "batch/groups_discarded": float(self.discarded),
                 "batch/sampling_bound_hit": float(len(kept) < self.need),
                 "batch/signal_share": (self.finished - self.discarded) / self.finished if self.finished else 0.0,
-                "rollout/generated_tokens": float(sum(self.lengths)),
+                "rollout/generated_tokens": float(
+                    self.tree_stats.generated if self.cfg.rollout.tree is not None else sum(self.lengths)
+                ),
+                **(self.tree_stats.metrics() if self.cfg.rollout.tree is not None else {}),
                 "timing/generate": waited,  # the learner waited this long for the step's groups
                 "timing/verify": self.verify_s,
                 "async/staleness_min": float(min(lags, default=0)),

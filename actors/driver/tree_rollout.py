@@ -19,15 +19,24 @@ The leaves are the group's completions (their outcome rewards give the advantage
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actors.algo.tree import Branch, Node, Tree, agreement, apply_branch, branch_points, candidates, plan_branches
+from actors.algo.tree import Node, Tree, agreement, apply_branch, branch_points, candidates, plan_branches
 from actors.common.batch import Completion, TrainSequence
 from actors.common.config import JobConfig
 from actors.common.tree_config import TreeConfig
 
-__all__ = ["TreeStats", "grow_groups", "leaf_completions", "tree_record", "tree_sequences", "tree_training_groups"]
+__all__ = [
+    "Growth",
+    "Request",
+    "TreeStats",
+    "grow_groups",
+    "leaf_completions",
+    "tree_record",
+    "tree_sequences",
+    "tree_training_groups",
+]
 
 TREE_TOKENS = 1024  # most tokens of a group's tree in a step record (the dashboard draws it)
 
@@ -46,6 +55,10 @@ class TreeStats:
     branch_prompt_tokens: int = 0  # prompt tokens of the branch requests (prompt + shared prefix)
     branch_cached_tokens: int = 0  # of those, served from vLLM's prefix cache
     agreements: list[float] = field(default_factory=list)  # per group and round (entropy: learner)
+
+    def reset(self) -> None:
+        """Back to zero, in place (the growing groups keep counting into this object)."""
+        self.__init__()  # type: ignore[misc]
 
     def add(self, other: TreeStats) -> None:
         """Add another round's counts to these."""
@@ -67,121 +80,169 @@ class TreeStats:
         return m
 
 
-def _node(c: Completion, entropy: list[float] | None = None) -> Node:
-    ent = c.entropy if entropy is None else entropy
-    return Node(-1, tuple(c.token_ids), tuple(c.logprobs), tuple(ent or ()), c.finish_reason)
+def _node(c: Completion) -> Node:
+    return Node(-1, tuple(c.token_ids), tuple(c.logprobs), tuple(c.entropy or ()), c.finish_reason, (), c.versions)
 
 
 def _joined(first: Completion, rest: Completion) -> Completion:
     """A lookahead's first tokens and their continuation, as one completion."""
+    versions = None
+    if first.versions is not None and rest.versions is not None:
+        versions = (first.versions[0], rest.versions[1])
     return Completion(
         first.token_ids + rest.token_ids, first.logprobs + rest.logprobs, first.text + rest.text, rest.finish_reason,
-        entropy=(first.entropy or []) + (rest.entropy or []),
+        versions, entropy=(first.entropy or []) + (rest.entropy or []),
     )  # fmt: skip
 
 
-def _learner_entropy(learners: Any, prompts: list[list[int]], paths: list[list[int]]) -> list[list[float]]:
-    """The learner's entropy of every token of each path (after its prompt)."""
-    seqs = [TrainSequence(p, path, [0.0] * len(path), 0.0) for p, path in zip(prompts, paths, strict=True)]
-    return learners.score(seqs, entropy=True) if seqs else []
+@dataclass(frozen=True)
+class Request:
+    """One generate request of a growing group: `n` samples after prompt + `context`, at most `max_tokens`.
+    kind: "roots" (the first samples), "branch" (continuations after `prefix`), "rest" (a lookahead
+    survivor `head` continued)."""
+
+    kind: str
+    context: tuple[int, ...]
+    n: int
+    max_tokens: int
+    prefix: tuple[int, ...] = ()
+    head: Completion | None = None
+
+
+class Growth:
+    """One group's tree as it grows, request by request: `first` and `next_round` say what to ask the
+    engine, `add` takes each answer in (and may ask for a lookahead survivor's rest). The synchronous
+    rounds batch every group's requests in one call (`grow_groups`); asynchronous mode sends each as its
+    own request (`actors.driver.stream`)."""
+
+    def __init__(
+        self, tc: TreeConfig, prompt: list[int], group_size: int, max_new_tokens: int, stats: TreeStats
+    ) -> None:
+        self.tc, self.prompt, self.g, self.cap, self.stats = tc, prompt, group_size, max_new_tokens, stats
+        self.tree = Tree()
+        self.rounds = 0
+        self.pending = 0  # requests out (and lookahead survivors' rests to come) in this round
+
+    def ids(self, req: Request) -> list[int]:
+        """What the engine continues: the group's prompt and the request's context."""
+        return self.prompt + list(req.context)
+
+    def first(self) -> list[Request]:
+        self.pending = 1
+        return [Request("roots", (), self.tc.roots, self.cap)]
+
+    def next_round(self) -> list[Request]:
+        """The next round's branch requests; none when the group is complete (its leaf count, its token
+        budget, max_rounds, or no position left to branch)."""
+        tc, t = self.tc, self.tree
+        short = self.g - len(t.leaves())
+        if short <= 0 or self.rounds >= tc.max_rounds or (tc.token_budget and t.unique_tokens >= tc.token_budget):
+            return []
+        plan = plan_branches(t, tc.branch_points, tc.branches, short, tc.per, tc.entropy)
+        if plan:
+            self.rounds += 1
+            self.stats.rounds += 1
+        look = tc.prune_lookahead
+        reqs = [Request("branch", b.prefix, b.n, self.cap - len(b.prefix), b.prefix) for b in plan]
+        reqs = [replace(r, max_tokens=min(look, r.max_tokens)) if look else r for r in reqs]
+        self.pending = len(reqs)
+        return reqs
+
+    def add(self, req: Request, outs: list[Completion]) -> list[Request]:
+        """Take in one request's samples; the follow-up requests (a lookahead survivor's rest), if any."""
+        self.stats.generated += sum(len(c.token_ids) for c in outs)
+        self.pending -= 1
+        if req.kind == "roots":
+            self.tree = Tree(tuple(_node(c) for c in outs))
+            return []
+        if req.kind == "rest":
+            assert req.head is not None
+            self.tree = apply_branch(self.tree, req.prefix, _node(_joined(req.head, outs[0])))
+            return []
+        self.stats.branch_prompt_tokens += len(self.prompt) + len(req.context)
+        self.stats.branch_cached_tokens += outs[0].cached_tokens if outs else 0
+        full = self.cap - len(req.prefix)  # the branch's whole budget (the request's is the lookahead's)
+        seen = {tuple(path[len(req.prefix) :]) for path in map(self.tree.tokens, self.tree.leaves())
+                if tuple(path[: len(req.prefix)]) == req.prefix}  # fmt: skip
+        follow = []
+        for c in outs:
+            head = tuple(c.token_ids)
+            if self.tc.prune_lookahead and any(s[: len(head)] == head for s in seen):  # a near-copy from this fork
+                self.stats.pruned += 1
+                continue
+            seen.add(head)
+            if req.max_tokens == full or c.finish_reason != "length":  # no lookahead, or it ended within it
+                self.tree = apply_branch(self.tree, req.prefix, _node(c))
+            else:
+                follow.append(Request("rest", req.prefix + head, 1, full - len(head), req.prefix, c))
+        self.pending += len(follow)
+        return follow
+
+    def done(self) -> bool:
+        """No request out, and nothing more to ask (call after the last answer of a round)."""
+        return self.pending == 0
+
+    def finish(self) -> Tree:
+        """The grown tree (its numbers added to the stats)."""
+        self.stats.groups += 1
+        self.stats.unique += self.tree.unique_tokens
+        self.stats.flat += self.tree.flat_tokens
+        self.stats.leaves += len(self.tree.leaves())
+        return self.tree
 
 
 def grow_groups(
     cfg: JobConfig, prompts: list[list[int]], rollout: Any, learners: Any = None
 ) -> tuple[list[Tree], TreeStats]:
-    """Each prompt's group grown as a tree (module docstring); the trees and what it took."""
+    """Each prompt's group grown as a tree (module docstring), every group's requests of a round in one
+    generate call; the trees and what it took. With entropy: learner, the learner's exact entropy of each
+    round's new segments (one forward pass) before the next round is planned."""
     tc = cfg.rollout.tree
     assert tc is not None
-    g, cap = cfg.rollout.group_size, cfg.rollout.max_new_tokens
-    stats = TreeStats(groups=len(prompts))
-    roots = rollout.generate(prompts, tc.roots, top_logprobs=tc.top_logprobs)
-    stats.generated += sum(len(c.token_ids) for group in roots for c in group)
-    trees = [Tree(tuple(_node(c) for c in group)) for group in roots]
-    if tc.entropy == "learner":
-        trees = [_with_learner_entropy(t, p, learners, stats, tc) for t, p in zip(trees, prompts, strict=True)]
-    for _ in range(tc.max_rounds):
-        plans: list[tuple[int, Branch]] = []
-        for i, t in enumerate(trees):
-            if len(t.leaves()) >= g or (tc.token_budget is not None and t.unique_tokens >= tc.token_budget):
-                continue
-            plans += [(i, b) for b in plan_branches(t, tc.branch_points, tc.branches, g - len(t.leaves()), tc.per)]
-        if not plans:
-            break
-        stats.rounds += len({i for i, _ in plans})
-        before = [len(t.nodes) for t in trees]
-        for i, prefix, c in _continuations(plans, prompts, trees, rollout, tc, cap, stats):
-            trees[i] = apply_branch(trees[i], prefix, _node(c))
+    stats = TreeStats()
+    growths = [Growth(tc, p, cfg.rollout.group_size, cfg.rollout.max_new_tokens, stats) for p in prompts]
+    reqs = [(i, r) for i, gr in enumerate(growths) for r in gr.first()]
+    while reqs:
+        outs = rollout.generate([growths[i].ids(r) for i, r in reqs], [r.n for _, r in reqs],
+                                max_tokens=[r.max_tokens for _, r in reqs], top_logprobs=tc.top_logprobs)  # fmt: skip
+        follow = [(i, f) for (i, r), out in zip(reqs, outs, strict=True) for f in growths[i].add(r, out)]
+        if follow:  # lookahead survivors: the round goes on
+            reqs = follow
+            continue
         if tc.entropy == "learner":
-            trees = [
-                _with_learner_entropy(t, p, learners, stats, tc, since=n) if len(t.nodes) > n else t
-                for t, p, n in zip(trees, prompts, before, strict=True)
-            ]  # fmt: skip
-    for t in trees:
-        stats.unique += t.unique_tokens
-        stats.flat += t.flat_tokens
-        stats.leaves += len(t.leaves())
-    return trees, stats
+            _learner_entropy(growths, prompts, learners, stats, tc)
+        reqs = [(i, r) for i, gr in enumerate(growths) for r in gr.next_round()]
+    return [gr.finish() for gr in growths], stats
 
 
-def _continuations(
-    plans: list[tuple[int, Branch]], prompts: list[list[int]], trees: list[Tree], rollout: Any, tc: TreeConfig,
-    cap: int, stats: TreeStats,
-) -> list[tuple[int, tuple[int, ...], Completion]]:  # fmt: skip
-    """The round's new continuations, (group, prefix, completion) each, in one generate call (two with
-    pruning: the lookahead, then the survivors' rest)."""
-    reqs = [prompts[i] + list(b.prefix) for i, b in plans]
-    budgets = [cap - len(b.prefix) for _, b in plans]
-    first = [min(tc.prune_lookahead, m) if tc.prune_lookahead else m for m in budgets]
-    outs = rollout.generate(reqs, [b.n for _, b in plans], max_tokens=first, top_logprobs=tc.top_logprobs)
-    stats.branch_prompt_tokens += sum(len(r) for r in reqs)
-    stats.branch_cached_tokens += sum(group[0].cached_tokens for group in outs if group)
-    stats.generated += sum(len(c.token_ids) for group in outs for c in group)
-    found: list[tuple[int, tuple[int, ...], Completion]] = []
-    later: list[tuple[int, tuple[int, ...], Completion, int]] = []  # lookahead survivors to continue
-    for (i, b), group, m, left in zip(plans, outs, first, budgets, strict=True):
-        seen = {tuple(path[len(b.prefix):]) for path in map(trees[i].tokens, trees[i].leaves())
-                if tuple(path[: len(b.prefix)]) == b.prefix}  # fmt: skip
-        for c in group:
-            head = tuple(c.token_ids)
-            if tc.prune_lookahead and any(s[: len(head)] == head for s in seen):  # a near-copy from the same fork
-                stats.pruned += 1
-                continue
-            seen.add(head)
-            if m == left or c.finish_reason != "length":  # no lookahead, or it ended within it
-                found.append((i, b.prefix, c))
-            else:
-                later.append((i, b.prefix, c, left - len(head)))
-    if later:
-        rest = rollout.generate(
-            [prompts[i] + list(p) + c.token_ids for i, p, c, _ in later], 1, max_tokens=[m for *_, m in later],
-            top_logprobs=tc.top_logprobs,
-        )  # fmt: skip
-        stats.generated += sum(len(group[0].token_ids) for group in rest)
-        found += [(i, p, _joined(c, group[0])) for (i, p, c, _), group in zip(later, rest, strict=True)]
-    return found
-
-
-def _with_learner_entropy(
-    tree: Tree, prompt: list[int], learners: Any, stats: TreeStats, tc: TreeConfig, since: int = 0
-) -> Tree:
-    """The tree with the learner's entropy on nodes `since`.. (a forward pass over the leaves that hold
-    them); the share of branch points both entropies would choose goes to stats."""
-    engine_choice = branch_points(tree, candidates(tree), tc.branch_points, tc.per)
-    new = list(range(since, len(tree.nodes)))
-    holders = sorted({tree.leaf_holding(i) for i in new})
-    ents = _learner_entropy(learners, [prompt] * len(holders), [tree.tokens(leaf) for leaf in holders])
-    nodes = list(tree.nodes)
-    for leaf, ent in zip(holders, ents, strict=True):
-        start = 0
-        for i in tree.path(leaf):
-            n = len(tree.nodes[i].tokens)
-            if i >= since:
-                nodes[i] = Node(nodes[i].parent, nodes[i].tokens, nodes[i].logprobs, tuple(ent[start : start + n]),
-                                nodes[i].finish)  # fmt: skip
+def _learner_entropy(
+    growths: list[Growth], prompts: list[list[int]], learners: Any, stats: TreeStats, tc: TreeConfig
+) -> None:
+    """The learner's exact entropy on every segment that lacks it (one forward pass over the leaves that hold
+    them, all groups together); the share of each group's next branch points that the engine's estimate
+    would choose too goes to stats."""
+    asks: list[tuple[int, int]] = []  # (group, leaf)
+    for gi, gr in enumerate(growths):
+        t = gr.tree
+        missing = [i for i, n in enumerate(t.nodes) if len(n.exact) != len(n.tokens)]
+        asks += [(gi, leaf) for leaf in sorted({t.leaf_holding(i) for i in missing})]
+    if not asks:
+        return
+    seqs = [TrainSequence(prompts[gi], path, [0.0] * len(path), 0.0)
+            for gi, leaf in asks for path in [growths[gi].tree.tokens(leaf)]]  # fmt: skip
+    for (gi, leaf), ent in zip(asks, learners.score(seqs, entropy=True), strict=True):
+        t, start = growths[gi].tree, 0
+        nodes = list(t.nodes)
+        for i in t.path(leaf):
+            n = len(nodes[i].tokens)
+            if len(nodes[i].exact) != n:
+                nodes[i] = replace(nodes[i], exact=tuple(ent[start : start + n]))
             start += n
-    out = Tree(tuple(nodes))
-    stats.agreements.append(agreement(branch_points(out, candidates(out), tc.branch_points, tc.per), engine_choice))
-    return out
+        growths[gi].tree = Tree(tuple(nodes))
+    for gr in {gi: growths[gi] for gi, _ in asks}.values():
+        engine = branch_points(gr.tree, candidates(gr.tree, "engine"), tc.branch_points, tc.per)
+        exact = branch_points(gr.tree, candidates(gr.tree, "learner"), tc.branch_points, tc.per)
+        stats.agreements.append(agreement(exact, engine))
 
 
 def leaf_completions(tree: Tree, tokenizer: Any) -> list[Completion]:
@@ -190,7 +251,8 @@ def leaf_completions(tree: Tree, tokenizer: Any) -> list[Completion]:
     for leaf in tree.leaves():
         ids = tree.tokens(leaf)
         text = tokenizer.decode(ids, skip_special_tokens=True)
-        out.append(Completion(ids, tree.leaf_field(leaf, "logprobs"), text, tree.nodes[leaf].finish))
+        out.append(Completion(ids, tree.leaf_field(leaf, "logprobs"), text, tree.nodes[leaf].finish,
+                              tree.leaf_versions(leaf)))  # fmt: skip
     return out
 
 

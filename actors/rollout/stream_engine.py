@@ -86,14 +86,15 @@ class StreamingEngine:
 
     async def generate_group(
         self, prompt: list[int], n: int, seed: int | None = None, temperature: float | None = None,
-        max_tokens: int | None = None, stop: list[str] | None = None,
+        max_tokens: int | None = None, stop: list[str] | None = None, top_logprobs: int = 0,
     ) -> list[Completion]:  # fmt: skip
-        """n samples of one prompt (or a multi-turn trajectory's next turn: its context, n = 1), each tagged
-        with the (first, last) policy version that produced it."""
+        """n samples of one prompt (or a multi-turn trajectory's next turn: its context, n = 1; a tree's
+        branch), each tagged with the (first, last) policy version that produced it; top_logprobs: k > 0
+        adds each position's entropy estimate."""
         from vllm.inputs import TokensPrompt
 
         await self.ready()
-        params = sampling_params(self.rollout, n, seed, temperature, max_tokens, stop)
+        params = sampling_params(self.rollout, n, seed, temperature, max_tokens, stop, top_logprobs)
         await self._not_loading.wait()
         first = self.version
         self._mark(+1)
@@ -106,7 +107,7 @@ class StreamingEngine:
             self._mark(-1)
         if final is None:
             raise RuntimeError("vLLM ended a request without an output")
-        return completions(final, (first, self.version))
+        return completions(final, (first, self.version), top_logprobs)
 
     async def generate(
         self, prompts: list[list[int]], n: int, seed: int | None = None, temperature: float | None = None,

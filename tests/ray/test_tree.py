@@ -70,3 +70,17 @@ def test_a_job_trains_on_trees_with_each_unique_token_counted_once(ray_local, tm
         # tree credit: the filter's N is the unique tokens (every group is trained: no dynamic sampling)
         assert r["entropy/num_valid"] == r["tree/unique_tokens"], r
         assert r["batch/sequences"] == 4 * 6
+
+
+def test_trees_grow_in_asynchronous_mode_one_request_at_a_time(ray_local, tmp_path):
+    """The streaming engine: each tree request (roots, then each branch) is its own request; a group is
+    verified once its tree is complete, with its leaves' policy versions."""
+    settings = [TREE, "trainer.max_staleness=1", "algorithm.tis_cap=2.0", "algorithm.dynamic_sampling=false",
+                "trainer.steps=2", "trainer.save_every=0", "trainer.export_hf=false"]  # fmt: skip
+    train(tiny_config(tmp_path, *settings))
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["tree/leaves_mean"] == 4.0 and r["tree/unique_tokens"] < r["tree/flat_tokens"], r
+        assert r["batch/sequences"] == 4 * 4 and r["async/staleness_max"] <= 1, r
+        assert r["rollout/generated_tokens"] == r["tree/generated_tokens"] > 0, r

@@ -156,7 +156,7 @@ def test_lookahead_pruning_drops_a_continuation_that_repeats_a_path_from_its_for
     )
     (tree,), stats = grow_groups(cfg, [[100]], engine)
     assert stats.pruned == 1
-    assert engine.calls[2] == ([[100, 1, 6]], 1, [6])  # the rest of the cap: 8 - the prefix - the lookahead
+    assert engine.calls[2] == ([[100, 1, 6]], [1], [6])  # the rest of the cap: 8 - the prefix - the lookahead
     assert sorted(tree.tokens(leaf) for leaf in tree.leaves()) == [[1, 2, 3], [1, 6, 9], [4, 3, 7], [4, 5]]
     assert (stats.generated, stats.rounds) == (5 + 2 + 1 + 1 + 1, 2)
 
@@ -177,8 +177,8 @@ def test_the_dashboard_record_of_a_tree_names_each_segment_its_parent_and_each_l
     ("settings", "message"),
     [
         ({"rollout": {"group_size": 4, "tree": {"roots": 5}}}, "rollout.tree.roots=5 must be <= rollout.group_size=4"),
-        ({"rollout": {"tree": {}}, "trainer": {"max_staleness": 1}, "algorithm": {"tis_cap": 2.0}},
-         "rollout.tree is not available with trainer.max_staleness=1"),
+        ({"rollout": {"tree": {"entropy": "learner"}}, "trainer": {"max_staleness": 1}, "algorithm": {"tis_cap": 2.0}},
+         "rollout.tree.entropy=learner with trainer.max_staleness=1"),
         ({"rollout": {"tree": {}}, "algorithm": {"policy_loss": "gspo"}},
          "credit=tree with algorithm.policy_loss=gspo"),
         ({"rollout": {"tree": {"credit": "leaf"}}}, "rollout.tree.credit"),
