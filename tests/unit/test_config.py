@@ -10,10 +10,16 @@ from actors.common.config_load import ConfigError, load_config
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "tiny.yaml", "study_base.yaml", "tools.yaml"])
+JOB_EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml") if not p.name.startswith("study") or
+                      p.name == "study_base.yaml")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", JOB_EXAMPLES)
 def test_examples_validate(name):
     cfg = load_config(ROOT / "examples" / name)
     assert isinstance(cfg, JobConfig)
+    if name == "tree.yaml":
+        assert cfg.rollout.tree is not None and cfg.rollout.tree.credit == "tree"
 
 
 def test_overrides_parse_yaml_scalars():
