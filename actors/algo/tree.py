@@ -35,7 +35,7 @@ from actors.algo.advantages import group_advantages
 
 __all__ = [
     "Branch", "FlatLeaf", "Node", "Token", "Tree", "agreement", "apply_branch", "branch_points", "candidates",
-    "contexts", "flatten", "node_advantages", "plan_branches", "position", "topk_entropy",
+    "context_of", "contexts", "flatten", "node_advantages", "plan_branches", "position", "topk_entropy",
 ]  # fmt: skip
 
 Credit = Literal["tree", "flat"]
@@ -157,17 +157,26 @@ class Tree:
         return sum(len(self.tokens(leaf)) for leaf in self.leaves())
 
 
-def node_advantages(tree: Tree, leaf_advantages: Sequence[float]) -> list[float]:
-    """Each node's advantage: the mean of the advantages of the leaves below it (a leaf's own is its own)."""
+def node_advantages(tree: Tree, leaf_advantages: Sequence[float], excluded: Collection[int] = ()) -> list[float]:
+    """Each node's advantage: the mean of the advantages of the leaves below it (a leaf's own is its own),
+    leaving out the `excluded` leaves where a node has others below it (a node only they hold: their mean)."""
     leaves = tree.leaves()
     if len(leaf_advantages) != len(leaves):
         raise ValueError(f"{len(leaf_advantages)} advantages for {len(leaves)} leaves")
-    total, count = [0.0] * len(tree.nodes), [0] * len(tree.nodes)
-    for leaf, a in zip(leaves, leaf_advantages, strict=True):
+    out = []
+    for held in _leaves_below(tree):
+        kept = [leaf for leaf in held if leaf not in excluded] or held
+        out.append(sum(leaf_advantages[leaves.index(leaf)] for leaf in kept) / len(kept))
+    return out
+
+
+def _leaves_below(tree: Tree) -> list[list[int]]:
+    """For each node, the leaves whose paths go through it, in leaf order."""
+    below: list[list[int]] = [[] for _ in tree.nodes]
+    for leaf in tree.leaves():
         for i in tree.path(leaf):
-            total[i] += a
-            count[i] += 1
-    return [t / c for t, c in zip(total, count, strict=True)]
+            below[i].append(leaf)
+    return below
 
 
 @dataclass(frozen=True)
@@ -190,19 +199,16 @@ def flatten(
     advantages are the group's (group_advantages over the leaves' rewards).
 
     excluded: leaves whose own tokens get no loss (a truncated completion under algorithm.overlong_mask);
-    their rewards still count in the group's advantages. A token they share with a leaf that is not
-    excluded keeps its loss term, on that leaf's copy."""
+    their rewards still count in the group's baseline (group_advantages), not in the advantage of a token
+    they share with other leaves, which keeps its loss term on such a leaf's copy."""
     leaves = tree.leaves()
     if len(rewards) != len(leaves):
         raise ValueError(f"{len(rewards)} rewards for {len(leaves)} leaves")
     if not set(excluded) <= set(leaves):
         raise ValueError(f"excluded {sorted(set(excluded) - set(leaves))}: not leaves of the tree")
     leaf_adv = group_advantages(torch.tensor(list(rewards), dtype=torch.float64), len(leaves), estimator)[0].tolist()
-    node_adv = node_advantages(tree, leaf_adv)
-    below = [0] * len(tree.nodes)
-    for leaf in leaves:
-        for i in tree.path(leaf):
-            below[i] += 1
+    node_adv = node_advantages(tree, leaf_adv, excluded)  # a truncated leaf's outcome steers no shared token
+    below = [len(held) for held in _leaves_below(tree)]
     first: dict[int, int] = {}  # node -> the leaf whose copy of it is the loss term (tree credit)
     for leaf in [x for x in leaves if x not in excluded]:
         for i in tree.path(leaf):
@@ -278,6 +284,14 @@ def agreement(chosen: Sequence[Token], reference: Sequence[Token]) -> float:
     return len(set(chosen) & set(reference)) / len(set(chosen)) if chosen else 1.0
 
 
+def context_of(prefix: Sequence[int]) -> int:
+    """The context hash (`contexts`) of the position right after `prefix`."""
+    h = hash(())
+    for tok in prefix:
+        h = hash((h, tok))
+    return h
+
+
 def contexts(tree: Tree) -> list[list[int]]:
     """For each token (one list per node), a hash of the tokens before it on its path: the context it was
     drawn from. Two nodes that start alike (two samples whose first tokens agree) give equal contexts."""
@@ -323,12 +337,15 @@ class Branch:
 
 def plan_branches(
     tree: Tree, points: int, per_point: int, need: int, per: Literal["trajectory", "group"] = "group",
-    source: Literal["engine", "learner"] = "engine",
+    source: Literal["engine", "learner"] = "engine", spent: Collection[int] = (),
 ) -> list[Branch]:  # fmt: skip
     """This round's branches of a group that needs `need` more leaves: the `points` highest-entropy
-    positions where a branch can start (`candidates` by `source`), highest first, `per_point`
+    positions where a branch can start (`candidates` by `source`; not at a context in `spent`, forks
+    branched before whose continuations were pruned: `context_of`), highest first, `per_point`
     continuations each (the last one fewer, so the group reaches exactly its leaf count)."""
     ent, ctx = candidates(tree, source), contexts(tree)
+    ent = [[-math.inf if h in spent else e for e, h in zip(es, hs, strict=True)]
+           for es, hs in zip(ent, ctx, strict=True)]  # fmt: skip
     out, planned = [], set()
     for node, offset in branch_points(tree, ent, points, per):
         h = ent[node][offset]

@@ -130,6 +130,14 @@ class RolloutConfig(StrictModel):
     max_model_len: int = Field(512, ge=16, le=1_048_576, description="Prompt + completion context of the engine.")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description="vLLM memory fraction (CPU: of RAM).")
     cpu_kv_cache_gib: int = Field(2, ge=1, le=1024, description="KV cache size on CPU (VLLM_CPU_KVCACHE_SPACE).")
+    kv_block_size: int | None = Field(
+        None,
+        ge=8,
+        le=1024,
+        description="vLLM's KV cache block size in tokens. Its prefix cache shares whole blocks only, so tree "
+        "rollouts (rollout.tree) with short prompts share more with smaller blocks (e.g. 32 on CPU, whose default "
+        "is 128). None = vLLM's default.",
+    )
     num_cpus_per_engine: float = Field(1, gt=0, le=1024, description="Ray CPUs reserved per engine actor.")
     num_gpus_per_engine: float = Field(0, ge=0, le=64, description="Ray GPUs per engine actor (0 on CPU).")
     cpu_cores: CpuCores | None = Field(

@@ -36,6 +36,7 @@ __all__ = [
     "WeightSyncExtension",
     "WeightsFile",
     "file_header",
+    "is_local",
     "local_copy",
     "node_id",
     "read_weights",
@@ -137,15 +138,21 @@ def read_weights(path: str, directory: str | None) -> bytes:
 # -- receive ---------------------------------------------------------------------------------------
 
 
-def local_copy(weights: WeightsFile, scratch: str) -> tuple[str, str | None]:
-    """(a path to these weights on this node, the copy made here to remove afterwards or None):
-    the learner's own file on its node; elsewhere its bytes, asked of the owner, written to scratch
-    (an adapter's with its adapter_config.json)."""
-    if weights.node_id == node_id() and os.path.exists(weights.path):
-        return weights.path, None
-    import ray
+def is_local(weights: WeightsFile) -> bool:
+    """Whether the learner's file itself can be read here (this is its node)."""
+    return weights.node_id == node_id() and os.path.exists(weights.path)
 
-    blob: bytes = ray.get(weights.owner.read_weights.remote(weights.path))
+
+def local_copy(weights: WeightsFile, scratch: str, blob: bytes | None = None) -> tuple[str, str | None]:
+    """(a path to these weights on this node, the copy made here to remove afterwards or None):
+    the learner's own file on its node; elsewhere its bytes (`blob`, or asked of the owner here),
+    written to scratch (an adapter's with its adapter_config.json)."""
+    if blob is None and is_local(weights):
+        return weights.path, None
+    if blob is None:
+        import ray
+
+        blob = ray.get(weights.owner.read_weights.remote(weights.path))
     own = os.path.join(scratch, os.path.basename(weights.path))
     if weights.adapter_config is not None:
         _write_text(os.path.join(scratch, ADAPTER_CONFIG), weights.adapter_config)

@@ -338,6 +338,7 @@ def train(cfg: JobConfig) -> dict[str, Any]:  # over 60 lines: the run reads as 
                             "saved and the control plane queues this job to resume from it", step, step)  # fmt: skip
                 tracker.close(finish=False)  # the W&B / MLflow runs go on in the next attempt
                 return {"preempted_at": step, "run_dir": str(run.path)}
+        pools.finish_sync()  # the last step's background load: its errors are the run's
         export = learners.export_hf(str(run.hf_export)) if cfg.trainer.export_hf else None
         evals, page = read_evals(run.metrics, cfg.trainer.steps), dashboard_page(cfg.tracking.report_url)
         summary = summarize(history, run.path, export, evals, cfg.trainer.steps, page) | {"startup_s": startup}

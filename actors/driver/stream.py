@@ -94,6 +94,8 @@ class GroupStream:
         if not self.inflight:  # the generate timeout counts from here when nothing was running
             self.last_progress = time.monotonic()
         f.engine = min(range(len(self.per_engine)), key=lambda j: self.per_engine[j])
+        if f.growth is not None:  # a tree's requests stay on one engine: its prefix cache holds their prefixes
+            f.engine = f.growth.engine = f.engine if f.growth.engine is None else f.growth.engine
         fmt, kw = self.fmt, dict[str, Any]()
         context, n = f.prompt_ids, self.g
         if f.growth is not None and f.request is not None:  # a tree's request: roots, a branch, a survivor's rest

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from actors.algo.tree import Node, Tree, agreement, apply_branch, branch_points, candidates, plan_branches
+from actors.algo.tree import Node, Tree, agreement, apply_branch, branch_points, candidates, context_of, plan_branches
 from actors.common.batch import Completion, TrainSequence
 from actors.common.config import JobConfig
 from actors.common.tree_config import TreeConfig
@@ -121,6 +121,8 @@ class Growth:
         self.tc, self.prompt, self.g, self.cap, self.stats = tc, prompt, group_size, max_new_tokens, stats
         self.tree = Tree()
         self.rounds = 0
+        self.engine: int | None = None  # asynchronous mode: the engine its requests go to
+        self.spent: set[int] = set()  # contexts branched already (a fork whose draws were all pruned stays one)
         self.pending = 0  # requests out (and lookahead survivors' rests to come) in this round
 
     def ids(self, req: Request) -> list[int]:
@@ -138,7 +140,8 @@ class Growth:
         short = self.g - len(t.leaves())
         if short <= 0 or self.rounds >= tc.max_rounds or (tc.token_budget and t.unique_tokens >= tc.token_budget):
             return []
-        plan = plan_branches(t, tc.branch_points, tc.branches, short, tc.per, tc.entropy)
+        plan = plan_branches(t, tc.branch_points, tc.branches, short, tc.per, tc.entropy, self.spent)
+        self.spent.update(context_of(b.prefix) for b in plan)
         if plan:
             self.rounds += 1
             self.stats.rounds += 1
@@ -171,7 +174,7 @@ class Growth:
                 self.stats.pruned += 1
                 continue
             seen.add(head)
-            if req.max_tokens == full or c.finish_reason != "length":  # no lookahead, or it ended within it
+            if req.max_tokens == full or len(head) < req.max_tokens:  # no lookahead, or it ended within it
                 self.tree = apply_branch(self.tree, req.prefix, _node(c))
             else:
                 follow.append(Request("rest", req.prefix + head, 1, full - len(head), req.prefix, c))
@@ -204,7 +207,8 @@ def grow_groups(
     reqs = [(i, r) for i, gr in enumerate(growths) for r in gr.first()]
     while reqs:
         outs = rollout.generate([growths[i].ids(r) for i, r in reqs], [r.n for _, r in reqs],
-                                max_tokens=[r.max_tokens for _, r in reqs], top_logprobs=tc.top_logprobs)  # fmt: skip
+                                max_tokens=[r.max_tokens for _, r in reqs], engines=[i for i, _ in reqs],
+                                top_logprobs=tc.top_logprobs)  # fmt: skip
         follow = [(i, f) for (i, r), out in zip(reqs, outs, strict=True) for f in growths[i].add(r, out)]
         if follow:  # lookahead survivors: the round goes on
             reqs = follow

@@ -84,7 +84,9 @@ class LearnerGroup:
         parts = mini_batches(groups, mini_batch)
         if len(parts) * epochs > 1:
             flat = [s for part in parts for s in part]
-            olds = iter(self.score(flat))
+            # at every response position: the micro-batches lay them out by position, loss-masked or not
+            # (a trajectory's observations, a tree leaf's shared tokens)
+            olds = iter(self.score([replace(s, loss_mask=None) for s in flat]))
             parts = [[replace(s, old_logprobs=next(olds)) for s in part] for part in parts]
         steps = [self.traced_step(part) for _ in range(epochs) for part in parts]
         traces: dict[int, TokenTrace] = {}

@@ -22,7 +22,9 @@ from actors.common.config_base import parse_cores
 from actors.common.model_config import vllm_max_lora_rank
 from actors.common.weight_sync import WeightsFile, file_header, local_copy, shm_dir
 
-__all__ = ["RolloutEngine", "adapter_request", "completions", "engine_env", "lora_args", "sampling_params"]
+__all__ = [
+    "RolloutEngine", "adapter_request", "block_args", "completions", "engine_env", "lora_args", "sampling_params",
+]  # fmt: skip
 
 ADAPTER_NAME, ADAPTER_ID = "forkrl-policy", 1  # the one adapter an engine serves: reloaded in place
 
@@ -40,6 +42,11 @@ def adapter_request(path: str, reload: bool = False) -> Any:
     from vllm.lora.request import LoRARequest
 
     return LoRARequest(ADAPTER_NAME, ADAPTER_ID, os.path.dirname(path), load_inplace=reload)
+
+
+def block_args(rollout: RolloutConfig) -> dict[str, Any]:
+    """vLLM's KV block size when rollout.kv_block_size sets one (else vLLM's default)."""
+    return {} if rollout.kv_block_size is None else {"block_size": rollout.kv_block_size}
 
 
 def engine_env(rollout: RolloutConfig, in_actor: bool = False) -> None:
@@ -134,6 +141,7 @@ class RolloutEngine:
             worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
             distributed_executor_backend="uni" if inside else None,
             **lora_args(lora),
+            **block_args(rollout),
         )
         self._shm = shm_dir("forkrl-weights-")
         self._incarnation = uuid.uuid4().hex

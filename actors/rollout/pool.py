@@ -54,29 +54,42 @@ class RolloutPool:
         self._lock = threading.Lock()
 
     def generate(
-        self, prompts: list[list[int]], n: int | list[int], max_tokens: int | list[int] | None = None, **kw: Any
-    ) -> list[list[Completion]]:
+        self, prompts: list[list[int]], n: int | list[int], max_tokens: int | list[int] | None = None,
+        engines: list[int] | None = None, **kw: Any,
+    ) -> list[list[Completion]]:  # fmt: skip
         """For each prompt, n samples (n, max_tokens: one for all, or one per prompt); a dead engine's shard
-        is generated again on its replacement."""
+        is generated again on its replacement. The prompts go to the engines in contiguous shards, or each to
+        engine `engines[j] % engines` (a tree's requests to the engine whose prefix cache holds its prefix)."""
         k = len(self.pool)
-        budgets = shard(max_tokens, k) if isinstance(max_tokens, list) else [max_tokens] * k
-        counts = shard(n, k) if isinstance(n, list) else [n] * k
-        parts = [(i, part, budgets[i], counts[i]) for i, part in enumerate(shard(prompts, k)) if part]
+        order = shard(list(range(len(prompts))), k) if engines is None else [
+            [j for j, e in enumerate(engines) if e % k == i] for i in range(k)
+        ]  # fmt: skip
+
+        def pick(values: Any, idx: list[int]) -> Any:
+            return [values[j] for j in idx] if isinstance(values, list) else values
+
+        parts = {i: idx for i, idx in enumerate(order) if idx}
 
         def call(i: int) -> Any:
-            _, part, budget, count = next(p for p in parts if p[0] == i)
-            return self.pool.actors[i].generate.remote(part, count, max_tokens=budget, **kw)
+            idx = parts[i]
+            return self.pool.actors[i].generate.remote(
+                [prompts[j] for j in idx], pick(n, idx), max_tokens=pick(max_tokens, idx), **kw
+            )
 
         def again(i: int, error: Exception) -> Any:
             self._replace(i, error)
             return call(i)
 
-        refs = [call(i) for i, *_ in parts]
+        refs = [call(i) for i in parts]
         results = self.pool.gather(
-            refs, [i for i, *_ in parts], on_death=again, timeout_s=self.rollout.generate_timeout_s,
+            refs, list(parts), on_death=again, timeout_s=self.rollout.generate_timeout_s,
             timeout_setting="rollout.generate_timeout_s",
         )  # fmt: skip
-        return [group for result in results for group in result]
+        out: list[list[Completion]] = [[] for _ in prompts]
+        for idx, result in zip(parts.values(), results, strict=True):
+            for j, group in zip(idx, result, strict=True):
+                out[j] = group
+        return out
 
     def submit(self, i: int, prompt: list[int], n: int, **kw: Any) -> Any:
         """Start one group (n samples of one prompt; or a trajectory's next turn) on engine i (streaming

@@ -24,8 +24,8 @@ from typing import Any
 
 from actors.common.batch import Completion
 from actors.common.config import LoraConfig, RolloutConfig
-from actors.common.weight_sync import WeightsFile, file_header, local_copy, shm_dir
-from actors.rollout.engine import adapter_request, completions, engine_env, lora_args, sampling_params
+from actors.common.weight_sync import WeightsFile, file_header, is_local, local_copy, shm_dir
+from actors.rollout.engine import adapter_request, block_args, completions, engine_env, lora_args, sampling_params
 
 __all__ = ["StreamingEngine"]
 
@@ -64,6 +64,7 @@ class StreamingEngine:
                 logprobs_mode="processed_logprobs",
                 worker_extension_cls="actors.common.weight_sync.WeightSyncExtension",
                 **lora_args(self.lora),
+                **block_args(self.rollout),
             )
             self.llm = AsyncLLM.from_engine_args(args)
             await self.llm.collective_rpc("forkrl_watch_engine", args=(os.getpid(),))  # they end with this process
@@ -122,7 +123,9 @@ class StreamingEngine:
         """Reload all weights from the learner's file without ending the requests that are running."""
         await self.ready()
         t0 = time.perf_counter()
-        path, own = local_copy(weights, self._shm)
+        # from another node: the bytes are awaited, so this engine generates on meanwhile
+        blob = None if is_local(weights) else await weights.owner.read_weights.remote(weights.path)
+        path, own = local_copy(weights, self._shm, blob)
         mode = "keep" if self.rollout.inflight_weight_updates else "wait"
         try:
             async with self._load_lock:

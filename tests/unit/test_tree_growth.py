@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from actors.algo.tree import Branch, Node, Tree, apply_branch, candidates, contexts, flatten, plan_branches
+from actors.algo.tree import Branch, Node, Tree, apply_branch, candidates, context_of, contexts, flatten, plan_branches
 from actors.common.batch import Completion, TrainSequence, collate
 from actors.common.config import JobConfig
 from actors.driver.tree_rollout import grow_groups, leaf_completions, tree_sequences
@@ -58,6 +58,8 @@ def test_two_samples_that_start_alike_share_a_context_which_is_a_fork_once_they_
     assert ctx[0][0] == ctx[1][0] and ctx[0][1] == ctx[1][1] and ctx[0][2] != ctx[1][1]
     assert candidates(t) == [[NEG, NEG, 0.4], [NEG, NEG]]
     assert plan_branches(t, points=3, per_point=2, need=4) == [Branch((1, 2), 2, 0.4)]
+    # a fork branched before whose draws were all pruned: spent, though the tree does not show it
+    assert plan_branches(t, points=3, per_point=2, need=4, spent={context_of((1, 2))}) == []
 
 
 def test_a_truncated_leaf_gives_no_loss_but_its_shared_tokens_keep_theirs_on_another_copy():
@@ -73,6 +75,9 @@ def test_a_truncated_leaf_gives_no_loss_but_its_shared_tokens_keep_theirs_on_ano
     assert [f.loss_mask for f in excl] == [[False, False], [True, True]]
     assert [f.loss_mask for f in flatten(t3, [1.0, 0.0], "flat", excluded=[t3.leaves()[0]])] == [
         [False, False], [True, True]]  # fmt: skip
+    # the shared [1]'s advantage leaves the truncated leaf's outcome out: it is the other leaf's own
+    own = flatten(t3, [1.0, 0.0], "tree")[1].advantages[-1]
+    assert excl[1].advantages == pytest.approx([own, own])
     with pytest.raises(ValueError, match=r"excluded \[9\]: not leaves"):
         flatten(t3, [1.0, 0.0], excluded=[9])
 
@@ -96,7 +101,7 @@ class Scripted:
     entropy: dict[int, float]
     calls: list[tuple[list[list[int]], object, object]] = field(default_factory=list)
 
-    def generate(self, prompts, n, max_tokens=None, top_logprobs=0):
+    def generate(self, prompts, n, max_tokens=None, engines=None, top_logprobs=0):
         self.calls.append((prompts, n, max_tokens))
         caps = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
         out = []
