@@ -13,7 +13,7 @@ ACTORS = Path(__file__).resolve().parents[2] / "actors"
 MAY_IMPORT = {
     "common": set(),
     "algo": {"common"},
-    "rollout": {"common"},
+    "rollout": {"common", "algo"},  # the pure core: the engine's top-k entropy bound (algo.tree)
     "reward": {"common", "algo"},
     "learner": {"common", "algo"},
     "driver": {"common", "algo", "rollout", "reward", "learner"},
