@@ -20,6 +20,9 @@ pytestmark = pytest.mark.slow
 
 
 def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tmp_path):
+    """With tree rollouts (rollout.tree): every tree request is a request of its own on the streaming engine,
+    a group is verified once its tree is complete, and the filter still counts each unique token once.
+    (Flat groups in asynchronous mode: the other tests of this module.)"""
     # two learners and two micro-batches each: the threshold is global over 4 micro-batches of 2 ranks
     cfg = tiny_config(
         tmp_path,
@@ -30,6 +33,8 @@ def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tm
         "trainer.eval_prompts=4",
         "learner.micro_batch_size=2",
         "rollout.inflight_weight_updates=true",
+        "rollout.tree={roots: 2, branch_points: 2, branches: 2}",
+        "rollout.kv_block_size=32",
     )
     train(cfg)
     evaluated, *rows = _rows(tmp_path)
@@ -40,6 +45,9 @@ def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tm
     for r in learned:  # exactly ceil(rho N) of the step's tokens, whatever the mode
         assert r["entropy/kept_tokens"] == math.ceil(0.2 * r["entropy/num_valid"])
         assert r["entropy/kept_frac"] == pytest.approx(r["entropy/kept_tokens"] / r["entropy/num_valid"])
+    for r in rows:  # the trees: 4 leaves a group, shared prefixes generated once, with their policy versions
+        assert r["tree/leaves_mean"] == 4.0 and r["tree/unique_tokens"] < r["tree/flat_tokens"], r
+        assert r["rollout/generated_tokens"] == r["tree/generated_tokens"] > 0, r
     # the first step can only train on the initial policy's groups; the second on groups generated while the
     # first learned (version 0, trained at version 1): one step off. Never more than max_staleness.
     assert rows[0]["async/staleness_max"] == 0.0

@@ -1,7 +1,8 @@
 """Tree rollouts through the real pools (Ray, vLLM on CPU, DeepSpeed on gloo, the tiny random Llama): a
 group grows to its leaf count with its branches served from vLLM's prefix cache, the learner scores every
 leaf as the engine sampled it, the engine's top-k entropy is a lower bound of the learner's exact one,
-and a job trains on trees with the entropy filter counting each unique token once. Marked slow."""
+and a job trains on trees with the entropy filter counting each unique token once (asynchronous mode:
+tests/ray/test_async.py::test_async_steps_keep_the_filter_exact_and_bound_the_staleness). Marked slow."""
 
 import json
 
@@ -78,17 +79,3 @@ def test_a_job_trains_on_trees_with_each_unique_token_counted_once(ray_local, tm
         # over the step's two optimizer steps
         assert r["entropy/num_valid"] == r["tree/unique_tokens"] and r["actor/optimizer_steps"] == 2, r
         assert r["batch/sequences"] == 4 * 6
-
-
-def test_trees_grow_in_asynchronous_mode_one_request_at_a_time(ray_local, tmp_path):
-    """The streaming engine: each tree request (roots, then each branch) is its own request; a group is
-    verified once its tree is complete, with its leaves' policy versions."""
-    settings = [TREE, BLOCKS, "trainer.max_staleness=1", "algorithm.tis_cap=2.0", "algorithm.dynamic_sampling=false",
-                "trainer.steps=2", "trainer.save_every=0", "trainer.export_hf=false"]  # fmt: skip
-    train(tiny_config(tmp_path, *settings))
-    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2]
-    for r in rows:
-        assert r["tree/leaves_mean"] == 4.0 and r["tree/unique_tokens"] < r["tree/flat_tokens"], r
-        assert r["batch/sequences"] == 4 * 4 and r["async/staleness_max"] <= 1, r
-        assert r["rollout/generated_tokens"] == r["tree/generated_tokens"] > 0, r
