@@ -163,10 +163,11 @@ def node_advantages(tree: Tree, leaf_advantages: Sequence[float], excluded: Coll
     leaves = tree.leaves()
     if len(leaf_advantages) != len(leaves):
         raise ValueError(f"{len(leaf_advantages)} advantages for {len(leaves)} leaves")
+    adv = dict(zip(leaves, leaf_advantages, strict=True))
     out = []
     for held in _leaves_below(tree):
         kept = [leaf for leaf in held if leaf not in excluded] or held
-        out.append(sum(leaf_advantages[leaves.index(leaf)] for leaf in kept) / len(kept))
+        out.append(sum(adv[leaf] for leaf in kept) / len(kept))
     return out
 
 

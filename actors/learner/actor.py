@@ -327,10 +327,8 @@ class Learner:
         out = []
         with torch.no_grad():
             for mb in self._micro_batches(seqs):
-                logp, ent = self._logprobs_entropy(mb)
-                values = ent if entropy else logp
-                for i in range(values.shape[0]):
-                    out.append(values[i][mb.valid[i]].tolist())
+                values = self._logprobs_entropy(mb)[1 if entropy else 0]
+                out += [values[i][mb.valid[i]].tolist() for i in range(values.shape[0])]
         return out
 
     def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
