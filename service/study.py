@@ -53,6 +53,10 @@ KEEP = (
     "response/length_mean",
     "timing/step",
     "batch/sequences",
+    "rollout/generated_tokens",
+    "batch/rounds",
+    "batch/groups_generated",
+    "batch/signal_share",
 )
 ENDED_BADLY = (JobState.FAILED, JobState.CANCELLED)
 
@@ -72,9 +76,9 @@ class State:
 
 
 def kept_keys(spec: StudySpec) -> list[str]:
-    """The per-step numbers a study keeps: KEEP, every panel's metric and what its x axis counts."""
+    """The per-step numbers a study keeps: KEEP, every panel's metric, what its x axes count and spec.keep."""
     x = [X_KEYS[a][0] for a in [spec.x, *spec.also_x] if a in X_KEYS]
-    return list(dict.fromkeys([*KEEP, *(key for key, _ in spec.panels), *x]))
+    return list(dict.fromkeys([*KEEP, *(key for key, _ in spec.panels), *x, *spec.keep]))
 
 
 def _scalars(rows: list[dict[str, Any]], keys: list[str]) -> list[dict[str, Any]]:

@@ -50,6 +50,12 @@ class StudySpec(BaseModel):
     also_x: list[XAxis] = Field(
         default_factory=list, max_length=4, description="More x axes, a plot each (curves_by_<x>.png)."
     )
+    keep: list[str] = Field(
+        default_factory=list,
+        max_length=16,
+        description="More per-step numbers each run keeps, beside the panels' (e.g. tree/prefix_cache_hit); the "
+        "table gives each one's mean over the run.",
+    )
     panels: list[tuple[str, str]] = Field(
         default_factory=lambda: list(DEFAULT_PANELS),
         min_length=1,

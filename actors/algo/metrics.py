@@ -91,6 +91,7 @@ RULES: dict[str, Rule] = {
     "batch/groups_kept": _WHOLE,
     "batch/groups_discarded": _WHOLE,
     "batch/sampling_bound_hit": _WHOLE,
+    "batch/groups_generated": _WHOLE,  # every group the step generated (kept, discarded, and beyond the need)
     "batch/signal_share": _WHOLE,  # the step's generated groups that had signal (dynamic sampling keeps those)
     "rollout/generated_tokens": _WHOLE,  # tokens of the step's completions (a tree: every token generated, once)
     "batch/sequences": _WHOLE,

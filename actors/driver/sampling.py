@@ -137,6 +137,7 @@ def collect(
             "batch/rounds": float(rounds),
             "batch/groups_kept": float(len(kept)),
             "batch/groups_discarded": float(discarded),
+            "batch/groups_generated": float(len(seen)),
             "batch/sampling_bound_hit": float(bound_hit and algo.dynamic_sampling),
             "batch/signal_share": (len(kept_all) / len(seen)) if seen else 0.0,  # groups with signal, of all
             # every token the engines generated for the step (a tree's pruned ones too)

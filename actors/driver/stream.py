@@ -263,6 +263,7 @@ class GroupStream:
                 "batch/rounds": self.finished / self.need,
                 "batch/groups_kept": float(len(kept)),
                 "batch/groups_discarded": float(self.discarded),
+                "batch/groups_generated": float(self.finished),
                 "batch/sampling_bound_hit": float(len(kept) < self.need),
                 "batch/signal_share": (self.finished - self.discarded) / self.finished if self.finished else 0.0,
                 "rollout/generated_tokens": float(

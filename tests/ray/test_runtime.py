@@ -235,6 +235,10 @@ def test_ppo_mini_batches_move_the_ratio_and_clip(ray_local, tmp_path):
     for r in learned:
         assert r["actor/optimizer_steps"] == math.ceil(r["batch/groups_kept"] / 2)
         assert r["batch/rounds"] >= 1 and r["batch/groups_kept"] + r["batch/groups_discarded"] >= 4
+        # every round draws the step's 4 prompts; those with signal are signal_share of them
+        assert r["batch/groups_generated"] == 4 * r["batch/rounds"]
+        assert r["batch/groups_generated"] - r["batch/groups_discarded"] >= r["batch/groups_kept"]
+        assert r["batch/signal_share"] == pytest.approx(1 - r["batch/groups_discarded"] / r["batch/groups_generated"])
         if not r["batch/sampling_bound_hit"]:
             assert r["batch/groups_kept"] == 4
     two = [r for r in learned if r["actor/optimizer_steps"] == 2]
