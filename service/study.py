@@ -35,7 +35,7 @@ from actors.common.config_load import ConfigError, load_config
 from actors.common.contract import JobState
 from service.client import ApiError, ForkrlClient
 from service.study_report import X_KEYS, summarize
-from service.study_spec import Arm, StudySpec, job_overrides, load_spec, run_key
+from service.study_spec import Arm, StudySpec, job_overrides, load_spec, run_key, runs_of
 
 __all__ = ["StudySpec", "load_spec", "summarize", "main"]
 
@@ -172,20 +172,19 @@ def _wait(api: ForkrlClient, key: str, job: str) -> None:
 
 def run_all(spec: StudySpec, base: Path, args: argparse.Namespace, out: Path, state: State) -> None:
     """Every run not yet done, seed-major: every arm gets its first seed before any gets a second."""
-    for seed in spec.seeds:
-        for arm in spec.arms:
-            key = run_key(arm, seed)
-            if (args.only and key not in args.only) or state.runs.get(key, {}).get("done"):
-                continue
-            t0 = time.time()
-            if args.direct:
-                state.set(key, job=str(Path(args.runs_dir) / spec.name / key), done=False)
-                rows = run_direct(spec, base, arm, seed, Path(args.runs_dir))
-            else:
-                rows = run_service(spec, base, arm, seed, state, args.url, args.token)
-            (out / "runs" / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-            state.set(key, done=True, wall_s=round(time.time() - t0, 1))
-            summarize(spec, out)
+    for arm, seed in runs_of(spec):
+        key = run_key(arm, seed)
+        if (args.only and key not in args.only) or state.runs.get(key, {}).get("done"):
+            continue
+        t0 = time.time()
+        if args.direct:
+            state.set(key, job=str(Path(args.runs_dir) / spec.name / key), done=False)
+            rows = run_direct(spec, base, arm, seed, Path(args.runs_dir))
+        else:
+            rows = run_service(spec, base, arm, seed, state, args.url, args.token)
+        (out / "runs" / f"{key}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        state.set(key, done=True, wall_s=round(time.time() - t0, 1))
+        summarize(spec, out)
 
 
 def refresh_direct(spec: StudySpec, out: Path, state: State) -> int:
@@ -242,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     results = summarize(spec, out)
     sys.stdout.write((out / "table.md").read_text())
     done = sum(1 for r in state.runs.values() if r.get("done"))
-    sys.stdout.write(f"\n{done} of {len(spec.arms) * len(spec.seeds)} runs done; results in {out}\n")
+    sys.stdout.write(f"\n{done} of {len(runs_of(spec))} runs done; results in {out}\n")
     return 0 if results["arms"] else 1
 
 

@@ -36,7 +36,11 @@ def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
         final = [e[-1][1] for e in evals.values() if e]
         best = [max(v for _, v in e) for e in evals.values() if e]
         first = [e[0][1] for e in evals.values() if e]
-        step_s = [statistics.median(r["timing/step"] for r in rows if "timing/step" in r) for rows in runs.values()]
+        step_s = [
+            statistics.median(t)
+            for rows in runs.values()
+            if (t := [r["timing/step"] for r in rows if "timing/step" in r])
+        ]
         arms[arm.name] = {
             "label": arm.label or arm.name,
             "seeds": sorted(runs),
@@ -46,9 +50,10 @@ def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
             "eval_best": _mean_sd(best) if best else None,
             "eval_final_by_seed": {s: e[-1][1] for s, e in sorted(evals.items()) if e},
             "eval_best_by_seed": {s: max(v for _, v in e) for s, e in sorted(evals.items()) if e},
-            "step_s": _mean_sd(step_s),
+            "step_s": _mean_sd(step_s) if step_s else None,
             "entropy": _entropy_pattern(runs),
             "last_steps": _last_steps(spec, runs),
+            "generation": _generation(spec, runs),
         }
     results = {"study": spec.name, "seeds": spec.seeds, "arms": arms, "reference": spec.reference}
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
@@ -63,6 +68,30 @@ def _last_steps(spec: StudySpec, runs: dict[int, list[dict[str, Any]]], window: 
     for key, _ in spec.panels:
         per_run = [[r[key] for r in rows if key in r][-window:] for rows in runs.values()]
         means = [statistics.fmean(v) for v in per_run if v]
+        out[key] = _mean_sd(means) if means else None
+    return out
+
+
+def _generation(spec: StudySpec, runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any] | None:
+    """Over each whole run (the optimizer steps): the tokens generated, the groups generated and the share
+    with signal, the generated tokens per group with signal (what dynamic sampling pays for one), and
+    the mean of each spec.keep number; mean ± sd over the seeds. None for runs that did not log them."""
+    keys = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share")
+    rows = [[r for r in rs if r["step"] > 0 and all(k in r for k in keys)] for rs in runs.values()]
+    rows = [rs for rs in rows if rs]
+    if not rows:
+        return None
+    tokens = [sum(r[keys[0]] for r in rs) for rs in rows]
+    groups = [sum(r[keys[1]] for r in rs) for rs in rows]
+    signal = [sum(r[keys[1]] * r[keys[2]] for r in rs) for rs in rows]
+    per_signal = [t / s for t, s in zip(tokens, signal, strict=True) if s]
+    out: dict[str, Any] = {
+        "generated_tokens": _mean_sd(tokens),
+        "signal_share": _mean_sd([s / g for s, g in zip(signal, groups, strict=True) if g]),
+        "tokens_per_signal_group": _mean_sd(per_signal) if per_signal else None,
+    }
+    for key in spec.keep:
+        means = [statistics.fmean(v) for rs in rows if (v := [r[key] for r in rs if key in r])]
         out[key] = _mean_sd(means) if means else None
     return out
 
@@ -123,6 +152,7 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
     for a in arms.values():
         lines.append(f"| {a['label']} | " + " | ".join(_fmt(a["last_steps"].get(k)) for k in keys) + " |")
     lines.append("")
+    lines += _generation_table(spec, arms)
     lines += [
         "| arm | step | share of tokens with H < 0.01 (mean over seeds) | p80 of H "
         "| 20 tokens kept most often, over the seeds (the forking tokens under highest) |",
@@ -141,6 +171,23 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
             f"| {ref.get('label', 'paper')} | - | {ref.get('frac_below_0.01', '-')} | {ref.get('p80', '-')} | - |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _generation_table(spec: StudySpec, arms: dict[str, Any]) -> list[str]:
+    gen = {a["label"]: a["generation"] for a in arms.values() if a.get("generation")}
+    if not gen:
+        return []
+    cols = ["generated tokens", "share of groups with signal", "generated tokens per group with signal"]
+    lines = [
+        "Generation over each whole run (mean ± sd over seeds; a group with signal is one whose completions do not"
+        " all score the same):\n",
+        "| arm | " + " | ".join([*cols, *(f"`{k}`, mean" for k in spec.keep)]) + " |",
+        "| --- |" + " --- |" * (len(cols) + len(spec.keep)),
+    ]
+    for label, g in gen.items():
+        cells = [_fmt(g["generated_tokens"], 0), _fmt(g["signal_share"]), _fmt(g["tokens_per_signal_group"], 1)]
+        lines.append(f"| {label} | " + " | ".join([*cells, *(_fmt(g.get(k)) for k in spec.keep)]) + " |")
+    return [*lines, ""]
 
 
 # what the x axis counts up to each step, when it is not the step itself

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.common.config_load import ConfigError
 
-__all__ = ["Arm", "StudySpec", "load_spec", "run_key", "job_overrides"]
+__all__ = ["Arm", "StudySpec", "load_spec", "run_key", "runs_of", "job_overrides"]
 
 
 XAxis = Literal["step", "sequences", "tokens", "generated", "seconds"]
@@ -23,6 +23,9 @@ class Arm(BaseModel):
     name: str = Field(..., pattern=r"^[a-z0-9][a-z0-9-]{0,30}$", description="Short name (job names, files).")
     label: str = Field("", max_length=80, description="Legend text; default: the name.")
     set: list[str] = Field(default_factory=list, description="Overrides of this arm, KEY=VALUE.")
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="This arm's seeds, some of the study's (a costly side arm); default: all."
+    )
 
 
 DEFAULT_PANELS = [
@@ -79,7 +82,15 @@ def load_spec(path: str) -> tuple[StudySpec, Path]:
     names = [a.name for a in spec.arms]
     if len(set(names)) != len(names):
         raise ConfigError(f"study spec {path}: arms: names repeat ({names})")
+    for a in spec.arms:
+        if a.seeds is not None and not set(a.seeds) <= set(spec.seeds):
+            raise ConfigError(f"study spec {path}: arms.{a.name}.seeds: {a.seeds} are not all among seeds {spec.seeds}")
     return spec, (p.parent / spec.base).resolve()
+
+
+def runs_of(spec: StudySpec) -> list[tuple[Arm, int]]:
+    """Every run, seed-major (every arm gets its first seed before any gets a second)."""
+    return [(arm, seed) for seed in spec.seeds for arm in spec.arms if arm.seeds is None or seed in arm.seeds]
 
 
 def run_key(arm: Arm, seed: int) -> str:

@@ -71,6 +71,36 @@ def test_a_spec_with_a_bad_field_or_repeated_arms_is_refused(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_spec(str(p))
     assert "arms.0.sett" in str(e.value) and "seeds" in str(e.value)
+    p.write_text("name: t\nbase: x.yaml\narms: [{name: a}, {name: b, seeds: [1, 4]}]\nseeds: [1, 2]\n")
+    with pytest.raises(ConfigError, match=r"arms.b.seeds: \[1, 4\] are not all among seeds \[1, 2\]"):
+        load_spec(str(p))
+
+
+def test_an_arm_with_its_own_seeds_runs_only_those_seed_major():
+    from service.study_spec import run_key, runs_of
+
+    spec = StudySpec(name="t", base="x.yaml", arms=[{"name": "a"}, {"name": "b", "seeds": [2]}], seeds=[1, 2, 3])
+    assert [run_key(a, s) for a, s in runs_of(spec)] == ["a-s1", "a-s2", "b-s2", "a-s3"]
+
+
+def test_generation_over_a_run_counts_tokens_per_group_with_signal(tmp_path):
+    spec = StudySpec(name="t", base="x.yaml", arms=[{"name": "tree"}], seeds=[1, 2], keep=["tree/prefix_cache_hit"])
+    g = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share")
+    # seed 1: 300 + 500 tokens over 8 + 16 groups, 4 + 4 with signal: 800 / 8 = 100 tokens per group with signal
+    _write(tmp_path, "tree-s1", [
+        {"step": 0, "eval/reward_mean": 0.1},
+        {"step": 1, g[0]: 300.0, g[1]: 8.0, g[2]: 0.5, "tree/prefix_cache_hit": 0.6},
+        {"step": 2, g[0]: 500.0, g[1]: 16.0, g[2]: 0.25, "tree/prefix_cache_hit": 0.8, "eval/reward_mean": 0.2},
+    ])  # fmt: skip
+    # seed 2: 400 tokens over 8 groups, all with signal: 50 per group with signal
+    _write(tmp_path, "tree-s2", [{"step": 1, g[0]: 400.0, g[1]: 8.0, g[2]: 1.0, "eval/reward_mean": 0.3}])
+    gen = summarize(spec, tmp_path)["arms"]["tree"]["generation"]
+    assert gen["generated_tokens"] == pytest.approx((600.0, 282.842712))  # 800 and 400
+    assert gen["signal_share"] == pytest.approx((0.666667, 0.471405), abs=1e-6)  # 8 of 24, 8 of 8
+    assert gen["tokens_per_signal_group"] == pytest.approx((75.0, 35.355339))  # 100 and 50
+    assert gen["tree/prefix_cache_hit"] == pytest.approx((0.7, 0.0))  # seed 2 did not log it
+    table = (tmp_path / "table.md").read_text()
+    assert "| tree | 600 ± 283 | 0.667 ± 0.471 | 75.0 ± 35.4 | 0.700 ± 0.000 |" in table, table
 
 
 def test_trained_sequences_add_up_per_run_and_average_over_runs():
@@ -92,13 +122,12 @@ def test_trained_sequences_add_up_per_run_and_average_over_runs():
 )
 def test_every_run_of_the_committed_studies_is_a_valid_job(path):
     from actors.common.config_load import load_config
-    from service.study_spec import job_overrides
+    from service.study_spec import job_overrides, runs_of
 
     spec, base = load_spec(path)
-    for arm in spec.arms:
-        for seed in spec.seeds:
-            cfg = load_config(str(base), job_overrides(spec, arm, seed))
-            assert cfg.trainer.seed == seed and cfg.trainer.steps == (40 if "tools" in path else 80)
+    for arm, seed in runs_of(spec):
+        cfg = load_config(str(base), job_overrides(spec, arm, seed))
+        assert cfg.trainer.seed == seed and cfg.trainer.steps == (40 if "tools" in path else 80)
     if path.endswith("methods.yaml"):  # several optimizer steps per rollout: the methods differ only there
         cfgs = {a.name: load_config(str(base), job_overrides(spec, a, 1)).algorithm for a in spec.arms}
         assert all(c.ppo_mini_batch == 2 for c in cfgs.values()) and cfgs["gspo"].policy_loss == "gspo"
@@ -118,7 +147,9 @@ def test_a_study_keeps_the_numbers_its_panels_and_x_axis_need():
     methods, _ = load_spec("examples/study_methods.yaml")
     assert {"entropy/kept_tokens", "cov/p99", "actor/clipfrac"} <= set(kept_keys(methods))
     tree, _ = load_spec("examples/study_tree.yaml")  # x: generated tokens, also wall seconds
-    assert {"rollout/generated_tokens", "timing/step", "batch/signal_share"} <= set(kept_keys(tree))
+    assert {"rollout/generated_tokens", "timing/step", "batch/signal_share", "batch/groups_generated"} <= set(
+        kept_keys(tree)
+    ) and {"tree/branch_agreement", "tree/prefix_cache_hit"} <= set(kept_keys(tree))
     row = {"step": 3, "env/tool_calls_mean": 0.5, "actor/grad_norm": 1.0, "eval/reward_mean": "n/a"}
     assert _scalars([row], kept_keys(spec)) == [{"step": 3, "env/tool_calls_mean": 0.5}]
     # a resumed run logs again the steps after its checkpoint: each step once, its last record, in order
