@@ -55,6 +55,7 @@ KEEP = (
     "batch/sequences",
     "rollout/generated_tokens",
     "batch/rounds",
+    "batch/groups_kept",
     "batch/groups_generated",
     "batch/signal_share",
 )
@@ -192,7 +193,10 @@ def refresh_direct(spec: StudySpec, out: Path, state: State) -> int:
     machine, so the report draws what the spec asks now (a panel added after the run). Returns how
     many were refreshed; the others keep the numbers stored when they finished."""
     refreshed = 0
+    keys = {run_key(arm, seed) for arm, seed in runs_of(spec)}
     for key, run in state.runs.items():
+        if key not in keys:  # a run the spec no longer holds
+            continue
         metrics = Path(str(run.get("job", ""))) / "metrics.jsonl"
         if run.get("done") and metrics.is_file():
             rows = [json.loads(x) for x in metrics.read_text().splitlines() if x.strip()]
@@ -224,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         sys.stderr.write(f"forkrl study: {e}\n")
         return 2
+    unknown = sorted(set(args.only) - {run_key(arm, seed) for arm, seed in runs_of(spec)})
+    if unknown:
+        keys = " ".join(run_key(arm, seed) for arm, seed in runs_of(spec))
+        sys.stderr.write(f"forkrl study: --only: {' '.join(unknown)}: not runs of {spec.name} (its runs: {keys})\n")
+        return 2
     out = Path(args.out or f"bench/results/study/{spec.name}")
     (out / "runs").mkdir(parents=True, exist_ok=True)
     state = State(out)
@@ -240,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         log.info("numbers re-read from the run directories on this machine")
     results = summarize(spec, out)
     sys.stdout.write((out / "table.md").read_text())
-    done = sum(1 for r in state.runs.values() if r.get("done"))
+    done = sum(1 for arm, seed in runs_of(spec) if state.runs.get(run_key(arm, seed), {}).get("done"))
     sys.stdout.write(f"\n{done} of {len(runs_of(spec))} runs done; results in {out}\n")
     return 0 if results["arms"] else 1
 

@@ -10,7 +10,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from service.study_spec import StudySpec, run_key
+from service.study_spec import StudySpec, arm_seeds, run_key
 
 __all__ = ["summarize"]
 
@@ -24,7 +24,7 @@ def summarize(spec: StudySpec, out: Path) -> dict[str, Any]:
     arms: dict[str, Any] = {}
     for arm in spec.arms:
         runs = {}
-        for seed in spec.seeds:
+        for seed in arm_seeds(spec, arm):
             f = out / "runs" / f"{run_key(arm, seed)}.jsonl"
             if f.exists():
                 runs[seed] = [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
@@ -74,9 +74,10 @@ def _last_steps(spec: StudySpec, runs: dict[int, list[dict[str, Any]]], window: 
 
 def _generation(spec: StudySpec, runs: dict[int, list[dict[str, Any]]]) -> dict[str, Any] | None:
     """Over each whole run (the optimizer steps): the tokens generated, the groups generated and the share
-    with signal, the generated tokens per group with signal (what dynamic sampling pays for one), and
-    the mean of each spec.keep number; mean ± sd over the seeds. None for runs that did not log them."""
-    keys = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share")
+    with signal, the generated tokens per group with signal found (those beyond a step's need count too)
+    and per group trained on, and the mean of each spec.keep number; mean ± sd over the seeds. None for
+    runs that did not log them."""
+    keys = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share", "batch/groups_kept")
     rows = [[r for r in rs if r["step"] > 0 and all(k in r for k in keys)] for rs in runs.values()]
     rows = [rs for rs in rows if rs]
     if not rows:
@@ -85,10 +86,13 @@ def _generation(spec: StudySpec, runs: dict[int, list[dict[str, Any]]]) -> dict[
     groups = [sum(r[keys[1]] for r in rs) for rs in rows]
     signal = [sum(r[keys[1]] * r[keys[2]] for r in rs) for rs in rows]
     per_signal = [t / s for t, s in zip(tokens, signal, strict=True) if s]
+    trained = [sum(r[keys[3]] for r in rs) for rs in rows]
+    per_trained = [t / k for t, k in zip(tokens, trained, strict=True) if k]
     out: dict[str, Any] = {
         "generated_tokens": _mean_sd(tokens),
         "signal_share": _mean_sd([s / g for s, g in zip(signal, groups, strict=True) if g]),
         "tokens_per_signal_group": _mean_sd(per_signal) if per_signal else None,
+        "tokens_per_trained_group": _mean_sd(per_trained) if per_trained else None,
     }
     for key in spec.keep:
         means = [statistics.fmean(v) for rs in rows if (v := [r[key] for r in rs if key in r])]
@@ -174,18 +178,29 @@ def _table(spec: StudySpec, arms: dict[str, Any]) -> str:
 
 
 def _generation_table(spec: StudySpec, arms: dict[str, Any]) -> list[str]:
-    gen = {a["label"]: a["generation"] for a in arms.values() if a.get("generation")}
+    gen = [(a["label"], a["generation"]) for a in arms.values() if a.get("generation")]
     if not gen:
         return []
-    cols = ["generated tokens", "share of groups with signal", "generated tokens per group with signal"]
+    cols = [
+        "generated tokens",
+        "share of groups with signal",
+        "generated tokens per group with signal",
+        "generated tokens per group trained on",
+    ]
     lines = [
         "Generation over each whole run (mean ± sd over seeds; a group with signal is one whose completions do not"
-        " all score the same):\n",
+        " all score the same; those a step found beyond its need, and in asynchronous mode those dropped as stale,"
+        " count as found but not as trained on):\n",
         "| arm | " + " | ".join([*cols, *(f"`{k}`, mean" for k in spec.keep)]) + " |",
         "| --- |" + " --- |" * (len(cols) + len(spec.keep)),
     ]
-    for label, g in gen.items():
-        cells = [_fmt(g["generated_tokens"], 0), _fmt(g["signal_share"]), _fmt(g["tokens_per_signal_group"], 1)]
+    for label, g in gen:
+        cells = [
+            _fmt(g["generated_tokens"], 0),
+            _fmt(g["signal_share"]),
+            _fmt(g["tokens_per_signal_group"], 1),
+            _fmt(g.get("tokens_per_trained_group"), 1),
+        ]
         lines.append(f"| {label} | " + " | ".join([*cells, *(_fmt(g.get(k)) for k in spec.keep)]) + " |")
     return [*lines, ""]
 
@@ -231,7 +246,7 @@ def _plot(spec: StudySpec, path: Path, x: str) -> None:
     for arm in spec.arms:
         runs = [
             [json.loads(x) for x in f.read_text().splitlines() if x.strip()]
-            for seed in spec.seeds
+            for seed in arm_seeds(spec, arm)
             if (f := path.parent / "runs" / f"{run_key(arm, seed)}.jsonl").exists()
         ]
         if not runs:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from actors.common.config_load import ConfigError
 
-__all__ = ["Arm", "StudySpec", "load_spec", "run_key", "runs_of", "job_overrides"]
+__all__ = ["Arm", "StudySpec", "load_spec", "run_key", "runs_of", "arm_seeds", "job_overrides"]
 
 
 XAxis = Literal["step", "sequences", "tokens", "generated", "seconds"]
@@ -88,9 +88,13 @@ def load_spec(path: str) -> tuple[StudySpec, Path]:
     return spec, (p.parent / spec.base).resolve()
 
 
+def arm_seeds(spec: StudySpec, arm: Arm) -> list[int]:
+    return [s for s in spec.seeds if arm.seeds is None or s in arm.seeds]
+
+
 def runs_of(spec: StudySpec) -> list[tuple[Arm, int]]:
     """Every run, seed-major (every arm gets its first seed before any gets a second)."""
-    return [(arm, seed) for seed in spec.seeds for arm in spec.arms if arm.seeds is None or seed in arm.seeds]
+    return [(arm, seed) for seed in spec.seeds for arm in spec.arms if seed in arm_seeds(spec, arm)]
 
 
 def run_key(arm: Arm, seed: int) -> str:

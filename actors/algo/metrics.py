@@ -92,7 +92,7 @@ RULES: dict[str, Rule] = {
     "batch/groups_discarded": _WHOLE,
     "batch/sampling_bound_hit": _WHOLE,
     "batch/groups_generated": _WHOLE,  # every group the step generated (kept, discarded, and beyond the need)
-    "batch/signal_share": _WHOLE,  # the step's generated groups that had signal (dynamic sampling keeps those)
+    "batch/signal_share": _WHOLE,  # the step's generated groups that had signal (dynamic sampling or not)
     "rollout/generated_tokens": _WHOLE,  # tokens of the step's completions (a tree: every token generated, once)
     "batch/sequences": _WHOLE,
     "batch/truncated_masked": _WHOLE,

@@ -84,7 +84,7 @@ def collect(
     # each round's timings and verifier counts, added up by actors.algo.metrics
     zero = ("timing/sample", "timing/generate", "timing/verify", "reward/errors", "reward/timeouts")
     parts: list[dict[str, Any]] = [dict.fromkeys(zero, 0.0)]
-    rounds = discarded = 0
+    rounds = discarded = with_signal = 0
     tools = prompt_tools(cfg, tokenizer)
     trees: list[Any] = []
     tree_stats = TreeStats()
@@ -113,7 +113,9 @@ def collect(
         ends = [sum(len(o) for o in outs[: i + 1]) for i in range(len(outs))]  # tree groups may be smaller
         per_group = [scores[end - len(o) : end] for o, end in zip(outs, ends, strict=True)]
         for i, (ex, p, group, sc) in enumerate(zip(examples, prompts, outs, per_group, strict=True)):
-            if not algo.dynamic_sampling or bool(groups_with_signal(torch.tensor(sc), len(sc))[0]):
+            signal = bool(groups_with_signal(torch.tensor(sc), len(sc))[0])
+            with_signal += signal
+            if signal or not algo.dynamic_sampling:
                 kept.append(Group(ex, p, group, sc, trees[i] if trees else None))
             else:
                 discarded += 1
@@ -123,7 +125,7 @@ def collect(
             "dynamic sampling: %d of %d groups with signal after %d rounds (algorithm.dynamic_sampling_max_rounds)",
             len(kept), need, rounds,
         )  # fmt: skip
-    kept_all, kept = kept, kept[:need]
+    kept = kept[:need]
     len_sum = sum(lengths_all)
     lengths = torch.tensor(lengths_all, dtype=torch.float32)
     m = combine_parts(parts)
@@ -139,7 +141,7 @@ def collect(
             "batch/groups_discarded": float(discarded),
             "batch/groups_generated": float(len(seen)),
             "batch/sampling_bound_hit": float(bound_hit and algo.dynamic_sampling),
-            "batch/signal_share": (len(kept_all) / len(seen)) if seen else 0.0,  # groups with signal, of all
+            "batch/signal_share": (with_signal / len(seen)) if seen else 0.0,  # groups with signal, of all
             # every token the engines generated for the step (a tree's pruned ones too)
             "rollout/generated_tokens": float(tree_stats.generated if cfg.rollout.tree is not None else len_sum),
             **(tree_stats.metrics() if cfg.rollout.tree is not None else {}),

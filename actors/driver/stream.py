@@ -76,7 +76,7 @@ class GroupStream:
         self._reset_step()
 
     def _reset_step(self) -> None:
-        self.finished = self.discarded = 0
+        self.finished = self.discarded = self.with_signal = 0
         self.tree_stats.reset()  # in place: the growing trees count into it
         self.scores: list[float] = []
         self.lengths: list[int] = []
@@ -176,12 +176,9 @@ class GroupStream:
         self.finished += 1
         self.scores += scores
         self.lengths += [len(c.token_ids) for c in completions]
-        signal = (
-            bool(groups_with_signal(torch.tensor(scores), len(scores))[0])
-            if self.cfg.algorithm.dynamic_sampling
-            else True
-        )
-        if signal:
+        signal = bool(groups_with_signal(torch.tensor(scores), len(scores))[0])
+        self.with_signal += signal
+        if signal or not self.cfg.algorithm.dynamic_sampling:
             first = min(c.versions[0] for c in completions if c.versions is not None)
             self.buffer.add(Waiting(f.serial, first, Group(f.example, f.prompt_ids, completions, scores, tree)))
         else:
@@ -265,7 +262,7 @@ class GroupStream:
                 "batch/groups_discarded": float(self.discarded),
                 "batch/groups_generated": float(self.finished),
                 "batch/sampling_bound_hit": float(len(kept) < self.need),
-                "batch/signal_share": (self.finished - self.discarded) / self.finished if self.finished else 0.0,
+                "batch/signal_share": self.with_signal / self.finished if self.finished else 0.0,
                 "rollout/generated_tokens": float(
                     self.tree_stats.generated if self.cfg.rollout.tree is not None else sum(self.lengths)
                 ),

@@ -48,6 +48,9 @@ def test_async_steps_keep_the_filter_exact_and_bound_the_staleness(ray_local, tm
     for r in rows:  # the trees: 4 leaves a group, shared prefixes generated once, with their policy versions
         assert r["tree/leaves_mean"] == 4.0 and r["tree/unique_tokens"] < r["tree/flat_tokens"], r
         assert r["rollout/generated_tokens"] == r["tree/generated_tokens"] > 0, r
+        # the groups finished since the previous step, signal_share of them with signal (the others dropped)
+        made, dropped = r["batch/groups_generated"], r["batch/groups_discarded"]
+        assert r["batch/signal_share"] == (pytest.approx(1 - dropped / made) if made else 0.0), r
     # the first step can only train on the initial policy's groups; the second on groups generated while the
     # first learned (version 0, trained at version 1): one step off. Never more than max_staleness.
     assert rows[0]["async/staleness_max"] == 0.0

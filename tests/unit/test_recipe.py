@@ -145,6 +145,7 @@ def test_dynamic_sampling_refills_until_the_step_is_full():
     got, sampler = _collect([[["1", "1"], ["1", "0"]], [["0", "0"], ["0", "1"]], [["1", "0"], ["1", "0"]]])
     assert [g.scores for g in got.groups] == [[1.0, 0.0], [0.0, 1.0]]
     assert got.metrics["batch/rounds"] == 2 and got.metrics["batch/groups_discarded"] == 2
+    assert got.metrics["batch/groups_generated"] == 4 and got.metrics["batch/signal_share"] == 0.5
     assert got.metrics["batch/sampling_bound_hit"] == 0.0
     assert got.metrics["reward/mean"] == 0.5  # over all 8 completions generated in the step
     assert sampler.state()["pos"] == 4  # two rounds of 2 prompts: the position the checkpoint records
@@ -163,6 +164,7 @@ def test_dynamic_sampling_bound_and_empty_step():
     # without dynamic sampling every group is kept (constant ones get advantage 0)
     got, _ = _collect([[["1", "1"], ["1", "0"]]], dynamic_sampling=False)
     assert len(got.groups) == 2 and got.metrics["batch/groups_discarded"] == 0
+    assert got.metrics["batch/signal_share"] == 0.5  # [1,1] still has no signal: the share counts it so
 
 
 def test_overlong_mask_leaves_truncated_responses_out():

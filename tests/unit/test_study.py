@@ -83,24 +83,48 @@ def test_an_arm_with_its_own_seeds_runs_only_those_seed_major():
     assert [run_key(a, s) for a, s in runs_of(spec)] == ["a-s1", "a-s2", "b-s2", "a-s3"]
 
 
+def test_a_report_draws_only_the_runs_of_the_spec(tmp_path):
+    from service.study import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nbase: ../examples/tiny.yaml\narms: [{name: a}, {name: b, seeds: [2]}]\nseeds: [1, 2]\n")
+    row = {"step": 1, "timing/step": 1.0, "eval/reward_mean": 0.5}
+    for key in ("a-s1", "b-s1", "b-s2"):  # b-s1: a run of a seed since taken off arm b
+        _write(tmp_path / "out", key, [row | {"eval/reward_mean": 0.9 if key == "b-s1" else 0.5}])
+    assert main(["--spec", str(spec), "--out", str(tmp_path / "out"), "--report"]) == 0
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["arms"]["b"]["eval_final_by_seed"] == {"2": 0.5}
+
+
+def test_only_names_runs_of_the_spec(tmp_path, capsys):
+    from service.study import main
+
+    spec = tmp_path / "s.yaml"
+    spec.write_text("name: t\nbase: x.yaml\narms: [{name: a}, {name: b, seeds: [2]}]\nseeds: [1, 2]\n")
+    assert main(["--spec", str(spec), "--out", str(tmp_path / "out"), "--only", "b-s1", "a-s1"]) == 2
+    assert "--only: b-s1: not runs of t (its runs: a-s1 a-s2 b-s2)" in capsys.readouterr().err
+
+
 def test_generation_over_a_run_counts_tokens_per_group_with_signal(tmp_path):
     spec = StudySpec(name="t", base="x.yaml", arms=[{"name": "tree"}], seeds=[1, 2], keep=["tree/prefix_cache_hit"])
-    g = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share")
-    # seed 1: 300 + 500 tokens over 8 + 16 groups, 4 + 4 with signal: 800 / 8 = 100 tokens per group with signal
+    g = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share", "batch/groups_kept")
+    # seed 1: 300 + 500 tokens over 8 + 16 groups, 4 + 4 with signal: 800 / 8 = 100 tokens per group with
+    # signal; 4 + 2 groups trained on: 800 / 6 per group trained on
     _write(tmp_path, "tree-s1", [
         {"step": 0, "eval/reward_mean": 0.1},
-        {"step": 1, g[0]: 300.0, g[1]: 8.0, g[2]: 0.5, "tree/prefix_cache_hit": 0.6},
-        {"step": 2, g[0]: 500.0, g[1]: 16.0, g[2]: 0.25, "tree/prefix_cache_hit": 0.8, "eval/reward_mean": 0.2},
+        {"step": 1, g[0]: 300.0, g[1]: 8.0, g[2]: 0.5, g[3]: 4.0, "tree/prefix_cache_hit": 0.6},
+        {"step": 2, g[0]: 500.0, g[1]: 16.0, g[2]: 0.25, g[3]: 2.0, "tree/prefix_cache_hit": 0.8,
+         "eval/reward_mean": 0.2},
     ])  # fmt: skip
-    # seed 2: 400 tokens over 8 groups, all with signal: 50 per group with signal
-    _write(tmp_path, "tree-s2", [{"step": 1, g[0]: 400.0, g[1]: 8.0, g[2]: 1.0, "eval/reward_mean": 0.3}])
+    # seed 2: 400 tokens over 8 groups, all with signal: 50 per group with signal; 4 trained on: 100 per group
+    _write(tmp_path, "tree-s2", [{"step": 1, g[0]: 400.0, g[1]: 8.0, g[2]: 1.0, g[3]: 4.0, "eval/reward_mean": 0.3}])
     gen = summarize(spec, tmp_path)["arms"]["tree"]["generation"]
     assert gen["generated_tokens"] == pytest.approx((600.0, 282.842712))  # 800 and 400
     assert gen["signal_share"] == pytest.approx((0.666667, 0.471405), abs=1e-6)  # 8 of 24, 8 of 8
     assert gen["tokens_per_signal_group"] == pytest.approx((75.0, 35.355339))  # 100 and 50
+    assert gen["tokens_per_trained_group"] == pytest.approx((116.666667, 23.570226))  # 133.3 and 100
     assert gen["tree/prefix_cache_hit"] == pytest.approx((0.7, 0.0))  # seed 2 did not log it
     table = (tmp_path / "table.md").read_text()
-    assert "| tree | 600 ± 283 | 0.667 ± 0.471 | 75.0 ± 35.4 | 0.700 ± 0.000 |" in table, table
+    assert "| tree | 600 ± 283 | 0.667 ± 0.471 | 75.0 ± 35.4 | 116.7 ± 23.6 | 0.700 ± 0.000 |" in table, table
 
 
 def test_trained_sequences_add_up_per_run_and_average_over_runs():
