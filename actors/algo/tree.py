@@ -310,19 +310,25 @@ def contexts(tree: Tree) -> list[list[int]]:
 
 def candidates(tree: Tree, source: Literal["engine", "learner"] = "engine") -> list[list[float]]:
     """Each token's entropy as a branch point (one list per node): the engine's estimate, or the learner's
-    exact entropy (`Node.exact`), and -inf where a branch cannot start - where that entropy is not known,
-    and where the group holds two or more draws from the token's context already (a fork: a branch was
-    made there, or two samples diverged there)."""
+    exact entropy (`Node.exact`), and -inf where a branch cannot start: where that entropy is not known;
+    at a fork, where the group drew different tokens from the token's context (two samples diverged
+    there, or a branch was made there); and on every copy of a context but the first (samples that agree
+    so far hold the same positions: each is one place to branch)."""
     ctx = contexts(tree)
-    draws: dict[int, int] = {}
-    for node in ctx:
-        for h in node:
-            draws[h] = draws.get(h, 0) + 1
+    drawn: dict[int, set[int]] = {}
+    for n, hs in zip(tree.nodes, ctx, strict=True):
+        for tok, h in zip(n.tokens, hs, strict=True):
+            drawn.setdefault(h, set()).add(tok)
+    seen: set[int] = set()
     out = []
     for n, hs in zip(tree.nodes, ctx, strict=True):
         known = n.entropy if source == "engine" else n.exact
         ent = list(known) if len(known) == len(n.tokens) else [-math.inf] * len(n.tokens)
-        out.append([-math.inf if draws[h] > 1 else e for e, h in zip(ent, hs, strict=True)])
+        row = []
+        for e, h in zip(ent, hs, strict=True):
+            row.append(-math.inf if len(drawn[h]) > 1 or h in seen else e)
+            seen.add(h)
+        out.append(row)
     return out
 
 

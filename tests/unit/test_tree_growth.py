@@ -52,14 +52,32 @@ def test_a_round_branches_the_highest_entropy_positions_and_never_a_fork_twice()
 
 def test_two_samples_that_start_alike_share_a_context_which_is_a_fork_once_they_diverge():
     """[1 2 3] and [1 5]: separate nodes, but both drew after [1] (2 and 5): that position is a fork
-    already, on both paths; their first tokens are one context too (the prompt's)."""
+    already, on both paths. Their first tokens are one context too (the prompt's), where they agree:
+    one place to branch, on the first copy."""
     t = Tree((Node(-1, (1, 2, 3), (), (0.1, 0.9, 0.4)), Node(-1, (1, 5), (), (0.2, 0.7))))
     ctx = contexts(t)
     assert ctx[0][0] == ctx[1][0] and ctx[0][1] == ctx[1][1] and ctx[0][2] != ctx[1][1]
-    assert candidates(t) == [[NEG, NEG, 0.4], [NEG, NEG]]
-    assert plan_branches(t, points=3, per_point=2, need=4) == [Branch((1, 2), 2, 0.4)]
+    assert candidates(t) == [[0.1, NEG, 0.4], [NEG, NEG]]
+    # (a branch's prefix is the path before the token it re-draws: () re-draws the first token)
+    assert plan_branches(t, points=3, per_point=2, need=4) == [Branch((1, 2), 2, 0.4), Branch((), 2, 0.1)]
     # a fork branched before whose draws were all pruned: spent, though the tree does not show it
-    assert plan_branches(t, points=3, per_point=2, need=4, spent={context_of((1, 2))}) == []
+    spent = {context_of((1, 2))}
+    assert plan_branches(t, points=3, per_point=2, need=4, spent=spent) == [Branch((), 2, 0.1)]
+
+
+def test_two_samples_that_agree_throughout_still_branch_where_the_policy_is_uncertain():
+    """A peaked policy's roots are often the same answer: every position was drawn twice, but no sample
+    diverged anywhere, so the group branches at the highest-entropy positions (each context once) and
+    reaches its leaf count instead of stopping at two identical leaves."""
+    same = Node(-1, (1, 2, 3), (), (0.3, 0.9, 0.4))
+    t = Tree((same, same))
+    assert candidates(t) == [[0.3, 0.9, 0.4], [NEG, NEG, NEG]]
+    plan = plan_branches(t, points=2, per_point=2, need=6)
+    assert plan == [Branch((1,), 2, 0.9), Branch((1, 2), 2, 0.4)]
+    # a branch after [1] that re-drew the same path: still no fork there, but growth has spent that context
+    t2 = apply_branch(t, (1,), Node(-1, (2, 3), (), (0.9, 0.4)))
+    assert len(t2.leaves()) == 3 and candidates(t2)[0] == [0.3]
+    assert plan_branches(t2, 1, 2, need=2, spent={context_of((1,))}) == [Branch((1, 2), 2, 0.4)]
 
 
 def test_a_truncated_leaf_gives_no_loss_but_its_shared_tokens_keep_theirs_on_another_copy():
