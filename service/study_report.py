@@ -77,7 +77,7 @@ def _generation(spec: StudySpec, runs: dict[int, list[dict[str, Any]]]) -> dict[
     with signal, the generated tokens per group with signal found (those beyond a step's need count too)
     and per group trained on, and the mean of each spec.keep number; mean ± sd over the seeds. None for
     runs that did not log them."""
-    keys = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share", "batch/groups_kept")
+    keys = ("rollout/generated_tokens", "batch/groups_generated", "batch/signal_share")
     rows = [[r for r in rs if r["step"] > 0 and all(k in r for k in keys)] for rs in runs.values()]
     rows = [rs for rs in rows if rs]
     if not rows:
@@ -86,7 +86,7 @@ def _generation(spec: StudySpec, runs: dict[int, list[dict[str, Any]]]) -> dict[
     groups = [sum(r[keys[1]] for r in rs) for rs in rows]
     signal = [sum(r[keys[1]] * r[keys[2]] for r in rs) for rs in rows]
     per_signal = [t / s for t, s in zip(tokens, signal, strict=True) if s]
-    trained = [sum(r[keys[3]] for r in rs) for rs in rows]
+    trained = [sum(r.get("batch/groups_kept", 0.0) for r in rs) for rs in rows]  # (older runs did not keep it)
     per_trained = [t / k for t, k in zip(tokens, trained, strict=True) if k]
     out: dict[str, Any] = {
         "generated_tokens": _mean_sd(tokens),
